@@ -1,0 +1,3 @@
+from smlaas.cli.main import run
+
+run()

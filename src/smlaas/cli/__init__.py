@@ -1,0 +1,1 @@
+"""The ``smlaas`` command line: thin commands over the library."""

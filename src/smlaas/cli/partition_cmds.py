@@ -1,0 +1,188 @@
+"""``smlaas partition``, ``smlaas verify`` and ``smlaas plan ...``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from smlaas.cli.console import console, print_json, progress_bar, table
+from smlaas.errors import VerificationError
+from smlaas.export import read_plan
+from smlaas.partition import (
+    PlanOptions,
+    analyse,
+    compare_planners,
+    cost_table,
+    default_threads,
+    measure_nodes,
+    open_model,
+    partition as run_partition,
+    verify_build,
+)
+from smlaas.plan import PRESETS, CostModel, Planner, preset
+from smlaas.profile import ProfileCache, ProfileSettings
+
+PLANNER_NAMES = [p.value for p in Planner]
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that profiles and plans a model."""
+    options = [
+        click.option("--model", "-m", "model", required=True,
+                     help="An ONNX file, or a zoo model name (see `smlaas zoo list`)."),
+        click.option("--input-size", "--input_size", "input_sizes", multiple=True,
+                     help="Input shape, e.g. 1,3,224,224; per input as NAME:1,128 "
+                          "(repeatable)."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="sgx1",
+                     show_default=True, help="Cost model preset."),
+        click.option("--cost-model", "cost_model_file", type=click.Path(dir_okay=False),
+                     help="TOML file overriding cost model parameters (see `smlaas "
+                          "calibrate`)."),
+        click.option("--machines", "-k", type=click.IntRange(min=1),
+                     help="At most this many stages (one enclave machine each)."),
+        click.option("--fit-epc", is_flag=True,
+                     help="Every stage's working set must fit the usable EPC."),
+        click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
+                     show_default=True, help="ONNX Runtime intra-op threads."),
+        click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Measured runs per timing (after 3 warm-up runs)."),
+        click.option("--no-cache", is_flag=True, help="Profile again even if cached."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def _cost_model(preset_name: str, file: str | None) -> CostModel:
+    base = preset(preset_name)
+    return CostModel.from_toml(file, base=base) if file else base
+
+
+def _settings(threads: int, runs: int) -> ProfileSettings:
+    return ProfileSettings(threads=threads, warmup_runs=3, measured_runs=runs)
+
+
+@click.command()
+@model_options
+@click.option("--build-dir", "--build_dir", "build_dir", required=True,
+              type=click.Path(file_okay=False), help="Directory to write the build into.")
+@click.option("--planner", type=click.Choice(PLANNER_NAMES), default="dp-latency",
+              show_default=True, help="How to choose the cuts.")
+@click.option("--no-verify", is_flag=True, help="Skip running the chain against the model.")
+def partition(model: str, input_sizes: tuple[str, ...], preset: str,
+              cost_model_file: str | None, machines: int | None, fit_epc: bool, threads: int,
+              runs: int, no_cache: bool, as_json: bool, build_dir: str, planner: str,
+              no_verify: bool) -> int:
+    """Partition MODEL into enclave-sized stages and write BUILD_DIR.
+
+    BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
+    any step fails.
+    """
+    cost_model = _cost_model(preset, cost_model_file)
+    options = PlanOptions(Planner(planner), machines, fit_epc)
+    with progress_bar(enabled=not as_json) as progress:
+        result = run_partition(model, Path(build_dir), input_size_specs=input_sizes,
+                               cost_model=cost_model, options=options,
+                               settings=_settings(threads, runs),
+                               cache=None if no_cache else ProfileCache(),
+                               verify=not no_verify, progress=progress)
+    plan = result.plan
+    verification = result.verification
+    if as_json:
+        print_json({"build_dir": str(result.build_dir), "plan": plan.to_dict(),
+                    "planning_ms": result.planning_ms,
+                    "median_prediction_error": result.median_prediction_error,
+                    "verified": None if verification is None else verification.ok,
+                    "max_abs_error": None if verification is None
+                    else verification.max_abs_error})
+    else:
+        console.print(plan.to_table())
+        console.print(f"planning took {result.planning_ms:.1f} ms; median stage prediction "
+                      f"error {100 * (result.median_prediction_error or 0):.1f}% (native)")
+        if verification is not None:
+            console.print(verification.summary())
+        console.print(f"build written to {result.build_dir} (report: "
+                      f"{result.build_dir / 'report.md'})")
+    if verification is not None and not verification.ok:
+        raise VerificationError(verification.summary())
+    return 0
+
+
+@click.command()
+@click.argument("build_dir", type=click.Path(file_okay=False))
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many seeded random inputs to compare on.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(build_dir: str, seeds: int, rtol: float, atol: float, threads: int,
+           as_json: bool) -> int:
+    """Check that BUILD_DIR's chain of stages computes what the whole model computes.
+
+    Exits 0 when every output is close (rtol/atol), 1 when not.
+    """
+    report = verify_build(Path(build_dir), threads=threads, seeds=range(seeds), rtol=rtol,
+                          atol=atol)
+    if as_json:
+        print_json({"ok": report.ok, "max_abs_error": report.max_abs_error,
+                    "max_rel_error": report.max_rel_error, "rtol": rtol, "atol": atol,
+                    "stages": report.stage_count,
+                    "outputs": [o.__dict__ for o in report.outputs]})
+    else:
+        console.print(report.summary())
+    return 0
+
+
+@click.group()
+def plan() -> None:
+    """Inspect and compare plans."""
+
+
+@plan.command("compare")
+@model_options
+def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
+                 cost_model_file: str | None, machines: int | None, fit_epc: bool,
+                 threads: int, runs: int, no_cache: bool, as_json: bool) -> int:
+    """Every planner on the same predicted costs, side by side."""
+    cost_model = _cost_model(preset, cost_model_file)
+    with progress_bar(enabled=not as_json) as progress:
+        source, shapes = open_model(model, input_sizes)
+        analysis = analyse(source, shapes, threads=threads)
+        profile = measure_nodes(analysis, _settings(threads, runs),
+                                cache=None if no_cache else ProfileCache(), progress=progress)
+    costs = cost_table(analysis, profile, cost_model)
+    rows = compare_planners(analysis, costs, machines=machines, fit_epc=fit_epc)
+    if as_json:
+        print_json({"model": source.name, "preset": cost_model.preset, "machines": machines,
+                    "fit_epc": fit_epc, "planners": rows})
+        return 0
+    label = "predicted" if cost_model.enclave else "predicted (no enclave)"
+    console.print(table(
+        f"{source.name}: planners on the same costs ({cost_model.preset}, {label})",
+        ["planner", "stages", "latency ms", "throughput /s", "largest ws MiB", "fits EPC"],
+        [[r["planner"], "-", "-", "-", "-", "infeasible"] if r.get("error") else
+         [r["planner"], r["stages"], f"{r['latency_ms']:.2f}", f"{r['throughput_per_s']:.2f}",
+          f"{r['max_working_set_mib']:.1f}", "yes" if r["all_fit_epc"] else "no"]
+         for r in rows]))
+    for r in rows:
+        if r.get("error"):
+            console.print(f"  {r['planner']}: {r['error']}", soft_wrap=True)
+    return 0
+
+
+@plan.command("show")
+@click.argument("build_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_show(build_dir: str, as_json: bool) -> int:
+    """Print the plan of BUILD_DIR."""
+    loaded = read_plan(Path(build_dir))
+    if as_json:
+        print_json(loaded.to_dict())
+    else:
+        console.print(loaded.to_table())
+    return 0

@@ -1,0 +1,79 @@
+"""The one exception tree of smlaas.
+
+::
+
+    SmlaasError                      every error smlaas raises on purpose
+     ├─ InputError                   the user gave something unusable (CLI exit code 2)
+     │   ├─ ModelError               not an ONNX model, truncated, unsupported construct
+     │   ├─ InputSizeError           --input-size does not fit the model's inputs
+     │   ├─ ZooError                 unknown zoo model or bad zoo option
+     │   ├─ ConfigError              bad TOML override / preset name
+     │   └─ BuildDirError            build directory cannot be written or read
+     ├─ GraphError                   graph analysis found an inconsistency
+     ├─ ProfileError                 ONNX Runtime failed while measuring
+     ├─ PlanError                    no plan satisfies the constraints, or a plan is invalid
+     │   └─ InfeasiblePlanError      a hard constraint (--fit-epc, --machines) cannot be met
+     ├─ ExportError                  writing sub-models failed
+     └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
+         └─ VerificationError        the chain of sub-models differs from the whole model
+
+Messages say what failed, what was expected against what was found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class SmlaasError(Exception):
+    """Base class of every error smlaas raises on purpose."""
+
+
+class InputError(SmlaasError):
+    """The user gave something smlaas cannot use."""
+
+
+class ModelError(InputError):
+    """The model file is not a usable ONNX model."""
+
+
+class InputSizeError(InputError):
+    """An --input-size does not fit the model's inputs."""
+
+
+class ZooError(InputError):
+    """Unknown zoo model or bad zoo option."""
+
+
+class ConfigError(InputError):
+    """A preset name or a TOML override is not valid."""
+
+
+class BuildDirError(InputError):
+    """A build directory cannot be written or does not hold a build."""
+
+
+class GraphError(SmlaasError):
+    """Graph analysis found an inconsistency in the model."""
+
+
+class ProfileError(SmlaasError):
+    """ONNX Runtime failed while measuring a model."""
+
+
+class PlanError(SmlaasError):
+    """A plan is invalid or cannot be made."""
+
+
+class InfeasiblePlanError(PlanError):
+    """A hard planning constraint cannot be met."""
+
+
+class ExportError(SmlaasError):
+    """Writing the sub-models or the build directory failed."""
+
+
+class CheckFailed(SmlaasError):
+    """A check ran to completion and its answer is no."""
+
+
+class VerificationError(CheckFailed):
+    """The chain of sub-models does not compute what the whole model computes."""

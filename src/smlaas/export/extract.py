@@ -1,0 +1,52 @@
+"""Extracting a stage's sub-model from the prepared model (pure).
+
+``onnx.utils.Extractor`` walks dataflow backwards from the outputs, which loses two things a
+pipeline stage needs: tensors that only pass through a stage (a skip connection spanning it),
+and names that If/Loop/Scan bodies read from the outer scope. Stages here are contiguous
+ranges of the topological order, so extraction takes the node range as it is, with onnx's
+helpers, and lists pass-through tensors as both input and output (ONNX allows it).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from smlaas.graph.analysis import ModelGraph, TensorInfo
+
+
+class StageExtractor:
+    """Cuts sub-models out of one prepared model; lookups are built once."""
+
+    def __init__(self, model: onnx.ModelProto, graph: ModelGraph) -> None:
+        self._model = model
+        self._graph = graph
+        self._initializers = {t.name: t for t in model.graph.initializer}
+        self._value_info = {v.name: v for v in model.graph.value_info}
+
+    def extract(self, start: int, end: int, *, name: str) -> onnx.ModelProto:
+        """The sub-model of nodes ``[start, end)`` with inputs ``cut_tensors(start)`` and
+        outputs ``cut_tensors(end)``, each with its fixed type and shape."""
+        graph = self._graph
+        nodes = graph.nodes[start:end]
+        inputs = [_value_info(graph.tensors[t]) for t in graph.cut_tensors(start)]
+        outputs = [_value_info(graph.tensors[t]) for t in graph.cut_tensors(end)]
+        used = {n for names in graph.node_inputs[start:end] for n in names}
+        initializers = [self._initializers[n] for n in sorted(used & self._initializers.keys())]
+        produced = {o for node in nodes for o in node.output}
+        boundary = {v.name for v in inputs} | {v.name for v in outputs}
+        value_info = [self._value_info[n] for n in sorted(produced - boundary)
+                      if n in self._value_info]
+        sub_graph = helper.make_graph(nodes, name, inputs, outputs, initializers,
+                                      value_info=value_info)
+        sub_model = helper.make_model(sub_graph, opset_imports=list(self._model.opset_import),
+                                      producer_name="smlaas",
+                                      doc_string=f"nodes {start}..{end - 1} of "
+                                                 f"{self._model.graph.name}")
+        sub_model.ir_version = self._model.ir_version
+        sub_model.functions.extend(self._model.functions)
+        return sub_model
+
+
+def _value_info(info: TensorInfo) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(info.name, info.elem_type, list(info.shape))

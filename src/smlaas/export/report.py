@@ -1,0 +1,125 @@
+"""The human-readable report of a build: report.md and report.png."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from smlaas.export.verify import VerificationReport
+from smlaas.plan.cost_model import MIB
+from smlaas.plan.plan import Plan
+
+
+def prediction_errors(plan: Plan) -> list[float]:
+    """|predicted - measured| / measured native time, for stages that were measured."""
+    return [abs(s.native_ms - s.measured_native_ms) / s.measured_native_ms
+            for s in plan.stages if s.measured_native_ms]
+
+
+def render_markdown(plan: Plan, *, verification: VerificationReport | None,
+                    comparison: list[dict] | None = None, machine: str = "") -> str:
+    cm = plan.cost_model
+    sgx_label = "predicted by the cost model" if cm.enclave else "no enclave"
+    lines = [
+        f"# smlaas build: {plan.model.name}",
+        "",
+        f"- source: `{plan.model.source}` (sha256 `{plan.model.sha256[:16]}...`)",
+        f"- input shapes: {', '.join(f'{k} {v}' for k, v in plan.model.input_shapes.items())}",
+        f"- planner: **{plan.planner}**, cost model **{cm.preset}** (usable EPC "
+        f"{cm.usable_epc_mib:g} MiB), fit-epc: {plan.fit_epc}, machines: "
+        f"{plan.machines or 'unlimited'}",
+        f"- nodes: {plan.model.node_count}, stages: {len(plan.stages)}",
+        f"- enclave figures are **{sgx_label}**; native times are measured on this machine"
+        + (f" ({machine})" if machine else ""),
+        "",
+        "## Stages",
+        "",
+        "| stage | nodes | first .. last node | native ms (pred) | native ms (measured) | "
+        "enclave ms (predicted) | input MiB | transfer ms (predicted) | weights MiB | "
+        "working set MiB | fits EPC |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in plan.stages:
+        measured = f"{s.measured_native_ms:.2f}" if s.measured_native_ms else "-"
+        lines.append(
+            f"| {s.index} | {s.start}-{s.end - 1} | `{s.first_node}` .. `{s.last_node}` | "
+            f"{s.native_ms:.2f} | {measured} | {s.enclave_ms:.2f} | "
+            f"{s.input_bytes / MIB:.2f} | {s.transfer_in_ms:.2f} | {s.weight_bytes / MIB:.1f} | "
+            f"{s.working_set_mib:.1f} | "
+            f"{'yes' if s.working_set_bytes <= cm.usable_epc_bytes else '**no**'} |")
+    lines += [
+        "",
+        f"Predicted end-to-end latency **{plan.latency_ms:.2f} ms**, pipeline throughput "
+        f"**{plan.throughput_per_s:.2f} inferences/s** (period {plan.period_ms:.2f} ms), "
+        f"largest working set {plan.max_working_set_bytes / MIB:.1f} MiB.",
+        "",
+    ]
+    errors = prediction_errors(plan)
+    if errors:
+        lines += [
+            "## Prediction accuracy (native time per stage)",
+            "",
+            f"Median |predicted - measured| / measured over {len(errors)} stage(s): "
+            f"**{100 * statistics.median(errors):.1f}%** (max {100 * max(errors):.1f}%).",
+            "",
+        ]
+    if comparison:
+        lines += ["## Planners on the same costs", "",
+                  "| planner | stages | latency ms | throughput /s | largest working set MiB |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in comparison:
+            if row.get("error"):
+                lines.append(f"| {row['planner']} | - | - | - | infeasible: {row['error']} |")
+            else:
+                lines.append(f"| {row['planner']} | {row['stages']} | {row['latency_ms']:.2f} |"
+                             f" {row['throughput_per_s']:.2f} | {row['max_working_set_mib']:.1f} |")
+        lines.append("")
+    if verification is not None:
+        lines += ["## Verification", "", verification.summary(), "",
+                  "| output | shape | max abs error | max rel error | close |",
+                  "|---|---|---:|---:|:---:|"]
+        for o in verification.outputs:
+            lines.append(f"| `{o.name}` | {list(o.shape)} | {o.max_abs_error:.3g} | "
+                         f"{o.max_rel_error:.3g} | {'yes' if o.close else '**no**'} |")
+        lines.append("")
+    lines += ["![per-node time and memory, cuts and the EPC line](report.png)", ""]
+    return "\n".join(lines)
+
+
+def render_plot(plan: Plan, node_ms: np.ndarray, live_bytes: np.ndarray, path: Path) -> None:
+    """Two panels over node positions: native time per node, and memory with the EPC line;
+    cuts as vertical lines, stages shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = plan.cost_model
+    positions = np.arange(len(node_ms))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    top.bar(positions, node_ms, width=1.0, color="#4477aa")
+    top.set_ylabel("native ms per node")
+    top.set_title(f"{plan.model.name}: {len(plan.stages)} stage(s) by {plan.planner} "
+                  f"({cm.preset}; enclave figures predicted)")
+    bottom.plot(positions, live_bytes / MIB, color="#228833", label="live activations")
+    for s in plan.stages:
+        colour = "#cc6677" if s.working_set_bytes > cm.usable_epc_bytes else "#ddcc77"
+        bottom.hlines(s.working_set_mib, s.start, s.end - 1, colors=colour, linewidth=3,
+                      label="stage working set (predicted)" if s.index == 0 else None)
+        for axis in (top, bottom):
+            axis.axvspan(s.start - 0.5, s.end - 0.5, alpha=0.06 if s.index % 2 else 0.0,
+                         color="k")
+    for cut in plan.cuts[1:-1]:
+        for axis in (top, bottom):
+            axis.axvline(cut - 0.5, color="#aa3377", linestyle="--", linewidth=1)
+    if cm.enclave and cm.usable_epc_mib < 1e5:
+        bottom.axhline(cm.usable_epc_mib, color="#cc3311", linestyle=":",
+                       label=f"usable EPC {cm.usable_epc_mib:g} MiB")
+    bottom.set_ylabel("MiB")
+    bottom.set_xlabel("node position (topological order); dashed lines are cuts")
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

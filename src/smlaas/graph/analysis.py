@@ -1,0 +1,231 @@
+"""The analysed graph: node order, tensor sizes, and what crosses every cut position (pure).
+
+A *cut position* ``p`` lies between node ``p - 1`` and node ``p`` of the topological order
+(0 <= p <= n). The tensors crossing it are the activations produced before ``p`` (graph inputs
+count as produced at -1) and still needed at or after ``p`` (graph outputs are needed at ``n``).
+A stage ``[i, j)`` receives ``cut_tensors(i)`` and emits ``cut_tensors(j)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from smlaas.errors import GraphError
+from smlaas.graph.input_size import model_inputs
+from smlaas.graph.subgraphs import has_subgraph, node_input_names
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An activation tensor: its element type, static shape and size in bytes."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.elem_type)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+
+def element_size(elem_type: int) -> int:
+    if elem_type == onnx.TensorProto.STRING:
+        raise GraphError("string tensors have no fixed size and cannot be cut across")
+    return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+
+
+class ModelGraph:
+    """A prepared model (see :func:`smlaas.graph.prepare.prepare_model`), analysed.
+
+    Args:
+        model: the prepared model.
+        observed: tensors measured by running the model, for those whose type or shape ONNX
+            shape inference could not determine.
+
+    Raises:
+        GraphError: some activation still has no static shape.
+    """
+
+    def __init__(self, model: onnx.ModelProto,
+                 observed: Mapping[str, TensorInfo] | None = None) -> None:
+        self.model = model
+        graph = model.graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializer_dims: dict[str, tuple[int, ...]] = {
+            t.name: tuple(t.dims) for t in graph.initializer
+        }
+        self.initializer_bytes: dict[str, int] = {
+            t.name: math.prod(t.dims) * element_size(t.data_type) for t in graph.initializer
+        }
+        self.input_names = [i.name for i in model_inputs(model)]
+        self.output_names = [o.name for o in graph.output]
+        self.node_inputs = [node_input_names(n) for n in self.nodes]
+        self.tensors = self._collect_tensors(observed or {})
+        self.producer, self.last_use = self._liveness()
+
+    # -- construction --------------------------------------------------------------------
+    def _collect_tensors(self, observed: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        graph = self.model.graph
+        types: dict[str, onnx.TypeProto] = {}
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            types[value.name] = value.type
+        tensors: dict[str, TensorInfo] = {}
+        missing: list[str] = []
+        for name in self.activation_names():
+            if name in observed:
+                tensors[name] = observed[name]
+                continue
+            type_proto = types.get(name)
+            if type_proto is not None and not type_proto.HasField("tensor_type"):
+                raise GraphError(
+                    f"tensor {name!r} is a {type_proto.WhichOneof('value')}, not a tensor; "
+                    f"sequence/map/optional values are not supported by smlaas yet"
+                )
+            elem_type = type_proto.tensor_type.elem_type if type_proto is not None else 0
+            shape = _static_shape(type_proto)
+            if shape is None or not elem_type:
+                missing.append(name)
+                continue
+            tensors[name] = TensorInfo(name, elem_type, shape)
+        if missing:
+            raise UnknownShapesError(missing)
+        return tensors
+
+    def activation_names(self) -> list[str]:
+        """Every non-initializer tensor: inputs, node outputs, in order of appearance."""
+        names = list(self.input_names)
+        seen = set(names)
+        for node in self.nodes:
+            for name in node.output:
+                if name and name not in seen:
+                    seen.add(name)
+                    names.append(name)
+        return names
+
+    def _liveness(self) -> tuple[dict[str, int], dict[str, int]]:
+        producer = {name: -1 for name in self.input_names}
+        for position, node in enumerate(self.nodes):
+            for name in node.output:
+                if name:
+                    producer[name] = position
+        last_use = dict(producer)
+        for position, names in enumerate(self.node_inputs):
+            for name in names:
+                if name in producer:
+                    last_use[name] = position
+        for name in self.output_names:
+            if name in self.initializer_bytes:
+                raise GraphError(f"graph output {name!r} is an initializer; constant outputs "
+                                 f"are not supported")
+            last_use[name] = len(self.nodes)
+        return producer, last_use
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def node_count(self) -> int:
+        return len(self.nodes)
+
+    def cut_tensors(self, position: int) -> list[str]:
+        """Names of the tensors crossing cut ``position``, in a stable order."""
+        self._check_position(position)
+        return [name for name in self.tensors
+                if self.producer[name] < position <= self.last_use[name]]
+
+    def cut_bytes_by_position(self) -> np.ndarray:
+        """Bytes crossing each cut position 0..n, as one array."""
+        return self._sum_over_crossings(lambda info: info.nbytes)
+
+    def cut_count_by_position(self) -> np.ndarray:
+        """Number of tensors crossing each cut position 0..n."""
+        return self._sum_over_crossings(lambda info: 1)
+
+    def _sum_over_crossings(self, value: Callable[[TensorInfo], int]) -> np.ndarray:
+        delta = np.zeros(self.node_count + 2, dtype=np.int64)
+        for name, info in self.tensors.items():
+            first, last = self.producer[name] + 1, self.last_use[name]
+            if first <= last:
+                delta[first] += value(info)
+                delta[last + 1] -= value(info)
+        return np.cumsum(delta)[: self.node_count + 1]
+
+    def live_bytes_by_step(self) -> np.ndarray:
+        """Activation bytes alive while node k runs (its inputs, outputs and everything held
+        for later nodes), for k in 0..n-1. Liveness within any stage equals this global one."""
+        delta = np.zeros(self.node_count + 1, dtype=np.int64)
+        for name, info in self.tensors.items():
+            first = max(self.producer[name], 0)
+            last = min(max(self.last_use[name], first), self.node_count - 1)
+            delta[first] += info.nbytes
+            delta[last + 1] -= info.nbytes
+        return np.cumsum(delta)[: self.node_count]
+
+    def valid_cut_positions(self) -> np.ndarray:
+        """Boolean mask over positions 0..n. Every position is valid today: nodes with
+        subgraphs are atomic, so no cut can fall inside one. Kept as a mask so that planners
+        honour future restrictions."""
+        return np.ones(self.node_count + 1, dtype=bool)
+
+    def subgraph_nodes(self) -> list[str]:
+        return [n.name for n in self.nodes if has_subgraph(n)]
+
+    def initializer_uses(self) -> dict[str, list[int]]:
+        """For every initializer, the sorted positions of the nodes that read it."""
+        uses: dict[str, list[int]] = {}
+        for position, names in enumerate(self.node_inputs):
+            for name in names:
+                if name in self.initializer_bytes:
+                    uses.setdefault(name, []).append(position)
+        return uses
+
+    def touched_initializer_bytes(self, name: str, position: int) -> int:
+        """Bytes of initializer ``name`` that node ``position`` reads per inference.
+
+        A Gather from a weight table (an embedding) reads only the rows it indexes, each
+        rounded up to whole 4 KiB pages; every other use reads the whole tensor.
+        """
+        full = self.initializer_bytes[name]
+        node = self.nodes[position]
+        if node.op_type != "Gather" or node.domain or node.input[0] != name:
+            return full
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        indices = self.tensors.get(node.input[1]) if len(node.input) > 1 else None
+        table_dims = self.initializer_dims[name]
+        if indices is None or axis != 0 or not table_dims:
+            return full
+        row_bytes = full // max(table_dims[0], 1)
+        page = 4096
+        touched = math.prod(indices.shape) * (-(-row_bytes // page) * page)
+        return min(full, touched)
+
+    def _check_position(self, position: int) -> None:
+        if not 0 <= position <= self.node_count:
+            raise GraphError(f"cut position {position} outside 0..{self.node_count}")
+
+
+class UnknownShapesError(GraphError):
+    """Shape inference left some activations without a static shape."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        shown = ", ".join(repr(n) for n in names[:5])
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        super().__init__(f"no static shape for {shown}{more}")
+
+
+def _static_shape(type_proto: onnx.TypeProto | None) -> tuple[int, ...] | None:
+    if type_proto is None or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims = type_proto.tensor_type.shape.dim
+    if not all(d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(d.dim_value for d in dims)

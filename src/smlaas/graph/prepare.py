@@ -1,0 +1,159 @@
+"""Normalising a model before analysis (pure): fixed inputs, named nodes, topological order.
+
+The prepared model is what gets profiled and cut, so its node names are the names that the
+profile, the plan and the sub-models share.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from smlaas.errors import GraphError, ModelError
+from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
+from smlaas.graph.subgraphs import node_input_names
+
+# Initializers up to this many elements stay in the shape-inference copy of the model, because
+# shape computations (Reshape targets, Slice bounds) read their values; larger ones are weights.
+_SHAPE_DATA_MAX_ELEMENTS = 1024
+
+
+def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]]
+                  ) -> onnx.ModelProto:
+    """Fixes input sizes, folds Constant nodes into initializers, names every node uniquely,
+    orders nodes topologically and runs ONNX shape inference.
+
+    Raises:
+        InputSizeError: ``input_sizes`` does not fit the model's inputs.
+        GraphError: the graph has a cycle or uses a tensor nothing produces.
+    """
+    shapes = resolve_input_sizes(model, input_sizes)
+    prepared = fix_input_sizes(model, shapes)
+    graph = prepared.graph
+    _fold_constant_nodes(graph)
+    _name_nodes(graph)
+    _sort_topologically(graph)
+    _infer_shapes(prepared)
+    return prepared
+
+
+def _fold_constant_nodes(graph: onnx.GraphProto) -> None:
+    """Turns top-level Constant nodes into initializers, so they are weights, not activations
+    that would cross every cut between the Constant and its consumer."""
+    kept = []
+    for node in graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and not node.domain else None
+        if value is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse or string constants stay as nodes
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Gives every node a unique, non-empty name (profiles and plans refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            name, suffix = base, 1
+            while name in seen:
+                name, suffix = f"{base}__{suffix}", suffix + 1
+            node.name = name
+        seen.add(name)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Kahn's algorithm that keeps the file's order whenever it is already valid."""
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for output in node.output:
+            if output:
+                producer[output] = index
+    waiting_on: list[set[int]] = []
+    dependents: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    for index, node in enumerate(nodes):
+        deps = set()
+        for name in node_input_names(node):
+            if name in available:
+                continue
+            if name not in producer:
+                raise GraphError(f"node {node.name!r} ({node.op_type}) reads tensor {name!r}, "
+                                 f"which no node, input or initializer provides")
+            deps.add(producer[name])
+        deps.discard(index)
+        waiting_on.append(deps)
+        for dep in deps:
+            dependents[dep].append(index)
+    ready = [i for i, deps in enumerate(waiting_on) if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for dependent in dependents[index]:
+            waiting_on[dependent].discard(index)
+            if not waiting_on[dependent]:
+                heapq.heappush(ready, dependent)
+    if len(order) != len(nodes):
+        stuck = sorted(set(range(len(nodes))) - set(order))[:3]
+        raise GraphError("the graph has a cycle through nodes "
+                         + ", ".join(repr(nodes[i].name) for i in stuck))
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """ONNX shape inference on a copy without the large weights (so models of any size work);
+    the inferred value_info is copied back."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    graph = light.graph
+    del graph.value_info[:]
+    weights = [t for t in graph.initializer if np.prod(t.dims) > _SHAPE_DATA_MAX_ELEMENTS]
+    kept = [t for t in graph.initializer if np.prod(t.dims) <= _SHAPE_DATA_MAX_ELEMENTS]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    existing_inputs = {i.name for i in graph.input}
+    for tensor in weights:
+        if tensor.name not in existing_inputs:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                             list(tensor.dims)))
+    for output in graph.output:  # declared symbolic output dims would only conflict
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except onnx.shape_inference.InferenceError as err:
+        raise ModelError(f"ONNX shape inference failed: {str(err).splitlines()[0]}") from err
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    inferred_outputs = {o.name: o for o in inferred.graph.output}
+    for output in model.graph.output:
+        if output.name in inferred_outputs and inferred_outputs[output.name].type.HasField(
+                "tensor_type") and inferred_outputs[output.name].type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(inferred_outputs[output.name].type)

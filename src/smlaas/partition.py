@@ -1,0 +1,350 @@
+"""The partition job: model -> analyse -> profile -> costs -> plan -> export -> verify.
+
+This module is the only one that knows the whole sequence; each step lives in its layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from smlaas import zoo
+from smlaas.errors import ModelError, PlanError, SmlaasError, VerificationError
+from smlaas.export import (
+    BuildWriter,
+    Chain,
+    StageExtractor,
+    VerificationReport,
+    prediction_errors,
+    read_plan,
+    render_markdown,
+    render_plot,
+    stage_paths,
+    verify_chain,
+)
+from smlaas.export.build_dir import PLAN_FILE
+from smlaas.graph import (
+    InputSizes,
+    ModelGraph,
+    SegmentMemory,
+    UnknownShapesError,
+    check_model,
+    load_model,
+    parse_input_sizes,
+    prepare_model,
+    resolve_input_sizes,
+    segment_memory,
+)
+from smlaas.plan import (
+    CostModel,
+    ModelRef,
+    Plan,
+    Planner,
+    SegmentCosts,
+    build_plan,
+    choose_cuts,
+    segment_costs,
+)
+from smlaas.profile import (
+    NodeProfile,
+    ProfileCache,
+    ProfileSettings,
+    ProgressCallback,
+    machine_id,
+    model_digest,
+    observe_tensors,
+    profile_key,
+    profile_nodes,
+    random_inputs,
+    time_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+# -- opening models --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the user named it: a file or a zoo entry."""
+
+    name: str
+    source: str
+    sha256: str
+    model: onnx.ModelProto
+
+
+def open_model(spec: str, input_size_specs: Sequence[str] = ()) -> tuple[ModelSource, InputSizes]:
+    """Opens ``spec`` (a file path, or a zoo name when no such file exists) and resolves the
+    ``--input-size`` specs against its inputs."""
+    sizes = parse_input_sizes(input_size_specs)
+    path = Path(spec)
+    if path.exists() or spec.endswith(".onnx") or os.sep in spec:
+        model = load_model(path)
+        check_model(model, source=str(path))
+        source = ModelSource(name=path.stem, source=str(path.resolve()),
+                             sha256=_file_sha256(path), model=model)
+    else:
+        entry = zoo.get(spec.removeprefix(zoo.ZOO_PREFIX))
+        size = sizes.get("") or (next(iter(sizes.values())) if sizes else None)
+        model = entry.build(size)
+        source = ModelSource(name=entry.name, source=zoo.ZOO_PREFIX + entry.name,
+                             sha256=model_digest(model), model=model)
+        if not sizes:
+            sizes = {"": entry.default_input_size}
+    return source, resolve_input_sizes(source.model, sizes)
+
+
+def reopen_model(ref: ModelRef) -> onnx.ModelProto:
+    """The model a plan was made from, checked against the plan's hash."""
+    if ref.source.startswith(zoo.ZOO_PREFIX):
+        first_shape = next(iter(ref.input_shapes.values()))
+        model = zoo.build_model(ref.source.removeprefix(zoo.ZOO_PREFIX), first_shape)
+        digest = model_digest(model)
+    else:
+        model = load_model(ref.source)
+        digest = _file_sha256(Path(ref.source))
+    if digest != ref.sha256:
+        raise ModelError(f"{ref.source} has changed since it was partitioned (sha256 "
+                         f"{digest[:12]}... != {ref.sha256[:12]}...); partition it again")
+    return model
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- analysis --------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    source: ModelSource
+    input_shapes: InputSizes
+    prepared: onnx.ModelProto
+    graph: ModelGraph
+    memory: SegmentMemory
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef(name=self.source.name, source=self.source.source,
+                        sha256=self.source.sha256,
+                        input_shapes={k: list(v) for k, v in self.input_shapes.items()},
+                        inputs=list(self.graph.input_names),
+                        outputs=list(self.graph.output_names),
+                        node_count=self.graph.node_count)
+
+
+def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int) -> Analysis:
+    """Prepares and analyses the model; shapes static inference misses are measured."""
+    prepared = prepare_model(source.model, input_shapes)
+    try:
+        graph = ModelGraph(prepared)
+    except UnknownShapesError as err:
+        logger.info("measuring %d tensor shape(s) that shape inference left open",
+                    len(err.names))
+        observed = observe_tensors(prepared, input_shapes, err.names, threads=threads)
+        graph = ModelGraph(prepared, observed)
+    return Analysis(source, input_shapes, prepared, graph, segment_memory(graph))
+
+
+def measure_nodes(analysis: Analysis, settings: ProfileSettings, *,
+                  cache: ProfileCache | None = None,
+                  progress: ProgressCallback | None = None) -> NodeProfile:
+    """The node profile of the prepared model, from the cache when it has one."""
+    key = profile_key(model_digest(analysis.prepared), analysis.input_shapes, settings)
+    if cache is not None:
+        cached = cache.get(key)
+        if cached is not None:
+            logger.info("node profile taken from the cache (%s)", key)
+            return cached
+    profile = profile_nodes(analysis.prepared, analysis.input_shapes, settings=settings,
+                            progress=progress)
+    if cache is not None:
+        cache.put(key, profile)
+    return profile
+
+
+def cost_table(analysis: Analysis, profile: NodeProfile, cost_model: CostModel
+               ) -> SegmentCosts:
+    names = [n.name for n in analysis.graph.nodes]
+    return segment_costs(analysis.memory, profile.node_times_ms(names), cost_model,
+                         fusion_factor=profile.fusion_factor,
+                         run_overhead_ms=profile.session_overhead_ms,
+                         valid_cut=analysis.graph.valid_cut_positions(),
+                         node_names=tuple(names))
+
+
+# -- planning --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanOptions:
+    planner: Planner = Planner.DP_LATENCY
+    machines: int | None = None
+    fit_epc: bool = False
+
+
+def make_plan(analysis: Analysis, costs: SegmentCosts, options: PlanOptions) -> Plan:
+    cuts = choose_cuts(options.planner, costs, machines=options.machines,
+                       fit_epc=options.fit_epc)
+    return build_plan(cuts, costs=costs, graph=analysis.graph, model=analysis.model_ref(),
+                      planner=options.planner.value, machines=options.machines,
+                      fit_epc=options.fit_epc)
+
+
+def compare_planners(analysis: Analysis, costs: SegmentCosts, *, machines: int | None,
+                     fit_epc: bool) -> list[dict]:
+    """Every planner on the same costs: one row each (an ``error`` for infeasible ones)."""
+    rows = []
+    for planner in Planner:
+        start = time.perf_counter()
+        try:
+            plan = make_plan(analysis, costs, PlanOptions(planner, machines, fit_epc))
+        except PlanError as err:
+            rows.append({"planner": planner.value, "error": str(err)})
+            continue
+        rows.append({
+            "planner": planner.value,
+            "stages": len(plan.stages),
+            "latency_ms": plan.latency_ms,
+            "throughput_per_s": plan.throughput_per_s,
+            "period_ms": plan.period_ms,
+            "max_working_set_mib": plan.max_working_set_bytes / 2**20,
+            "all_fit_epc": plan.all_fit_epc,
+            "cuts": plan.cuts,
+            "planning_ms": (time.perf_counter() - start) * 1000.0,
+        })
+    return rows
+
+
+# -- the whole job ---------------------------------------------------------------------------
+@dataclass
+class PartitionResult:
+    plan: Plan
+    build_dir: Path
+    verification: VerificationReport | None
+    comparison: list[dict]
+    planning_ms: float
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median_prediction_error(self) -> float | None:
+        errors = prediction_errors(self.plan)
+        return statistics.median(errors) if errors else None
+
+
+def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (),
+              cost_model: CostModel, options: PlanOptions, settings: ProfileSettings,
+              cache: ProfileCache | None = None, verify: bool = True,
+              progress: ProgressCallback | None = None) -> PartitionResult:
+    """Runs the partition job and writes the build directory (all of it, or nothing)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    steps = ["analysed graph", "profiled nodes", "planned", "exported stages",
+             "measured stages"] + (["verified chain"] if verify else [])
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+        if progress:
+            progress("partition", steps.index(name) + 1, len(steps))
+
+    writer = BuildWriter(build_dir)  # fail on an unusable build dir before any work
+    with writer:
+        source, shapes = open_model(spec, input_size_specs)
+        analysis = analyse(source, shapes, threads=settings.threads)
+        phase("analysed graph")
+        profile = measure_nodes(analysis, settings, cache=cache, progress=progress)
+        phase("profiled nodes")
+        plan_start = time.perf_counter()
+        costs = cost_table(analysis, profile, cost_model)
+        plan = make_plan(analysis, costs, options)
+        planning_ms = (time.perf_counter() - plan_start) * 1000.0
+        comparison = compare_planners(analysis, costs, machines=options.machines,
+                                      fit_epc=options.fit_epc)
+        phase("planned")
+        extractor = StageExtractor(analysis.prepared, analysis.graph)
+        stage_models = [extractor.extract(s.start, s.end, name=f"{source.name}_stage_{s.index}")
+                        for s in plan.stages]
+        for stage, model in zip(plan.stages, stage_models):
+            writer.save_model(model, stage.file_name)
+            if progress:
+                progress("exporting stages", stage.index + 1, len(plan.stages))
+        phase("exported stages")
+        plan = plan.with_measured(measure_stages(stage_models, analysis, settings, progress))
+        phase("measured stages")
+        verification = None
+        if verify:
+            verification = verify_chain(source.model, stage_models, shapes,
+                                        threads=settings.threads)
+            phase("verified chain")
+        writer.write_text(PLAN_FILE, plan.to_json())
+        writer.write_text("report.md", render_markdown(plan, verification=verification,
+                                                       comparison=comparison,
+                                                       machine=machine_id()))
+        render_plot(plan, profile.node_times_ms([n.name for n in analysis.graph.nodes]),
+                    analysis.graph.live_bytes_by_step(), writer.directory / "report.png")
+        if verification is not None and not verification.ok:
+            # The build stays on disk for inspection; the caller reports the mismatch.
+            logger.warning("verification failed: %s", verification.summary())
+    return PartitionResult(plan=plan, build_dir=Path(build_dir), verification=verification,
+                           comparison=comparison, planning_ms=planning_ms, timings_s=timings)
+
+
+def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,
+                   settings: ProfileSettings, progress: ProgressCallback | None = None
+                   ) -> list[float]:
+    """Median native time of each exported stage, fed with the tensors the chain produces."""
+    feeds = random_inputs(analysis.prepared, analysis.input_shapes)
+    chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    measured = []
+    for index, (stage, runner) in enumerate(zip(stage_models, chain.stages)):
+        stage_feeds = {name: tensors[name] for name in runner.inputs}
+        measured.append(time_model(stage, stage_feeds, threads=settings.threads,
+                                   optimization=settings.optimization,
+                                   warmup_runs=settings.warmup_runs,
+                                   measured_runs=settings.measured_runs))
+        tensors = runner.run(tensors)
+        if progress:
+            progress("measuring stages", index + 1, len(stage_models))
+    return measured
+
+
+def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1, 2),
+                 rtol: float = 1e-4, atol: float = 1e-5) -> VerificationReport:
+    """Re-runs the whole model and the build's chain; VerificationError if they differ."""
+    plan = read_plan(build_dir)
+    paths = stage_paths(build_dir, plan)
+    whole = reopen_model(plan.model)
+    shapes = {k: tuple(v) for k, v in plan.model.input_shapes.items()}
+    report = verify_chain(whole, paths, shapes, threads=threads, seeds=seeds, rtol=rtol,
+                          atol=atol)
+    if not report.ok:
+        raise VerificationError(report.summary())
+    return report
+
+
+def wrap_unexpected(func: Callable[..., object]) -> Callable[..., object]:  # pragma: no cover
+    """Marks errors from libraries as SmlaasError at the job boundary."""
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except SmlaasError:
+            raise
+    return wrapper

@@ -1,0 +1,83 @@
+"""Predicted cost of every candidate stage, the table all planners share (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from smlaas.graph.memory import SegmentMemory
+from smlaas.plan.cost_model import CostModel
+
+
+@dataclass(frozen=True)
+class SegmentCosts:
+    """Costs of all segments ``[i, j)`` (matrices indexed ``[i, j]``, meaningful for i < j)
+    and of all cut positions ``p`` (vectors of length n + 1).
+
+    A stage's *latency* is its enclave time plus the transfer of its input cut; its *period*
+    (what bounds pipeline throughput) is the larger of the two, since a stage receives the
+    next request while it computes the current one.
+    """
+
+    native_ms: np.ndarray
+    working_set_bytes: np.ndarray
+    enclave_ms: np.ndarray
+    transfer_ms: np.ndarray
+    valid_cut: np.ndarray
+    cost_model: CostModel
+    memory: SegmentMemory
+    node_names: tuple[str, ...] = ()
+
+    @property
+    def node_count(self) -> int:
+        return len(self.transfer_ms) - 1
+
+    @property
+    def fits_epc(self) -> np.ndarray:
+        return self.working_set_bytes <= self.cost_model.usable_epc_bytes
+
+    @property
+    def stage_latency_ms(self) -> np.ndarray:
+        return self.enclave_ms + self.transfer_ms[:, None]
+
+    @property
+    def stage_period_ms(self) -> np.ndarray:
+        return np.maximum(self.enclave_ms, self.transfer_ms[:, None])
+
+    @property
+    def output_transfer_ms(self) -> float:
+        """Moving the model's outputs back to the client (the same for every plan)."""
+        return float(self.transfer_ms[-1])
+
+
+def segment_costs(memory: SegmentMemory, node_ms: np.ndarray, cost_model: CostModel, *,
+                  fusion_factor: float = 1.0, run_overhead_ms: float = 0.0,
+                  valid_cut: np.ndarray | None = None,
+                  node_names: tuple[str, ...] = ()) -> SegmentCosts:
+    """Builds the cost table.
+
+    Args:
+        memory: per-segment memory of the model.
+        node_ms: native time of each node in topological order.
+        cost_model: parameters of the enclave and the network.
+        fusion_factor: measured whole-model time over the sum of node times.
+        run_overhead_ms: fixed cost of one session run, paid once per stage.
+        valid_cut: positions that may be cut (all, if omitted).
+        node_names: names of the nodes, for error messages.
+    """
+    n = memory.node_count
+    if len(node_ms) != n:
+        raise ValueError(f"node_ms has {len(node_ms)} entries for a graph of {n} nodes")
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(node_ms, dtype=float))])
+    upper = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    native = np.where(upper, fusion_factor * (prefix[None, :] - prefix[:, None])
+                      + run_overhead_ms, 0.0)
+    working_set = np.where(upper, cost_model.working_set_bytes(
+        memory.touched_weight_bytes, memory.peak_activation_bytes), 0.0)
+    enclave = np.where(upper, cost_model.enclave_time_ms(native, working_set), 0.0)
+    transfer = np.asarray(cost_model.transfer_ms(memory.cut_bytes), dtype=float)
+    cuts = np.ones(n + 1, dtype=bool) if valid_cut is None else np.asarray(valid_cut, bool)
+    return SegmentCosts(native_ms=native, working_set_bytes=working_set, enclave_ms=enclave,
+                        transfer_ms=transfer, valid_cut=cuts, cost_model=cost_model,
+                        memory=memory, node_names=tuple(node_names))

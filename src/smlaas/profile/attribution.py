@@ -1,0 +1,69 @@
+"""Charging ONNX Runtime's kernels back to the nodes of the model they came from.
+
+At the serving optimisation level ORT fuses and renames nodes: ``<node>/MatMulAddFusion``,
+``<node>_nchwc`` for NCHWc-blocked convolutions, ``Gelu_token_148`` for fused subgraphs,
+``reorder_token_*`` for layout conversions. A kernel is charged to a model node by, in order:
+
+1. its name being a node name, or becoming one when ``/suffix`` parts are stripped;
+2. its name without ``_nchwc`` being a node name or a tensor that a node produces;
+3. lineage in ORT's optimised model: a kernel producing an original tensor belongs to that
+   tensor's producer; otherwise to the latest node among the producers of its inputs.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+_NCHWC_SUFFIX = "_nchwc"
+
+
+def kernel_owners(original: onnx.ModelProto, optimized: onnx.ModelProto | None
+                  ) -> dict[str, str]:
+    """Maps each kernel (optimised-model node) name to the original node it is charged to."""
+    names = [n.name for n in original.graph.node]
+    position = {name: index for index, name in enumerate(names)}
+    producer: dict[str, int] = {}
+    for index, node in enumerate(original.graph.node):
+        for output in node.output:
+            producer[output] = index
+    owners: dict[str, str] = {}
+    if optimized is None:
+        return owners
+    tensor_position: dict[str, int] = dict(producer)
+    for node in optimized.graph.node:
+        index = _by_name(node.name, position, producer)
+        if index is None:
+            known = [producer[o] for o in node.output if o in producer]
+            if known:
+                index = max(known)
+        if index is None:
+            upstream = [tensor_position[i] for i in node.input if i in tensor_position]
+            index = max(upstream) if upstream else 0
+        for output in node.output:
+            tensor_position.setdefault(output, index)
+        if names:
+            owners[node.name] = names[min(index, len(names) - 1)]
+    return owners
+
+
+def owner_by_name(kernel: str, original_names: set[str]) -> str | None:
+    """Rule 1 alone, for kernels missing from the optimised model."""
+    name = kernel
+    while name not in original_names and "/" in name:
+        name = name.rsplit("/", 1)[0]
+    return name if name in original_names else None
+
+
+def _by_name(kernel: str, position: dict[str, int], producer: dict[str, int]) -> int | None:
+    name = kernel
+    while name not in position and "/" in name:
+        name = name.rsplit("/", 1)[0]
+    if name in position:
+        return position[name]
+    if kernel.endswith(_NCHWC_SUFFIX):
+        stem = kernel[: -len(_NCHWC_SUFFIX)]
+        if stem in position:
+            return position[stem]
+        if stem in producer:
+            return producer[stem]
+    return None
