@@ -14,12 +14,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from smlaas.errors import GraphError, ModelError
+from smlaas.graph.folding import fold_shape_computations
 from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
 from smlaas.graph.subgraphs import node_input_names
 
 # Initializers up to this many elements stay in the shape-inference copy of the model, because
 # shape computations (Reshape targets, Slice bounds) read their values; larger ones are weights.
 _SHAPE_DATA_MAX_ELEMENTS = 1024
+# Each round folds what the previous round's shape inference made static.
+_MAX_FOLDING_ROUNDS = 4
 
 
 def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]]
@@ -38,7 +41,21 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
     _name_nodes(graph)
     _sort_topologically(graph)
     _infer_shapes(prepared)
+    for _ in range(_MAX_FOLDING_ROUNDS):
+        if not fold_shape_computations(prepared, _static_shapes(prepared)):
+            break
+        _infer_shapes(prepared)
     return prepared
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for value in list(model.graph.input) + list(model.graph.value_info):
+        tensor_type = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor_type.HasField("shape") and all(
+                d.HasField("dim_value") for d in tensor_type.shape.dim):
+            shapes[value.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+    return shapes
 
 
 def _fold_constant_nodes(graph: onnx.GraphProto) -> None:
