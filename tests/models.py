@@ -120,3 +120,13 @@ def exporter_style_model() -> onnx.ModelProto:
     return _model(nodes, inputs,
                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
                   [conv_w, fc_w], opset=13)
+
+
+def huge_matmul_model(size: int = 6000) -> onnx.ModelProto:
+    """One MatMul whose weight alone (137 MiB at 6000) exceeds an SGX v1 EPC."""
+    weight = numpy_helper.from_array(np.full((size, size), 0.001, np.float32), "w")
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="huge_matmul")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
+                  [weight])

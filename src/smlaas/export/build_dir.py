@@ -39,8 +39,12 @@ class BuildWriter:
     def __init__(self, target: Path) -> None:
         self.target = Path(target)
         self._check_target()
-        self.directory = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-",
-                                               dir=self.target.parent))
+        try:
+            self.directory = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-",
+                                                   dir=self.target.parent))
+        except OSError as err:
+            raise BuildDirError(f"cannot create build dir {self.target}: {err.strerror}") \
+                from err
 
     def _check_target(self) -> None:
         parent = self.target.parent

@@ -19,12 +19,14 @@ _PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
 class Optimization(enum.Enum):
     """ONNX Runtime graph optimisation levels smlaas uses."""
 
-    BASIC = "basic"  # keeps node names: per-node profiling
+    NONE = "none"  # reference execution: every node as written (verification)
+    BASIC = "basic"
     EXTENDED = "extended"
     ALL = "all"  # serving and stage measurement
 
     def ort_level(self) -> ort.GraphOptimizationLevel:
         return {
+            Optimization.NONE: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             Optimization.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             Optimization.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             Optimization.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

@@ -87,8 +87,10 @@ class _Bert:
                                f"{p}.output.LayerNorm")
 
 
-def build_bert_base(name: str = "bert_base", sequence_length: int | str = "sequence"
-                    ) -> onnx.ModelProto:
+def build_bert_base(name: str = "bert_base", sequence_length: int | str = "sequence", *,
+                    layers: int = LAYERS, vocab_size: int = VOCAB_SIZE) -> onnx.ModelProto:
+    """BERT-base; fewer ``layers`` and a smaller ``vocab_size`` give light variants for
+    tests."""
     b = GraphBuilder(name)
     net = _Bert(b)
     ids = b.input("input_ids", TensorProto.INT64, ["batch", sequence_length])
@@ -96,7 +98,7 @@ def build_bert_base(name: str = "bert_base", sequence_length: int | str = "seque
     c = b.constant
 
     words = b.node("Gather", [b.normal("embeddings.word_embeddings.weight",
-                                       (VOCAB_SIZE, HIDDEN), std=0.02), ids],
+                                       (vocab_size, HIDDEN), std=0.02), ids],
                    "embeddings.word_lookup")
     # Positions 0..S-1: slice the position table by the runtime sequence length.
     seq_len = b.node("Gather", [b.node("Shape", [ids], "embeddings.ids_shape"),
@@ -120,7 +122,7 @@ def build_bert_base(name: str = "bert_base", sequence_length: int | str = "seque
     mask_bias = b.node("Mul", [b.node("Sub", [net.one, mask_f], "mask.invert"),
                                net.mask_value], "mask.bias")
 
-    for index in range(LAYERS):
+    for index in range(layers):
         x = net.layer(x, mask_bias, index)
     last_hidden = b.node("Identity", [x], "last_hidden_state")
 
