@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -51,6 +52,7 @@ from smlaas.plan import (
     Planner,
     SegmentCosts,
     build_plan,
+    check_feasible,
     choose_cuts,
     segment_costs,
 )
@@ -206,12 +208,18 @@ def make_plan(analysis: Analysis, costs: SegmentCosts, options: PlanOptions) -> 
 
 def compare_planners(analysis: Analysis, costs: SegmentCosts, *, machines: int | None,
                      fit_epc: bool) -> list[dict]:
-    """Every planner on the same costs: one row each (an ``error`` for infeasible ones)."""
-    rows = []
+    """Every planner on the same costs: one row each (an ``error`` for infeasible ones).
+
+    The ``single`` baseline is always the whole model in one enclave, paging included, so
+    that the cost of not partitioning is visible.
+    """
+    rows: list[dict[str, Any]] = []
     for planner in Planner:
         start = time.perf_counter()
+        baseline = planner is Planner.SINGLE
         try:
-            plan = make_plan(analysis, costs, PlanOptions(planner, machines, fit_epc))
+            plan = make_plan(analysis, costs, PlanOptions(
+                planner, None if baseline else machines, False if baseline else fit_epc))
         except PlanError as err:
             rows.append({"planner": planner.value, "error": str(err)})
             continue
@@ -268,6 +276,11 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     with writer:
         source, shapes = open_model(spec, input_size_specs)
         analysis = analyse(source, shapes, threads=settings.threads)
+        # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
+        check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
+                                     cost_model,
+                                     node_names=tuple(n.name for n in analysis.graph.nodes)),
+                       machines=options.machines, fit_epc=options.fit_epc)
         phase("analysed graph")
         profile = measure_nodes(analysis, settings, cache=cache, progress=progress)
         phase("profiled nodes")

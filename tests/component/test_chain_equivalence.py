@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from smlaas import zoo
-from smlaas.zoo.bert import build_bert_base
 from smlaas.export import StageExtractor, verify_chain
 from smlaas.graph import ModelGraph, resolve_input_sizes
 from smlaas.partition import ModelSource, analyse
+from smlaas.zoo.bert import build_bert_base
 from tests.models import chain_model, exporter_style_model, if_model, multi_input_model, skip_model
 
 RTOL, ATOL = 1e-4, 1e-5

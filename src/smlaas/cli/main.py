@@ -54,9 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Abort:
         errors.print("aborted")
         return 130
+    except click.UsageError as err:
+        command = err.ctx.command_path if err.ctx else "smlaas"
+        _error(f"{err.format_message()} (see `{command} --help`)")
+        return EXIT_BAD_INPUT
     except click.ClickException as err:
-        err.show()
-        return EXIT_BAD_INPUT if isinstance(err, click.UsageError) else err.exit_code
+        _error(err.format_message())
+        return err.exit_code
     except click.exceptions.Exit as err:
         return int(err.exit_code)
     except (InputError, PlanError) as err:
@@ -74,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
-def _error(err: BaseException) -> None:
+def _error(err: BaseException | str) -> None:
     errors.print("[bold red]error:[/] " + escape(str(err)), soft_wrap=True)
 
 

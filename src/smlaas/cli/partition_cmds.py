@@ -20,8 +20,10 @@ from smlaas.partition import (
     default_threads,
     measure_nodes,
     open_model,
-    partition as run_partition,
     verify_build,
+)
+from smlaas.partition import (
+    partition as run_partition,
 )
 from smlaas.plan import PRESETS, CostModel, Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings

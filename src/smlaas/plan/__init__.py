@@ -7,6 +7,7 @@ from smlaas.plan.costs import SegmentCosts, segment_costs
 from smlaas.plan.plan import ModelRef, Plan, StagePlan, build_plan
 from smlaas.plan.planners import (
     Planner,
+    check_feasible,
     choose_cuts,
     plan_greedy_epc,
     plan_max_throughput,
@@ -23,6 +24,7 @@ __all__ = [
     "SegmentCosts",
     "StagePlan",
     "build_plan",
+    "check_feasible",
     "choose_cuts",
     "plan_greedy_epc",
     "plan_max_throughput",

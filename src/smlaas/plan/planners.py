@@ -221,6 +221,21 @@ def plan_greedy_epc(costs: SegmentCosts) -> list[int]:
 
 
 # -- constraints -----------------------------------------------------------------------------
+def check_feasible(costs: SegmentCosts, *, machines: int | None, fit_epc: bool) -> None:
+    """Raises InfeasiblePlanError when no plan can meet ``fit_epc`` within ``machines``.
+
+    Only memory decides this, so it can run before any profiling: greedy filling gives the
+    fewest stages that all fit, because a segment's working set only grows as it grows.
+    """
+    if not fit_epc:
+        return
+    single = [costs.fits_epc[k, k + 1] for k in range(costs.node_count)]
+    if not all(single) or (machines is not None
+                           and len(plan_greedy_epc(costs)) - 1 > machines):
+        raise _infeasible(costs, max_stages=machines, fit_epc=True)
+
+
+
 def _check_constraints(planner: Planner, costs: SegmentCosts, cuts: list[int], *,
                        machines: int | None, fit_epc: bool) -> None:
     stages = len(cuts) - 1

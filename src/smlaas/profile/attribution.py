@@ -23,9 +23,9 @@ def kernel_owners(original: onnx.ModelProto, optimized: onnx.ModelProto | None
     names = [n.name for n in original.graph.node]
     position = {name: index for index, name in enumerate(names)}
     producer: dict[str, int] = {}
-    for index, node in enumerate(original.graph.node):
-        for output in node.output:
-            producer[output] = index
+    for node_index, original_node in enumerate(original.graph.node):
+        for output in original_node.output:
+            producer[output] = node_index
     owners: dict[str, str] = {}
     if optimized is None:
         return owners

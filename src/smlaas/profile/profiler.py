@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from smlaas.errors import ProfileError
@@ -177,13 +178,13 @@ def time_model(model: onnx.ModelProto | str | Path, feeds: Mapping[str, np.ndarr
     return _median_run_ms(session, dict(feeds), warmup_runs, measured_runs, progress)
 
 
-def _median_run_ms(session: object, feeds: dict, warmup_runs: int, measured_runs: int,
+def _median_run_ms(session: ort.InferenceSession, feeds: dict, warmup_runs: int, measured_runs: int,
                    progress: Callable[[int, int], None] | None = None) -> float:
     total = warmup_runs + measured_runs
     times = []
     for step in range(total):
         start = time.perf_counter()
-        run_session(session, feeds)  # type: ignore[arg-type]
+        run_session(session, feeds)
         elapsed = (time.perf_counter() - start) * 1000.0
         if step >= warmup_runs:
             times.append(elapsed)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -84,11 +86,11 @@ def create_session(model: onnx.ModelProto | str | Path, *, threads: int,
         raise ProfileError(f"ONNX Runtime cannot load the model: {message}") from err
 
 
-def run_session(session: ort.InferenceSession, feeds: dict[str, object],
-                outputs: list[str] | None = None) -> list[object]:
+def run_session(session: ort.InferenceSession, feeds: Mapping[str, Any],
+                outputs: list[str] | None = None) -> list[Any]:
     """Runs ``session``; ProfileError with ORT's message if the run fails."""
     try:
-        return session.run(outputs, feeds)
+        return list(session.run(outputs, dict(feeds)))
     except Exception as err:  # ORT's exceptions are not a typed hierarchy
         message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ProfileError(f"ONNX Runtime failed to run the model: {message}") from err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -61,7 +62,7 @@ class GraphBuilder:
         return self.constant(name, rng.uniform(low, high, tuple(shape)).astype(np.float32))
 
     # -- nodes ---------------------------------------------------------------------------
-    def node(self, op_type: str, inputs: Sequence[str], name: str, **attrs: object) -> str:
+    def node(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
         """Adds a single-output node named ``name`` whose output tensor is also ``name``."""
         if name in self._used_names:
             raise ValueError(f"duplicate node name {name!r} in zoo model {self.model_name}")

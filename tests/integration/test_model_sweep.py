@@ -1,0 +1,46 @@
+"""Every zoo model, and models other tools exported, through partition + verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from smlaas import zoo
+from tests.integration.test_cli import smlaas
+
+LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+# VGG's first classifier layer holds 392 MiB of weights: no enclave-sized stage can hold it.
+TOO_BIG_FOR_SGX1 = {"vgg16", "vgg19"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m.name for m in zoo.list_models()])
+def test_zoo_model_partitions_to_the_epc_and_verifies(tmp_path: Path, name: str) -> None:
+    result = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
+                    "--fit-epc", "--runs", "2", "--json", cwd=tmp_path)
+    if name in TOO_BIG_FOR_SGX1:
+        assert result.returncode == 2
+        assert "'classifier.0' alone needs" in result.stderr
+        assert not (tmp_path / "B").exists()
+        result = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
+                        "--runs", "2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verified"] is True
+    if name not in TOO_BIG_FOR_SGX1:
+        assert data["plan"]["predicted"]["all_fit_epc"] is True
+    assert smlaas("verify", "B", "--seeds", "1", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.skipif(not LIGHT_MODELS.is_dir(), reason="onnx package without backend test data")
+@pytest.mark.parametrize("path", sorted(LIGHT_MODELS.glob("*.onnx")) if LIGHT_MODELS.is_dir()
+                         else [], ids=lambda p: p.stem)
+def test_foreign_exported_model_partitions_and_verifies(tmp_path: Path, path: Path) -> None:
+    """Caffe2-exported architectures (IR 3, opset 9, initializers listed as inputs)."""
+    result = smlaas("partition", "--model", str(path), "--build-dir", "B", "--planner",
+                    "dp-throughput", "--machines", "3", "--runs", "2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["verified"] is True
