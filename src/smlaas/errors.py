@@ -14,8 +14,11 @@
      ├─ PlanError                    no plan satisfies the constraints, or a plan is invalid
      │   └─ InfeasiblePlanError      a hard constraint (--fit-epc, --machines) cannot be met
      ├─ ExportError                  writing sub-models failed
+     ├─ QuoteFormatError             bytes that are not a well-formed SGX quote (exit code 2)
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
-         └─ VerificationError        the chain of sub-models differs from the whole model
+         ├─ VerificationError        the chain of sub-models differs from the whole model
+         └─ AttestationError         a quote, report or collateral failed verification
+             └─ PolicyError          verified evidence that the policy does not accept
 
 Messages say what failed, what was expected against what was found, and how to fix it.
 """
@@ -77,3 +80,15 @@ class CheckFailed(SmlaasError):
 
 class VerificationError(CheckFailed):
     """The chain of sub-models does not compute what the whole model computes."""
+
+
+class QuoteFormatError(InputError):
+    """Bytes that are not a well-formed SGX quote or attestation report."""
+
+
+class AttestationError(CheckFailed):
+    """A quote, an attestation report or its collateral failed verification."""
+
+
+class PolicyError(AttestationError):
+    """Evidence verified, but the attestation policy does not accept it."""

@@ -21,8 +21,8 @@ errors = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty()
 
 @contextmanager
 def progress_bar(*, enabled: bool = True) -> Iterator[ProgressCallback | None]:
-    """A progress callback that draws one bar per phase, on stderr."""
-    if not enabled:
+    """A progress callback that draws one bar per phase on stderr, when it is a terminal."""
+    if not enabled or not errors.is_terminal:
         yield None
         return
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(),

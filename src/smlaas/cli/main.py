@@ -33,7 +33,7 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from smlaas.cli import calibrate_cmd, demo_cmd, partition_cmds, zoo_cmds
+    from smlaas.cli import attest_cmds, calibrate_cmd, demo_cmd, partition_cmds, zoo_cmds
 
     cli.add_command(zoo_cmds.zoo_group)
     cli.add_command(partition_cmds.partition)
@@ -41,6 +41,7 @@ def _register_commands() -> None:
     cli.add_command(partition_cmds.plan)
     cli.add_command(calibrate_cmd.calibrate)
     cli.add_command(demo_cmd.demo)
+    cli.add_command(attest_cmds.attest)
 
 
 _register_commands()

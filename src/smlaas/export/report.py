@@ -122,7 +122,7 @@ def render_plot(plan: Plan, node_ms: np.ndarray, live_bytes: np.ndarray, path: P
                        label=f"usable EPC {cm.usable_epc_mib:g} MiB")
     bottom.set_ylabel("MiB")
     bottom.set_xlabel("node position (topological order); dashed lines are cuts")
-    bottom.legend(loc="upper right", fontsize=8)
+    bottom.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,7 +37,7 @@ from smlaas.profile.session import Optimization, create_session, run_session
 logger = logging.getLogger(__name__)
 
 # Bump when the measuring method changes, so cached profiles made the old way are not reused.
-METHOD_VERSION = 4
+METHOD_VERSION = 5
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called as ``progress(phase, done, total)`` while long work runs."""
