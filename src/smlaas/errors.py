@@ -17,6 +17,7 @@
      ├─ QuoteFormatError             bytes that are not a well-formed SGX quote (exit code 2)
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
          ├─ VerificationError        the chain of sub-models differs from the whole model
+         ├─ SealError                a sealed file is tampered, swapped, or the key is wrong
          └─ AttestationError         a quote, report or collateral failed verification
              └─ PolicyError          verified evidence that the policy does not accept
 
@@ -92,3 +93,7 @@ class AttestationError(CheckFailed):
 
 class PolicyError(AttestationError):
     """Evidence verified, but the attestation policy does not accept it."""
+
+
+class SealError(CheckFailed):
+    """A sealed file was changed, is not the expected stage, or the key does not fit."""

@@ -33,7 +33,14 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from smlaas.cli import attest_cmds, calibrate_cmd, demo_cmd, partition_cmds, zoo_cmds
+    from smlaas.cli import (
+        attest_cmds,
+        calibrate_cmd,
+        demo_cmd,
+        partition_cmds,
+        seal_cmd,
+        zoo_cmds,
+    )
 
     cli.add_command(zoo_cmds.zoo_group)
     cli.add_command(partition_cmds.partition)
@@ -42,6 +49,7 @@ def _register_commands() -> None:
     cli.add_command(calibrate_cmd.calibrate)
     cli.add_command(demo_cmd.demo)
     cli.add_command(attest_cmds.attest)
+    cli.add_command(seal_cmd.seal)
 
 
 _register_commands()
