@@ -8,7 +8,10 @@ from pathlib import Path
 import click
 
 from smlaas.cli.console import console, print_json
-from smlaas.enclave import DEFAULT_POLICY, Policy, load_collateral, verify_quote
+from smlaas.enclave import DEFAULT_POLICY, INTEL_ROOT, Policy, load_collateral, verify_quote
+from smlaas.enclave.backends.sim import SimQuotingEnclave, default_pki_dir
+from smlaas.enclave.sim_pki import SimulationPKI
+from smlaas.enclave.verification import TrustedRoot, select_root
 from smlaas.errors import AttestationError, InputError, PolicyError
 
 
@@ -26,6 +29,14 @@ def parse_time(text: str | None) -> dt.datetime:
         raise InputError(f"--at {text!r} is neither Unix seconds nor an ISO 8601 time") \
             from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def known_roots() -> list[TrustedRoot]:
+    """Intel's root, and this machine's simulation root if one was ever created."""
+    roots = [INTEL_ROOT]
+    if (default_pki_dir() / "root.pem").is_file():
+        roots.append(SimQuotingEnclave(SimulationPKI.load(default_pki_dir())).trusted_root)
+    return roots
 
 
 @click.group()
@@ -48,9 +59,9 @@ def attest_verify(quote_file: str, collateral: str, at_text: str | None,
     """Verify QUOTE_FILE; exit 0 only if it verifies and the policy accepts it."""
     at = parse_time(at_text)
     policy = Policy.from_toml(policy_file) if policy_file else DEFAULT_POLICY
-    verdict = verify_quote(Path(quote_file).read_bytes(),
-                           load_collateral(Path(collateral).read_text(), source=collateral),
-                           at=at)
+    raw = Path(quote_file).read_bytes()
+    verdict = verify_quote(raw, load_collateral(Path(collateral).read_text(), source=collateral),
+                           at=at, root=select_root(raw, known_roots()))
     policy_error = None
     if verdict.verified:
         try:
@@ -72,4 +83,26 @@ def attest_verify(quote_file: str, collateral: str, at_text: str | None,
                 console.print(f"  {key:<12} {shown}", soft_wrap=True, markup=False)
     if not ok:
         raise AttestationError(str(result["error"]))
+    return 0
+
+
+@attest.command("sim-quote")
+@click.option("--role", default="worker", show_default=True)
+@click.option("--report-data", default="", help="Up to 64 bytes, as text.")
+@click.option("--debug", is_flag=True, help="Mark the simulated enclave as debug.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--collateral-out", required=True, type=click.Path(dir_okay=False))
+def attest_sim_quote(role: str, report_data: str, debug: bool, output: str,
+                     collateral_out: str) -> int:
+    """Write a SIMULATED quote and its collateral (INSECURE: for testing verifiers)."""
+    from smlaas.enclave.measurement import measure
+
+    pki = SimulationPKI.load_or_create(default_pki_dir())
+    measurement = measure(role)
+    quote = SimQuotingEnclave(pki).quote(mrenclave=measurement.mrenclave,
+                                         mrsigner=measurement.mrsigner,
+                                         report_data=report_data.encode(), debug=debug)
+    Path(output).write_bytes(quote)
+    Path(collateral_out).write_text(pki.collateral().to_json())
+    console.print(f"wrote SIMULATED (insecure) quote {output} and collateral {collateral_out}")
     return 0

@@ -37,6 +37,7 @@ def _register_commands() -> None:
         attest_cmds,
         calibrate_cmd,
         demo_cmd,
+        measure_cmd,
         partition_cmds,
         seal_cmd,
         zoo_cmds,
@@ -50,6 +51,7 @@ def _register_commands() -> None:
     cli.add_command(demo_cmd.demo)
     cli.add_command(attest_cmds.attest)
     cli.add_command(seal_cmd.seal)
+    cli.add_command(measure_cmd.measure)
 
 
 _register_commands()

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from smlaas.enclave.quote import Quote, parse_quote
-from smlaas.errors import AttestationError, QuoteFormatError
+from smlaas.errors import AttestationError, InputError, QuoteFormatError
 
 # Intel SGX Root CA (CN=Intel SGX Root CA, valid to 2049-12-31), SHA-256 of its DER encoding.
 INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
@@ -87,6 +87,17 @@ def verify_quote(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, *, at: dt.d
                     advisories=sorted(report.advisory_ids))
 
 
+def select_root(raw: bytes, candidates: list[TrustedRoot]) -> TrustedRoot:
+    """The candidate root the quote's PCK chain ends in (Intel's when none matches, so the
+    verdict names the mismatch)."""
+    try:
+        top = parse_quote(raw).pck_chain()[-1]
+    except QuoteFormatError:
+        return INTEL_ROOT
+    digest = hashlib.sha256(top.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return next((root for root in candidates if root.sha256 == digest), INTEL_ROOT)
+
+
 def _chain_root_error(quote: Quote, root: TrustedRoot) -> str | None:
     """dcap-qvl checks the path; this says early, and in words, which root a chain ends in."""
     try:
@@ -118,11 +129,11 @@ def _verdict(quote: Quote, root: TrustedRoot, *, tcb_status: str | None = None,
 
 def load_collateral(text: str, *, source: str) -> dcap_qvl.QuoteCollateralV3:
     """Collateral in the JSON layout dcap-qvl reads (as written by ``dcap_qvl`` or PCCS
-    clients); AttestationError naming ``source`` if it is not."""
+    clients); InputError naming ``source`` if it is not."""
     try:
         return dcap_qvl.QuoteCollateralV3.from_json(text)
     except ValueError as err:
-        raise AttestationError(f"{source} is not DCAP collateral in dcap-qvl's JSON layout: "
+        raise InputError(f"{source} is not DCAP collateral in dcap-qvl's JSON layout: "
                                f"{err}") from err
 
 

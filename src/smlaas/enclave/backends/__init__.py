@@ -1,0 +1,1 @@
+"""Enclave backends: ``sim`` (development, CI, the demo) and ``gramine`` (real SGX)."""

@@ -1,0 +1,59 @@
+"""``smlaas attest verify`` as a user runs it, on real and simulated quotes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import smlaas
+from tests.sgx_testdata import TESTDATA, requires_testdata
+
+JSON_FIELDS = {"status", "tcb_status", "advisories", "mrenclave", "mrsigner", "isv_prod_id",
+               "isv_svn", "debug", "report_data", "simulated", "policy_ok", "error"}
+
+
+@requires_testdata
+def test_real_quote_verifies_at_the_stated_time(tmp_path: Path) -> None:
+    result = smlaas("attest", "verify", str(TESTDATA / "phala" / "sgx_quote"), "--collateral",
+                    str(TESTDATA / "phala" / "sgx_quote_collateral.json"), "--at",
+                    "2025-07-01T00:00:00Z", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) >= JSON_FIELDS
+    assert data["status"] == "OK" and data["policy_ok"] is True and data["simulated"] is False
+    assert data["tcb_status"] == "ConfigurationAndSWHardeningNeeded"
+
+
+@requires_testdata
+@pytest.mark.parametrize("at", ["2025-07-20T00:00:00Z", "1753000000"])
+def test_real_quote_after_collateral_expiry_fails(tmp_path: Path, at: str) -> None:
+    result = smlaas("attest", "verify", str(TESTDATA / "phala" / "sgx_quote"), "--collateral",
+                    str(TESTDATA / "phala" / "sgx_quote_collateral.json"), "--at", at,
+                    "--json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "FAILED"
+
+
+def test_sim_quote_needs_allow_simulation(tmp_path: Path) -> None:
+    smlaas("attest", "sim-quote", "-o", "q.bin", "--collateral-out", "c.json",
+           "--report-data", "key-hash", cwd=tmp_path, check=True)
+    refused = smlaas("attest", "verify", "q.bin", "--collateral", "c.json", "--json",
+                     cwd=tmp_path)
+    assert refused.returncode == 1
+    data = json.loads(refused.stdout)
+    assert data["status"] == "REJECTED" and data["simulated"] is True
+    assert "SIMULATION quote" in data["error"]
+    (tmp_path / "policy.toml").write_text("allow_simulation_insecure = true\n")
+    accepted = smlaas("attest", "verify", "q.bin", "--collateral", "c.json", "--policy",
+                      "policy.toml", "--json", cwd=tmp_path)
+    assert accepted.returncode == 0, accepted.stderr
+    assert bytes.fromhex(json.loads(accepted.stdout)["report_data"]).startswith(b"key-hash")
+
+
+def test_garbage_quote_is_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "q.bin").write_bytes(b"not a quote")
+    (tmp_path / "c.json").write_text("{}")
+    result = smlaas("attest", "verify", "q.bin", "--collateral", "c.json", cwd=tmp_path)
+    assert result.returncode == 2 and "quote" in result.stderr
