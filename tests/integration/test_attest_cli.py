@@ -52,8 +52,13 @@ def test_sim_quote_needs_allow_simulation(tmp_path: Path) -> None:
     assert bytes.fromhex(json.loads(accepted.stdout)["report_data"]).startswith(b"key-hash")
 
 
-def test_garbage_quote_is_exit_2(tmp_path: Path) -> None:
+def test_garbage_quote_and_collateral_are_exit_2(tmp_path: Path) -> None:
+    smlaas("attest", "sim-quote", "-o", "good.bin", "--collateral-out", "good.json",
+           cwd=tmp_path, check=True)
     (tmp_path / "q.bin").write_bytes(b"not a quote")
     (tmp_path / "c.json").write_text("{}")
-    result = smlaas("attest", "verify", "q.bin", "--collateral", "c.json", cwd=tmp_path)
-    assert result.returncode == 2 and "quote" in result.stderr
+    bad_quote = smlaas("attest", "verify", "q.bin", "--collateral", "good.json", cwd=tmp_path)
+    assert bad_quote.returncode == 2 and "quote is at least" in bad_quote.stderr
+    bad_collateral = smlaas("attest", "verify", "good.bin", "--collateral", "c.json",
+                            cwd=tmp_path)
+    assert bad_collateral.returncode == 2 and "not DCAP collateral" in bad_collateral.stderr
