@@ -15,7 +15,8 @@ from rich.table import Table
 from smlaas.profile import ProgressCallback
 
 # Off a terminal (pipes, CI logs) rich would wrap at 80 columns; tables need more.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+console = Console(highlight=False, soft_wrap=True,
+                  width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
