@@ -62,3 +62,27 @@ def test_garbage_quote_and_collateral_are_exit_2(tmp_path: Path) -> None:
     bad_collateral = smlaas("attest", "verify", "good.bin", "--collateral", "c.json",
                             cwd=tmp_path)
     assert bad_collateral.returncode == 2 and "not DCAP collateral" in bad_collateral.stderr
+
+
+@requires_testdata
+@pytest.mark.parametrize("version", ["v4", "v5"])
+def test_ias_report_verifies_before_the_signing_cert_expires(tmp_path: Path,
+                                                             version: str) -> None:
+    ias = TESTDATA / "ias"
+    args = ["attest", "verify-ias", str(ias / f"avr_{version}_body_sw_hardening_needed.json"),
+            "--signature", str(ias / f"avr_{version}_body_sw_hardening_needed.sig"),
+            "--certs", str(ias / "avr_certificates_urlencoded.pem"), "--json"]
+    # These reports come from a debug enclave: verified, but the default policy refuses it.
+    refused = smlaas(*args, "--at", "2024-01-01T00:00:00Z", cwd=tmp_path)
+    assert refused.returncode == 1
+    data = json.loads(refused.stdout)
+    assert data["status"] == "REJECTED" and data["debug"] is True
+    assert data["error"].startswith("debug:")
+    (tmp_path / "debug_ok.toml").write_text("allow_debug_insecure = true\n")
+    ok = smlaas(*args, "--at", "2024-01-01T00:00:00Z", "--policy", "debug_ok.toml",
+                cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["tcb_status"] == "SWHardeningNeeded" and "INTEL-SA-00334" in data["advisories"]
+    expired = smlaas(*args, "--at", "2026-11-21T00:00:00Z", cwd=tmp_path)
+    assert expired.returncode == 1 and "not valid at" in json.loads(expired.stdout)["error"]
