@@ -36,6 +36,7 @@ def _register_commands() -> None:
     from smlaas.cli import (
         attest_cmds,
         calibrate_cmd,
+        coordinator_cmd,
         demo_cmd,
         measure_cmd,
         partition_cmds,
@@ -52,6 +53,7 @@ def _register_commands() -> None:
     cli.add_command(attest_cmds.attest)
     cli.add_command(seal_cmd.seal)
     cli.add_command(measure_cmd.measure)
+    cli.add_command(coordinator_cmd.coordinator)
 
 
 _register_commands()

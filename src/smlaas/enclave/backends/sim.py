@@ -9,7 +9,9 @@ the simulation root, which the default policy refuses.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -89,6 +91,50 @@ class SimQuotingEnclave:
             + raw_signature(self.pki.pck_key, qe_body) + struct.pack("<H", len(qe_auth))
             + qe_auth + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(cert_data)) + cert_data)
         return header + body + struct.pack("<I", len(signature_data)) + signature_data
+
+
+class SimBackend:
+    """The ``sim`` enclave backend for one role (see the module docstring: INSECURE)."""
+
+    name = "sim"
+
+    def __init__(self, role: str, *, config: dict | None = None,
+                 pki_dir: Path | None = None) -> None:
+        from smlaas.enclave.measurement import measure
+
+        self.role = role
+        self.pki_dir = pki_dir or default_pki_dir()
+        self.pki = SimulationPKI.load_or_create(self.pki_dir)
+        self.quoting_enclave = SimQuotingEnclave(self.pki)
+        self.measurement = measure(role, config)
+
+    @property
+    def simulated(self) -> bool:
+        return True
+
+    @property
+    def trusted_root(self) -> TrustedRoot:
+        return self.quoting_enclave.trusted_root
+
+    def quote(self, report_data: bytes) -> bytes:
+        return self.quoting_enclave.quote(mrenclave=self.measurement.mrenclave,
+                                          mrsigner=self.measurement.mrsigner,
+                                          report_data=report_data)
+
+    def collateral_json(self) -> str:
+        return self.pki.collateral().to_json()
+
+    def sealing_key(self, label: str) -> bytes:
+        """Like SGX's MRENCLAVE-policy sealing key: a platform secret (here a 0600 file next
+        to the simulation PKI) mixed with the measurement, so other code cannot derive it."""
+        secret_file = self.pki_dir / "sealing-root.key"
+        if not secret_file.is_file():
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(os.urandom(32))
+        return hmac.new(secret_file.read_bytes(),
+                        b"smlaas seal v1|" + self.measurement.mrenclave + label.encode(),
+                        hashlib.sha256).digest()
 
 
 def _warn_once() -> None:

@@ -1,0 +1,1 @@
+"""The coordinator: attests workers, issues role certificates, releases stage keys."""
