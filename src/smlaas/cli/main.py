@@ -38,6 +38,7 @@ def _register_commands() -> None:
         calibrate_cmd,
         coordinator_cmd,
         demo_cmd,
+        gramine_cmd,
         measure_cmd,
         partition_cmds,
         seal_cmd,
@@ -54,6 +55,7 @@ def _register_commands() -> None:
     cli.add_command(seal_cmd.seal)
     cli.add_command(measure_cmd.measure)
     cli.add_command(coordinator_cmd.coordinator)
+    cli.add_command(gramine_cmd.gramine)
 
 
 _register_commands()
