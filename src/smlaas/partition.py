@@ -10,7 +10,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from smlaas import zoo
-from smlaas.errors import ModelError, PlanError, SmlaasError, VerificationError
+from smlaas.errors import ModelError, PlanError, VerificationError
 from smlaas.export import (
     BuildWriter,
     Chain,
@@ -351,13 +351,3 @@ def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1,
     if not report.ok:
         raise VerificationError(report.summary())
     return report
-
-
-def wrap_unexpected(func: Callable[..., object]) -> Callable[..., object]:  # pragma: no cover
-    """Marks errors from libraries as SmlaasError at the job boundary."""
-    def wrapper(*args: object, **kwargs: object) -> object:
-        try:
-            return func(*args, **kwargs)
-        except SmlaasError:
-            raise
-    return wrapper
