@@ -86,3 +86,16 @@ def test_ias_report_verifies_before_the_signing_cert_expires(tmp_path: Path,
     assert data["tcb_status"] == "SWHardeningNeeded" and "INTEL-SA-00334" in data["advisories"]
     expired = smlaas(*args, "--at", "2026-11-21T00:00:00Z", cwd=tmp_path)
     assert expired.returncode == 1 and "not valid at" in json.loads(expired.stdout)["error"]
+
+
+@requires_testdata
+def test_raw_pcs_collateral_from_the_cli(tmp_path: Path) -> None:
+    oasis = TESTDATA / "oasis"
+    result = smlaas("attest", "verify", str(oasis / "quote_v3_ecdsa_p256_pck_chain.bin"),
+                    "--tcb-info", str(oasis / "tcb_info_v3_fmspc_00606A000000.json"),
+                    "--qe-identity", str(oasis / "qe_identity_v2.json"),
+                    "--pcs-certs", str(oasis / "tcb_info_v3_fmspc_00606A000000_certs.pem"),
+                    "--at", "1671497404", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["status"] == "OK" and data["details"]["revocation_checked"] is False

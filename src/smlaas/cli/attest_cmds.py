@@ -11,6 +11,7 @@ from smlaas.cli.console import console, print_json
 from smlaas.enclave import DEFAULT_POLICY, INTEL_ROOT, Policy, load_collateral, verify_quote
 from smlaas.enclave.backends.sim import SimQuotingEnclave, default_pki_dir
 from smlaas.enclave.ias import verify_ias_report
+from smlaas.enclave.pcs import load_pcs_collateral, verify_quote_pcs
 from smlaas.enclave.sim_pki import SimulationPKI
 from smlaas.enclave.verification import QuoteVerdict, TrustedRoot, select_root
 from smlaas.errors import AttestationError, InputError, PolicyError
@@ -47,22 +48,46 @@ def attest() -> None:
 
 @attest.command("verify")
 @click.argument("quote_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--collateral", type=click.Path(exists=True, dir_okay=False), required=True,
+@click.option("--collateral", type=click.Path(exists=True, dir_okay=False),
               help="Collateral JSON (dcap-qvl layout: TCB info, QE identity, CRLs, chains).")
+@click.option("--tcb-info", type=click.Path(exists=True, dir_okay=False),
+              help="Raw PCS TCB info response (instead of --collateral; no CRLs: revocation "
+                   "is not checked).")
+@click.option("--qe-identity", type=click.Path(exists=True, dir_okay=False),
+              help="Raw PCS QE identity response (with --tcb-info).")
+@click.option("--pcs-certs", type=click.Path(exists=True, dir_okay=False),
+              help="PEM chain that signed the PCS responses (with --tcb-info).")
 @click.option("--at", "at_text", help="Verify as of this time (Unix seconds or ISO 8601); "
                                       "default now.")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
               help="Policy TOML (default: Intel root only, no debug, no simulation).")
 @click.option("--role", help="Check the measurement rules of this policy role.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attest_verify(quote_file: str, collateral: str, at_text: str | None,
+def attest_verify(quote_file: str, collateral: str | None, tcb_info: str | None,
+                  qe_identity: str | None, pcs_certs: str | None, at_text: str | None,
                   policy_file: str | None, role: str | None, as_json: bool) -> int:
-    """Verify QUOTE_FILE; exit 0 only if it verifies and the policy accepts it."""
+    """Verify QUOTE_FILE; exit 0 only if it verifies and the policy accepts it.
+
+    Give the collateral either as one dcap-qvl JSON file (--collateral), or as raw Intel PCS
+    responses (--tcb-info, --qe-identity, --pcs-certs); the latter path cannot check
+    revocation, and its result says so (details.revocation_checked = false).
+    """
     at = parse_time(at_text)
     policy = Policy.from_toml(policy_file) if policy_file else DEFAULT_POLICY
     raw = Path(quote_file).read_bytes()
-    verdict = verify_quote(raw, load_collateral(Path(collateral).read_text(), source=collateral),
-                           at=at, root=select_root(raw, known_roots()))
+    pcs_files = (tcb_info, qe_identity, pcs_certs)
+    if collateral and any(pcs_files):
+        raise InputError("give either --collateral or the raw PCS files, not both")
+    if collateral:
+        verdict = verify_quote(raw, load_collateral(Path(collateral).read_text(),
+                                                    source=collateral),
+                               at=at, root=select_root(raw, known_roots()))
+    elif all(pcs_files):
+        verdict = verify_quote_pcs(raw, load_pcs_collateral(
+            *(Path(p) for p in pcs_files if p is not None)), at=at)
+    else:
+        raise InputError("collateral is needed: --collateral FILE, or --tcb-info, "
+                         "--qe-identity and --pcs-certs together")
     return _render(verdict, policy, role=role, at=at, label=f"quote {quote_file}",
                    as_json=as_json)
 
