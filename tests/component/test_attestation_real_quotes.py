@@ -80,3 +80,11 @@ def test_policy_measurement_and_status_checks(collateral) -> None:
         pinned.check(verdict, role="stage-1")
     with pytest.raises(PolicyError, match="^report_data:"):
         pinned.check(verdict, role="stage-0", expected_report_data=b"another key")
+
+
+def test_collateral_age_limit(collateral) -> None:
+    verdict = verify_quote(read("phala/sgx_quote"), collateral, at=PHALA_VALID_AT)
+    assert verdict.details["collateral_issued"] == "2025-06-19T10:01:18Z"
+    Policy(max_collateral_age_days=30).check(verdict)  # 11.6 days old
+    with pytest.raises(PolicyError, match="^freshness:"):
+        Policy(max_collateral_age_days=7).check(verdict)

@@ -66,6 +66,9 @@ def test_accepted_worker_gets_certificate_and_key(running, pki_dir: Path,
     cert.verify_directly_issued_by(ca)
     assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "stage-0"
     assert registration.ca_pem == owner.deployment_ca()
+    from smlaas.client import attest_coordinator
+    assert attest_coordinator(*running.address, policy=owner.policy,
+                              roots=owner.roots) == registration.ca_pem
     gateway = owner.register(SimBackend("gateway", pki_dir=pki_dir), role="gateway")
     assert gateway.stage_key is None
     # No key, nonce or private material in any log line.

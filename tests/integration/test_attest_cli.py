@@ -99,3 +99,17 @@ def test_raw_pcs_collateral_from_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["status"] == "OK" and data["details"]["revocation_checked"] is False
+
+
+@requires_testdata
+def test_unreachable_pccs_fails_quickly_and_clearly(tmp_path: Path) -> None:
+    import time
+
+    from smlaas.coordinator.server import free_port
+
+    start = time.monotonic()
+    result = smlaas("attest", "verify", str(TESTDATA / "phala" / "sgx_quote"), "--pccs",
+                    f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot fetch collateral from http://127.0.0.1" in result.stderr
+    assert time.monotonic() - start < 60

@@ -13,7 +13,12 @@ from smlaas.enclave.backends.sim import SimQuotingEnclave, default_pki_dir
 from smlaas.enclave.ias import verify_ias_report
 from smlaas.enclave.pcs import load_pcs_collateral, verify_quote_pcs
 from smlaas.enclave.sim_pki import SimulationPKI
-from smlaas.enclave.verification import QuoteVerdict, TrustedRoot, select_root
+from smlaas.enclave.verification import (
+    QuoteVerdict,
+    TrustedRoot,
+    fetch_collateral,
+    select_root,
+)
 from smlaas.errors import AttestationError, InputError, PolicyError
 
 
@@ -50,6 +55,7 @@ def attest() -> None:
 @click.argument("quote_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--collateral", type=click.Path(exists=True, dir_okay=False),
               help="Collateral JSON (dcap-qvl layout: TCB info, QE identity, CRLs, chains).")
+@click.option("--pccs", "pccs_url", help="Fetch the collateral from this PCCS / PCS URL.")
 @click.option("--tcb-info", type=click.Path(exists=True, dir_okay=False),
               help="Raw PCS TCB info response (instead of --collateral; no CRLs: revocation "
                    "is not checked).")
@@ -63,7 +69,8 @@ def attest() -> None:
               help="Policy TOML (default: Intel root only, no debug, no simulation).")
 @click.option("--role", help="Check the measurement rules of this policy role.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def attest_verify(quote_file: str, collateral: str | None, tcb_info: str | None,
+def attest_verify(quote_file: str, collateral: str | None, pccs_url: str | None,
+                  tcb_info: str | None,
                   qe_identity: str | None, pcs_certs: str | None, at_text: str | None,
                   policy_file: str | None, role: str | None, as_json: bool) -> int:
     """Verify QUOTE_FILE; exit 0 only if it verifies and the policy accepts it.
@@ -76,9 +83,12 @@ def attest_verify(quote_file: str, collateral: str | None, tcb_info: str | None,
     policy = Policy.from_toml(policy_file) if policy_file else DEFAULT_POLICY
     raw = Path(quote_file).read_bytes()
     pcs_files = (tcb_info, qe_identity, pcs_certs)
-    if collateral and any(pcs_files):
-        raise InputError("give either --collateral or the raw PCS files, not both")
-    if collateral:
+    if sum(bool(x) for x in (collateral, pccs_url, any(pcs_files))) > 1:
+        raise InputError("give one of --collateral, --pccs, or the raw PCS files")
+    if pccs_url:
+        verdict = verify_quote(raw, fetch_collateral(pccs_url, raw), at=at,
+                               root=select_root(raw, known_roots()))
+    elif collateral:
         verdict = verify_quote(raw, load_collateral(Path(collateral).read_text(),
                                                     source=collateral),
                                at=at, root=select_root(raw, known_roots()))
@@ -86,8 +96,8 @@ def attest_verify(quote_file: str, collateral: str | None, tcb_info: str | None,
         verdict = verify_quote_pcs(raw, load_pcs_collateral(
             *(Path(p) for p in pcs_files if p is not None)), at=at)
     else:
-        raise InputError("collateral is needed: --collateral FILE, or --tcb-info, "
-                         "--qe-identity and --pcs-certs together")
+        raise InputError("collateral is needed: --collateral FILE, --pccs URL, or "
+                         "--tcb-info, --qe-identity and --pcs-certs together")
     return _render(verdict, policy, role=role, at=at, label=f"quote {quote_file}",
                    as_json=as_json)
 

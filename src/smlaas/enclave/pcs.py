@@ -73,7 +73,7 @@ def verify_quote_pcs(raw: bytes, collateral: PcsCollateral, *, at: dt.datetime,
                      root: TrustedRoot = INTEL_ROOT) -> QuoteVerdict:
     """Verifies ``raw`` against raw PCS collateral without CRLs (see the module docstring)."""
     quote = parse_quote(raw)
-    details: dict[str, Any] = {"revocation_checked": False}
+    details: dict[str, Any] = {"revocation_checked": False, "verified_at": at.isoformat()}
     try:
         status, advisories = _verify(quote, collateral, at, root, details)
     except _Failed as failure:
@@ -93,6 +93,7 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
     qe_identity = _signed_document(pcs.qe_identity_text, pcs.qe_identity_signature, signer, at,
                                    "QE identity")
     tcb = _signed_document(pcs.tcb_info_text, pcs.tcb_info_signature, signer, at, "TCB info")
+    details["collateral_issued"] = min(str(tcb["issueDate"]), str(qe_identity["issueDate"]))
     pck_key = pck_chain[0].public_key()
     assert isinstance(pck_key, ec.EllipticCurvePublicKey)
     if not _ecdsa_ok(pck_key, quote.qe_report_signature, quote.qe_report.raw):

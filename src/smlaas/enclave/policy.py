@@ -9,10 +9,12 @@ Checks run in this order, and the first that fails is reported with its reason:
 5. ``product``       ISV product id equal to the role's, when given
 6. ``svn``           ISV SVN at least the role's min_isv_svn
 7. ``report_data``   report_data equal to the expected binding, when the caller gives one
+8. ``freshness``     collateral issued at most max_collateral_age_days before the check
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +67,21 @@ class Policy:
             if verdict.report_data != want:
                 raise PolicyError(f"report_data: the quote binds {verdict.report_data[:16]}..., "
                                   f"expected {want[:16]}... (wrong key or replayed quote)")
+        if self.max_collateral_age_days is not None:
+            self._check_freshness(verdict, float(self.max_collateral_age_days))
+
+    @staticmethod
+    def _check_freshness(verdict: QuoteVerdict, max_days: float) -> None:
+        issued_text = verdict.details.get("collateral_issued")
+        at_text = verdict.details.get("verified_at")
+        if not issued_text or not at_text:
+            raise PolicyError("freshness: the collateral's issue date is unknown, and the "
+                              "policy limits its age")
+        issued = dt.datetime.fromisoformat(str(issued_text).replace("Z", "+00:00"))
+        age_days = (dt.datetime.fromisoformat(str(at_text)) - issued).total_seconds() / 86400
+        if age_days > max_days:
+            raise PolicyError(f"freshness: collateral issued {issued_text} is {age_days:.1f} "
+                              f"days old; the policy accepts at most {max_days:g}")
 
     def _check_role(self, verdict: QuoteVerdict, role: str) -> None:
         rule = self.roles.get(role)

@@ -9,8 +9,10 @@ encoding); simulated quotes against the local simulation root, by the very same 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,15 +78,46 @@ def verify_quote(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, *, at: dt.d
     if chain_error:
         return _verdict(quote, root, error=chain_error)
     now = int(at.timestamp())
+    details = {"verified_at": at.isoformat(), "collateral_issued": _issued(collateral)}
     try:
         if root.der is None:
             report = dcap_qvl.verify(quote.raw, collateral, now)
         else:
             report = dcap_qvl.verify_with_root_ca(quote.raw, collateral, root.der, now)
     except ValueError as err:
-        return _verdict(quote, root, error=str(err).removeprefix("Verification failed: "))
+        return _verdict(quote, root, error=str(err).removeprefix("Verification failed: "),
+                        details=details)
     return _verdict(quote, root, tcb_status=report.status,
-                    advisories=sorted(report.advisory_ids))
+                    advisories=sorted(report.advisory_ids), details=details)
+
+
+def _issued(collateral: dcap_qvl.QuoteCollateralV3) -> str | None:
+    """The older issue date of the TCB info and the QE identity (ISO 8601), if readable."""
+    dates = []
+    for document in (collateral.tcb_info, collateral.qe_identity):
+        try:
+            dates.append(str(json.loads(document)["issueDate"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+    return min(dates)
+
+
+def fetch_collateral(pccs_url: str, raw: bytes, *, timeout_s: float = 30.0
+                     ) -> dcap_qvl.QuoteCollateralV3:
+    """Collateral for ``raw`` from a PCCS (or Intel's PCS) at ``pccs_url``, within a deadline.
+
+    Raises:
+        AttestationError: the service could not be reached or answered with an error.
+    """
+    async def fetch() -> dcap_qvl.QuoteCollateralV3:
+        return await asyncio.wait_for(dcap_qvl.get_collateral(pccs_url, raw), timeout_s)
+
+    try:
+        return asyncio.run(fetch())
+    except TimeoutError as err:
+        raise AttestationError(f"no collateral from {pccs_url} within {timeout_s:g} s") from err
+    except (RuntimeError, ValueError, OSError) as err:
+        raise AttestationError(f"cannot fetch collateral from {pccs_url}: {err}") from err
 
 
 def select_root(raw: bytes, candidates: list[TrustedRoot]) -> TrustedRoot:
@@ -117,14 +150,15 @@ def _chain_root_error(quote: Quote, root: TrustedRoot) -> str | None:
 
 
 def _verdict(quote: Quote, root: TrustedRoot, *, tcb_status: str | None = None,
-             advisories: list[str] | None = None, error: str | None = None) -> QuoteVerdict:
+             advisories: list[str] | None = None, error: str | None = None,
+             details: dict[str, Any] | None = None) -> QuoteVerdict:
     report = quote.report
     return QuoteVerdict(
         verified=error is None, tcb_status=tcb_status, advisories=advisories or [],
         mrenclave=report.mr_enclave.hex(), mrsigner=report.mr_signer.hex(),
         isv_prod_id=report.isv_prod_id, isv_svn=report.isv_svn, debug=report.debug,
         report_data=report.report_data.hex(), simulated=root.simulated, root=root.name,
-        error=error)
+        error=error, details=details or {})
 
 
 def load_collateral(text: str, *, source: str) -> dcap_qvl.QuoteCollateralV3:
