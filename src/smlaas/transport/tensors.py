@@ -1,0 +1,137 @@
+"""Tensor messages on a byte stream, for the pipeline between gateway and stages.
+
+A message is ``u32 header length | header (JSON) | payload``. The header names the request,
+carries small metadata and describes each tensor (name, dtype, shape, byte count); the payload
+is the tensors' raw C-order bytes back to back. Encoding returns buffers to ``sendall`` one by
+one (no copy of the tensors); decoding is incremental (:class:`TensorDecoder`) and never touches
+a socket, so it is tested with in-memory byte strings. Every size is bounded before anything is
+allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from smlaas.transport.framing import ProtocolError
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_PAYLOAD_BYTES = 2 << 30
+MAX_TENSORS = 1024
+# The dtypes ONNX models exchange; object/string arrays are never sent.
+ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
+                            "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+
+
+@dataclass
+class TensorMessage:
+    request_id: str
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_message(request_id: str, tensors: Mapping[str, np.ndarray],
+                   meta: Mapping[str, Any] | None = None) -> list[bytes | memoryview]:
+    """Buffers whose concatenation is the message; tensor data is not copied when the arrays
+    are already C-contiguous."""
+    descriptions, payload = [], []
+    for name, array in tensors.items():
+        contiguous = np.ascontiguousarray(array)
+        dtype = contiguous.dtype.name
+        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"tensor {name!r} has dtype {dtype}, which cannot be sent")
+        descriptions.append({"name": name, "dtype": dtype, "shape": list(contiguous.shape),
+                             "nbytes": contiguous.nbytes})
+        payload.append(contiguous.data.cast("B"))
+    header = json.dumps({"id": request_id, "meta": dict(meta or {}), "tensors": descriptions},
+                        separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"message header of {len(header)} bytes is too large")
+    return [struct.pack(">I", len(header)), header, *payload]
+
+
+def message_bytes(request_id: str, tensors: Mapping[str, np.ndarray],
+                  meta: Mapping[str, Any] | None = None) -> bytes:
+    return b"".join(bytes(b) for b in encode_message(request_id, tensors, meta))
+
+
+class TensorDecoder:
+    """Feed bytes as they arrive; completed messages come out of :meth:`messages`."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._header: dict[str, Any] | None = None
+        self._header_end = 0
+        self._payload_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer.extend(data)
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buffer)
+
+    def messages(self) -> Iterator[TensorMessage]:
+        while True:
+            message = self._next()
+            if message is None:
+                return
+            yield message
+
+    def _next(self) -> TensorMessage | None:
+        if self._header is None:
+            if len(self._buffer) < 4:
+                return None
+            length, = struct.unpack_from(">I", self._buffer, 0)
+            if length > MAX_HEADER_BYTES:
+                raise ProtocolError(f"message header of {length} bytes exceeds the limit")
+            if len(self._buffer) < 4 + length:
+                return None
+            self._header = _parse_header(bytes(self._buffer[4:4 + length]))
+            self._header_end = 4 + length
+            self._payload_bytes = sum(t["nbytes"] for t in self._header["tensors"])
+        end = self._header_end + self._payload_bytes
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[self._header_end:end])
+        del self._buffer[:end]
+        header, self._header = self._header, None
+        tensors, offset = {}, 0
+        for item in header["tensors"]:
+            chunk = payload[offset:offset + item["nbytes"]]
+            offset += item["nbytes"]
+            tensors[item["name"]] = np.frombuffer(chunk, dtype=item["dtype"]).reshape(
+                item["shape"])
+        return TensorMessage(str(header["id"]), tensors, dict(header["meta"]))
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+        tensors = header["tensors"]
+        if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+            raise ValueError("bad tensor list")
+        total = 0
+        for item in tensors:
+            dtype = str(item["dtype"])
+            shape = [int(d) for d in item["shape"]]
+            if dtype not in ALLOWED_DTYPES or any(d < 0 for d in shape):
+                raise ValueError(f"bad tensor description {item}")
+            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if int(item["nbytes"]) != expected:
+                raise ValueError(f"tensor {item['name']!r}: {item['nbytes']} bytes for shape "
+                                 f"{shape} of {dtype} (expected {expected})")
+            total += expected
+        if total > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"payload of {total} bytes exceeds the limit")
+        if not isinstance(header.get("meta", {}), dict):
+            raise ValueError("meta must be an object")
+        header.setdefault("meta", {})
+        return dict(header)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ProtocolError(f"malformed tensor message header: {err}") from err
