@@ -65,13 +65,22 @@ class RaTlsIdentity:
         """A TLS 1.3 server context presenting this certificate."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
-        with tempfile.TemporaryDirectory(prefix="smlaas-ratls-") as tmp:
-            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-            cert.write_bytes(self.cert_pem())
-            key.write_bytes(self.key_pem())
-            key.chmod(0o600)
-            context.load_cert_chain(cert, key)
+        load_identity(context, self.cert_pem().decode(), self.key)
         return context
+
+
+def load_identity(context: ssl.SSLContext, certificate_pem: str,
+                  key: ec.EllipticCurvePrivateKey) -> None:
+    """Loads a certificate and key into ``context``. The ssl module reads keys from files
+    only: they go to a private temporary directory that is removed at once."""
+    with tempfile.TemporaryDirectory(prefix="smlaas-tls-") as tmp:
+        cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert_path.write_text(certificate_pem)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        context.load_cert_chain(cert_path, key_path)
 
 
 def create_identity(common_name: str, quote_provider: QuoteProvider, collateral_json: str, *,
