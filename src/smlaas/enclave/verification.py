@@ -169,9 +169,3 @@ def load_collateral(text: str, *, source: str) -> dcap_qvl.QuoteCollateralV3:
     except ValueError as err:
         raise InputError(f"{source} is not DCAP collateral in dcap-qvl's JSON layout: "
                                f"{err}") from err
-
-
-def raise_if_not_verified(verdict: QuoteVerdict) -> QuoteVerdict:
-    if not verdict.verified:
-        raise AttestationError(f"quote verification failed: {verdict.error}")
-    return verdict

@@ -158,9 +158,6 @@ class CostModel:
             if ("preset" in table or "preset" in data) else (base or preset("sgx1"))
         return start.with_overrides(table)
 
-    def describe(self) -> str:
-        return "\n".join(f"{f.name} = {getattr(self, f.name)}" for f in fields(self))
-
 
 # -- presets -------------------------------------------------------------------------------
 # Sources:

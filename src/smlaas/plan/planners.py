@@ -20,7 +20,7 @@ import enum
 
 import numpy as np
 
-from smlaas.errors import InfeasiblePlanError, PlanError
+from smlaas.errors import InfeasiblePlanError
 from smlaas.plan.costs import SegmentCosts
 
 MIB = 1024 * 1024
@@ -32,15 +32,6 @@ class Planner(enum.Enum):
     SEED_BRUTEFORCE = "seed-bruteforce"
     GREEDY_EPC = "greedy-epc"
     SINGLE = "single"
-
-    @classmethod
-    def parse(cls, name: str) -> Planner:
-        try:
-            return cls(name)
-        except ValueError:
-            raise PlanError(
-                f"unknown planner {name!r}; choose one of {', '.join(p.value for p in cls)}"
-            ) from None
 
 
 def choose_cuts(planner: Planner, costs: SegmentCosts, *, machines: int | None = None,
