@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from smlaas.enclave.quote import HEADER_BYTES, REPORT_BODY_BYTES, ReportBody
-from smlaas.enclave.verification import QuoteVerdict
+from smlaas.enclave.verification import QuoteVerdict, report_verdict
 from smlaas.errors import InputError
 
 # Intel SGX Attestation Report Signing CA (valid to 2049-12-31), SHA-256 of its DER encoding.
@@ -64,22 +64,18 @@ def verify_ias_report(report: bytes, signature_b64: bytes, certificates: str, *,
     tcb_status = _STATUS.get(status, status)
     if error is None and status not in _STATUS:
         error = f"IAS quote status {status!r} means the quote itself is invalid"
-    return QuoteVerdict(
-        verified=error is None, tcb_status=tcb_status if error is None else None,
-        advisories=sorted(data.get("advisoryIDs", [])), mrenclave=body.mr_enclave.hex(),
-        mrsigner=body.mr_signer.hex(), isv_prod_id=body.isv_prod_id, isv_svn=body.isv_svn,
-        debug=body.debug, report_data=body.report_data.hex(), simulated=False,
-        root=IAS_ROOT_NAME, error=error,
+    return report_verdict(
+        body, root=IAS_ROOT_NAME, simulated=False,
+        tcb_status=tcb_status if error is None else None,
+        advisories=sorted(data.get("advisoryIDs", [])), error=error,
         details={"ias_status": status, "ias_version": data.get("version"),
                  "ias_timestamp": data.get("timestamp"), "nonce": data.get("nonce")})
 
 
 def _failed(error: str) -> QuoteVerdict:
-    zero = "00" * 32
-    return QuoteVerdict(verified=False, tcb_status=None, advisories=[], mrenclave=zero,
-                        mrsigner=zero, isv_prod_id=0, isv_svn=0, debug=False,
-                        report_data="00" * 64, simulated=False, root=IAS_ROOT_NAME,
-                        error=error)
+    """A verdict for a report too damaged to read its enclave report (all fields zero)."""
+    return report_verdict(ReportBody.parse(bytes(REPORT_BODY_BYTES)), root=IAS_ROOT_NAME,
+                          simulated=False, error=error)
 
 
 def _check_signature(report: bytes, signature_b64: bytes, certs: list[x509.Certificate],

@@ -27,7 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from smlaas.enclave.quote import Quote, order_chain, parse_quote
-from smlaas.enclave.verification import INTEL_ROOT, QuoteVerdict, TrustedRoot
+from smlaas.enclave.verification import (
+    INTEL_ROOT,
+    QuoteVerdict,
+    TrustedRoot,
+    report_verdict,
+)
 from smlaas.errors import InputError, QuoteFormatError
 
 
@@ -193,13 +198,7 @@ def _tcb_level(pck: x509.Certificate, tcb: dict[str, Any]) -> tuple[str, list[st
     raise _Failed("the platform's TCB is below every level of the TCB info")
 
 
-def _verdict(quote: Quote, root: TrustedRoot, details: dict[str, Any], *,
-             tcb_status: str | None = None, advisories: list[str] | None = None,
-             error: str | None = None) -> QuoteVerdict:
-    report = quote.report
-    return QuoteVerdict(
-        verified=error is None, tcb_status=tcb_status, advisories=advisories or [],
-        mrenclave=report.mr_enclave.hex(), mrsigner=report.mr_signer.hex(),
-        isv_prod_id=report.isv_prod_id, isv_svn=report.isv_svn, debug=report.debug,
-        report_data=report.report_data.hex(), simulated=root.simulated, root=root.name,
-        error=error, details=details)
+def _verdict(quote: Quote, root: TrustedRoot, details: dict[str, Any],
+             **outcome: Any) -> QuoteVerdict:
+    return report_verdict(quote.report, root=root.name, simulated=root.simulated,
+                          details=details, **outcome)

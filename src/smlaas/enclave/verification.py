@@ -20,7 +20,7 @@ import dcap_qvl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from smlaas.enclave.quote import Quote, parse_quote
+from smlaas.enclave.quote import Quote, ReportBody, parse_quote
 from smlaas.errors import AttestationError, InputError, QuoteFormatError
 
 # Intel SGX Root CA (CN=Intel SGX Root CA, valid to 2049-12-31), SHA-256 of its DER encoding.
@@ -149,16 +149,21 @@ def _chain_root_error(quote: Quote, root: TrustedRoot) -> str | None:
     return None
 
 
-def _verdict(quote: Quote, root: TrustedRoot, *, tcb_status: str | None = None,
-             advisories: list[str] | None = None, error: str | None = None,
-             details: dict[str, Any] | None = None) -> QuoteVerdict:
-    report = quote.report
+def report_verdict(report: ReportBody, *, root: str, simulated: bool,
+                   tcb_status: str | None = None, advisories: list[str] | None = None,
+                   error: str | None = None, details: dict[str, Any] | None = None
+                   ) -> QuoteVerdict:
+    """The verdict on evidence about enclave ``report``: verified unless ``error``."""
     return QuoteVerdict(
         verified=error is None, tcb_status=tcb_status, advisories=advisories or [],
         mrenclave=report.mr_enclave.hex(), mrsigner=report.mr_signer.hex(),
         isv_prod_id=report.isv_prod_id, isv_svn=report.isv_svn, debug=report.debug,
-        report_data=report.report_data.hex(), simulated=root.simulated, root=root.name,
-        error=error, details=details or {})
+        report_data=report.report_data.hex(), simulated=simulated, root=root, error=error,
+        details=details or {})
+
+
+def _verdict(quote: Quote, root: TrustedRoot, **outcome: Any) -> QuoteVerdict:
+    return report_verdict(quote.report, root=root.name, simulated=root.simulated, **outcome)
 
 
 def load_collateral(text: str, *, source: str) -> dcap_qvl.QuoteCollateralV3:
