@@ -67,7 +67,7 @@ from smlaas.profile import (
     profile_key,
     profile_nodes,
     random_inputs,
-    time_model,
+    time_session,
 )
 
 logger = logging.getLogger(__name__)
@@ -327,12 +327,12 @@ def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,
     chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
     tensors: dict[str, np.ndarray] = dict(feeds)
     measured = []
-    for index, (stage, runner) in enumerate(zip(stage_models, chain.stages)):
+    for index, runner in enumerate(chain.stages):
         stage_feeds = {name: tensors[name] for name in runner.inputs}
-        measured.append(time_model(stage, stage_feeds, threads=settings.threads,
-                                   optimization=settings.optimization,
-                                   warmup_runs=settings.warmup_runs,
-                                   measured_runs=settings.measured_runs))
+        # The chain's own session, so each stage is loaded into ONNX Runtime once.
+        measured.append(time_session(runner.session, stage_feeds,
+                                     warmup_runs=settings.warmup_runs,
+                                     measured_runs=settings.measured_runs))
         tensors = runner.run(tensors)
         if progress:
             progress("measuring stages", index + 1, len(stage_models))

@@ -11,6 +11,7 @@ from smlaas.profile.profiler import (
     profile_nodes,
     session_overhead_ms,
     time_model,
+    time_session,
 )
 from smlaas.profile.session import Optimization, create_session, run_session
 from smlaas.profile.shapes import observe_tensors
@@ -31,4 +32,5 @@ __all__ = [
     "run_session",
     "session_overhead_ms",
     "time_model",
+    "time_session",
 ]

@@ -175,11 +175,14 @@ def time_model(model: onnx.ModelProto | str | Path, feeds: Mapping[str, np.ndarr
                progress: Callable[[int, int], None] | None = None) -> float:
     """Median wall time in ms of one run of ``model`` on ``feeds``."""
     session = create_session(model, threads=threads, optimization=optimization)
-    return _median_run_ms(session, dict(feeds), warmup_runs, measured_runs, progress)
+    return time_session(session, feeds, warmup_runs=warmup_runs, measured_runs=measured_runs,
+                        progress=progress)
 
 
-def _median_run_ms(session: ort.InferenceSession, feeds: dict, warmup_runs: int, measured_runs: int,
-                   progress: Callable[[int, int], None] | None = None) -> float:
+def time_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *,
+                 warmup_runs: int, measured_runs: int,
+                 progress: Callable[[int, int], None] | None = None) -> float:
+    """Median wall time in ms of one run of an existing ``session`` on ``feeds``."""
     total = warmup_runs + measured_runs
     times = []
     for step in range(total):
@@ -203,4 +206,5 @@ def session_overhead_ms(*, threads: int) -> float:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     session = create_session(model, threads=threads)
-    return _median_run_ms(session, {"x": np.zeros(1, np.float32)}, 20, 200)
+    return time_session(session, {"x": np.zeros(1, np.float32)}, warmup_runs=20,
+                        measured_runs=200)
