@@ -14,6 +14,8 @@
      ├─ PlanError                    no plan satisfies the constraints, or a plan is invalid
      │   └─ InfeasiblePlanError      a hard constraint (--fit-epc, --machines) cannot be met
      ├─ ExportError                  writing sub-models failed
+     ├─ DeployError                  a deployment did not come up in time, or a process died
+     ├─ ServingError                 the inference service answered with an error (HTTP status)
      ├─ QuoteFormatError             bytes that are not a well-formed SGX quote (exit code 2)
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
          ├─ VerificationError        the chain of sub-models differs from the whole model
@@ -73,6 +75,18 @@ class InfeasiblePlanError(PlanError):
 
 class ExportError(SmlaasError):
     """Writing the sub-models or the build directory failed."""
+
+
+class DeployError(SmlaasError):
+    """A deployment did not come up (a process died, or readiness missed its deadline)."""
+
+
+class ServingError(SmlaasError):
+    """The inference service answered a request with an error (carries the HTTP status)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class CheckFailed(SmlaasError):

@@ -1,54 +1,133 @@
-"""``smlaas demo``: the main job end to end on a zoo model."""
+"""``smlaas demo``: the main job end to end on a zoo model.
+
+Partition for SGX v1 enclaves, verify the chain, seal the stages, deploy them locally as an
+attested pipeline (sim backend: SIMULATED, INSECURE), attest the gateway, run inference through
+it, compare with the unpartitioned model, print a summary, shut everything down.
+"""
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from smlaas.cli.console import console, progress_bar, table
+from smlaas.client import InferenceClient
+from smlaas.coordinator.server import free_port
+from smlaas.deploy.deployment import Deployment, DeploySettings
+from smlaas.deploy.launchers import LocalLauncher
+from smlaas.enclave import INTEL_ROOT, Policy
+from smlaas.enclave.backends.sim import SimBackend
+from smlaas.enclave.measurement import measure
 from smlaas.errors import VerificationError
-from smlaas.partition import PlanOptions, default_threads, partition
+from smlaas.export.sealed_build import seal_build
+from smlaas.partition import PlanOptions, default_threads, open_model, partition
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
+from smlaas.profile.inputs import random_inputs
+from smlaas.profile.session import create_session
+from smlaas.serving.enrol import role_config, sim_coordinator_mrenclave
+
+RTOL, ATOL = 1e-4, 1e-5
 
 
 @click.command()
 @click.option("--model", "-m", default="resnet50", show_default=True,
               help="Zoo model (or ONNX file) to run the demo on.")
+@click.option("--machines", "-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Pipeline stages to plan for (best throughput on K enclave machines).")
 @click.option("--workdir", type=click.Path(file_okay=False),
-              help="Where to keep the build (default: a temporary directory).")
+              help="Where to keep the build, keys and logs (default: a temporary directory).")
 @click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
               show_default=True)
-def demo(model: str, workdir: str | None, threads: int) -> int:
-    """Partition a zoo model for SGX v1 enclaves and prove the split computes the same."""
+@click.option("--requests", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Inference requests to time through the pipeline.")
+def demo(model: str, machines: int, workdir: str | None, threads: int, requests: int) -> int:
+    """Partition, seal, deploy (sim), attest and serve a model; check it computes the same."""
     with tempfile.TemporaryDirectory(prefix="smlaas-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         build = root / f"{Path(model).stem}-build"
-        console.print(f"[bold]smlaas demo[/]: partition {model} for SGX v1 enclaves "
-                      f"(usable EPC 93.5 MiB), every stage inside the EPC")
+        console.print(f"[bold]smlaas demo[/]: {model} as a pipeline of SGX v1 enclaves "
+                      f"(usable EPC 93.5 MiB each), best throughput on {machines} machines")
         with progress_bar() as progress:
             result = partition(model, build, cost_model=preset("sgx1"),
-                               options=PlanOptions(Planner.DP_LATENCY, None, True),
+                               options=PlanOptions(Planner.DP_THROUGHPUT, machines, True),
                                settings=ProfileSettings(threads=threads, warmup_runs=2,
                                                         measured_runs=5),
                                cache=ProfileCache(), progress=progress)
         console.print(result.plan.to_table())
-        rows = [[r["planner"], r.get("stages", "-"),
-                 f"{r['latency_ms']:.1f}" if "latency_ms" in r else "infeasible",
-                 f"{r['throughput_per_s']:.2f}" if "throughput_per_s" in r else "-"]
-                for r in result.comparison]
-        console.print(table("planners on the same predicted costs (sgx1)",
-                            ["planner", "stages", "latency ms", "throughput /s"], rows))
         verification = result.verification
         assert verification is not None  # verify=True above
         if not verification.ok:
             raise VerificationError(verification.summary())
-        console.print(f"[bold green]the chain of {len(result.plan.stages)} sub-models "
-                      f"computes what the whole model computes[/] "
+        console.print(f"[green]verified offline[/]: the {len(result.plan.stages)} sub-models "
+                      f"compute what the whole model computes "
                       f"(max abs error {verification.max_abs_error:.2g})")
+        keys = root / "owner-keys.json"
+        seal_build(build, keys)
+        console.print(f"sealed {len(result.plan.stages)} stages (AES-256-GCM); keys in {keys}")
+        console.print("[bold yellow]deploying with the sim backend: SIMULATED SGX, "
+                      "INSECURE[/] (real quote formats and checks, no hardware protection)")
+        settings = DeploySettings(build_dir=build, keys_path=keys, state_dir=root / "state",
+                                  port=free_port(), threads=threads)
+        summary = _serve_and_compare(settings, model, requests, threads)
+        console.print(table("summary", ["", "value"], summary))
         if workdir:
-            console.print(f"build kept in {build}")
+            console.print(f"build, keys and logs kept in {root}")
     return 0
+
+
+def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
+                       threads: int) -> list[list[str]]:
+    source, shapes = open_model(model)
+    inputs = random_inputs(source.model, {k: tuple(v) for k, v in shapes.items()})
+    whole = create_session(source.model, threads=threads)
+    expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, inputs)))
+    started = time.perf_counter()
+    launcher = LocalLauncher(settings.state_dir / "logs")
+    with Deployment(settings, launcher, progress=lambda line: console.print(f"  {line}")) as dep:
+        ready_s = time.perf_counter() - started
+        with InferenceClient(dep.url, ca=dep.ca_path) as client:
+            verdict = client.attest(_gateway_policy(), [INTEL_ROOT,
+                                                        SimBackend("gateway").trusted_root])
+            console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
+                          f"(SIMULATED), its quote binds the HTTPS key of this connection")
+            outputs = client.infer(inputs)
+            latencies = []
+            for _ in range(requests):
+                begin = time.perf_counter()
+                client.infer(inputs)
+                latencies.append(time.perf_counter() - begin)
+        stages = dep.stage_count
+    console.print("stopped the deployment (coordinator, workers, gateway)")
+    worst = 0.0
+    for name, value in expected.items():
+        got = outputs[name]
+        if got.shape != value.shape or not np.allclose(got, value, rtol=RTOL, atol=ATOL):
+            raise VerificationError(f"the pipeline's output {name!r} differs from the whole "
+                                    f"model's (max abs error "
+                                    f"{float(np.max(np.abs(got - value))):.3g})")
+        worst = max(worst, float(np.max(np.abs(got - value))))
+    local = []
+    for _ in range(requests):
+        begin = time.perf_counter()
+        whole.run(None, inputs)
+        local.append(time.perf_counter() - begin)
+    console.print(f"[bold green]the pipeline's output equals the whole model's output[/] "
+                  f"(rtol {RTOL}, atol {ATOL}; max abs error {worst:.2g})")
+    return [["model", model], ["stages (enclaves)", str(stages)],
+            ["time to ready", f"{ready_s:.1f} s"],
+            ["latency through the gateway (median)",
+             f"{np.median(latencies) * 1e3:.1f} ms"],
+            ["plain ONNX Runtime, whole model (median)", f"{np.median(local) * 1e3:.1f} ms"],
+            ["backend", "sim (SIMULATED, INSECURE)"]]
+
+
+def _gateway_policy() -> Policy:
+    gateway = measure("gateway", role_config(sim_coordinator_mrenclave()))
+    return Policy.from_dict({"allow_simulation_insecure": True,
+                             "roles": {"gateway": {"mrenclave": [gateway.mrenclave.hex()]}}})

@@ -38,10 +38,13 @@ def _register_commands() -> None:
         calibrate_cmd,
         coordinator_cmd,
         demo_cmd,
+        deploy_cmd,
         gramine_cmd,
+        infer_cmd,
         measure_cmd,
         partition_cmds,
         seal_cmd,
+        serve_cmds,
         zoo_cmds,
     )
 
@@ -56,6 +59,10 @@ def _register_commands() -> None:
     cli.add_command(measure_cmd.measure)
     cli.add_command(coordinator_cmd.coordinator)
     cli.add_command(gramine_cmd.gramine)
+    cli.add_command(serve_cmds.worker)
+    cli.add_command(serve_cmds.gateway)
+    cli.add_command(deploy_cmd.deploy)
+    cli.add_command(infer_cmd.infer)
 
 
 _register_commands()

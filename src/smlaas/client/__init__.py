@@ -1,18 +1,24 @@
-"""The smlaas client SDK (public surface; serving calls arrive with the gateway).
+"""The smlaas client SDK.
 
->>> ca_pem = attest_coordinator("coordinator.example", 7443, policy=policy, roots=roots)
+>>> with InferenceClient("https://127.0.0.1:8443", ca="state/ca.pem") as client:
+...     outputs = client.infer({"input": x})
 
-Raises :class:`smlaas.errors.AttestationError` (or its ``PolicyError``) when the coordinator's
-evidence does not satisfy ``policy``; nothing is sent to it before that check passes.
+The client pins the deployment CA: the gateway's HTTPS certificate must chain to it, so only
+an enclave that the coordinator attested can answer. The CA itself comes from
+:func:`attest_coordinator`, which attests the coordinator first; :meth:`InferenceClient.attest`
+also checks the gateway's own quote and that it binds the very key serving this connection.
+Errors: :class:`smlaas.errors.ServingError` (with the HTTP status) for refused requests,
+:class:`smlaas.errors.AttestationError` (or its ``PolicyError``) for failed evidence.
 """
 
 from __future__ import annotations
 
+from smlaas.client.inference import InferenceClient
 from smlaas.coordinator.client import CoordinatorClient, Registration
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import TrustedRoot
 
-__all__ = ["CoordinatorClient", "Registration", "attest_coordinator"]
+__all__ = ["CoordinatorClient", "InferenceClient", "Registration", "attest_coordinator"]
 
 
 def attest_coordinator(host: str, port: int, *, policy: Policy, roots: list[TrustedRoot],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -43,7 +44,7 @@ class DeploymentCA:
         """A certificate naming ``role``, for both TLS server and client use (mutual TLS)."""
         now = dt.datetime.now(dt.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(role)]
-        names += [x509.DNSName(h) for h in (hosts or []) if h != role]
+        names += [_general_name(h) for h in (hosts or []) if h != role]
         return (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
                 .issuer_name(self.certificate.subject).public_key(public_key)
@@ -73,3 +74,12 @@ class DeploymentCA:
         key = serialization.load_pem_private_key(key_pem, None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)  # written by key_pem()
         return cls(key, x509.load_pem_x509_certificate(cert_pem))
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    """An IP address SAN for an address (TLS clients match IPs only against those), else a
+    DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)

@@ -18,6 +18,14 @@ def stage_role(index: int) -> str:
     return f"stage-{index}"
 
 
+def stage_index(role: str) -> int:
+    """The stage number of ``stage-K`` (ConfigError for any other role name)."""
+    prefix, _, number = role.partition("-")
+    if prefix != "stage" or not number.isdigit():
+        raise ConfigError(f"not a stage role: {role!r} (expected stage-K)")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Roles with accepted measurements, the stage keys, the topology and the policy."""

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.ca import DeploymentCA
-from smlaas.coordinator.manifest import Manifest
+from smlaas.coordinator.manifest import Manifest, stage_index
 from smlaas.coordinator.state import CoordinatorState, SealedStateStore
 from smlaas.enclave.verification import TrustedRoot, load_collateral, select_root, verify_quote
 from smlaas.errors import AttestationError, SmlaasError
@@ -138,10 +138,8 @@ class CoordinatorService:
             "ok": True, "certificate": certificate.public_bytes(
                 serialization.Encoding.PEM).decode(),
             "ca": self.state.ca.cert_pem(), "simulated": verdict.simulated}
-        if role.startswith("stage-"):
-            index = int(role.split("-", 1)[1])
-            if index in manifest.stage_keys:
-                response["stage_key"] = manifest.stage_keys[index]
+        if role.startswith("stage-") and stage_index(role) in manifest.stage_keys:
+            response["stage_key"] = manifest.stage_keys[stage_index(role)]
         logger.info("registered %s (MRENCLAVE %s..., %s)", role, verdict.mrenclave[:16],
                     "SIMULATED" if verdict.simulated else "hardware")
         return response

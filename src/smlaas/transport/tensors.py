@@ -92,7 +92,7 @@ class TensorDecoder:
                 raise ProtocolError(f"message header of {length} bytes exceeds the limit")
             if len(self._buffer) < 4 + length:
                 return None
-            self._header = _parse_header(bytes(self._buffer[4:4 + length]))
+            self._header = parse_header(bytes(self._buffer[4:4 + length]))
             self._header_end = 4 + length
             self._payload_bytes = sum(t["nbytes"] for t in self._header["tensors"])
         end = self._header_end + self._payload_bytes
@@ -101,16 +101,25 @@ class TensorDecoder:
         payload = bytes(self._buffer[self._header_end:end])
         del self._buffer[:end]
         header, self._header = self._header, None
-        tensors, offset = {}, 0
-        for item in header["tensors"]:
-            chunk = payload[offset:offset + item["nbytes"]]
-            offset += item["nbytes"]
-            tensors[item["name"]] = np.frombuffer(chunk, dtype=item["dtype"]).reshape(
-                item["shape"])
-        return TensorMessage(str(header["id"]), tensors, dict(header["meta"]))
+        return decode_payload(header, payload)
 
 
-def _parse_header(raw: bytes) -> dict[str, Any]:
+def decode_payload(header: dict[str, Any], payload: bytes | bytearray) -> TensorMessage:
+    """The message a parsed header and its payload describe (arrays view ``payload``)."""
+    tensors, offset = {}, 0
+    for item in header["tensors"]:
+        tensors[item["name"]] = np.frombuffer(payload, dtype=item["dtype"],
+                                              count=_count(item), offset=offset
+                                              ).reshape(item["shape"])
+        offset += item["nbytes"]
+    return TensorMessage(str(header["id"]), tensors, dict(header["meta"]))
+
+
+def _count(item: dict[str, Any]) -> int:
+    return int(np.prod(item["shape"], dtype=np.int64))
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = json.loads(raw)
         tensors = header["tensors"]

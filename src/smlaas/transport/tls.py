@@ -38,7 +38,7 @@ def client_context(certificate_pem: str, key: ec.EllipticCurvePrivateKey,
     return context
 
 
-def peer_role(tls: ssl.SSLSocket) -> str | None:
+def peer_role(tls: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     """The role named by the verified peer certificate (its common name)."""
     der = tls.getpeercert(binary_form=True)
     if der is None:

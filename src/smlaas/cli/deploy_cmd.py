@@ -1,0 +1,99 @@
+"""``smlaas deploy``: run a sealed build as an attested inference service."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from smlaas.cli.console import console
+from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
+from smlaas.deploy.launchers import Launcher, LocalLauncher
+from smlaas.errors import DeployError
+from smlaas.profile.cache import cache_dir
+from smlaas.serving.enrol import BACKENDS
+
+
+def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | None) -> Launcher:
+    if kind == "ray":
+        from smlaas.deploy.ray_launcher import RayLauncher
+
+        return RayLauncher(log_dir, address=ray_address)
+    return LocalLauncher(log_dir, host=host)
+
+
+@click.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--keys", "keys_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The owner keyfile written by `smlaas seal`.")
+@click.option("--launcher", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: processes here; ray: actors on `sgx` nodes.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="sim", show_default=True,
+              help="Enclave backend (sim: SIMULATED, INSECURE; for development).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Gateway address.")
+@click.option("--port", default=8443, show_default=True, type=click.IntRange(1, 65535),
+              help="Gateway HTTPS port.")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="Coordinator state, CA and logs (default: a new directory in the cache).")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
+              "(default: all cores).")
+@click.option("--max-batch-size", type=click.IntRange(min=0),
+              help="Dynamic batching limit (default: 8 if the stages batch correctly; 0 off).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
+              show_default=True)
+@click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
+              help="JSON role -> MRENCLAVE (gramine backend).")
+@click.option("--ray-address", help="Ray cluster to join (default: start a local one).")
+@click.option("--k8s-out", type=click.Path(file_okay=False),
+              help="Write Kubernetes manifests for this build to DIR and exit.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
+def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: str, port: int,
+           state_dir: str | None, threads: int | None, max_batch_size: int | None,
+           max_queue_delay_us: int, measurements: str | None, ray_address: str | None,
+           k8s_out: str | None, ready_timeout: float) -> int:
+    """Serve BUILD_DIR: coordinator, one worker per stage, gateway; Ctrl-C stops all."""
+    if k8s_out:
+        from smlaas.deploy.k8s import write_manifests
+
+        written = write_manifests(Path(build_dir), Path(k8s_out), backend=backend, port=port)
+        console.print(f"wrote {len(written)} Kubernetes manifests to {k8s_out}; apply with "
+                      f"`kubectl apply -f {k8s_out}` (needs the Intel SGX device plugin)")
+        return 0
+    state = Path(state_dir) if state_dir else \
+        cache_dir() / "deployments" / time.strftime("%Y%m%d-%H%M%S")
+    settings = DeploySettings(
+        build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state, backend=backend,
+        host=host, port=port, max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us, ready_timeout_s=ready_timeout,
+        measurements=read_measurements(Path(measurements)) if measurements else None,
+        **({"threads": threads} if threads else {}))
+    if backend == "sim":
+        console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
+                      "protection; for development and tests)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    deployment = Deployment(settings, make_launcher(launcher, state / "logs", host=host,
+                                                    ray_address=ray_address),
+                            progress=lambda line: console.print(f"  {line}"))
+    with deployment:
+        console.print(f"[bold green]serving {deployment.model_name}[/] "
+                      f"({deployment.stage_count} stages, {deployment.batching_note})\n"
+                      f"  URL  {deployment.url}\n  CA   {deployment.ca_path}\n"
+                      f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
+                      f"--input x.npy\n  Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(1.0)
+                problems = deployment.launcher.problems()
+                if problems:
+                    raise DeployError("a process failed for good:\n" + "\n".join(problems))
+        except KeyboardInterrupt:
+            console.print("stopping...")
+    console.print("stopped")
+    return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,145 @@
+"""Inference over the Open Inference Protocol, binary tensors by default."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from smlaas.enclave.policy import Policy
+from smlaas.enclave.verification import (
+    QuoteVerdict,
+    TrustedRoot,
+    load_collateral,
+    select_root,
+    verify_quote,
+)
+from smlaas.errors import AttestationError, ServingError
+from smlaas.serving.v2 import DATATYPES, HEADER_LENGTH, datatype
+
+
+class InferenceClient:
+    def __init__(self, url: str, *, ca: str | Path, model: str | None = None,
+                 timeout_s: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        context = ssl.create_default_context(cafile=str(ca))
+        self._http = httpx.Client(base_url=self.url, verify=context, timeout=timeout_s)
+        self._model = model
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @property
+    def model(self) -> str:
+        if self._model is None:
+            index = self._checked(self._http.post("/v2/repository/index")).json()
+            if len(index) != 1:
+                raise ServingError(f"the gateway serves {len(index)} models; name one",
+                                   status=400)
+            self._model = str(index[0]["name"])
+        return self._model
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/v2/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._checked(self._http.get(f"/v2/models/{self.model}")).json())
+
+    def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
+              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs the model on named ``inputs``; returns its outputs by name."""
+        entries, chunks = [], []
+        for name, value in inputs.items():
+            array = np.ascontiguousarray(value)
+            entry: dict[str, Any] = {"name": name, "datatype": datatype(array.dtype.name),
+                                     "shape": list(array.shape)}
+            if binary:
+                entry["parameters"] = {"binary_data_size": array.nbytes}
+                chunks.append(array.tobytes())
+            else:
+                entry["data"] = array.reshape(-1).tolist()
+            entries.append(entry)
+        request: dict[str, Any] = {"inputs": entries,
+                                   "parameters": {"binary_data_output": binary}}
+        if outputs is not None:
+            request["outputs"] = [{"name": n} for n in outputs]
+        head = json.dumps(request).encode()
+        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))} \
+            if binary else {"Content-Type": "application/json"}
+        response = self._checked(self._http.post(f"/v2/models/{self.model}/infer",
+                                                 content=b"".join([head, *chunks]),
+                                                 headers=headers))
+        return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+
+    def attest(self, policy: Policy, roots: list[TrustedRoot]) -> QuoteVerdict:
+        """Verifies the gateway's quote against ``policy`` (role ``gateway``) and that its
+        report_data binds the key of the certificate this connection is talking to."""
+        response = self._checked(self._http.get("/v2/smlaas/attestation"))
+        evidence = response.json()
+        peer = _peer_certificate(response)
+        served = x509.load_pem_x509_certificate(str(evidence["certificate"]).encode())
+        if peer is None or peer != served.public_bytes(serialization.Encoding.DER):
+            raise AttestationError("the evidence names another certificate than the one "
+                                   "serving this connection")
+        spki = served.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        quote = base64.b64decode(evidence["quote"])
+        verdict = verify_quote(quote, load_collateral(evidence["collateral"], source="gateway"),
+                               at=dt.datetime.now(dt.UTC), root=select_root(quote, roots))
+        if not verdict.verified:
+            raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
+        policy.check(verdict, role="gateway",
+                     expected_report_data=hashlib.sha256(spki).digest())
+        return verdict
+
+    @staticmethod
+    def _checked(response: httpx.Response) -> httpx.Response:
+        if response.status_code != 200:
+            try:
+                message = str(response.json().get("error", response.text))
+            except ValueError:
+                message = response.text
+            raise ServingError(f"HTTP {response.status_code}: {message}",
+                               status=response.status_code)
+        return response
+
+
+def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    length = int(header_length) if header_length is not None else len(body)
+    response = json.loads(body[:length])
+    binary, offset, outputs = body[length:], 0, {}
+    for item in response["outputs"]:
+        dtype = np.dtype(DATATYPES[item["datatype"]])
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            outputs[item["name"]] = np.frombuffer(binary, dtype=dtype, count=size // dtype.itemsize,
+                                                  offset=offset).reshape(item["shape"])
+            offset += size
+        else:
+            outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+    return outputs
+
+
+def _peer_certificate(response: httpx.Response) -> bytes | None:
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    return ssl_object.getpeercert(True) if ssl_object is not None else None

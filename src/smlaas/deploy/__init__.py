@@ -1,0 +1,1 @@
+"""Deploying a sealed build: the coordinator, one worker per stage and the gateway."""

@@ -1,0 +1,152 @@
+"""Launchers start and restart the deployment's processes; they never carry tensors.
+
+``local`` runs them on this machine; ``ray`` (in :mod:`smlaas.deploy.ray_launcher`) places one
+actor per process on nodes with an ``sgx`` resource. Both restart a process that dies (up to
+``max_restarts`` times) with the same command, so a worker comes back on the same address and
+registers again with the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from smlaas.coordinator.server import free_port
+
+logger = logging.getLogger(__name__)
+STOP_GRACE_S = 5.0
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    """Arguments after ``python -m smlaas``."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Launcher(Protocol):
+    name: str
+
+    def reserve(self, name: str) -> tuple[str, int]:
+        """The host and a free port the process ``name`` will listen on."""
+        ...
+
+    def start(self, spec: ProcessSpec) -> None: ...
+
+    def problems(self) -> list[str]:
+        """Processes that exited for good, each with the end of its log."""
+        ...
+
+    def restarts(self) -> dict[str, int]: ...
+
+    def stop(self) -> None: ...
+
+
+class _Supervised:
+    def __init__(self, spec: ProcessSpec, log_path: Path) -> None:
+        self.spec, self.log_path = spec, log_path
+        self.restarts = 0
+        self.gave_up: str | None = None
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return subprocess.Popen([sys.executable, "-m", "smlaas", *self.spec.argv],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **self.spec.env}, start_new_session=True)
+        finally:
+            log.close()
+
+    def respawn(self) -> None:
+        self.restarts += 1
+        self.process = self._spawn()
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class LocalLauncher:
+    """Processes on this machine, supervised by a thread; logs under ``log_dir``."""
+
+    name = "local"
+
+    def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", max_restarts: int = 5) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.host, self.max_restarts = host, max_restarts
+        self._processes: dict[str, _Supervised] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, daemon=True,
+                                        name="smlaas-launcher")
+        self._thread.start()
+
+    def reserve(self, name: str) -> tuple[str, int]:
+        return self.host, free_port()
+
+    def start(self, spec: ProcessSpec) -> None:
+        with self._lock:
+            self._processes[spec.name] = _Supervised(spec, self.log_dir / f"{spec.name}.log")
+        logger.info("started %s (pid %d)", spec.name, self._processes[spec.name].process.pid)
+
+    def pid(self, name: str) -> int:
+        return self._processes[name].process.pid
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            return [f"{p.spec.name} {p.gave_up}; its log ({p.log_path}) ends with:\n"
+                    f"{p.log_tail()}" for p in self._processes.values() if p.gave_up]
+
+    def restarts(self) -> dict[str, int]:
+        with self._lock:
+            return {name: p.restarts for name, p in self._processes.items()}
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(POLL_S):
+            with self._lock:
+                for supervised in self._processes.values():
+                    code = supervised.process.poll()
+                    if code is None or supervised.gave_up or self._stopping.is_set():
+                        continue
+                    if supervised.restarts >= self.max_restarts:
+                        supervised.gave_up = (f"exited with code {code} after "
+                                              f"{supervised.restarts} restarts")
+                        logger.error("%s %s", supervised.spec.name, supervised.gave_up)
+                        continue
+                    logger.warning("%s exited with code %d; restarting it",
+                                   supervised.spec.name, code)
+                    supervised.respawn()
+
+    def stop(self) -> None:
+        """SIGTERM to every process (gateway first), SIGKILL after STOP_GRACE_S."""
+        self._stopping.set()
+        self._thread.join(timeout=2)
+        with self._lock:
+            processes = list(reversed(self._processes.values()))
+        for supervised in processes:
+            if supervised.process.poll() is None:
+                supervised.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + STOP_GRACE_S
+        for supervised in processes:
+            try:
+                supervised.process.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s; killing it",
+                               supervised.spec.name, STOP_GRACE_S)
+                supervised.process.kill()
+                supervised.process.wait(timeout=5)

@@ -1,0 +1,66 @@
+"""Serving stages at any batch size.
+
+Stages are exported at the input size they were planned for (batch 1 for the zoo). To batch
+requests, a stage's first dimension becomes symbolic on its inputs and outputs and the fixed
+intermediate shapes are dropped (ONNX Runtime infers them again). Whether the stages then
+compute, at batch n, what they compute for n separate requests depends on the model: a Reshape
+to a constant ``[1, ...]`` does not. :func:`batching_problem` finds out by running the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from smlaas.errors import SmlaasError
+from smlaas.export.chain import Chain
+
+BATCH_DIM = "batch"
+
+
+def relax_batch_dim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs and outputs have a symbolic first dimension and whose
+    intermediate shapes are left to inference. At the original shapes it computes the same."""
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    for value in [*relaxed.graph.input, *relaxed.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) > 0:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH_DIM
+    del relaxed.graph.value_info[:]
+    return relaxed
+
+
+def batching_problem(stage_models: Sequence[onnx.ModelProto], inputs: Mapping[str, np.ndarray],
+                     *, batch: int = 2, threads: int = 1) -> str | None:
+    """None when the relaxed chain computes, for ``batch`` stacked copies of ``inputs`` (each
+    with its own noise), the same as for each one alone; otherwise why it does not."""
+    if any(value.ndim == 0 or value.shape[0] != 1 for value in inputs.values()):
+        return "the model's inputs do not have a leading batch dimension of 1"
+    rng = np.random.default_rng(0)
+    samples = [{name: _perturbed(value, rng) for name, value in inputs.items()}
+               for _ in range(batch)]
+    try:
+        chain = Chain([relax_batch_dim(m) for m in stage_models], threads=threads)
+        stacked = chain.run({name: np.concatenate([s[name] for s in samples])
+                             for name in inputs})
+        singles = [chain.run(sample) for sample in samples]
+    except SmlaasError as err:
+        return f"the stages do not run at batch {batch}: {err}"
+    for name, value in stacked.items():
+        expected = np.concatenate([single[name] for single in singles])
+        if value.shape != expected.shape:
+            return f"output {name!r} has shape {value.shape} at batch {batch}, expected " \
+                   f"{expected.shape}"
+        if not np.allclose(value, expected, rtol=1e-4, atol=1e-5):
+            return f"output {name!r} at batch {batch} differs from the requests run alone"
+    return None
+
+
+def _perturbed(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if np.issubdtype(value.dtype, np.floating):
+        return (value + rng.standard_normal(value.shape).astype(value.dtype)).astype(value.dtype)
+    return value.copy()

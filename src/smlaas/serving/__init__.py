@@ -1,0 +1,1 @@
+"""Serving a partitioned model: stage workers, the gateway and what they exchange."""

@@ -1,0 +1,269 @@
+"""The gateway: HTTPS with the deployment CA's certificate for role ``gateway``, the Open
+Inference Protocol (KServe V2) REST API with Triton's binary tensor extension, dynamic
+batching, Prometheus metrics, and the gateway's attestation evidence at
+``/v2/smlaas/attestation`` (plain clients never need it).
+
+Routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}``,
+``/v2/models/{name}/ready``, ``/v2/models/{name}/config``, ``/v2/models/{name}/infer`` (also
+under ``/versions/{version}``), ``/metrics``, ``/v2/smlaas/attestation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import smlaas
+from smlaas.serving.batcher import DynamicBatcher
+from smlaas.serving.link import Link
+from smlaas.serving.metrics import GatewayMetrics
+from smlaas.serving.protocol import (
+    DESCRIBE,
+    HTTP_STATUS,
+    Status,
+    TensorSpec,
+    deadline_in,
+    error_reply,
+)
+from smlaas.serving.v2 import (
+    HEADER_LENGTH,
+    BadRequest,
+    datatype,
+    encode_infer_response,
+    parse_infer_request,
+    public_shape,
+)
+from smlaas.transport.tensors import TensorMessage
+
+READY_CACHE_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+RETRY_DELAY_S = 0.3
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    model_name: str
+    max_batch_size: int = 0
+    """0: the model is served without a batch dimension (shapes exactly as planned)."""
+    max_queue_delay_us: int = 0
+    max_inflight: int = 4
+    """Batches in the pipeline at once (at least the number of stages keeps each busy)."""
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSpecs:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Unavailable(Exception):
+    """The pipeline cannot answer now (HTTP 503)."""
+
+
+class Pipeline:
+    """The gateway's view of the stages: one multiplexed link to stage 0."""
+
+    def __init__(self, link: Link, *, timeout_s: float) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self.specs: ModelSpecs | None = None
+        self._ready_at = 0.0
+
+    async def run(self, inputs: dict[str, np.ndarray]) -> TensorMessage:
+        """Outputs, or an error reply; a stage that is down gets one retry."""
+        deadline = deadline_in(self.timeout_s)
+        reply = await self.link.request(inputs, {"deadline": deadline})
+        if reply.meta.get("status") == Status.UNAVAILABLE and \
+                deadline - time.time() > RETRY_DELAY_S * 2:
+            await asyncio.sleep(RETRY_DELAY_S)
+            reply = await self.link.request(inputs, {"deadline": deadline})
+        return reply
+
+    async def probe(self) -> str | None:
+        """None when every stage answers within PROBE_TIMEOUT_S, else why not."""
+        if time.monotonic() - self._ready_at < READY_CACHE_S:
+            return None
+        reply = await self.link.request({}, {"op": DESCRIBE,
+                                             "deadline": deadline_in(PROBE_TIMEOUT_S)})
+        if "error" in reply.meta:
+            return str(reply.meta["error"])
+        if self.specs is None:
+            self.specs = ModelSpecs(
+                [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
+                [TensorSpec.from_dict(s) for s in reply.meta["outputs"]])
+        self._ready_at = time.monotonic()
+        return None
+
+    async def model_specs(self) -> ModelSpecs:
+        if self.specs is None:
+            problem = await self.probe()
+            if problem is not None or self.specs is None:
+                raise Unavailable(problem or "the pipeline did not describe the model")
+        return self.specs
+
+
+def create_app(settings: GatewaySettings, link: Link, *,
+               evidence: dict[str, Any] | None = None) -> FastAPI:
+    name = settings.model_name
+    metrics = GatewayMetrics()
+    pipeline = Pipeline(link, timeout_s=settings.request_timeout_s)
+    batcher = DynamicBatcher(pipeline.run, max_batch_size=settings.max_batch_size,
+                             max_queue_delay_us=settings.max_queue_delay_us,
+                             max_inflight=settings.max_inflight,
+                             on_batch=lambda stats: metrics.record_batch(name, stats))
+    batching = settings.max_batch_size > 0
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.stop()
+        await link.close()
+
+    app = FastAPI(title="smlaas gateway", version=smlaas.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pipeline, app.state.metrics = pipeline, metrics
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def unknown_model(model: str) -> JSONResponse:
+        return error(404, f"unknown model {model!r}; this gateway serves {name!r}")
+
+    def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "datatype": datatype(spec.dtype),
+                "shape": public_shape(spec, batching)}
+
+    async def ready_response() -> JSONResponse:
+        problem = await pipeline.probe()
+        metrics.pipeline_up.labels(name).set(problem is None)
+        if problem is not None:
+            return JSONResponse({"ready": False, "error": problem}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    @app.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        return await ready_response()
+
+    @app.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        return JSONResponse({"name": "smlaas", "version": smlaas.__version__,
+                             "extensions": ["binary_tensor_data", "smlaas_attestation"]})
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> JSONResponse:
+        problem = await pipeline.probe()
+        return JSONResponse([{"name": name, "version": "1",
+                              "state": "READY" if problem is None else "UNAVAILABLE"}])
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str = "1") -> JSONResponse:
+        if model != name:
+            return unknown_model(model)
+        try:
+            specs = await pipeline.model_specs()
+        except Unavailable as err:
+            return error(503, f"model {name!r} is not ready: {err}")
+        return JSONResponse({"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                             "inputs": [tensor_metadata(s) for s in specs.inputs],
+                             "outputs": [tensor_metadata(s) for s in specs.outputs]})
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "1") -> JSONResponse:
+        return unknown_model(model) if model != name else await ready_response()
+
+    @app.get("/v2/models/{model}/config")
+    async def model_config(model: str) -> JSONResponse:
+        if model != name:
+            return unknown_model(model)
+        config: dict[str, Any] = {"name": name, "platform": "onnxruntime_onnx",
+                                  "max_batch_size": settings.max_batch_size}
+        if batching:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": settings.max_queue_delay_us}
+        return JSONResponse(config)
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str = "1") -> Response:
+        started = time.perf_counter()
+        response = await handle_infer(model, request)
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    async def handle_infer(model: str, request: Request) -> Response:
+        if model != name:
+            return unknown_model(model)
+        try:
+            specs = await pipeline.model_specs()
+            body = await read_body(request, settings.max_body_bytes)
+            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
+                                         specs.inputs, specs.outputs,
+                                         max_batch_size=settings.max_batch_size)
+        except BadRequest as err:
+            metrics.errors.labels(name, Status.BAD_INPUT).inc()
+            return error(400, str(err))
+        except Unavailable as err:
+            metrics.errors.labels(name, Status.UNAVAILABLE).inc()
+            return error(503, f"model {name!r} is not ready: {err}")
+        metrics.queue_depth.labels(name).set(batcher.queue_depth)
+        try:
+            reply = await asyncio.wait_for(batcher.submit(parsed.inputs, parsed.batch),
+                                           settings.request_timeout_s)
+        except TimeoutError:
+            reply = error_reply("", Status.DEADLINE, f"no result within "
+                                                     f"{settings.request_timeout_s:.0f} s")
+        if "error" in reply.meta:
+            status = str(reply.meta.get("status", Status.INTERNAL))
+            metrics.errors.labels(name, status).inc()
+            return error(HTTP_STATUS.get(status, 500), str(reply.meta["error"]))
+        metrics.record_stages(name, list(reply.meta.get("stage_ms", [])))
+        missing = [o for o in parsed.outputs or [] if o not in reply.tensors]
+        if missing:
+            return error(500, f"the pipeline returned no {missing}")
+        content, headers = encode_infer_response(name, parsed, reply.tensors)
+        return Response(content, headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.labels(name).set(batcher.queue_depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v2/smlaas/attestation")
+    async def attestation() -> JSONResponse:
+        if evidence is None:
+            return error(404, "this gateway has no attestation evidence")
+        return JSONResponse(evidence)
+
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BadRequest(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

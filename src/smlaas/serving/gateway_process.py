@@ -1,0 +1,72 @@
+"""The ``smlaas gateway`` process: enrol as role ``gateway``, prepare attestation evidence
+for its HTTPS key, and serve the app under uvicorn until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.enclave.backends.base import EnclaveBackend
+from smlaas.serving.enrol import create_backend, enrol, role_config
+from smlaas.serving.gateway import GatewaySettings, create_app
+from smlaas.serving.link import Link
+from smlaas.transport.tls import client_context
+
+logger = logging.getLogger(__name__)
+
+
+def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+                          ).digest()
+
+
+def attestation_evidence(backend: EnclaveBackend, key: ec.EllipticCurvePrivateKey,
+                         certificate_pem: str, ca_pem: str) -> dict[str, Any]:
+    """The gateway's quote, whose report_data is SHA-256 of its HTTPS key (SPKI DER)."""
+    report_data = spki_sha256(key.public_key())
+    return {"role": GATEWAY_ROLE, "simulated": backend.simulated,
+            "quote": base64.b64encode(backend.quote(report_data)).decode(),
+            "collateral": backend.collateral_json(), "certificate": certificate_pem,
+            "ca": ca_pem, "report_data": report_data.hex(),
+            "binding": "report_data = SHA-256(SubjectPublicKeyInfo DER of the certificate)"}
+
+
+def run_gateway(*, coordinator: tuple[str, int], first_stage: tuple[str, int],
+                listen: tuple[str, int], backend: str, coordinator_mrenclave: str,
+                settings: GatewaySettings) -> None:
+    enclave = create_backend(backend, GATEWAY_ROLE, role_config(coordinator_mrenclave))
+    hosts = sorted({listen[0], "localhost", "127.0.0.1"} - {"0.0.0.0", "::"})
+    registration = enrol(coordinator, role=GATEWAY_ROLE, backend=enclave,
+                         coordinator_mrenclave=coordinator_mrenclave, hosts=hosts)
+    identity = (registration.certificate_pem, registration.key, registration.ca_pem)
+    link = Link(stage_role(0), *first_stage, client_context(*identity))
+    app = create_app(settings, link, evidence=attestation_evidence(
+        enclave, registration.key, registration.certificate_pem, registration.ca_pem))
+    # uvicorn reads the key from a file: write it to a private directory, load the TLS
+    # context, remove it (inside an enclave this directory is Gramine's in-memory tmpfs).
+    with tempfile.TemporaryDirectory(prefix="smlaas-gateway-") as private:
+        os.chmod(private, 0o700)
+        cert_file, key_file = Path(private) / "cert.pem", Path(private) / "key.pem"
+        cert_file.write_text(registration.certificate_pem + registration.ca_pem)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(registration.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+        config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
+                                ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
+                                access_log=False, timeout_graceful_shutdown=5)
+        config.load()
+    logger.info("gateway serving %s on https://%s:%d", settings.model_name, *listen)
+    uvicorn.Server(config).run()

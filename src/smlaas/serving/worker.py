@@ -1,0 +1,210 @@
+"""A stage worker: one stage's ONNX Runtime session behind a mutual-TLS server.
+
+Requests arrive from the previous role (the gateway for stage 0) on a TLS stream; the stage
+runs them one at a time on its session, in arrival order, while the requests before them are
+already in the next stages (pipelining). Queues are bounded: when ``queue_size`` requests wait
+here, the worker stops reading its upstream connection and TCP pushes back; at most
+``queue_size`` requests are in flight downstream. Every reply, success or error, goes back on
+the connection the request came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
+from smlaas.errors import AttestationError, ProfileError
+from smlaas.export.batching import relax_batch_dim
+from smlaas.export.chain import StageRunner
+from smlaas.export.sealed_build import unseal_stage
+from smlaas.serving.enrol import create_backend, enrol, role_config
+from smlaas.serving.link import Link
+from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
+from smlaas.transport.framing import ProtocolError
+from smlaas.transport.streams import STREAM_LIMIT, read_message, write_reply
+from smlaas.transport.tensors import TensorMessage
+from smlaas.transport.tls import client_context, peer_role, server_context
+
+logger = logging.getLogger(__name__)
+
+
+def load_stage(build_dir: Path, index: int, key: bytes, *, threads: int
+               ) -> tuple[StageRunner, onnx.ModelProto]:
+    """Unseals stage ``index`` (in memory only) and opens its session at any batch size;
+    returns the session and the stage as planned (whose shapes the gateway checks against)."""
+    model = onnx.load_model_from_string(unseal_stage(build_dir, index, key))
+    return StageRunner(relax_batch_dim(model), threads=threads, label=f"stage {index}"), model
+
+
+def tensor_specs(values: Any) -> list[dict[str, Any]]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        specs.append(TensorSpec(value.name, dtype, dims).to_dict())
+    return specs
+
+
+class StageWorker:
+    def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
+                 server_context: ssl.SSLContext, upstream_role: str,
+                 next_link: Link | None, queue_size: int = 4) -> None:
+        self.index, self.runner = index, runner
+        self.upstream_role = upstream_role
+        self._server_context = server_context
+        self._next = next_link
+        self._inputs, self._outputs = tensor_specs(model.graph.input), \
+            tensor_specs(model.graph.output)
+        self._queue_size = queue_size
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-run")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, host: str, port: int, *, stop: asyncio.Event) -> None:
+        self._queue: asyncio.Queue[tuple[TensorMessage, _Upstream]] = asyncio.Queue(
+            self._queue_size)
+        self._downstream_slots = asyncio.Semaphore(self._queue_size)
+        runner = asyncio.create_task(self._run_forever())
+        server = await asyncio.start_server(self._handle, host, port, ssl=self._server_context,
+                                            limit=STREAM_LIMIT)
+        logger.info("stage %d serving on %s:%d", self.index, host, port)
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            runner.cancel()
+            if self._next is not None:
+                await self._next.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        role = peer_role(ssl_object) if ssl_object is not None else None
+        if role != self.upstream_role:
+            logger.warning("stage %d refused a connection from %s (expected %s)", self.index,
+                           role, self.upstream_role)
+            writer.close()
+            return
+        upstream = _Upstream(writer)
+        try:
+            while True:
+                message = await read_message(reader)
+                if message.meta.get("op") == DESCRIBE:
+                    self._spawn(self._describe(message, upstream))
+                else:
+                    await self._queue.put((message, upstream))  # full: stop reading
+        except (EOFError, OSError, ssl.SSLError) as err:
+            logger.debug("upstream connection closed: %s", err)
+        except ProtocolError as err:
+            logger.warning("stage %d dropped a connection from %s: %s", self.index, role, err)
+        finally:
+            writer.close()
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message, upstream = await self._queue.get()
+            if expired(message.meta):
+                await upstream.send(error_reply(message.request_id, Status.DEADLINE,
+                                                f"deadline passed before stage {self.index}"))
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.runner.run,
+                                                     message.tensors)
+            except ProfileError as err:
+                await upstream.send(error_reply(message.request_id, Status.BAD_INPUT,
+                                                f"stage {self.index}: {err}"))
+                continue
+            meta = dict(message.meta)
+            meta["stage_ms"] = [*meta.get("stage_ms", []),
+                                round((time.perf_counter() - started) * 1e3, 3)]
+            if self._next is None:
+                await upstream.send(TensorMessage(message.request_id, outputs, meta))
+            else:
+                await self._downstream_slots.acquire()
+                self._spawn(self._forward(message.request_id, outputs, meta, upstream))
+
+    async def _forward(self, request_id: str, outputs: dict[str, np.ndarray],
+                       meta: dict[str, Any], upstream: _Upstream) -> None:
+        assert self._next is not None
+        try:
+            reply = await self._next.request(outputs, meta, request_id=request_id)
+        finally:
+            self._downstream_slots.release()
+        await upstream.send(reply)
+
+    async def _describe(self, message: TensorMessage, upstream: _Upstream) -> None:
+        if self._next is None:
+            reply = TensorMessage(message.request_id, {}, {"outputs": self._outputs,
+                                                           "stages": []})
+        else:
+            reply = await self._next.request({}, dict(message.meta),
+                                             request_id=message.request_id)
+        if "error" not in reply.meta:
+            reply.meta["inputs"] = self._inputs
+            reply.meta["stages"] = [self.index, *reply.meta.get("stages", [])]
+        await upstream.send(reply)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _Upstream:
+    """Replies to one upstream connection; a dead connection drops them (its requester has
+    already failed them)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._lock = asyncio.Lock()
+
+    async def send(self, message: TensorMessage) -> None:
+        if self._writer.is_closing():
+            return
+        async with self._lock:
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                write_reply(self._writer, message)
+                await asyncio.wait_for(self._writer.drain(), 30.0)
+
+
+def run_worker(*, coordinator: tuple[str, int], role: str, build_dir: Path,
+               listen: tuple[str, int], next_address: tuple[str, int] | None, backend: str,
+               coordinator_mrenclave: str, threads: int, queue_size: int = 4) -> None:
+    """The ``smlaas worker`` process: enrol, unseal, serve until SIGTERM or SIGINT."""
+    index = stage_index(role)
+    enclave = create_backend(backend, role, role_config(coordinator_mrenclave))
+    registration = enrol(coordinator, role=role, backend=enclave,
+                         coordinator_mrenclave=coordinator_mrenclave, hosts=[])
+    if registration.stage_key is None:
+        raise AttestationError(f"the coordinator released no key for {role}")
+    runner, model = load_stage(build_dir, index, registration.stage_key, threads=threads)
+    identity = (registration.certificate_pem, registration.key, registration.ca_pem)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        next_link = None if next_address is None else Link(
+            stage_role(index + 1), *next_address, client_context(*identity))
+        worker = StageWorker(index=index, runner=runner, model=model,
+                             server_context=server_context(*identity),
+                             upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
+                             next_link=next_link, queue_size=queue_size)
+        await worker.serve(*listen, stop=stop)
+
+    asyncio.run(main())
