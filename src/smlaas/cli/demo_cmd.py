@@ -19,8 +19,7 @@ from smlaas.client import InferenceClient
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.enclave import INTEL_ROOT, Policy
-from smlaas.enclave.backends.sim import SimBackend
+from smlaas.enclave import Policy
 from smlaas.enclave.measurement import measure
 from smlaas.errors import VerificationError
 from smlaas.export.sealed_build import seal_build
@@ -85,15 +84,14 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
                        threads: int) -> list[list[str]]:
     source, shapes = open_model(model)
     inputs = random_inputs(source.model, {k: tuple(v) for k, v in shapes.items()})
-    whole = create_session(source.model, threads=threads)
+    whole = create_session(source.model, threads=threads, serving=True)
     expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, inputs)))
     started = time.perf_counter()
     launcher = LocalLauncher(settings.state_dir / "logs")
     with Deployment(settings, launcher, progress=lambda line: console.print(f"  {line}")) as dep:
         ready_s = time.perf_counter() - started
         with InferenceClient(dep.url, ca=dep.ca_path) as client:
-            verdict = client.attest(_gateway_policy(), [INTEL_ROOT,
-                                                        SimBackend("gateway").trusted_root])
+            verdict = client.attest(_gateway_policy(), dep.trusted_roots)
             console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
                           f"(SIMULATED), its quote binds the HTTPS key of this connection")
             outputs = client.infer(inputs)

@@ -27,7 +27,7 @@ from smlaas.coordinator.manifest import GATEWAY_ROLE, Manifest, stage_role
 from smlaas.deploy.launchers import Launcher, ProcessSpec
 from smlaas.enclave.measurement import measure
 from smlaas.enclave.sealing import OwnerKeys
-from smlaas.enclave.verification import INTEL_ROOT
+from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
 from smlaas.errors import AttestationError, ConfigError, DeployError
 from smlaas.export.batching import batching_problem
 from smlaas.export.build_dir import PLAN_FILE, read_plan, stage_paths
@@ -72,6 +72,8 @@ class Deployment:
         self.ca_path = settings.state_dir / "ca.pem"
         self.max_batch_size = 0
         self.batching_note = ""
+        self.trusted_roots: list[TrustedRoot] = [INTEL_ROOT]
+        """Roots the owner verifies quotes against (plus the simulation root for sim)."""
 
     @property
     def model_name(self) -> str:
@@ -97,12 +99,10 @@ class Deployment:
         self._check_build()
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.max_batch_size, self.batching_note = self._batching()
-        roots = [INTEL_ROOT]
         if s.backend == "sim":  # create the simulation PKI before any process races to
             from smlaas.enclave.backends.sim import SimBackend
 
-            roots.append(SimBackend(COORDINATOR_ROLE).trusted_root)
-        self._roots = roots
+            self.trusted_roots = [INTEL_ROOT, SimBackend(COORDINATOR_ROLE).trusted_root]
         coordinator_mr = self._measurement(COORDINATOR_ROLE) if s.backend != "sim" else \
             sim_coordinator_mrenclave()
         coordinator = self.launcher.reserve(COORDINATOR_ROLE)
@@ -209,7 +209,7 @@ class Deployment:
     def _attest_coordinator(self, address: tuple[str, int], mrenclave: str,
                             deadline_s: float = 60.0) -> CoordinatorClient:
         simulated = self.settings.backend == "sim"
-        client = CoordinatorClient(*address, roots=self._roots,
+        client = CoordinatorClient(*address, roots=self.trusted_roots,
                                    policy=coordinator_policy(mrenclave, simulated=simulated))
         end = time.monotonic() + deadline_s
         while True:

@@ -17,10 +17,11 @@ class StageRunner:
     """One stage's ONNX Runtime session with its declared inputs and outputs."""
 
     def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int,
-                 optimization: Optimization = Optimization.ALL, label: str = "stage") -> None:
+                 optimization: Optimization = Optimization.ALL, label: str = "stage",
+                 serving: bool = False) -> None:
         self.label = label
-        self.session: ort.InferenceSession = create_session(model, threads=threads,
-                                                            optimization=optimization)
+        self.session: ort.InferenceSession = create_session(
+            model, threads=threads, optimization=optimization, serving=serving)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 

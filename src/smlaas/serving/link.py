@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import numpy as np
@@ -125,3 +125,13 @@ class Link:
 
 def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Runs ``main`` on uvloop when it is installed (faster TLS streams), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

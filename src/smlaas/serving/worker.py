@@ -30,7 +30,7 @@ from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
 from smlaas.serving.enrol import create_backend, enrol, role_config
-from smlaas.serving.link import Link
+from smlaas.serving.link import Link, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import STREAM_LIMIT, read_message, write_reply
@@ -45,7 +45,8 @@ def load_stage(build_dir: Path, index: int, key: bytes, *, threads: int
     """Unseals stage ``index`` (in memory only) and opens its session at any batch size;
     returns the session and the stage as planned (whose shapes the gateway checks against)."""
     model = onnx.load_model_from_string(unseal_stage(build_dir, index, key))
-    return StageRunner(relax_batch_dim(model), threads=threads, label=f"stage {index}"), model
+    return StageRunner(relax_batch_dim(model), threads=threads, label=f"stage {index}",
+                       serving=True), model
 
 
 def tensor_specs(values: Any) -> list[dict[str, Any]]:
@@ -207,4 +208,4 @@ def run_worker(*, coordinator: tuple[str, int], role: str, build_dir: Path,
                              next_link=next_link, queue_size=queue_size)
         await worker.serve(*listen, stop=stop)
 
-    asyncio.run(main())
+    run_event_loop(main())

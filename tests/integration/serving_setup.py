@@ -1,0 +1,73 @@
+"""A real deployment for serving tests: resnet18 in 3 stages, sealed, deployed with the local
+launcher and the sim backend over 127.0.0.1 (real processes, TLS, quotes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from smlaas.coordinator.server import free_port
+from smlaas.deploy.deployment import Deployment, DeploySettings
+from smlaas.deploy.launchers import Launcher, LocalLauncher
+from smlaas.export.sealed_build import seal_build
+from smlaas.partition import PlanOptions, partition
+from smlaas.plan import Planner, preset
+from smlaas.profile import ProfileSettings
+from smlaas.profile.session import create_session
+from smlaas.zoo import build_model
+
+MODEL = "resnet18"
+
+
+@contextlib.contextmanager
+def cache_env(root: Path) -> Iterator[None]:
+    """Child processes and this one share one isolated smlaas cache (sim PKI included)."""
+    previous = os.environ.get("SMLAAS_CACHE_DIR")
+    os.environ["SMLAAS_CACHE_DIR"] = str(root)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SMLAAS_CACHE_DIR", None)
+        else:
+            os.environ["SMLAAS_CACHE_DIR"] = previous
+
+
+def sealed_build(root: Path, *, machines: int = 3) -> tuple[Path, Path]:
+    build, keys = root / "build", root / "owner-keys.json"
+    partition(MODEL, build, cost_model=preset("sgx1"),
+              options=PlanOptions(Planner.DP_THROUGHPUT, machines, True),
+              settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2), verify=False)
+    seal_build(build, keys)
+    return build, keys
+
+
+def deployment(root: Path, build: Path, keys: Path, *, launcher: Launcher | None = None,
+               max_batch_size: int | None = None) -> Deployment:
+    state = root / f"state-{free_port()}"
+    settings = DeploySettings(build_dir=build, keys_path=keys, state_dir=state,
+                              port=free_port(), threads=1, max_batch_size=max_batch_size,
+                              max_queue_delay_us=2000, ready_timeout_s=90)
+    return Deployment(settings, launcher or LocalLauncher(state / "logs"))
+
+
+def whole_model_outputs(x: np.ndarray) -> np.ndarray:
+    session = create_session(build_model(MODEL), threads=1)
+    return np.asarray(session.run(None, {"input": x})[0])
+
+
+def random_image(seed: int = 0, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+
+
+def stage_count(build: Path) -> int:
+    return len(list(build.glob("stage_*.onnx")))
+
+
+def load_stage(build: Path, index: int) -> onnx.ModelProto:
+    return onnx.load(str(build / f"stage_{index}.onnx"))

@@ -1,0 +1,86 @@
+"""Dynamic batching: stacking, splitting, limits; and which models can be batched at all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from smlaas.export.batching import batching_problem, relax_batch_dim
+from smlaas.serving.batcher import BatchStats, DynamicBatcher
+from smlaas.serving.protocol import Status, error_reply
+from smlaas.transport.tensors import TensorMessage
+from tests.models import chain_model
+
+
+def run_batcher(requests: list[np.ndarray], *, max_batch_size: int, fail: bool = False
+                ) -> tuple[list[TensorMessage], list[int]]:
+    seen: list[int] = []
+
+    async def pipeline(inputs: dict[str, np.ndarray]) -> TensorMessage:
+        seen.append(len(inputs["x"]))
+        await asyncio.sleep(0.01)
+        if fail:
+            return error_reply("", Status.UNAVAILABLE, "stage-1 is unavailable")
+        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+
+    async def main() -> list[TensorMessage]:
+        stats: list[BatchStats] = []
+        batcher = DynamicBatcher(pipeline, max_batch_size=max_batch_size,
+                                 max_queue_delay_us=20_000, max_inflight=1,
+                                 on_batch=stats.append)
+        batcher.start()
+        replies = await asyncio.gather(*(batcher.submit({"x": x}, len(x)) for x in requests))
+        await batcher.stop()
+        assert sum(s.requests for s in stats) == len(requests)
+        return list(replies)
+
+    return asyncio.run(main()), seen
+
+
+def test_requests_are_stacked_and_split_back_in_order() -> None:
+    requests = [np.full((1 + i % 2, 3), i, np.float32) for i in range(10)]
+    replies, seen = run_batcher(requests, max_batch_size=4)
+    for x, reply in zip(requests, replies):
+        np.testing.assert_array_equal(reply.tensors["y"], x * 2)
+    assert max(seen) <= 4 and len(seen) < len(requests)  # batched, within the limit
+    assert sum(seen) == sum(len(x) for x in requests)
+
+
+def test_without_a_batch_dimension_every_request_travels_alone() -> None:
+    replies, seen = run_batcher([np.ones((1, 3), np.float32)] * 5, max_batch_size=0)
+    assert seen == [1] * 5 and all("error" not in r.meta for r in replies)
+
+
+def test_a_failed_batch_fails_every_request_in_it() -> None:
+    replies, _ = run_batcher([np.ones((1, 3), np.float32)] * 4, max_batch_size=4, fail=True)
+    assert all(r.meta["status"] == Status.UNAVAILABLE for r in replies)
+
+
+def test_batchable_chain_passes_the_probe() -> None:
+    model = chain_model()
+    inputs = {"x": np.ones((1, 8), np.float32)}
+    assert batching_problem([model], inputs) is None
+
+
+def test_reshape_to_a_constant_batch_of_one_is_detected() -> None:
+    shape = numpy_helper.from_array(np.array([1, 6], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="flat")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    problem = batching_problem([model], {"x": np.ones((1, 2, 3), np.float32)})
+    assert problem is not None and "batch 2" in problem
+
+
+def test_relaxed_model_has_a_symbolic_batch_and_no_fixed_intermediates() -> None:
+    model = chain_model()
+    model.graph.value_info.append(helper.make_tensor_value_info("m0", TensorProto.FLOAT, [1, 8]))
+    relaxed = relax_batch_dim(model)
+    assert relaxed.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert len(relaxed.graph.value_info) == 0 and len(model.graph.value_info) == 1
+    onnx.checker.check_model(relaxed)
