@@ -55,6 +55,7 @@ class Launcher(Protocol):
 class _Supervised:
     def __init__(self, spec: ProcessSpec, log_path: Path) -> None:
         self.spec, self.log_path = spec, log_path
+        self.env = {**os.environ, **spec.env}  # a restart runs exactly as the first start
         self.restarts = 0
         self.gave_up: str | None = None
         self.process = self._spawn()
@@ -64,7 +65,7 @@ class _Supervised:
         try:
             return subprocess.Popen([sys.executable, "-m", "smlaas", *self.spec.argv],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **self.spec.env}, start_new_session=True)
+                                    env=self.env, start_new_session=True)
         finally:
             log.close()
 
