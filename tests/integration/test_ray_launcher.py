@@ -1,0 +1,48 @@
+"""The ray launcher on a local Ray cluster: actors on `sgx` nodes start the same processes,
+the pipeline serves correct answers, and a killed worker is restarted by its actor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from smlaas.client import InferenceClient
+from tests.integration.serving_setup import (
+    cache_env,
+    deployment,
+    random_image,
+    sealed_build,
+    whole_model_outputs,
+)
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+def test_ray_launcher_serves_and_restarts(tmp_path) -> None:
+    from smlaas.deploy.ray_launcher import RayLauncher
+
+    with cache_env(tmp_path / "cache"):
+        build, keys = sealed_build(tmp_path)
+        launcher = RayLauncher(tmp_path / "ray-logs")
+        try:
+            assert ray.cluster_resources().get("sgx", 0) >= 1
+            with deployment(tmp_path, build, keys, launcher=launcher) as running:
+                x = random_image(11)
+                with InferenceClient(running.url, ca=running.ca_path) as client:
+                    got = client.infer({"input": x})["fc"]
+                np.testing.assert_allclose(got, whole_model_outputs(x), rtol=1e-4, atol=1e-5)
+                assert all(launcher.node_of(name) for name in ("stage-0", "gateway"))
+                os.kill(launcher.pid("stage-1"), signal.SIGKILL)
+                end = time.monotonic() + 10
+                while launcher.restarts()["stage-1"] == 0 and time.monotonic() < end:
+                    time.sleep(0.1)
+                assert launcher.restarts()["stage-1"] == 1
+                running.wait_ready(timeout_s=10)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
