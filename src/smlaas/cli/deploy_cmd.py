@@ -44,6 +44,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
               help="Dynamic batching limit (default: 8 if the stages batch correctly; 0 off).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
               show_default=True)
+@click.option("--max-inflight", type=click.IntRange(min=1),
+              help="Batches in the pipeline at once (default: stages + 1).")
 @click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
               help="JSON role -> MRENCLAVE (gramine backend).")
 @click.option("--ray-address", help="Ray cluster to join (default: start a local one).")
@@ -52,8 +54,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
 def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: str, port: int,
            state_dir: str | None, threads: int | None, max_batch_size: int | None,
-           max_queue_delay_us: int, measurements: str | None, ray_address: str | None,
-           k8s_out: str | None, ready_timeout: float) -> int:
+           max_queue_delay_us: int, max_inflight: int | None, measurements: str | None,
+           ray_address: str | None, k8s_out: str | None, ready_timeout: float) -> int:
     """Serve BUILD_DIR: coordinator, one worker per stage, gateway; Ctrl-C stops all."""
     if k8s_out:
         from smlaas.deploy.k8s import write_manifests
@@ -67,7 +69,8 @@ def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: st
     settings = DeploySettings(
         build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state, backend=backend,
         host=host, port=port, max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us, ready_timeout_s=ready_timeout,
+        max_queue_delay_us=max_queue_delay_us, max_inflight=max_inflight,
+        ready_timeout_s=ready_timeout,
         measurements=read_measurements(Path(measurements)) if measurements else None,
         **({"threads": threads} if threads else {}))
     if backend == "sim":

@@ -72,6 +72,8 @@ class Deployment:
         self.ca_path = settings.state_dir / "ca.pem"
         self.max_batch_size = 0
         self.batching_note = ""
+        self.ready_s = 0.0
+        """Seconds from start() to ready (coordinator, manifest, workers, gateway)."""
         self.trusted_roots: list[TrustedRoot] = [INTEL_ROOT]
         """Roots the owner verifies quotes against (plus the simulation root for sim)."""
 
@@ -95,6 +97,7 @@ class Deployment:
         self.stop()
 
     def start(self) -> None:
+        started = time.monotonic()
         s = self.settings
         self._check_build()
         s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +136,7 @@ class Deployment:
             "--max-inflight", str(inflight), *common]))
         self.url = f"https://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
         self.wait_ready(s.ready_timeout_s)
+        self.ready_s = time.monotonic() - started
         self.progress(f"ready: {self.url} (CA {self.ca_path})")
 
     def wait_ready(self, timeout_s: float) -> float:
