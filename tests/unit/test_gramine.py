@@ -50,3 +50,29 @@ def test_attestation_file_protocol(tmp_path: Path) -> None:
 def test_outside_gramine_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AttestationError, match="not running inside a Gramine"):
         GramineBackend("stage-0", attestation_dir=tmp_path)
+
+
+def test_collateral_comes_from_the_configured_pccs_for_the_last_quote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smlaas.enclave.backends import gramine
+
+    (tmp_path / "quote").write_bytes(b"QUOTE")
+    (tmp_path / "user_report_data").write_bytes(b"")
+    backend = GramineBackend("stage-0", attestation_dir=tmp_path)
+    with pytest.raises(AttestationError, match="no quote"):
+        backend.collateral_json()
+    asked = []
+
+    class Collateral:
+        def to_json(self) -> str:
+            return "{}"
+
+    def fake_fetch(url: str, raw: bytes) -> Collateral:
+        asked.append((url, raw))
+        return Collateral()
+
+    monkeypatch.setattr(gramine, "fetch_collateral", fake_fetch)
+    monkeypatch.setenv("SMLAAS_PCCS_URL", "https://pccs.example/sgx/certification/v4/")
+    backend.quote(b"x")
+    assert backend.collateral_json() == "{}"
+    assert asked == [("https://pccs.example/sgx/certification/v4/", b"QUOTE")]

@@ -86,6 +86,7 @@ def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: st
                       f"  URL  {deployment.url}\n  CA   {deployment.ca_path}\n"
                       f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
                       f"--input x.npy\n  Ctrl-C to stop")
+        console.file.flush()  # whoever reads a pipe needs the URL now, not at exit
         try:
             while True:
                 time.sleep(1.0)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import sys
 import sysconfig
 from pathlib import Path
 
-from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
+from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot, fetch_collateral
 from smlaas.errors import AttestationError, ConfigError
 
 ATTESTATION_DIR = Path("/dev/attestation")
@@ -27,6 +28,8 @@ MIB = 1024 * 1024
 # enclave size (virtual, not EPC); measure on hardware and adjust.
 RUNTIME_ALLOWANCE_MIB = 512
 MIN_ENCLAVE_MIB = 1024
+PCCS_URL_ENV = "SMLAAS_PCCS_URL"
+DEFAULT_PCCS_URL = "https://localhost:8081/sgx/certification/v4/"
 
 
 class GramineBackend:
@@ -37,6 +40,7 @@ class GramineBackend:
     def __init__(self, role: str, *, attestation_dir: Path = ATTESTATION_DIR) -> None:
         self.role = role
         self.attestation_dir = attestation_dir
+        self._last_quote: bytes | None = None
         if not (attestation_dir / "quote").exists():
             raise AttestationError(f"{attestation_dir}/quote does not exist: not running inside "
                                    f"a Gramine SGX enclave with sgx.remote_attestation = "
@@ -54,11 +58,16 @@ class GramineBackend:
         if len(report_data) > 64:
             raise AttestationError(f"report_data is at most 64 bytes, got {len(report_data)}")
         (self.attestation_dir / "user_report_data").write_bytes(report_data.ljust(64, b"\0"))
-        return (self.attestation_dir / "quote").read_bytes()
+        self._last_quote = (self.attestation_dir / "quote").read_bytes()
+        return self._last_quote
 
     def collateral_json(self) -> str:
-        raise AttestationError("fetching collateral from a PCCS is not implemented yet; pass "
-                               "collateral explicitly")
+        """Collateral for the last quote, from the PCCS named by ``SMLAAS_PCCS_URL`` (default:
+        the local PCCS of Intel's DCAP quote provider library)."""
+        if self._last_quote is None:
+            raise AttestationError("no quote has been made yet to fetch collateral for")
+        url = os.environ.get(PCCS_URL_ENV, DEFAULT_PCCS_URL)
+        return str(fetch_collateral(url, self._last_quote).to_json())
 
     def sealing_key(self, label: str) -> bytes:
         base = (self.attestation_dir / "keys" / "_sgx_mrenclave").read_bytes()

@@ -1,0 +1,88 @@
+"""`smlaas demo`, `deploy` and `infer` as a user runs them: real processes, Ctrl-C, files."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smlaas.coordinator.server import free_port
+from tests.conftest import cli_env
+from tests.integration.serving_setup import random_image, whole_model_outputs
+from tests.integration.test_cli import smlaas
+
+DEPLOY_TIMEOUT_S = 120
+
+
+def test_demo_serves_and_matches_the_whole_model(tmp_path: Path) -> None:
+    result = smlaas("demo", "--model", "resnet18", "--machines", "3", "--requests", "2",
+                    "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the pipeline's output equals the whole model's output" in result.stdout
+    assert "SIMULATED" in result.stdout and "stopped the deployment" in result.stdout
+
+
+def test_deploy_infer_and_ctrl_c(tmp_path: Path) -> None:
+    smlaas("partition", "--model", "resnet18", "--build-dir", "B", "--planner",
+           "dp-throughput", "--machines", "3", "--runs", "1", "--no-verify", cwd=tmp_path,
+           check=True)
+    smlaas("seal", "B", "--keys", "keys.json", cwd=tmp_path, check=True)
+    port = free_port()
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "smlaas", "deploy", "B", "--keys", "keys.json", "--port",
+         str(port), "--state-dir", "state", "--threads", "1"], cwd=tmp_path,
+        env=cli_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        banner = _read_until(deploy, "Ctrl-C to stop")
+        assert f"https://127.0.0.1:{port}" in banner and "state/ca.pem" in banner
+        x = random_image(4)
+        np.save(tmp_path / "x.npy", x)
+        result = smlaas("infer", "--url", f"https://127.0.0.1:{port}", "--ca", "state/ca.pem",
+                        "--input", "x.npy", "--output", "y.npy", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), whole_model_outputs(x),
+                                   rtol=1e-4, atol=1e-5)
+        bad = smlaas("infer", "--url", f"https://127.0.0.1:{port}", "--ca", "state/ca.pem",
+                     "--input", "x.npy", "--json", "--model", "nope", cwd=tmp_path)
+        assert bad.returncode != 0 and "unknown model 'nope'" in bad.stderr
+    finally:
+        deploy.send_signal(signal.SIGINT)
+        out, err = deploy.communicate(timeout=60)
+    assert deploy.returncode == 0, err
+    assert "stopped" in out
+    # Every process of the deployment is gone: nothing answers on the gateway's port.
+    assert subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/v2/health/live"],
+                          capture_output=True).returncode != 0
+
+
+def test_deploy_refuses_keys_of_another_build(tmp_path: Path) -> None:
+    smlaas("partition", "--model", "resnet18", "--build-dir", "B", "--runs", "1",
+           "--no-verify", cwd=tmp_path, check=True)
+    smlaas("seal", "B", "--keys", "keys.json", cwd=tmp_path, check=True)
+    (tmp_path / "B" / "plan.json").write_text(
+        (tmp_path / "B" / "plan.json").read_text().replace('"planner"', '"planner" ', 1))
+    result = smlaas("deploy", "B", "--keys", "keys.json", cwd=tmp_path)
+    assert result.returncode == 2 and "belongs to another build" in result.stderr
+    written = smlaas("deploy", "B", "--keys", "keys.json", "--k8s-out", "k8s", "--backend",
+                     "gramine", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "k8s" / "stage-0.yaml").is_file()
+
+
+def _read_until(process: subprocess.Popen[str], marker: str) -> str:
+    assert process.stdout is not None
+    seen, end = [], time.monotonic() + DEPLOY_TIMEOUT_S
+    while time.monotonic() < end:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"deploy exited early:\n{''.join(seen)}\n"
+                                 f"{process.stderr.read() if process.stderr else ''}")
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} within {DEPLOY_TIMEOUT_S} s:\n{''.join(seen)}")
