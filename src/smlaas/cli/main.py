@@ -35,6 +35,7 @@ def cli(verbose: int) -> None:
 def _register_commands() -> None:
     from smlaas.cli import (
         attest_cmds,
+        bench_cmds,
         calibrate_cmd,
         coordinator_cmd,
         demo_cmd,
@@ -63,6 +64,7 @@ def _register_commands() -> None:
     cli.add_command(serve_cmds.gateway)
     cli.add_command(deploy_cmd.deploy)
     cli.add_command(infer_cmd.infer)
+    cli.add_command(bench_cmds.bench)
 
 
 _register_commands()

@@ -45,7 +45,23 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
         if not fold_shape_computations(prepared, _static_shapes(prepared)):
             break
         _infer_shapes(prepared)
+    if _produce_constant_outputs(graph):
+        _infer_shapes(prepared)
     return prepared
+
+
+def _produce_constant_outputs(graph: onnx.GraphProto) -> bool:
+    """A graph output that folding turned into an initializer (a Shape of a static tensor, a
+    Constant) gets produced again by an Identity at the end, so that every output comes from
+    a node and can leave a stage like any other tensor."""
+    initializers = {t.name: t for t in graph.initializer}
+    constant_outputs = [o.name for o in graph.output if o.name in initializers]
+    for name in constant_outputs:
+        source = f"{name}__constant"
+        initializers[name].name = source
+        graph.node.append(helper.make_node("Identity", [source], [name],
+                                           name=f"{name}__constant_output"))
+    return bool(constant_outputs)
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

@@ -15,9 +15,11 @@ from smlaas.profile.session import Optimization, create_session, run_session
 
 
 def observe_tensors(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
-                    names: Sequence[str], *, threads: int) -> dict[str, TensorInfo]:
-    """Runs the model once on seeded inputs with ``names`` exposed as outputs and returns
-    their element types and shapes.
+                    names: Sequence[str], *, threads: int,
+                    feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, TensorInfo]:
+    """Runs the model once on ``feeds`` (default: seeded inputs) with ``names`` exposed as
+    outputs and returns their element types and shapes (data-dependent shapes, e.g. of
+    NonZero, are those of these inputs).
 
     Raises:
         ModelError: the model cannot run with those input shapes.
@@ -31,7 +33,8 @@ def observe_tensors(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
     try:
         session = create_session(probe, threads=threads, optimization=Optimization.BASIC)
-        results = run_session(session, random_inputs(model, input_shapes), list(names))
+        results = run_session(session, feeds if feeds is not None else
+                              random_inputs(model, input_shapes), list(names))
     except ProfileError as err:
         raise ModelError(f"the model does not run with input shapes {dict(input_shapes)}: "
                          f"{err}") from err

@@ -1,0 +1,1 @@
+"""Conformance: ONNX's own backend test suite run through the partitioned chain."""
