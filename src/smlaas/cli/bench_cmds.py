@@ -57,3 +57,55 @@ def conformance(pattern: str | None, cut_mode: str, out: str | None) -> int:
         Path(out).write_text(json.dumps(data, indent=2))
         console.print(f"wrote {out}")
     return 1 if unexplained else 0
+
+
+@bench.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def security(out: str | None) -> int:
+    """What the security machinery costs: framing, TLS, sealing, quotes."""
+    from smlaas.bench.security import security_costs
+    from smlaas.enclave.backends.sim import default_pki_dir
+
+    costs = security_costs(default_pki_dir())
+    transfer, sealing, attestation = (costs["transfer_ms_per_mib"], costs["sealing"],
+                                      costs["attestation"])
+    console.print(table("security costs on this machine", ["what", "measured"], [
+        ["tensor framing (encode + decode)", f"{costs['framing_ms_per_mib']:.2f} ms/MiB"],
+        ["activation transfer, plain TCP (2 processes)",
+         f"{transfer['plain_tcp']:.2f} ms/MiB"],
+        ["activation transfer, mutual TLS 1.3", f"{transfer['mtls']:.2f} ms/MiB"],
+        ["TLS cost (difference)", f"{transfer['tls_cost']:.2f} ms/MiB"],
+        ["sealing (AES-256-GCM + header)", f"{sealing['seal_mib_per_s']:.0f} MiB/s"],
+        ["unsealing", f"{sealing['unseal_mib_per_s']:.0f} MiB/s"],
+        ["quote generation (sim)", f"{attestation['quote_generation_ms']:.2f} ms"],
+        ["quote verification (dcap-qvl, sim root)",
+         f"{attestation['quote_verification_ms']:.2f} ms"],
+        ["role certificate issuance", f"{attestation['role_certificate_issue_ms']:.2f} ms"]]))
+    _write(out, costs)
+    return 0
+
+
+@bench.command()
+@click.option("--models", "-m", multiple=True, help="Zoo models (default: all).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def planners(models: tuple[str, ...], threads: int, runs: int, out: str | None) -> int:
+    """Every planner on every zoo model under sgx1 and sgx2 (PREDICTED figures)."""
+    from smlaas.bench.planners import markdown, planners_benchmark
+    from smlaas.profile import ProfileCache, ProfileSettings
+
+    settings = ProfileSettings(threads=threads, warmup_runs=3, measured_runs=runs)
+    with progress_bar() as progress:
+        rows = planners_benchmark(models, settings, cache=ProfileCache(), progress=progress)
+    console.print("PREDICTED by the cost model (no enclave ran):")
+    console.print(markdown(rows), markup=False, highlight=False)
+    _write(out, rows)
+    return 0
+
+
+def _write(out: str | None, data: object) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=2))
+        console.print(f"wrote {out}")

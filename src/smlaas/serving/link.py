@@ -13,7 +13,7 @@ import itertools
 import logging
 import ssl
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from smlaas.transport.streams import STREAM_LIMIT, read_message, write_message
 from smlaas.transport.tensors import TensorMessage
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 CONNECT_TIMEOUT_S = 3.0
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -127,11 +128,10 @@ def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     """Runs ``main`` on uvloop when it is installed (faster TLS streams), else asyncio's."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `smlaas bench`: results as JSON, tables for docs/BENCHMARKS.md."""

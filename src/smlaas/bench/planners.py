@@ -1,0 +1,103 @@
+"""Every planner on every zoo model, under the sgx1 and sgx2 cost models (all PREDICTED).
+
+Per model and preset: for each planner its predicted latency, pipeline throughput on K = 2, 4
+and 8 machines, stage count and largest working set; the unpartitioned single enclave (paging
+included); and planning time. Node times come from one ONNX Runtime profile per model (cached),
+so every planner sees the same costs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from smlaas import zoo
+from smlaas.errors import PlanError
+from smlaas.partition import (
+    Analysis,
+    PlanOptions,
+    analyse,
+    compare_planners,
+    cost_table,
+    make_plan,
+    measure_nodes,
+    open_model,
+)
+from smlaas.plan import Planner, preset
+from smlaas.plan.costs import SegmentCosts
+from smlaas.profile import ProfileCache, ProfileSettings
+
+PRESETS = ("sgx1", "sgx2")
+MACHINES = (2, 4, 8)
+
+
+def planner_rows(model: str, settings: ProfileSettings, *,
+                 cache: ProfileCache | None) -> list[dict[str, Any]]:
+    source, shapes = open_model(model)
+    analysis = analyse(source, shapes, threads=settings.threads)
+    profile = measure_nodes(analysis, settings, cache=cache)
+    rows = []
+    for name in PRESETS:
+        costs = cost_table(analysis, profile, preset(name))
+        fits = _fits_epc(analysis, costs)
+        for row in compare_planners(analysis, costs, machines=None, fit_epc=fits):
+            row.update(model=model, preset=name, fit_epc=fits and row["planner"] != "single",
+                       nodes=analysis.graph.node_count)
+            row["throughput_k"] = {}
+            if row["planner"] in ("dp-throughput", "dp-latency", "greedy-epc",
+                                  "seed-bruteforce"):
+                for machines in MACHINES:
+                    started = time.perf_counter()
+                    try:
+                        plan = make_plan(analysis, costs, PlanOptions(
+                            Planner(row["planner"]), machines, fits))
+                    except PlanError:
+                        continue
+                    row["throughput_k"][str(machines)] = {
+                        "throughput_per_s": plan.throughput_per_s, "stages": len(plan.stages),
+                        "planning_ms": (time.perf_counter() - started) * 1e3}
+            rows.append(row)
+    return rows
+
+
+def _fits_epc(analysis: Analysis, costs: SegmentCosts) -> bool:
+    """Whether some plan keeps every stage inside the EPC (not for VGG's 392 MiB layer)."""
+    try:
+        make_plan(analysis, costs, PlanOptions(Planner.DP_LATENCY, None, True))
+        return True
+    except PlanError:
+        return False
+
+
+def planners_benchmark(models: Sequence[str] | None, settings: ProfileSettings, *,
+                       cache: ProfileCache | None,
+                       progress: Callable[[str, int, int], None] | None = None
+                       ) -> list[dict[str, Any]]:
+    names = list(models) if models else [m.name for m in zoo.list_models()]
+    rows: list[dict[str, Any]] = []
+    for done, name in enumerate(names):
+        if progress is not None:
+            progress("models", done, len(names))
+        rows += planner_rows(name, settings, cache=cache)
+    if progress is not None:
+        progress("models", len(names), len(names))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | preset | planner | stages | latency ms | K=2 /s | K=4 /s | K=8 /s | "
+             "largest ws MiB | fits EPC | planning ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|:---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['preset']} | {row['planner']} | - | "
+                         f"infeasible | - | - | - | - | - | - |")
+            continue
+        k = row.get("throughput_k", {})
+        tput = [f"{k[m]['throughput_per_s']:.1f}" if m in k else "-" for m in ("2", "4", "8")]
+        lines.append(f"| {row['model']} | {row['preset']} | {row['planner']} | "
+                     f"{row['stages']} | {row['latency_ms']:.1f} | {' | '.join(tput)} | "
+                     f"{row['max_working_set_mib']:.1f} | "
+                     f"{'yes' if row['all_fit_epc'] else 'no'} | {row['planning_ms']:.1f} |")
+    return "\n".join(lines)

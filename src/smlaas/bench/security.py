@@ -1,0 +1,192 @@
+"""What the security machinery costs, measured piece by piece on this machine.
+
+- tensor framing (encode + decode, no network) per MiB;
+- moving activations between two processes over mutual TLS 1.3 against plain TCP with the same
+  framing, per MiB (the difference is the TLS cost);
+- AES-256-GCM sealing and unsealing throughput;
+- quote generation and quote verification (sim backend: the same DCAP verifier real quotes go
+  through, with the simulation root);
+- role certificate issuance (coordinator side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from smlaas.coordinator.ca import DeploymentCA
+from smlaas.enclave.sealing import seal, unseal
+from smlaas.enclave.verification import load_collateral, verify_quote
+from smlaas.serving.link import run_event_loop
+from smlaas.transport.streams import STREAM_LIMIT, read_message, write_message
+from smlaas.transport.tensors import TensorDecoder, message_bytes
+from smlaas.transport.tls import client_context, server_context
+
+MIB = 1024 * 1024
+
+
+def timed(action: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``action`` over ``repeats`` runs (after one warm-up)."""
+    action()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def framing_ms_per_mib(size_mib: float = 4.0, repeats: int = 20) -> float:
+    tensor = np.random.default_rng(0).standard_normal(int(size_mib * MIB / 4)).astype(
+        np.float32)
+
+    def round_trip() -> None:
+        decoder = TensorDecoder()
+        decoder.feed(message_bytes("r", {"x": tensor}))
+        next(decoder.messages())
+
+    return timed(round_trip, repeats) * 1e3 / size_mib
+
+
+def sealing_mib_per_s(size_mib: int = 64, repeats: int = 5) -> dict[str, float]:
+    data = os.urandom(size_mib * MIB)
+    key = os.urandom(32)
+    sealed = seal(data, key=key, stage=0)
+    return {"seal_mib_per_s": size_mib / timed(lambda: seal(data, key=key, stage=0), repeats),
+            "unseal_mib_per_s": size_mib / timed(lambda: unseal(sealed, key=key, stage=0),
+                                                 repeats)}
+
+
+def _identities() -> tuple[tuple[str, ec.EllipticCurvePrivateKey, str], ...]:
+    ca = DeploymentCA.create()
+    result = []
+    for role in ("stage-1", "stage-0"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = ca.issue(role, key.public_key()).public_bytes(serialization.Encoding.PEM)
+        result.append((cert.decode(), key, ca.cert_pem()))
+    return tuple(result)
+
+
+def receiver_main() -> None:
+    """Child process (``python -c``): reads its settings as JSON from stdin, then reads tensor
+    messages and answers each with an empty message until killed."""
+    settings = json.loads(sys.stdin.read())
+    port, tls = int(settings["port"]), bool(settings["tls"])
+    cert, ca = settings["cert"], settings["ca"]
+    key = serialization.load_pem_private_key(settings["key"].encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    context = server_context(cert, key, ca) if tls else None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                message = await read_message(reader)
+                write_message(writer, message.request_id, {})
+                await writer.drain()
+        except (EOFError, OSError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=context,
+                                            limit=STREAM_LIMIT)
+        async with server:
+            await server.serve_forever()
+
+    run_event_loop(main())
+
+
+def transfer_ms_per_mib(size_mib: float = 4.0, repeats: int = 20) -> dict[str, float]:
+    """One-way activation transfer between two processes (send + tiny reply), per MiB."""
+    server_id, client_id = _identities()
+    key_pem = server_id[1].private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+    tensor = np.random.default_rng(0).standard_normal(int(size_mib * MIB / 4)).astype(
+        np.float32)
+    results = {}
+    for tls in (False, True):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from smlaas.bench.security import receiver_main; "
+                                   "receiver_main()"], stdin=subprocess.PIPE, text=True)
+        try:
+            assert child.stdin is not None
+            child.stdin.write(json.dumps({"port": port, "tls": tls, "cert": server_id[0],
+                                          "key": key_pem.decode(), "ca": server_id[2]}))
+            child.stdin.close()
+            results["mtls" if tls else "plain_tcp"] = run_event_loop(_send(
+                port, client_context(*client_id) if tls else None, tensor, repeats)
+            ) * 1e3 / size_mib
+        finally:
+            child.kill()
+            child.wait(5)
+    results["tls_cost"] = results["mtls"] - results["plain_tcp"]
+    return results
+
+
+async def _send(port: int, context: ssl.SSLContext | None, tensor: np.ndarray,
+                repeats: int) -> float:
+    end = time.monotonic() + 30
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, limit=STREAM_LIMIT,
+                server_hostname="stage-1" if context else None)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
+    samples = []
+    for index in range(repeats + 2):
+        start = time.perf_counter()
+        write_message(writer, str(index), {"x": tensor})
+        await writer.drain()
+        await read_message(reader)
+        samples.append(time.perf_counter() - start)
+    writer.close()
+    return statistics.median(samples[2:])
+
+
+def quote_costs(pki_dir: Path, repeats: int = 20) -> dict[str, float]:
+    from smlaas.enclave.backends.sim import SimBackend
+
+    backend = SimBackend("stage-0", pki_dir=pki_dir)
+    report_data = os.urandom(32)
+    quote = backend.quote(report_data)
+    collateral = load_collateral(backend.collateral_json(), source="sim")
+    now = dt.datetime.now(dt.UTC)
+    verdict = verify_quote(quote, collateral, at=now, root=backend.trusted_root)
+    assert verdict.verified, verdict.error
+    ca = DeploymentCA.create()
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return {
+        "quote_generation_ms": timed(lambda: backend.quote(report_data), repeats) * 1e3,
+        "quote_verification_ms": timed(lambda: verify_quote(
+            quote, collateral, at=now, root=backend.trusted_root), repeats) * 1e3,
+        "role_certificate_issue_ms": timed(lambda: ca.issue("stage-0", public), repeats) * 1e3,
+        "quote_bytes": len(quote)}
+
+
+def security_costs(pki_dir: Path) -> dict[str, Any]:
+    return {"framing_ms_per_mib": framing_ms_per_mib(),
+            "transfer_ms_per_mib": transfer_ms_per_mib(),
+            "sealing": sealing_mib_per_s(),
+            "attestation": quote_costs(pki_dir)}
