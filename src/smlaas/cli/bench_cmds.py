@@ -109,3 +109,26 @@ def _write(out: str | None, data: object) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(data, indent=2))
         console.print(f"wrote {out}")
+
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+@bench.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serving(args: tuple[str, ...]) -> int:
+    """Deployed pipeline vs plain ONNX Runtime (options: --help)."""
+    from smlaas.bench.serving import main
+
+    main(list(args))
+    return 0
+
+
+@bench.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def accuracy(args: tuple[str, ...]) -> int:
+    """Predicted vs measured native stage times over the zoo (options: --help)."""
+    from smlaas.bench.accuracy import main
+
+    main(list(args))
+    return 0
