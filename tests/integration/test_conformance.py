@@ -34,3 +34,12 @@ def test_cut_related_limits_pass_with_two_stages() -> None:
     assert all(o.status == "passed" for o in middle.values()), middle
     every = run_suite(chain_backend("every"), ["test_shape_cpu", "test_constant_cpu"])
     assert all(o.status == "passed" for o in every.values()), every
+
+
+def test_planner_cuts_mode_runs_the_partition_jobs_cuts() -> None:
+    ort.set_default_logger_severity(3)
+    names = list_tests(r"test_(layer_normalization_2d_axis0_expanded|softmax_example_expanded|"
+                       r"operator_mm|gemm_all_attributes)_cpu$")
+    assert len(names) >= 3
+    result = compare(ort_backend, chain_backend("planner"), names)
+    assert result.chain_passed == result.reference_passed, result.regressions

@@ -17,8 +17,9 @@ def bench() -> None:
 
 @bench.command()
 @click.option("--pattern", help="Only tests whose name matches this regular expression.")
-@click.option("--cut-mode", type=click.Choice(["every", "middle"]), default="every",
-              show_default=True, help="every: a stage per node; middle: two stages.")
+@click.option("--cut-mode", type=click.Choice(["every", "middle", "planner"]), default="every",
+              show_default=True, help="every: a stage per node; middle: two stages; planner: "
+              "the partition job's cuts (profiles every test model: slow).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 def conformance(pattern: str | None, cut_mode: str, out: str | None) -> int:
     """ONNX's backend test suite: plain ONNX Runtime against the partitioned chain."""

@@ -51,3 +51,15 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for row in rows:
         result.add_row(*[str(cell) for cell in row])
     return result
+
+
+def stop_on_ctrl_c_and_sigterm() -> None:
+    """For long-running commands: Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt, even
+    when the process inherited SIGINT ignored (started as a background job of a script)."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)

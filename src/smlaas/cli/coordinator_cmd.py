@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from smlaas.cli.console import console
+from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
 from smlaas.coordinator.server import CoordinatorServer
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS, create_backend
@@ -29,6 +29,7 @@ def coordinator(host: str, port: int, state_path: str | None, backend: str) -> i
     bound_host, bound_port = server.address
     mode = "sim backend: SIMULATED, INSECURE" if enclave.simulated else f"{backend} backend"
     console.print(f"coordinator on {bound_host}:{bound_port} (RA-TLS, {mode}); Ctrl-C to stop")
+    stop_on_ctrl_c_and_sigterm()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

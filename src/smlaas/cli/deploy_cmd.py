@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
-from types import FrameType
 
 import click
 
-from smlaas.cli.console import console
+from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
 from smlaas.deploy.launchers import Launcher, LocalLauncher
 from smlaas.errors import DeployError
@@ -76,7 +74,7 @@ def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: st
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_ctrl_c_and_sigterm()
     deployment = Deployment(settings, make_launcher(launcher, state / "logs", host=host,
                                                     ray_address=ray_address),
                             progress=lambda line: console.print(f"  {line}"))
@@ -97,7 +95,3 @@ def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: st
             console.print("stopping...")
     console.print("stopped")
     return 0
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt

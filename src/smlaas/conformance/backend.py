@@ -8,7 +8,9 @@ it, extracts the stages with :class:`~smlaas.export.extract.StageExtractor` and 
 
 - ``every``: a cut at every valid position, so every node is a stage of its own (the hardest
   case for cut tensors, pass-throughs and outer-scope reads);
-- ``middle``: one cut at the valid position nearest the middle (two stages).
+- ``middle``: one cut at the valid position nearest the middle (two stages);
+- ``planner``: the cuts ``smlaas partition`` would choose (the model profiled with ONNX Runtime,
+  ``dp-throughput`` for 2 machines under the ``sgx1`` cost model): slower, one profile per test.
 
 A model with a single node cannot be cut; it runs as one stage, and :attr:`ChainRep.stages`
 says so.
@@ -22,15 +24,23 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
-from smlaas.errors import InputSizeError
+from smlaas.errors import InputSizeError, ModelError, ProfileError
 from smlaas.export.chain import Chain
 from smlaas.export.extract import StageExtractor
 from smlaas.graph.analysis import ModelGraph, UnknownShapesError
 from smlaas.graph.input_size import model_inputs
+from smlaas.graph.memory import segment_memory
 from smlaas.graph.prepare import prepare_model
+from smlaas.plan import Planner, preset
+from smlaas.plan.costs import segment_costs
+from smlaas.plan.planners import choose_cuts
+from smlaas.profile import ProfileSettings
+from smlaas.profile.profiler import profile_nodes
 from smlaas.profile.shapes import observe_tensors
 
-CUT_MODES = ("every", "middle")
+CUT_MODES = ("every", "middle", "planner")
+RANDOM_INPUT_LIMIT = ("the profiler runs the model on seeded random inputs, which this model "
+                      "cannot run on")
 
 
 class ChainRep(BackendRep):
@@ -54,7 +64,9 @@ class ChainRep(BackendRep):
         except UnknownShapesError as err:
             graph = ModelGraph(prepared, observe_tensors(prepared, shapes, err.names,
                                                          threads=1, feeds=feeds))
-        bounds = [0, *cut_positions(graph, self.cut_mode), graph.node_count]
+        cuts = planner_cuts(prepared, graph, shapes) if self.cut_mode == "planner" else \
+            cut_positions(graph, self.cut_mode)
+        bounds = [0, *cuts, graph.node_count]
         extractor = StageExtractor(prepared, graph)
         stages = [extractor.extract(start, end, name=f"stage_{k}")
                   for k, (start, end) in enumerate(zip(bounds, bounds[1:]))]
@@ -70,6 +82,24 @@ def cut_positions(graph: ModelGraph, mode: str) -> list[int]:
         return valid
     middle = graph.node_count / 2
     return [min(valid, key=lambda p: abs(p - middle))]
+
+
+def planner_cuts(prepared: onnx.ModelProto, graph: ModelGraph,
+                 shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    """The cuts the partition job's planner chooses for this model (2 machines, sgx1)."""
+    if graph.node_count < 2:
+        return []
+    settings = ProfileSettings(threads=1, warmup_runs=1, measured_runs=1)
+    names = [n.name for n in graph.nodes]
+    try:
+        profile = profile_nodes(prepared, shapes, settings=settings)
+    except (ProfileError, ModelError) as err:
+        raise ProfileError(f"{RANDOM_INPUT_LIMIT}: {err}") from err
+    costs = segment_costs(segment_memory(graph), profile.node_times_ms(names), preset("sgx1"),
+                          fusion_factor=profile.fusion_factor,
+                          run_overhead_ms=profile.session_overhead_ms,
+                          valid_cut=graph.valid_cut_positions(), node_names=tuple(names))
+    return choose_cuts(Planner.DP_THROUGHPUT, costs, machines=2)[1:-1]
 
 
 def chain_backend(cut_mode: str = "every") -> type[Backend]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smlaas.conformance.backend import RANDOM_INPUT_LIMIT
 from smlaas.conformance.suite import Comparison, Outcome
 
 
@@ -18,6 +19,11 @@ class KnownLimit:
 
 
 KNOWN_LIMITS = (
+    KnownLimit("profiling needs runnable random inputs",
+               "planner mode profiles each model on seeded random inputs (as `smlaas "
+               "partition` does); models whose shapes depend on input values (AffineGrid's "
+               "size, Reshape targets given as inputs) cannot run on them",
+               (RANDOM_INPUT_LIMIT,)),
     KnownLimit("non-tensor values",
                "sequence, map and optional values are not supported between or inside stages "
                "(smlaas partitions tensor graphs; stage messages carry tensors only)",
