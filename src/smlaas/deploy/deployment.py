@@ -10,6 +10,7 @@ quotes pass; wait until the gateway answers ``ready`` through every stage.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -243,6 +244,4 @@ def _address(address: tuple[str, int]) -> str:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import smlaas
+from smlaas.errors import SmlaasError
 from smlaas.serving.batcher import DynamicBatcher
 from smlaas.serving.link import Link
 from smlaas.serving.metrics import GatewayMetrics
@@ -67,7 +68,7 @@ class ModelSpecs:
     outputs: list[TensorSpec]
 
 
-class Unavailable(Exception):
+class Unavailable(SmlaasError):
     """The pipeline cannot answer now (HTTP 503)."""
 
 
