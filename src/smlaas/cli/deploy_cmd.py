@@ -43,7 +43,7 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
               show_default=True)
 @click.option("--max-inflight", type=click.IntRange(min=1),
-              help="Batches in the pipeline at once (default: stages + 1).")
+              help="Batches in the pipeline at once (default: the number of stages).")
 @click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
               help="JSON role -> MRENCLAVE (gramine backend).")
 @click.option("--ray-address", help="Ray cluster to join (default: start a local one).")

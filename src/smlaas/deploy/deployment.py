@@ -55,7 +55,9 @@ class DeploySettings:
     """None: DEFAULT_MAX_BATCH if the stages batch correctly, else 0 (no batching)."""
     max_queue_delay_us: int = 500
     max_inflight: int | None = None
-    """Batches in the pipeline at once; None: one more than the number of stages."""
+    """Batches in the pipeline at once; None: the number of stages (one per stage; fewer in
+    flight means fuller batches: on 2 shared cores, 3 stages served 12.0/s with 3 in flight
+    against 10.7/s with 4, ResNet-50, 16 clients)."""
     measurements: dict[str, str] | None = None
     """role -> MRENCLAVE hex (required for gramine: from gramine-sgx-sign)."""
     ready_timeout_s: float = 120.0
@@ -128,7 +130,7 @@ class Deployment:
                 "worker", "--role", role, "--build", str(s.build_dir.resolve()), "--listen",
                 _address(address), "--threads", str(s.threads), *nxt, *common]))
         self.progress(f"{self.stage_count} stage worker(s) starting")
-        inflight = s.max_inflight or self.stage_count + 1
+        inflight = s.max_inflight or self.stage_count
         self.launcher.start(ProcessSpec(GATEWAY_ROLE, [
             "gateway", "--first-stage", _address(addresses[0]), "--host", s.host,
             "--port", str(s.port), "--model-name", self.model_name,
