@@ -120,3 +120,13 @@ def test_response_round_trips_in_binary_and_json() -> None:
         head = json.loads(body[:int(headers.get("Inference-Header-Content-Length",
                                                 len(body)))])
         assert head["id"] == "r1" and head["model_name"] == "m"
+
+
+def test_gateway_certificate_names_the_listen_address_and_this_host() -> None:
+    import socket
+
+    from smlaas.serving.gateway_process import certificate_hosts
+
+    assert certificate_hosts("10.1.2.3") == ["10.1.2.3", "127.0.0.1", "localhost"]
+    wildcard = certificate_hosts("0.0.0.0")
+    assert "0.0.0.0" not in wildcard and socket.gethostname() in wildcard

@@ -4,9 +4,11 @@ for its HTTPS key, and serve the app under uvicorn until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from smlaas.serving.link import Link
 from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
+WILDCARDS = {"0.0.0.0", "::", ""}
 
 
 def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -42,11 +45,23 @@ def attestation_evidence(backend: EnclaveBackend, key: ec.EllipticCurvePrivateKe
             "binding": "report_data = SHA-256(SubjectPublicKeyInfo DER of the certificate)"}
 
 
+def certificate_hosts(listen_host: str) -> list[str]:
+    """Names the gateway's certificate carries: the address it listens on and loopback; for a
+    wildcard address also this machine's host names and addresses."""
+    hosts = {listen_host, "localhost", "127.0.0.1"}
+    if listen_host in WILDCARDS:
+        name = socket.gethostname()
+        hosts |= {name, socket.getfqdn()}
+        with contextlib.suppress(OSError):
+            hosts |= set(socket.gethostbyname_ex(name)[2])
+    return sorted(hosts - WILDCARDS)
+
+
 def run_gateway(*, coordinator: tuple[str, int], first_stage: tuple[str, int],
                 listen: tuple[str, int], backend: str, coordinator_mrenclave: str,
                 settings: GatewaySettings) -> None:
     enclave = create_backend(backend, GATEWAY_ROLE, role_config(coordinator_mrenclave))
-    hosts = sorted({listen[0], "localhost", "127.0.0.1"} - {"0.0.0.0", "::"})
+    hosts = certificate_hosts(listen[0])
     registration = enrol(coordinator, role=GATEWAY_ROLE, backend=enclave,
                          coordinator_mrenclave=coordinator_mrenclave, hosts=hosts)
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
