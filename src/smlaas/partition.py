@@ -182,12 +182,17 @@ def measure_nodes(analysis: Analysis, settings: ProfileSettings, *,
 
 def cost_table(analysis: Analysis, profile: NodeProfile, cost_model: CostModel
                ) -> SegmentCosts:
-    names = [n.name for n in analysis.graph.nodes]
-    return segment_costs(analysis.memory, profile.node_times_ms(names), cost_model,
+    return graph_cost_table(analysis.graph, analysis.memory, profile, cost_model)
+
+
+def graph_cost_table(graph: ModelGraph, memory: SegmentMemory, profile: NodeProfile,
+                     cost_model: CostModel) -> SegmentCosts:
+    """Every segment's predicted cost from the graph's memory tables and a node profile."""
+    names = [n.name for n in graph.nodes]
+    return segment_costs(memory, profile.node_times_ms(names), cost_model,
                          fusion_factor=profile.fusion_factor,
                          run_overhead_ms=profile.session_overhead_ms,
-                         valid_cut=analysis.graph.valid_cut_positions(),
-                         node_names=tuple(names))
+                         valid_cut=graph.valid_cut_positions(), node_names=tuple(names))
 
 
 # -- planning --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from smlaas.export.sealed_build import seal_build
 from smlaas.partition import PlanOptions, partition
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings, machine_id
+from smlaas.serving.v2 import encode_infer_request
 from smlaas.zoo import build_model
 
 
@@ -83,22 +84,13 @@ def plain_throughput(session: ort.InferenceSession, x: np.ndarray, batch: int,
     return done / (time.perf_counter() - start)
 
 
-def request_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
-                                   "shape": list(x.shape),
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "parameters": {"binary_data_output": True}}).encode()
-    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
-                                "Content-Type": "application/octet-stream"}
-
-
 class Load:
     """``clients`` threads posting the same request back to back until stopped."""
 
     def __init__(self, url: str, ca: Path, model: str, x: np.ndarray, clients: int) -> None:
         self.url = f"{url}/v2/models/{model}/infer"
         self.context = ssl.create_default_context(cafile=str(ca))
-        self.body, self.headers = request_body(x)
+        self.body, self.headers = encode_infer_request({"input": x})
         self.clients = clients
         self.outcomes: list[tuple[int, float, float]] = []  # status, start, seconds
         self.failures: list[str] = []

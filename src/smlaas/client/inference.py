@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from smlaas.enclave.verification import (
     verify_quote,
 )
 from smlaas.errors import AttestationError, ServingError
-from smlaas.serving.v2 import DATATYPES, HEADER_LENGTH, datatype
+from smlaas.serving.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 
 class InferenceClient:
@@ -67,27 +66,9 @@ class InferenceClient:
     def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
               outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the model on named ``inputs``; returns its outputs by name."""
-        entries, chunks = [], []
-        for name, value in inputs.items():
-            array = np.ascontiguousarray(value)
-            entry: dict[str, Any] = {"name": name, "datatype": datatype(array.dtype.name),
-                                     "shape": list(array.shape)}
-            if binary:
-                entry["parameters"] = {"binary_data_size": array.nbytes}
-                chunks.append(array.tobytes())
-            else:
-                entry["data"] = array.reshape(-1).tolist()
-            entries.append(entry)
-        request: dict[str, Any] = {"inputs": entries,
-                                   "parameters": {"binary_data_output": binary}}
-        if outputs is not None:
-            request["outputs"] = [{"name": n} for n in outputs]
-        head = json.dumps(request).encode()
-        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))} \
-            if binary else {"Content-Type": "application/json"}
+        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs)
         response = self._checked(self._http.post(f"/v2/models/{self.model}/infer",
-                                                 content=b"".join([head, *chunks]),
-                                                 headers=headers))
+                                                 content=body, headers=headers))
         return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
 
     def attest(self, policy: Policy, roots: list[TrustedRoot]) -> QuoteVerdict:
@@ -121,22 +102,6 @@ class InferenceClient:
             raise ServingError(f"HTTP {response.status_code}: {message}",
                                status=response.status_code)
         return response
-
-
-def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
-    length = int(header_length) if header_length is not None else len(body)
-    response = json.loads(body[:length])
-    binary, offset, outputs = body[length:], 0, {}
-    for item in response["outputs"]:
-        dtype = np.dtype(DATATYPES[item["datatype"]])
-        size = (item.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            outputs[item["name"]] = np.frombuffer(binary, dtype=dtype, count=size // dtype.itemsize,
-                                                  offset=offset).reshape(item["shape"])
-            offset += size
-        else:
-            outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
-    return outputs
 
 
 def _peer_certificate(response: httpx.Response) -> bytes | None:

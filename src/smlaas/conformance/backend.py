@@ -31,8 +31,8 @@ from smlaas.graph.analysis import ModelGraph, UnknownShapesError
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.memory import segment_memory
 from smlaas.graph.prepare import prepare_model
+from smlaas.partition import graph_cost_table
 from smlaas.plan import Planner, preset
-from smlaas.plan.costs import segment_costs
 from smlaas.plan.planners import choose_cuts
 from smlaas.profile import ProfileSettings
 from smlaas.profile.profiler import profile_nodes
@@ -90,15 +90,11 @@ def planner_cuts(prepared: onnx.ModelProto, graph: ModelGraph,
     if graph.node_count < 2:
         return []
     settings = ProfileSettings(threads=1, warmup_runs=1, measured_runs=1)
-    names = [n.name for n in graph.nodes]
     try:
         profile = profile_nodes(prepared, shapes, settings=settings)
     except (ProfileError, ModelError) as err:
         raise ProfileError(f"{RANDOM_INPUT_LIMIT}: {err}") from err
-    costs = segment_costs(segment_memory(graph), profile.node_times_ms(names), preset("sgx1"),
-                          fusion_factor=profile.fusion_factor,
-                          run_overhead_ms=profile.session_overhead_ms,
-                          valid_cut=graph.valid_cut_positions(), node_names=tuple(names))
+    costs = graph_cost_table(graph, segment_memory(graph), profile, preset("sgx1"))
     return choose_cuts(Planner.DP_THROUGHPUT, costs, machines=2)[1:-1]
 
 

@@ -120,6 +120,46 @@ def encode_infer_response(model_name: str, request: InferRequest,
                                        HEADER_LENGTH: str(len(head))}
 
 
+def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = True,
+                         outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
+    entries, chunks = [], []
+    for name, value in inputs.items():
+        array = np.ascontiguousarray(value)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype(array.dtype.name),
+                                 "shape": list(array.shape)}
+        if binary:
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            chunks.append(array.tobytes())
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    request: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": binary}}
+    if outputs is not None:
+        request["outputs"] = [{"name": n} for n in outputs]
+    head = json.dumps(request).encode()
+    if not binary:
+        return head, {"Content-Type": "application/json"}
+    return b"".join([head, *chunks]), {"Content-Type": "application/octet-stream",
+                                       HEADER_LENGTH: str(len(head))}
+
+
+def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    length = int(header_length) if header_length is not None else len(body)
+    response = json.loads(body[:length])
+    binary, offset, outputs = body[length:], 0, {}
+    for item in response["outputs"]:
+        dtype = np.dtype(DATATYPES[item["datatype"]])
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            outputs[item["name"]] = np.frombuffer(binary, dtype=dtype, count=size // dtype.itemsize,
+                                                  offset=offset).reshape(item["shape"])
+            offset += size
+        else:
+            outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+    return outputs
+
+
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
