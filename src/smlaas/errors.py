@@ -20,6 +20,7 @@
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
          ├─ VerificationError        the chain of sub-models differs from the whole model
          ├─ SealError                a sealed file is tampered, swapped, or the key is wrong
+         ├─ CoordinatorRefused       the coordinator answered a request with a refusal (a code)
          └─ AttestationError         a quote, report or collateral failed verification
              └─ PolicyError          verified evidence that the policy does not accept
 
@@ -111,3 +112,13 @@ class PolicyError(AttestationError):
 
 class SealError(CheckFailed):
     """A sealed file was changed, is not the expected stage, or the key does not fit."""
+
+
+class CoordinatorRefused(CheckFailed):
+    """The coordinator refused a request; ``code`` says why in machine-readable form
+    (``no_manifest``, ``bad_nonce``, ``not_accepted``, ``malformed``, ... see
+    :mod:`smlaas.coordinator.protocol`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

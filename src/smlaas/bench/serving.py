@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 
+from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
@@ -148,8 +149,10 @@ def build(model: str, stages: int, root: Path, threads: int) -> tuple[Path, Path
 def deploy(build_dir: Path, keys: Path, root: Path, threads: int, batching: bool
            ) -> Deployment:
     state = root / f"state-{free_port()}"
+    owner_key = root / "owner.key"
+    OwnerKey.load_or_create(owner_key)
     settings = DeploySettings(build_dir=build_dir, keys_path=keys, state_dir=state,
-                              port=free_port(), threads=threads,
+                              owner_key_path=owner_key, port=free_port(), threads=threads,
                               max_batch_size=None if batching else 0, max_queue_delay_us=500)
     return Deployment(settings, LocalLauncher(state / "logs"))
 

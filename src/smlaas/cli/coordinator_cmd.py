@@ -7,28 +7,39 @@ from pathlib import Path
 import click
 
 from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
+from smlaas.cli.serve_cmds import host_option
+from smlaas.coordinator.owner import parse_public_key, public_key_fingerprint
 from smlaas.coordinator.server import CoordinatorServer
+from smlaas.deploy.roles import CoordinatorSpec
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS, create_backend
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=7443, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--state", "state_path", type=click.Path(dir_okay=False),
-              help="Sealed state file (default: under the smlaas cache).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="sim",
-              show_default=True)
-def coordinator(host: str, port: int, state_path: str | None, backend: str) -> int:
+@click.option("--backend", type=click.Choice(BACKENDS), default="sim", show_default=True)
+@click.option("--owner-public-key", required=True, metavar="HEX",
+              help="The owner's public key (`smlaas owner show`): only manifests it signed "
+                   "are accepted. Measured: part of the coordinator's identity.")
+@host_option("--host", default="127.0.0.1", show_default=True)
+@host_option("--port", default=7443, show_default=True, type=click.IntRange(0, 65535))
+@host_option("--state", "state_path", type=click.Path(dir_okay=False),
+             help="Sealed state file (default: under the smlaas cache).")
+def coordinator(backend: str, owner_public_key: str, host: str, port: int,
+                state_path: str | None) -> int:
     """Serve the coordinator over RA-TLS until interrupted."""
-    enclave = create_backend(backend, "coordinator")
+    parse_public_key(owner_public_key)
+    spec = CoordinatorSpec(backend=backend, owner_public_key=owner_public_key,
+                           listen=(host, port), state_path=state_path or "")
+    enclave = create_backend(backend, spec.role, spec.measured_config())
     server = CoordinatorServer(enclave,
                                Path(state_path) if state_path else
                                cache_dir() / "coordinator" / "state.sealed",
-                               host=host, port=port)
+                               owner_public_key=owner_public_key, host=host, port=port)
     bound_host, bound_port = server.address
     mode = "sim backend: SIMULATED, INSECURE" if enclave.simulated else f"{backend} backend"
-    console.print(f"coordinator on {bound_host}:{bound_port} (RA-TLS, {mode}); Ctrl-C to stop")
+    console.print(f"coordinator on {bound_host}:{bound_port} (RA-TLS, {mode}) for owner "
+                  f"{public_key_fingerprint(owner_public_key)}; Ctrl-C to stop")
+    console.file.flush()
     stop_on_ctrl_c_and_sigterm()
     try:
         server.serve_forever()

@@ -16,19 +16,18 @@ import numpy as np
 
 from smlaas.cli.console import console, progress_bar, table
 from smlaas.client import InferenceClient
+from smlaas.coordinator.manifest import GATEWAY_ROLE
+from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.enclave import Policy
-from smlaas.enclave.measurement import measure
 from smlaas.errors import VerificationError
-from smlaas.export.sealed_build import seal_build
+from smlaas.export.sealed_build import SEALED_DIR, seal_build
 from smlaas.partition import PlanOptions, default_threads, open_model, partition
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
 from smlaas.profile.inputs import random_inputs
 from smlaas.profile.session import create_session
-from smlaas.serving.enrol import role_config, sim_coordinator_mrenclave
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -66,13 +65,19 @@ def demo(model: str, machines: int, workdir: str | None, threads: int, requests:
         console.print(f"[green]verified offline[/]: the {len(result.plan.stages)} sub-models "
                       f"compute what the whole model computes "
                       f"(max abs error {verification.max_abs_error:.2g})")
+        owner_key = root / "owner.key"
+        console.print(f"owner signing key {owner_key} (fingerprint "
+                      f"{OwnerKey.load_or_create(owner_key).fingerprint}): the coordinator "
+                      f"will obey it only")
         keys = root / "owner-keys.json"
         seal_build(build, keys)
-        console.print(f"sealed {len(result.plan.stages)} stages (AES-256-GCM); keys in {keys}")
+        console.print(f"sealed {len(result.plan.stages)} stages (AES-256-GCM) into "
+                      f"{build / SEALED_DIR}; keys in {keys}")
         console.print("[bold yellow]deploying with the sim backend: SIMULATED SGX, "
                       "INSECURE[/] (real quote formats and checks, no hardware protection)")
-        settings = DeploySettings(build_dir=build, keys_path=keys, state_dir=root / "state",
-                                  port=free_port(), threads=threads)
+        settings = DeploySettings(build_dir=build / SEALED_DIR, keys_path=keys,
+                                  state_dir=root / f"state-{time.strftime('%H%M%S')}",
+                                  owner_key_path=owner_key, port=free_port(), threads=threads)
         summary = _serve_and_compare(settings, model, requests, threads)
         console.print(table("summary", ["", "value"], summary))
         if workdir:
@@ -91,7 +96,7 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
     with Deployment(settings, launcher, progress=lambda line: console.print(f"  {line}")) as dep:
         ready_s = time.perf_counter() - started
         with InferenceClient(dep.url, ca=dep.ca_path) as client:
-            verdict = client.attest(_gateway_policy(), dep.trusted_roots)
+            verdict = client.attest(dep.role_policy(GATEWAY_ROLE), dep.trusted_roots)
             console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
                           f"(SIMULATED), its quote binds the HTTPS key of this connection")
             outputs = client.infer(inputs)
@@ -124,8 +129,3 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
             ["plain ONNX Runtime, whole model (median)", f"{np.median(local) * 1e3:.1f} ms"],
             ["backend", "sim (SIMULATED, INSECURE)"]]
 
-
-def _gateway_policy() -> Policy:
-    gateway = measure("gateway", role_config(sim_coordinator_mrenclave()))
-    return Policy.from_dict({"allow_simulation_insecure": True,
-                             "roles": {"gateway": {"mrenclave": [gateway.mrenclave.hex()]}}})

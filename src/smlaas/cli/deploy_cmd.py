@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
+from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
 from smlaas.deploy.launchers import Launcher, LocalLauncher
+from smlaas.enclave.policy import Policy
 from smlaas.errors import DeployError
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS
@@ -25,8 +27,19 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 
 @click.command()
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--keys", "keys_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The owner keyfile written by `smlaas seal`.")
+@click.option("--keys", "keys_path", type=click.Path(exists=True, dir_okay=False),
+              help="The owner keyfile written by `smlaas seal` (required unless --k8s-out).")
+@click.option("--owner-key", "owner_key_path", type=click.Path(dir_okay=False),
+              help="The owner signing key (default: $SMLAAS_OWNER_KEY or "
+                   "~/.config/smlaas/owner.key; create it with `smlaas owner init`).")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML policy the manifest starts from (TCB statuses, advisories, "
+                   "evaluation number, collateral age); role measurements are added.")
+@click.option("--pccs", "pccs_url", metavar="URL",
+              help="The PCCS the coordinator must fetch registrants' collateral from.")
+@click.option("--replace-manifest", is_flag=True,
+              help="If the coordinator's state holds another manifest, replace it with this "
+                   "one signed as the next version (default: refuse).")
 @click.option("--launcher", type=click.Choice(["local", "ray"]), default="local",
               show_default=True, help="local: processes here; ray: actors on `sgx` nodes.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="sim", show_default=True,
@@ -39,7 +52,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
               "(default: all cores).")
 @click.option("--max-batch-size", type=click.IntRange(min=0),
-              help="Dynamic batching limit (default: 8 if the stages batch correctly; 0 off).")
+              help="Dynamic batching limit (default: what `smlaas seal` checked and "
+                   "recorded; 0 off).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
               show_default=True)
 @click.option("--max-inflight", type=click.IntRange(min=1),
@@ -50,27 +64,38 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--k8s-out", type=click.Path(file_okay=False),
               help="Write Kubernetes manifests for this build to DIR and exit.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
-def deploy(build_dir: str, keys_path: str, launcher: str, backend: str, host: str, port: int,
-           state_dir: str | None, threads: int | None, max_batch_size: int | None,
-           max_queue_delay_us: int, max_inflight: int | None, measurements: str | None,
-           ray_address: str | None, k8s_out: str | None, ready_timeout: float) -> int:
-    """Serve BUILD_DIR: coordinator, one worker per stage, gateway; Ctrl-C stops all."""
+def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
+           policy_path: str | None, pccs_url: str | None, replace_manifest: bool,
+           launcher: str, backend: str, host: str, port: int, state_dir: str | None,
+           threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
+           max_inflight: int | None, measurements: str | None, ray_address: str | None,
+           k8s_out: str | None, ready_timeout: float) -> int:
+    """Serve the sealed BUILD_DIR (the directory `smlaas seal` wrote, or the build holding
+    it): coordinator, one worker per stage, gateway; Ctrl-C stops all."""
+    owner_key = Path(owner_key_path) if owner_key_path else default_owner_key_path()
     if k8s_out:
         from smlaas.deploy.k8s import write_manifests
 
-        written = write_manifests(Path(build_dir), Path(k8s_out), backend=backend, port=port)
+        written = write_manifests(Path(build_dir), Path(k8s_out), backend=backend, port=port,
+                                  owner=OwnerKey.load(owner_key),
+                                  measurements=read_measurements(Path(measurements))
+                                  if measurements else None)
         console.print(f"wrote {len(written)} Kubernetes manifests to {k8s_out}; apply with "
                       f"`kubectl apply -f {k8s_out}` (needs the Intel SGX device plugin)")
         return 0
+    if not keys_path:
+        raise click.UsageError("--keys is required (the keyfile `smlaas seal` wrote)")
     state = Path(state_dir) if state_dir else \
         cache_dir() / "deployments" / time.strftime("%Y%m%d-%H%M%S")
     settings = DeploySettings(
-        build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state, backend=backend,
-        host=host, port=port, max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us, max_inflight=max_inflight,
-        ready_timeout_s=ready_timeout,
+        build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state,
+        owner_key_path=owner_key, backend=backend, host=host, port=port,
+        max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+        max_inflight=max_inflight, ready_timeout_s=ready_timeout,
         measurements=read_measurements(Path(measurements)) if measurements else None,
-        **({"threads": threads} if threads else {}))
+        policy=Policy.from_toml(policy_path).to_dict() if policy_path else None,
+        collateral={"pccs_url": pccs_url} if pccs_url else {},
+        replace_manifest=replace_manifest, **({"threads": threads} if threads else {}))
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")

@@ -43,6 +43,7 @@ def _register_commands() -> None:
         gramine_cmd,
         infer_cmd,
         measure_cmd,
+        owner_cmds,
         partition_cmds,
         seal_cmd,
         serve_cmds,
@@ -56,6 +57,7 @@ def _register_commands() -> None:
     cli.add_command(calibrate_cmd.calibrate)
     cli.add_command(demo_cmd.demo)
     cli.add_command(attest_cmds.attest)
+    cli.add_command(owner_cmds.owner)
     cli.add_command(seal_cmd.seal)
     cli.add_command(measure_cmd.measure)
     cli.add_command(coordinator_cmd.coordinator)

@@ -1,17 +1,34 @@
-"""The deployment manifest the owner sets on the coordinator (pure data)."""
+"""The deployment manifest the owner signs and sets on the coordinator (pure data).
+
+It commits to everything that decides what runs and who gets a key: the policy (accepted
+measurements per role, TCB statuses, evaluation number, collateral age, debug, simulation),
+the topology, for every stage a commitment to its key and the SHA-256 of its plaintext
+sub-model, the collateral source the coordinator must use, and a version. Its digest covers
+all of it, so two manifests with the same digest are the same decision. The stage keys
+themselves never appear in it: the owner hands them to the attested coordinator beside the
+signed manifest, and the coordinator checks each against its commitment.
+"""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from smlaas.coordinator.protocol import bound
 from smlaas.enclave.policy import Policy
-from smlaas.errors import ConfigError
+from smlaas.enclave.verification import load_collateral
+from smlaas.errors import ConfigError, InputError
 
 GATEWAY_ROLE = "gateway"
+FORMAT = 2
+_DIGEST_LABEL = b"smlaas manifest v2"
+_COMMITMENT_LABEL = b"smlaas stage key commitment v1"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_STAGE_ROLE = re.compile(r"^stage-(0|[1-9][0-9]{0,5})$")
 
 
 def stage_role(index: int) -> str:
@@ -20,59 +37,127 @@ def stage_role(index: int) -> str:
 
 def stage_index(role: str) -> int:
     """The stage number of ``stage-K`` (ConfigError for any other role name)."""
-    prefix, _, number = role.partition("-")
-    if prefix != "stage" or not number.isdigit():
+    match = _STAGE_ROLE.match(role)
+    if not match:
         raise ConfigError(f"not a stage role: {role!r} (expected stage-K)")
-    return int(number)
+    return int(match.group(1))
+
+
+def is_role_name(name: str) -> bool:
+    """Whether ``name`` is, or could be, the name of a pipeline role."""
+    lowered = name.lower().rstrip(".")
+    return lowered in (GATEWAY_ROLE, "coordinator") or bool(
+        re.match(r"^stage-\d+$", lowered))
+
+
+def key_commitment(index: int, key: bytes) -> str:
+    """A public commitment to stage ``index``'s key (a hash under a domain label)."""
+    return hashlib.sha256(bound(_COMMITMENT_LABEL, str(index).encode(), key)).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageCommitment:
+    key_commitment: str
+    sha256: str
+    """SHA-256 of the plaintext sub-model, which the worker checks after unsealing."""
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """Roles with accepted measurements, the stage keys, the topology and the policy."""
-
+    version: int
     policy: dict[str, Any]
-    """A Policy in dict form (roles with mrenclave/mrsigner/isv_prod_id/min_isv_svn)."""
-    stage_keys: dict[int, str] = field(default_factory=dict)
-    """Stage index -> base64 AES-256 key of that stage's sealed sub-model."""
-    topology: list[str] = field(default_factory=list)
+    """A Policy in dict form (see :meth:`Policy.from_dict`)."""
+    topology: tuple[str, ...]
     """Roles in pipeline order: gateway first, then stage-0, stage-1, ..."""
+    stages: Mapping[int, StageCommitment] = field(default_factory=dict)
+    collateral: Mapping[str, Any] = field(default_factory=dict)
+    """Where the coordinator gets collateral for registrants' quotes: ``{}`` (its own
+    source: the simulation PCS for sim, its PCCS for gramine), ``{"pccs_url": URL}``, or
+    ``{"documents": [collateral JSON, ...]}`` (dcap-qvl layout, chosen by FMSPC)."""
 
     def parsed_policy(self) -> Policy:
         return Policy.from_dict(self.policy)
 
     def validate(self) -> list[str]:
-        problems = []
+        """Every problem, as messages (empty: valid)."""
+        problems: list[str] = []
+        if isinstance(self.version, bool) or not isinstance(self.version, int) \
+                or self.version < 1:
+            problems.append(f"version must be an integer >= 1, got {self.version!r}")
         try:
             policy = self.parsed_policy()
         except ConfigError as err:
-            return [str(err)]
+            problems.append(str(err))
+            policy = None
+        if len(set(self.topology)) != len(self.topology):
+            problems.append("topology names a role twice")
+        if GATEWAY_ROLE not in self.topology:
+            problems.append("topology has no gateway")
+        stage_numbers = []
         for role in self.topology:
-            if role not in policy.roles:
-                problems.append(f"topology role {role!r} has no entry in policy.roles")
-        for index, key in self.stage_keys.items():
-            if stage_role(index) not in self.topology:
-                problems.append(f"a key is given for stage {index}, which is not in the "
-                                f"topology")
-            try:
-                if len(base64.b64decode(key, validate=True)) != 32:
-                    problems.append(f"stage {index} key is not 32 bytes")
-            except ValueError:
-                problems.append(f"stage {index} key is not base64")
+            if role != GATEWAY_ROLE and not _STAGE_ROLE.match(role):
+                problems.append(f"topology role {role!r} is neither gateway nor stage-K")
+            elif role != GATEWAY_ROLE:
+                stage_numbers.append(stage_index(role))
+            if policy is not None and role not in policy.roles:
+                problems.append(f"topology role {role!r} has no rule in policy.roles")
+        if sorted(stage_numbers) != list(range(len(stage_numbers))):
+            problems.append(f"stages must be numbered 0..{len(stage_numbers) - 1}, got "
+                            f"{sorted(stage_numbers)}")
+        if set(self.stages) != set(stage_numbers):
+            problems.append(f"stage commitments are given for {sorted(self.stages)}, the "
+                            f"topology has stages {sorted(stage_numbers)}")
+        for index, stage in self.stages.items():
+            for name in ("key_commitment", "sha256"):
+                if not _HEX64.match(str(getattr(stage, name))):
+                    problems.append(f"stage {index} {name} is not 64 lower-case hex digits")
+        problems += _collateral_problems(self.collateral)
         return problems
 
+    # -- canonical form and digest -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": self.version, "policy": self.policy,
+                "topology": list(self.topology),
+                "stages": {str(k): {"key_commitment": s.key_commitment, "sha256": s.sha256}
+                           for k, s in sorted(self.stages.items())},
+                "collateral": dict(self.collateral)}
+
     def to_json(self) -> str:
-        return json.dumps({"policy": self.policy,
-                           "stage_keys": {str(k): v for k, v in self.stage_keys.items()},
-                           "topology": self.topology}, sort_keys=True)
+        """The canonical form: sorted keys, no whitespace."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical form under a domain label (public: safe to show)."""
+        return hashlib.sha256(bound(_DIGEST_LABEL, self.to_json().encode())).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """Parses and validates; ConfigError naming every problem."""
         try:
             data = json.loads(text)
-            manifest = cls(policy=dict(data["policy"]),
-                           stage_keys={int(k): str(v) for k, v in
-                                       data.get("stage_keys", {}).items()},
-                           topology=list(data.get("topology", [])))
+            if not isinstance(data, dict):
+                raise TypeError("a manifest is a JSON object")
+            unknown = sorted(set(data) - {"format", "version", "policy", "topology",
+                                          "stages", "collateral"})
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, this smlaas reads {FORMAT}")
+            if not isinstance(data["policy"], dict) or not isinstance(data["topology"], list) \
+                    or not all(isinstance(r, str) for r in data["topology"]):
+                raise TypeError("policy must be an object and topology a list of role names")
+            stages = {}
+            for key, value in dict(data.get("stages", {})).items():
+                if not str(key).isdigit() or not isinstance(value, dict):
+                    raise TypeError(f"stages.{key} is not a stage commitment")
+                stages[int(key)] = StageCommitment(str(value["key_commitment"]),
+                                                   str(value["sha256"]))
+            collateral = data.get("collateral", {})
+            if not isinstance(collateral, dict):
+                raise TypeError("collateral must be an object")
+            manifest = cls(version=data["version"], policy=data["policy"],
+                           topology=tuple(data["topology"]), stages=stages,
+                           collateral=collateral)
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"not a deployment manifest: {err}") from err
         problems = manifest.validate()
@@ -80,8 +165,32 @@ class Manifest:
             raise ConfigError("invalid deployment manifest: " + "; ".join(problems))
         return manifest
 
-    def digest(self) -> str:
-        """SHA-256 of the canonical form, without the keys (safe to show and compare)."""
-        public = json.dumps({"policy": self.policy, "topology": self.topology,
-                             "stages_with_keys": sorted(self.stage_keys)}, sort_keys=True)
-        return hashlib.sha256(public.encode()).hexdigest()
+    def describe(self) -> str:
+        return (f"manifest v{self.version} {self.digest()[:16]} ({len(self.topology)} roles, "
+                f"{len(self.stages)} stages)")
+
+
+def _collateral_problems(collateral: Mapping[str, Any]) -> list[str]:
+    unknown = sorted(set(collateral) - {"pccs_url", "documents"})
+    if unknown:
+        return [f"collateral: unknown field(s) {', '.join(unknown)} (give pccs_url or "
+                f"documents)"]
+    if len(collateral) > 1:
+        return ["collateral: give pccs_url or documents, not both"]
+    url = collateral.get("pccs_url")
+    if url is not None and (not isinstance(url, str) or
+                            not url.startswith(("https://", "http://"))):
+        return [f"collateral.pccs_url must be an http(s) URL, got {url!r}"]
+    documents = collateral.get("documents")
+    if documents is None:
+        return []
+    if not isinstance(documents, list) or not documents or \
+            not all(isinstance(d, str) for d in documents):
+        return ["collateral.documents must be a non-empty list of collateral JSON texts"]
+    problems = []
+    for number, document in enumerate(documents):
+        try:
+            load_collateral(document, source=f"collateral.documents[{number}]")
+        except InputError as err:
+            problems.append(str(err))
+    return problems

@@ -1,145 +1,264 @@
 """The coordinator's request handling, independent of sockets.
 
-Requests (JSON objects with an ``op``):
+Requests are JSON objects with an ``op`` (:class:`~smlaas.coordinator.protocol.Op`); every
+answer is ``{"ok": true, ...}`` or ``{"ok": false, "code": CODE, "error": MESSAGE}``, whatever
+the request held (:meth:`CoordinatorService.handle` never raises):
 
 - ``ca``            -> the deployment CA certificate
-- ``set_manifest``  -> sets the manifest once (owner); returns its digest
-- ``manifest``      -> the manifest's digest and topology (no keys)
+- ``status``        -> this instance's id (SHA-256 of its RA-TLS key), the owner key's
+                       fingerprint, and the manifest's digest, version and topology (or null)
+- ``set_manifest``  -> {manifest, signature, stage_keys}: the owner's manifest, signed for this
+                       instance by the owner key this coordinator was configured (and measured)
+                       with; the stage keys must match the manifest's commitments. Replaces a
+                       held manifest only with a higher version.
 - ``nonce``         -> a fresh single-use nonce, valid for NONCE_TTL_S
-- ``register``      -> {role, nonce, quote, collateral, public_key}: verifies the quote, checks
-                       the manifest's rules for the role and that report_data is
-                       SHA-256(public key DER || nonce); issues a role certificate and, for a
-                       stage, releases that stage's key
+- ``register``      -> {role, nonce, quote, public_key, hosts}: verifies the quote against
+                       collateral the coordinator obtains itself, the manifest's rules for the
+                       role and the binding of role, key and nonce in report_data; issues a
+                       certificate naming the role in its role extension and, for a stage,
+                       releases its key HPKE-encrypted to the attested public key.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
-import hashlib
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from smlaas.coordinator.ca import DeploymentCA
-from smlaas.coordinator.manifest import Manifest, stage_index
+from smlaas.coordinator.ca import validated_hosts
+from smlaas.coordinator.collateral import collateral_for
+from smlaas.coordinator.manifest import GATEWAY_ROLE, Manifest, key_commitment, stage_index
+from smlaas.coordinator.owner import (
+    parse_public_key,
+    public_key_fingerprint,
+    verify_manifest_signature,
+)
+from smlaas.coordinator.protocol import (
+    Code,
+    Op,
+    refusal,
+    registration_binding,
+    seal_stage_key,
+)
 from smlaas.coordinator.state import CoordinatorState, SealedStateStore
-from smlaas.enclave.verification import TrustedRoot, load_collateral, select_root, verify_quote
-from smlaas.errors import AttestationError, SmlaasError
+from smlaas.enclave.backends.base import EnclaveBackend
+from smlaas.enclave.verification import TrustedRoot, select_root, verify_quote
+from smlaas.errors import AttestationError, CoordinatorRefused, InputError, SmlaasError
 
 logger = logging.getLogger(__name__)
 NONCE_TTL_S = 60.0
+MAX_NONCES = 4096
 
 
-class RequestError(SmlaasError):
-    """A request the coordinator refuses; its message goes back to the caller."""
+class NonceTable:
+    """Single-use nonces, at most ``capacity`` outstanding (the oldest is evicted), each valid
+    for ``ttl_s``; O(1) per request."""
 
+    def __init__(self, *, ttl_s: float = NONCE_TTL_S, capacity: int = MAX_NONCES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s, self._capacity, self._clock = ttl_s, capacity, clock
+        self._issued: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
 
-def registration_binding(public_key_der: bytes, nonce: bytes) -> bytes:
-    """What a registering enclave puts in its quote's report_data."""
-    return hashlib.sha256(public_key_der + nonce).digest()
+    def __len__(self) -> int:
+        return len(self._issued)
+
+    def issue(self) -> bytes:
+        nonce = os.urandom(32)
+        now = self._clock()
+        with self._lock:
+            while self._issued:  # insertion order is time order: expired ones are in front
+                _, issued = next(iter(self._issued.items()))
+                if now - issued < self._ttl_s and len(self._issued) < self._capacity:
+                    break
+                self._issued.popitem(last=False)
+            self._issued[nonce] = now
+        return nonce
+
+    def take(self, nonce: bytes) -> None:
+        with self._lock:
+            issued = self._issued.pop(nonce, None)
+        if issued is None or self._clock() - issued >= self._ttl_s:
+            raise refusal(Code.BAD_NONCE, "unknown, used or expired nonce (a replayed "
+                          "registration, or one slower than its nonce)")
 
 
 class CoordinatorService:
-    def __init__(self, store: SealedStateStore, roots: list[TrustedRoot]) -> None:
-        self._store = store
-        self._roots = roots
+    def __init__(self, store: SealedStateStore, roots: list[TrustedRoot], *,
+                 backend: EnclaveBackend, owner_public_key: str) -> None:
+        self._store, self._roots, self._backend = store, roots, backend
+        self._owner_key = parse_public_key(owner_public_key)
+        self._owner_fingerprint = public_key_fingerprint(owner_public_key)
         self._lock = threading.Lock()
-        self._nonces: dict[bytes, float] = {}
+        self.nonces = NonceTable()
         state = store.load()
         if state is None:
-            state = CoordinatorState(DeploymentCA.create())
+            state = CoordinatorState.create()
             store.save(state)
-            logger.info("created a new deployment CA")
+            logger.info("created a new deployment CA and instance key")
         else:
-            logger.info("restored sealed state (deployment CA and manifest)")
+            logger.info("restored sealed state (%s)", state.manifest.describe()
+                        if state.manifest else "no manifest yet")
         self.state = state
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
+    @property
+    def instance_key(self) -> ec.EllipticCurvePrivateKey:
+        return self.state.instance_key
+
+    def handle(self, request: Any) -> dict[str, Any]:
+        """The answer to ``request``; every failure is a refusal with a code."""
+        op = request.get("op") if isinstance(request, dict) else None
         try:
-            if op == "ca":
-                return {"ok": True, "ca": self.state.ca.cert_pem()}
-            if op == "set_manifest":
-                return self._set_manifest(request)
-            if op == "manifest":
-                manifest = self.state.manifest
-                return {"ok": True, "digest": manifest.digest() if manifest else None,
-                        "topology": manifest.topology if manifest else []}
-            if op == "nonce":
-                return {"ok": True, "nonce": self._new_nonce().hex()}
-            if op == "register":
-                return self._register(request)
-            raise RequestError(f"unknown op {op!r}")
-        except (RequestError, AttestationError) as err:
-            logger.warning("refused %s request: %s", op, err)
-            return {"ok": False, "error": str(err)}
+            if not isinstance(request, dict):
+                raise refusal(Code.MALFORMED, "a request is a JSON object")
+            handler = self._handlers().get(str(op))
+            if handler is None:
+                raise refusal(Code.UNKNOWN_OP, f"unknown op {op!r} (known: "
+                              f"{', '.join(o.value for o in Op)})")
+            return {"ok": True, **handler(request)}
+        except CoordinatorRefused as err:
+            return self._refused(op, err.code, str(err))
+        except InputError as err:
+            return self._refused(op, Code.MALFORMED, str(err))
+        except AttestationError as err:
+            return self._refused(op, Code.NOT_ACCEPTED, str(err))
+        except SmlaasError as err:
+            logger.error("%s request failed: %s", op, err)
+            return self._refused(op, Code.INTERNAL, str(err))
+        except Exception:
+            logger.exception("%s request failed unexpectedly", op)
+            return self._refused(op, Code.INTERNAL, "internal error (see the coordinator's "
+                                 "log)")
 
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {Op.CA: lambda _: {"ca": self.state.ca.cert_pem()},
+                Op.STATUS: lambda _: self._status(),
+                Op.SET_MANIFEST: self._set_manifest,
+                Op.NONCE: lambda _: {"nonce": self.nonces.issue().hex()},
+                Op.REGISTER: self._register}
+
+    @staticmethod
+    def _refused(op: Any, code: str, message: str) -> dict[str, Any]:
+        logger.warning("refused %s request (%s): %s", op, code, message)
+        return {"ok": False, "code": str(code), "error": message}
+
+    def _status(self) -> dict[str, Any]:
+        manifest = self.state.manifest
+        return {"instance": self.state.instance_id.hex(), "owner": self._owner_fingerprint,
+                "manifest": None if manifest is None else {
+                    "digest": manifest.digest(), "version": manifest.version,
+                    "topology": list(manifest.topology)}}
+
+    # -- the owner's manifest ------------------------------------------------------------
     def _set_manifest(self, request: dict[str, Any]) -> dict[str, Any]:
-        manifest = Manifest.from_json(str(request.get("manifest", "")))
+        text = request.get("manifest")
+        if not isinstance(text, str):
+            raise refusal(Code.MALFORMED, "set_manifest needs the manifest's canonical JSON "
+                          "text")
+        manifest = Manifest.from_json(text)
+        signature = _base64(request, "signature")
+        verify_manifest_signature(self._owner_key, signature, manifest_digest=manifest.digest(),
+                                  coordinator_key_sha256=self.state.instance_id)
+        keys = _stage_keys(request.get("stage_keys"), manifest)
         with self._lock:
-            if self.state.manifest is not None:
-                if self.state.manifest.digest() == manifest.digest():
-                    return {"ok": True, "digest": manifest.digest()}
-                raise RequestError("a different manifest is already set; a manifest can be "
-                                   "set once")
-            self.state.manifest = manifest
+            held = self.state.manifest
+            if held is not None and held.digest() == manifest.digest():
+                return {"digest": manifest.digest(), "version": manifest.version}
+            if held is not None and manifest.version <= held.version:
+                raise refusal(Code.STALE_VERSION, f"this coordinator holds manifest version "
+                              f"{held.version} ({held.digest()[:16]}); only a signed manifest "
+                              f"with a higher version replaces it, got {manifest.version}")
+            self.state.manifest, self.state.manifest_signature = manifest, signature
+            self.state.stage_keys = keys
             self._store.save(self.state)
-        logger.info("manifest set (digest %s)", manifest.digest()[:16])
-        return {"ok": True, "digest": manifest.digest()}
+        logger.info("%s set by the owner (%s)", manifest.describe(), self._owner_fingerprint)
+        return {"digest": manifest.digest(), "version": manifest.version}
 
-    def _new_nonce(self) -> bytes:
-        nonce = os.urandom(32)
-        now = time.monotonic()
-        with self._lock:
-            self._nonces = {n: t for n, t in self._nonces.items() if now - t < NONCE_TTL_S}
-            self._nonces[nonce] = now
-        return nonce
-
-    def _take_nonce(self, nonce: bytes) -> None:
-        with self._lock:
-            issued = self._nonces.pop(nonce, None)
-        if issued is None or time.monotonic() - issued >= NONCE_TTL_S:
-            raise RequestError("unknown, used or expired nonce (replayed registration?)")
-
+    # -- registration --------------------------------------------------------------------
     def _register(self, request: dict[str, Any]) -> dict[str, Any]:
         manifest = self.state.manifest
         if manifest is None:
-            raise RequestError("no manifest is set yet")
-        role = str(request.get("role", ""))
-        if role not in manifest.topology:
-            raise RequestError(f"role {role!r} is not in the manifest's topology")
+            raise refusal(Code.NO_MANIFEST, "no manifest is set yet")
+        role = request.get("role")
+        if not isinstance(role, str):
+            raise refusal(Code.MALFORMED, "register needs a role")
+        nonce, quote = _hex(request, "nonce"), _base64(request, "quote")
+        public_der = _base64(request, "public_key")
         try:
-            nonce = bytes.fromhex(str(request["nonce"]))
-            quote = base64.b64decode(str(request["quote"]), validate=True)
-            public_der = base64.b64decode(str(request["public_key"]), validate=True)
             public_key = serialization.load_der_public_key(public_der)
-        except (KeyError, ValueError) as err:
-            raise RequestError(f"malformed registration: {err}") from err
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise RequestError("the registering key must be an EC P-256 key")
-        self._take_nonce(nonce)
-        verdict = verify_quote(quote, load_collateral(str(request.get("collateral", "")),
-                                                      source="registration"),
-                               at=dt.datetime.now(dt.UTC), root=select_root(quote, self._roots))
+        except ValueError as err:
+            raise refusal(Code.MALFORMED, f"public_key is not a DER public key: {err}") from err
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+                not isinstance(public_key.curve, ec.SECP256R1):
+            raise refusal(Code.MALFORMED, "the registering key must be an EC P-256 key")
+        if role not in manifest.topology:
+            raise refusal(Code.UNKNOWN_ROLE, f"role {role!r} is not in the manifest's "
+                          f"topology ({', '.join(manifest.topology)})")
+        hosts = validated_hosts(role, request.get("hosts", []))
+        self.nonces.take(nonce)
+        collateral = collateral_for(quote, manifest.collateral, self._backend)
+        verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
+                               root=select_root(quote, self._roots))
         if not verdict.verified:
             raise AttestationError(f"quote of {role} does not verify: {verdict.error}")
-        manifest.parsed_policy().check(verdict, role=role,
-                                       expected_report_data=registration_binding(public_der,
-                                                                                 nonce))
-        certificate = self.state.ca.issue(role, public_key,
-                                          hosts=list(request.get("hosts", [])))
+        manifest.parsed_policy().check(verdict, role=role, expected_report_data=(
+            registration_binding(role, public_der, nonce)))
+        certificate = self.state.ca.issue(role, public_key, hosts=hosts)
         response: dict[str, Any] = {
-            "ok": True, "certificate": certificate.public_bytes(
-                serialization.Encoding.PEM).decode(),
-            "ca": self.state.ca.cert_pem(), "simulated": verdict.simulated}
-        if role.startswith("stage-") and stage_index(role) in manifest.stage_keys:
-            response["stage_key"] = manifest.stage_keys[stage_index(role)]
+            "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            "ca": self.state.ca.cert_pem(), "manifest_digest": manifest.digest(),
+            "simulated": verdict.simulated}
+        if role != GATEWAY_ROLE:
+            index = stage_index(role)
+            sealed_key = seal_stage_key(self.state.stage_keys[index], public_key, role=role,
+                                        manifest_digest=manifest.digest(), nonce=nonce)
+            response["stage"] = {"index": index, "sha256": manifest.stages[index].sha256,
+                                 "sealed_key": base64.b64encode(sealed_key).decode()}
         logger.info("registered %s (MRENCLAVE %s..., %s)", role, verdict.mrenclave[:16],
                     "SIMULATED" if verdict.simulated else "hardware")
         return response
+
+
+def _base64(request: dict[str, Any], field: str) -> bytes:
+    value = request.get(field)
+    try:
+        if not isinstance(value, str):
+            raise TypeError(f"got {type(value).__name__}")
+        return base64.b64decode(value, validate=True)
+    except (TypeError, binascii.Error) as err:
+        raise refusal(Code.MALFORMED, f"{field} must be base64: {err}") from err
+
+
+def _hex(request: dict[str, Any], field: str) -> bytes:
+    value = request.get(field)
+    try:
+        if not isinstance(value, str):
+            raise TypeError(f"got {type(value).__name__}")
+        return bytes.fromhex(value)
+    except (TypeError, ValueError) as err:
+        raise refusal(Code.MALFORMED, f"{field} must be hex: {err}") from err
+
+
+def _stage_keys(raw: Any, manifest: Manifest) -> dict[int, bytes]:
+    """The owner's stage keys, each checked against the manifest's commitment."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k.isdigit() for k in raw):
+        raise refusal(Code.MALFORMED, "stage_keys must map stage numbers to base64 keys")
+    keys = {int(k): _base64(raw, k) for k in raw}
+    if set(keys) != set(manifest.stages):
+        raise refusal(Code.KEY_MISMATCH, f"stage keys are given for {sorted(keys)}, the "
+                      f"manifest commits to {sorted(manifest.stages)}")
+    for index, key in keys.items():
+        if key_commitment(index, key) != manifest.stages[index].key_commitment:
+            raise refusal(Code.KEY_MISMATCH, f"the key for stage {index} does not match the "
+                          f"manifest's commitment")
+    return keys

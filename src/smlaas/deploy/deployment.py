@@ -1,15 +1,24 @@
 """``smlaas deploy``: bring a sealed build up as an attested pipeline.
 
-The owner's side of the ceremony, in order: start the coordinator; attest it (its measurement
-is pinned, computed from this code for ``sim`` or given for ``gramine``); set the manifest
-(each role's accepted measurement, the stage keys, the topology); start one worker per stage
-and the gateway, which register and receive their certificates (and keys) only if their
-quotes pass; wait until the gateway answers ``ready`` through every stage.
+The owner's side of the ceremony, in order:
+
+1. check the sealed directory against the owner's keyfile (its plan.json hash, every stage's
+   sealed header against the keyfile's plaintext SHA-256; no plaintext stage present);
+2. start the coordinator with the owner's public key in its measured configuration, and
+   attest it (its MRENCLAVE pinned: computed from the spec for ``sim``, given for
+   ``gramine``);
+3. build the manifest (each role's accepted measurement, a commitment to each stage key, each
+   stage's plaintext SHA-256, the topology, the policy, the collateral source) and compare its
+   digest with what the coordinator holds: none -> sign it for this coordinator and set it
+   with the stage keys; the same -> nothing to do; another -> refuse, naming both digests
+   (unless asked to replace it with a higher signed version);
+4. start one worker per stage and the gateway, which register and receive their certificates
+   (and keys) only if their quotes pass; wait until the gateway answers ``ready`` through
+   every stage.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -17,42 +26,54 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
-import onnx
 
-from smlaas.coordinator.client import CoordinatorClient
-from smlaas.coordinator.manifest import GATEWAY_ROLE, Manifest, stage_role
+from smlaas.coordinator.client import CoordinatorClient, CoordinatorStatus
+from smlaas.coordinator.manifest import (
+    GATEWAY_ROLE,
+    Manifest,
+    StageCommitment,
+    key_commitment,
+    stage_role,
+)
+from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
+from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy.launchers import Launcher, ProcessSpec
-from smlaas.enclave.measurement import measure
-from smlaas.enclave.sealing import OwnerKeys
+from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
+from smlaas.enclave.policy import Policy, RolePolicy
+from smlaas.enclave.sealing import OwnerKeys, read_header
 from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
 from smlaas.errors import AttestationError, ConfigError, DeployError
-from smlaas.export.batching import batching_problem
-from smlaas.export.build_dir import PLAN_FILE, read_plan, stage_paths
-from smlaas.export.sealed_build import sealed_path
+from smlaas.export.build_dir import PLAN_FILE, read_plan
+from smlaas.export.sealed_build import (
+    ServingNote,
+    plaintext_stages,
+    sealed_directory,
+    sealed_path,
+)
 from smlaas.plan.plan import Plan
-from smlaas.profile.inputs import random_inputs
-from smlaas.serving.enrol import coordinator_policy, role_config, sim_coordinator_mrenclave
+from smlaas.transport.framing import ProtocolError
 
 logger = logging.getLogger(__name__)
-DEFAULT_MAX_BATCH = 8
-COORDINATOR_ROLE = "coordinator"
 
 
 @dataclass(frozen=True)
 class DeploySettings:
     build_dir: Path
+    """The sealed directory (or a build holding one in ``sealed/``)."""
     keys_path: Path
     state_dir: Path
+    owner_key_path: Path = field(default_factory=default_owner_key_path)
     backend: str = "sim"
     host: str = "127.0.0.1"
     port: int = 8443
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_batch_size: int | None = None
-    """None: DEFAULT_MAX_BATCH if the stages batch correctly, else 0 (no batching)."""
+    """None: what seal recorded (8 if the stages batch correctly, else 0); 0: off."""
     max_queue_delay_us: int = 500
     max_inflight: int | None = None
     """Batches in the pipeline at once; None: the number of stages (one per stage; fewer in
@@ -60,6 +81,13 @@ class DeploySettings:
     against 10.7/s with 4, ResNet-50, 16 clients)."""
     measurements: dict[str, str] | None = None
     """role -> MRENCLAVE hex (required for gramine: from gramine-sgx-sign)."""
+    policy: dict[str, Any] | None = None
+    """The manifest policy's base (TCB statuses, evaluation number, collateral age); the
+    roles' measurements are filled in by deploy."""
+    collateral: dict[str, Any] = field(default_factory=dict)
+    """The manifest's collateral source ({} = the coordinator's own)."""
+    replace_manifest: bool = False
+    """Replace another manifest the coordinator holds with this one (next version)."""
     ready_timeout_s: float = 120.0
 
 
@@ -69,16 +97,21 @@ class Deployment:
     def __init__(self, settings: DeploySettings, launcher: Launcher, *,
                  progress: Callable[[str], None] = lambda _: None) -> None:
         self.settings, self.launcher, self.progress = settings, launcher, progress
-        self.plan: Plan = read_plan(settings.build_dir)
+        self.sealed_dir = sealed_directory(settings.build_dir)
+        self.plan: Plan = read_plan(self.sealed_dir)
         self.keys = OwnerKeys.load(settings.keys_path)
+        self.owner = OwnerKey.load(settings.owner_key_path)
         self.url = ""
         self.ca_path = settings.state_dir / "ca.pem"
-        self.max_batch_size = 0
-        self.batching_note = ""
+        serving = ServingNote.of(self.plan)
+        self.max_batch_size, self.batching_note = _batching(serving, settings.max_batch_size)
         self.ready_s = 0.0
         """Seconds from start() to ready (coordinator, manifest, workers, gateway)."""
         self.trusted_roots: list[TrustedRoot] = [INTEL_ROOT]
         """Roots the owner verifies quotes against (plus the simulation root for sim)."""
+        self.measurements: dict[str, str] = {}
+        """role -> the MRENCLAVE the manifest accepts (after start)."""
+        self.manifest: Manifest | None = None
 
     @property
     def model_name(self) -> str:
@@ -87,6 +120,16 @@ class Deployment:
     @property
     def stage_count(self) -> int:
         return len(self.plan.stages)
+
+    @property
+    def simulated(self) -> bool:
+        return self.settings.backend == "sim"
+
+    def role_policy(self, role: str) -> Policy:
+        """A policy accepting exactly the measurement this deployment pinned for ``role``
+        (e.g. for clients attesting the gateway)."""
+        base = Policy.from_dict(self.manifest.policy) if self.manifest else Policy()
+        return replace(base, roles={role: RolePolicy(mrenclave=(self.measurements[role],))})
 
     def __enter__(self) -> Deployment:
         try:
@@ -102,41 +145,29 @@ class Deployment:
     def start(self) -> None:
         started = time.monotonic()
         s = self.settings
-        self._check_build()
+        self._check_sealed_dir()
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.max_batch_size, self.batching_note = self._batching()
-        if s.backend == "sim":  # create the simulation PKI before any process races to
+        if self.simulated:  # create the simulation PKI before any process races to
             from smlaas.enclave.backends.sim import SimBackend
 
             self.trusted_roots = [INTEL_ROOT, SimBackend(COORDINATOR_ROLE).trusted_root]
-        coordinator_mr = self._measurement(COORDINATOR_ROLE) if s.backend != "sim" else \
-            sim_coordinator_mrenclave()
-        coordinator = self.launcher.reserve(COORDINATOR_ROLE)
-        self.launcher.start(ProcessSpec(COORDINATOR_ROLE, [
-            "coordinator", "--host", coordinator[0], "--port", str(coordinator[1]),
-            "--state", str(s.state_dir / "coordinator.sealed"), "--backend", s.backend]))
-        self.progress(f"coordinator starting on {coordinator[0]}:{coordinator[1]}")
-        owner = self._attest_coordinator(coordinator, coordinator_mr)
-        digest = owner.set_manifest(self._manifest(coordinator_mr))
-        self.ca_path.write_text(owner.deployment_ca())
-        self.progress(f"coordinator attested; manifest {digest[:16]} set")
-        common = ["--coordinator", _address(coordinator), "--backend", s.backend,
-                  "--coordinator-mrenclave", coordinator_mr]
-        addresses = [self.launcher.reserve(stage_role(k)) for k in range(self.stage_count)]
-        for k, address in enumerate(addresses):
-            role = stage_role(k)
-            nxt = ["--next", _address(addresses[k + 1])] if k + 1 < self.stage_count else []
-            self.launcher.start(ProcessSpec(role, [
-                "worker", "--role", role, "--build", str(s.build_dir.resolve()), "--listen",
-                _address(address), "--threads", str(s.threads), *nxt, *common]))
-        self.progress(f"{self.stage_count} stage worker(s) starting")
-        inflight = s.max_inflight or self.stage_count
-        self.launcher.start(ProcessSpec(GATEWAY_ROLE, [
-            "gateway", "--first-stage", _address(addresses[0]), "--host", s.host,
-            "--port", str(s.port), "--model-name", self.model_name,
-            "--max-batch-size", str(self.max_batch_size),
-            "--max-queue-delay-us", str(s.max_queue_delay_us),
-            "--max-inflight", str(inflight), *common]))
+        coordinator = CoordinatorSpec(
+            backend=s.backend, owner_public_key=self.owner.public_key_hex,
+            listen=self.launcher.reserve(COORDINATOR_ROLE),
+            state_path=str((s.state_dir / "coordinator.sealed").resolve()))
+        coordinator_mr = self._measurement(coordinator)
+        self.launcher.start(ProcessSpec(coordinator.role, coordinator.to_argv()))
+        self.progress(f"coordinator starting on {coordinator.listen[0]}:"
+                      f"{coordinator.listen[1]} (owner {self.owner.fingerprint})")
+        client = self._attest_coordinator(coordinator.listen, coordinator_mr)
+        roles = self._role_specs(coordinator, coordinator_mr)
+        self.measurements = {spec.role: self._measurement(spec) for spec in roles}
+        self.measurements[COORDINATOR_ROLE] = coordinator_mr
+        self.manifest = self._set_manifest(client)
+        self.ca_path.write_text(client.deployment_ca())
+        for spec in roles:
+            self.launcher.start(ProcessSpec(spec.role, spec.to_argv()))
+        self.progress(f"{self.stage_count} stage worker(s) and the gateway starting")
         self.url = f"https://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
         self.wait_ready(s.ready_timeout_s)
         self.ready_s = time.monotonic() - started
@@ -167,63 +198,104 @@ class Deployment:
     def stop(self) -> None:
         self.launcher.stop()
 
-    def _check_build(self) -> None:
-        plan_sha = _sha256(self.settings.build_dir / PLAN_FILE)
+    # -- the steps -----------------------------------------------------------------------
+    def _check_sealed_dir(self) -> None:
+        plaintext = plaintext_stages(self.sealed_dir)
+        if plaintext:
+            names = ", ".join(p.name for p in plaintext)
+            if not self.simulated:
+                raise ConfigError(f"{self.sealed_dir} holds plaintext sub-models ({names}); "
+                                  f"deploy only the directory `smlaas seal` wrote")
+            logger.warning("%s holds plaintext sub-models (%s): with a real backend this is "
+                           "refused", self.sealed_dir, names)
+        plan_sha = hashlib.sha256((self.sealed_dir / PLAN_FILE).read_bytes()).hexdigest()
         if self.keys.build_sha256 != plan_sha:
-            raise ConfigError(f"keyfile {self.settings.keys_path} belongs to another build "
-                              f"(its plan.json differs); seal this build again")
+            raise ConfigError(f"keyfile {self.settings.keys_path} belongs to another sealed "
+                              f"build (its plan.json differs); seal this build again")
         for stage in self.plan.stages:
-            if not sealed_path(self.settings.build_dir, stage.index).is_file():
-                raise ConfigError(f"stage {stage.index} is not sealed; run `smlaas seal "
-                                  f"{self.settings.build_dir} --keys KEYFILE` first")
+            path = sealed_path(self.sealed_dir, stage.index)
+            if not path.is_file():
+                raise ConfigError(f"stage {stage.index} is not sealed ({path} is missing); "
+                                  f"run `smlaas seal` again")
             if stage.index not in self.keys.stage_keys:
                 raise ConfigError(f"keyfile has no key for stage {stage.index}")
+            if read_header(path.read_bytes()).sha256 != self.keys.stage_sha256[stage.index]:
+                raise ConfigError(f"{path} is not the stage this keyfile sealed (its SHA-256 "
+                                  f"differs): the sealed directory was changed")
 
-    def _batching(self) -> tuple[int, str]:
-        requested = self.settings.max_batch_size
-        if requested == 0:
-            return 0, "dynamic batching off (--max-batch-size 0)"
-        paths = stage_paths(self.settings.build_dir, self.plan)
-        if not all(p.is_file() for p in paths):
-            return 0, "dynamic batching off: plaintext stages are not in the build to check"
-        models = [onnx.load(str(p)) for p in paths]
-        shapes = {k: tuple(v) for k, v in self.plan.model.input_shapes.items()}
-        problem = batching_problem(models, random_inputs(models[0], shapes))
-        if problem is not None:
-            return 0, f"dynamic batching off: {problem}"
-        size = requested or DEFAULT_MAX_BATCH
-        return size, f"dynamic batching up to {size} (checked: batch 2 equals 2 requests)"
+    def _role_specs(self, coordinator: CoordinatorSpec, coordinator_mr: str) -> list[RoleSpec]:
+        s = self.settings
+        common: dict[str, Any] = {"backend": s.backend, "coordinator_mrenclave": coordinator_mr,
+                                  "coordinator": coordinator.listen}
+        addresses = [self.launcher.reserve(stage_role(k)) for k in range(self.stage_count)]
+        specs: list[RoleSpec] = [
+            StageSpec(index=k, listen=address, sealed_dir=str(self.sealed_dir.resolve()),
+                      next_stage=addresses[k + 1] if k + 1 < self.stage_count else None,
+                      threads=s.threads, **common)
+            for k, address in enumerate(addresses)]
+        specs.append(GatewaySpec(
+            first_stage=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
+            max_batch_size=self.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
+            max_inflight=s.max_inflight or self.stage_count, **common))
+        return specs
 
-    def _measurement(self, role: str) -> str:
-        if self.settings.backend == "sim":
-            coordinator_mr = sim_coordinator_mrenclave()
-            return measure(role, role_config(coordinator_mr)).mrenclave.hex()
+    def _measurement(self, spec: RoleSpec) -> str:
+        if self.simulated:
+            return spec.sim_mrenclave()
         known = self.settings.measurements or {}
-        if role not in known:
+        if spec.role not in known:
             raise ConfigError(f"the {self.settings.backend} backend needs the MRENCLAVE of "
-                              f"role {role!r} (--measurements FILE, from gramine-sgx-sign)")
-        return known[role]
+                              f"role {spec.role!r} (--measurements FILE, from "
+                              f"gramine-sgx-sign)")
+        return known[spec.role].lower()
 
-    def _manifest(self, coordinator_mr: str) -> Manifest:
+    def build_manifest(self, *, version: int = 1) -> Manifest:
+        """This deployment's manifest (after the measurements are known)."""
         roles = [GATEWAY_ROLE, *(stage_role(k) for k in range(self.stage_count))]
+        policy = dict(self.settings.policy or {})
+        policy["allow_simulation_insecure"] = self.simulated
+        policy["roles"] = {role: {"mrenclave": [self.measurements[role]]} for role in roles}
         return Manifest(
-            policy={"allow_simulation_insecure": self.settings.backend == "sim",
-                    "roles": {role: {"mrenclave": [self._measurement(role)]} for role in roles}},
-            stage_keys={k: base64.b64encode(v).decode()
-                        for k, v in self.keys.stage_keys.items()},
-            topology=roles)
+            version=version, policy=policy, topology=tuple(roles),
+            stages={k: StageCommitment(key_commitment(k, key), self.keys.stage_sha256[k])
+                    for k, key in self.keys.stage_keys.items()},
+            collateral=dict(self.settings.collateral))
+
+    def _set_manifest(self, client: CoordinatorClient) -> Manifest:
+        status = client.status()
+        if status.owner != self.owner.fingerprint:
+            raise DeployError(f"the coordinator obeys owner {status.owner}, not this owner "
+                              f"key {self.owner.fingerprint}")
+        manifest = self.build_manifest()
+        if status.manifest_digest == manifest.digest():
+            self.progress(f"coordinator attested; it already holds this deployment's "
+                          f"{manifest.describe()}")
+            return manifest
+        if status.manifest_digest is not None:
+            if not self.settings.replace_manifest:
+                raise DeployError(_held_another(status, manifest, self.settings.state_dir))
+            manifest = self.build_manifest(version=(status.manifest_version or 0) + 1)
+        digest = client.set_manifest(manifest, owner=self.owner,
+                                     stage_keys=self.keys.stage_keys)
+        if digest != manifest.digest():
+            raise DeployError(f"the coordinator holds manifest {digest}, not the "
+                              f"{manifest.digest()} just set")
+        self.progress(f"coordinator attested; {manifest.describe()} signed and set")
+        return manifest
 
     def _attest_coordinator(self, address: tuple[str, int], mrenclave: str,
                             deadline_s: float = 60.0) -> CoordinatorClient:
-        simulated = self.settings.backend == "sim"
+        from smlaas.serving.enrol import coordinator_policy
+
         client = CoordinatorClient(*address, roots=self.trusted_roots,
-                                   policy=coordinator_policy(mrenclave, simulated=simulated))
+                                   policy=coordinator_policy(mrenclave,
+                                                             simulated=self.simulated))
         end = time.monotonic() + deadline_s
         while True:
             try:
                 client.deployment_ca()
                 return client
-            except OSError as err:
+            except (OSError, ProtocolError) as err:
                 problems = self.launcher.problems()
                 if problems or time.monotonic() > end:
                     raise DeployError("the coordinator did not come up: " +
@@ -233,17 +305,25 @@ class Deployment:
                 raise DeployError(f"the coordinator failed attestation: {err}") from err
 
 
+def _batching(note: ServingNote, requested: int | None) -> tuple[int, str]:
+    if requested == 0:
+        return 0, "dynamic batching off (--max-batch-size 0)"
+    if note.max_batch_size == 0 or requested is None:
+        return note.max_batch_size, note.batching
+    return requested, f"dynamic batching up to {requested} (checked at seal time)"
+
+
+def _held_another(status: CoordinatorStatus, manifest: Manifest, state_dir: Path) -> str:
+    return (f"the coordinator already holds another manifest: {status.manifest_digest} "
+            f"(version {status.manifest_version}), not this deployment's {manifest.digest()}; "
+            f"refusing to serve under it. Use a new --state-dir, or --replace-manifest to "
+            f"replace it with this one signed as version {(status.manifest_version or 0) + 1} "
+            f"(state: {state_dir})")
+
+
 def read_measurements(path: Path) -> dict[str, str]:
     try:
         data = json.loads(Path(path).read_text())
         return {str(role): str(value) for role, value in data.items()}
     except (OSError, ValueError, AttributeError) as err:
         raise ConfigError(f"{path} is not a JSON object of role -> MRENCLAVE: {err}") from err
-
-
-def _address(address: tuple[str, int]) -> str:
-    return f"{address[0]}:{address[1]}"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -3,9 +3,12 @@
 One Deployment and Service per role. Stage pods ask the Intel SGX device plugin for
 ``sgx.intel.com/epc`` equal to the plan's predicted working set of that stage (rounded up to
 a MiB; the cost model's figure, not a measurement), plus ``sgx.intel.com/enclave`` and
-``sgx.intel.com/provision`` (DCAP quotes). The build directory (sealed stages and plan.json;
-never the owner keys) comes from a read-only PersistentVolumeClaim ``smlaas-build``. The owner
-still sets the manifest from outside the cluster (see docs/DEPLOYING.md).
+``sgx.intel.com/provision`` (DCAP quotes). Every container runs its role's spec
+(:mod:`smlaas.deploy.roles`): its arguments for sim, or, for gramine, the role's measured
+manifest with the host options in the environment. The sealed directory (sealed stages and
+plan.json; never the owner keys) comes from a read-only PersistentVolumeClaim
+``smlaas-build``. The owner still sets the manifest from outside the cluster (see
+docs/DEPLOYING.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.coordinator.owner import OwnerKey
+from smlaas.coordinator.protocol import COORDINATOR_ROLE
+from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
+from smlaas.errors import ConfigError
 from smlaas.export.build_dir import read_plan
+from smlaas.export.sealed_build import ServingNote, sealed_directory
 
 MIB = 1024 * 1024
 IMAGE = "smlaas:latest"
@@ -26,28 +34,38 @@ RUNTIME_EPC_MIB = 16
 
 
 def write_manifests(build_dir: Path, out_dir: Path, *, backend: str, port: int,
+                    owner: OwnerKey, measurements: dict[str, str] | None = None,
                     image: str = IMAGE) -> list[Path]:
-    plan = read_plan(build_dir)
+    """One Deployment and Service per role, from the same role specs as every launcher."""
+    sealed = sealed_directory(build_dir)
+    plan = read_plan(sealed)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = len(plan.stages)
-    common = ["--coordinator", f"smlaas-coordinator:{COORDINATOR_PORT}", "--backend", backend]
-    documents: dict[str, list[dict[str, Any]]] = {
-        "coordinator": _role("coordinator", image, backend, COORDINATOR_PORT,
-                             ["coordinator", "--host", "0.0.0.0", "--port",
-                              str(COORDINATOR_PORT), "--state", "/state/coordinator.sealed",
-                              "--backend", backend], epc_mib=RUNTIME_EPC_MIB, state=True)}
+    coordinator = CoordinatorSpec(backend=backend, owner_public_key=owner.public_key_hex,
+                                  listen=("0.0.0.0", COORDINATOR_PORT),
+                                  state_path="/state/coordinator.sealed")
+    if backend == "sim":
+        coordinator_mr = coordinator.sim_mrenclave()
+    elif measurements and COORDINATOR_ROLE in measurements:
+        coordinator_mr = measurements[COORDINATOR_ROLE]
+    else:
+        raise ConfigError("the gramine backend needs the coordinator's MRENCLAVE "
+                          "(--measurements FILE, from gramine-sgx-sign)")
+    common: dict[str, Any] = {"backend": backend, "coordinator_mrenclave": coordinator_mr,
+                              "coordinator": (f"smlaas-{COORDINATOR_ROLE}", COORDINATOR_PORT)}
+    documents = {COORDINATOR_ROLE: _role(coordinator, image, COORDINATOR_PORT,
+                                         epc_mib=RUNTIME_EPC_MIB, state=True)}
     for stage in plan.stages:
-        role = stage_role(stage.index)
-        nxt = ["--next", f"smlaas-{stage_role(stage.index + 1)}:{STAGE_PORT}"] \
-            if stage.index + 1 < count else []
-        documents[role] = _role(role, image, backend, STAGE_PORT, [
-            "worker", "--role", role, "--build", "/build", "--listen", f"0.0.0.0:{STAGE_PORT}",
-            *nxt, *common], epc_mib=math.ceil(stage.working_set_bytes / MIB) + RUNTIME_EPC_MIB,
-            build=True)
-    documents[GATEWAY_ROLE] = _role(GATEWAY_ROLE, image, backend, port, [
-        "gateway", "--first-stage", f"smlaas-{stage_role(0)}:{STAGE_PORT}", "--host",
-        "0.0.0.0", "--port", str(port), "--model-name", plan.model.name, *common],
-        epc_mib=RUNTIME_EPC_MIB, service_type="LoadBalancer")
+        spec = StageSpec(index=stage.index, listen=("0.0.0.0", STAGE_PORT), sealed_dir="/build",
+                         next_stage=(f"smlaas-{stage_role(stage.index + 1)}", STAGE_PORT)
+                         if stage.index + 1 < count else None, **common)
+        documents[spec.role] = _role(spec, image, STAGE_PORT, epc_mib=math.ceil(
+            stage.working_set_bytes / MIB) + RUNTIME_EPC_MIB, build=True)
+    gateway = GatewaySpec(first_stage=(f"smlaas-{stage_role(0)}", STAGE_PORT),
+                          listen=("0.0.0.0", port), model_name=plan.model.name,
+                          max_batch_size=ServingNote.of(plan).max_batch_size, **common)
+    documents[GATEWAY_ROLE] = _role(gateway, image, port, epc_mib=RUNTIME_EPC_MIB,
+                                    service_type="LoadBalancer")
     written = []
     for role, docs in documents.items():
         path = out_dir / f"{role}.yaml"
@@ -56,9 +74,9 @@ def write_manifests(build_dir: Path, out_dir: Path, *, backend: str, port: int,
     return written
 
 
-def _role(role: str, image: str, backend: str, port: int, args: list[str], *, epc_mib: int,
-          build: bool = False, state: bool = False, service_type: str = "ClusterIP"
-          ) -> list[dict[str, Any]]:
+def _role(spec: RoleSpec, image: str, port: int, *, epc_mib: int, build: bool = False,
+          state: bool = False, service_type: str = "ClusterIP") -> list[dict[str, Any]]:
+    role, backend = spec.role, spec.backend
     name = f"smlaas-{role}"
     labels = {"app.kubernetes.io/name": "smlaas", "app.kubernetes.io/component": role}
     sgx = {"sgx.intel.com/epc": f"{epc_mib}Mi", "sgx.intel.com/enclave": 1,
@@ -71,12 +89,15 @@ def _role(role: str, image: str, backend: str, port: int, args: list[str], *, ep
     if state:
         mounts.append({"name": "state", "mountPath": "/state"})
         volumes.append({"name": "state", "emptyDir": {}})
-    container: dict[str, Any] = {
-        "name": role, "image": image,
-        "command": ["gramine-sgx", "smlaas"] if backend == "gramine" else ["smlaas"],
-        "args": args, "ports": [{"containerPort": port}],
-        "resources": {"limits": sgx, "requests": sgx} if sgx else {},
-        "volumeMounts": mounts}
+    container: dict[str, Any] = {"name": role, "image": image, "ports": [{"containerPort": port}],
+                                 "resources": {"limits": sgx, "requests": sgx} if sgx else {},
+                                 "volumeMounts": mounts}
+    if backend == "gramine":  # the measured manifest fixes the arguments; the host passes env
+        container["command"] = ["gramine-sgx", role]
+        container["env"] = [{"name": k, "value": v} for k, v in sorted(spec.host_env().items())]
+    else:
+        container["command"] = ["smlaas"]
+        container["args"] = spec.to_argv()
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": labels},

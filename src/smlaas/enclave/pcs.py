@@ -6,8 +6,15 @@ still be checked for everything else, in Python with the ``cryptography`` librar
 chain and the TCB signing chain up to the pinned Intel root, every validity window, the
 signatures over the *exact bytes* of the TCB info and QE identity as they stand in the files
 (never re-serialised), the QE report (signed by the PCK key, bound to the attestation key,
-matching the QE identity), the ISV report signature, and the platform's TCB level. Revocation
-is NOT checked on this path, and every result says so (``details.revocation_checked``).
+matching the QE identity), the ISV report signature, and the platform's TCB level combined
+with the QE identity's TCB level as Intel's QVL combines them. Only Intel's TCB signing
+certificate may sign the documents: a chain of exactly [TCB signer, root], the signer named as
+the root expects, not a CA, with the digitalSignature key usage and no SGX PCK extension (so a
+PCK leaf key cannot vouch for its own platform).
+
+This is a FALLBACK: revocation is NOT checked on this path, and every result says so
+(``details.revocation_checked = false``, ``details.verifier``). Prefer dcap-qvl with both CRLs
+(:func:`smlaas.enclave.verification.verify_quote`) wherever the files allow.
 """
 
 from __future__ import annotations
@@ -26,14 +33,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from smlaas.enclave.quote import Quote, order_chain, parse_quote
+from smlaas.enclave.quote import SGX_EXTENSION_OID, Quote, order_chain, parse_quote
 from smlaas.enclave.verification import (
     INTEL_ROOT,
     QuoteVerdict,
     TrustedRoot,
+    collateral_facts,
     report_verdict,
 )
 from smlaas.errors import InputError, QuoteFormatError
+
+VERIFIER_LABEL = "raw PCS fallback (no CRLs: revocation NOT checked)"
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ def verify_quote_pcs(raw: bytes, collateral: PcsCollateral, *, at: dt.datetime,
                      root: TrustedRoot = INTEL_ROOT) -> QuoteVerdict:
     """Verifies ``raw`` against raw PCS collateral without CRLs (see the module docstring)."""
     quote = parse_quote(raw)
-    details: dict[str, Any] = {"revocation_checked": False, "verified_at": at.isoformat()}
+    details: dict[str, Any] = {"verifier": VERIFIER_LABEL, "revocation_checked": False,
+                               "verified_at": at.isoformat()}
     try:
         status, advisories = _verify(quote, collateral, at, root, details)
     except _Failed as failure:
@@ -94,11 +105,12 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
         raise _Failed(str(err)) from err
     _check_chain(pck_chain, at, root, "PCK")
     _check_chain(pcs.signing_chain, at, root, "TCB signing")
+    _check_tcb_signer(pcs.signing_chain, root)
     signer = pcs.signing_chain[0].public_key()
     qe_identity = _signed_document(pcs.qe_identity_text, pcs.qe_identity_signature, signer, at,
                                    "QE identity")
     tcb = _signed_document(pcs.tcb_info_text, pcs.tcb_info_signature, signer, at, "TCB info")
-    details["collateral_issued"] = min(str(tcb["issueDate"]), str(qe_identity["issueDate"]))
+    details.update(collateral_facts(pcs.tcb_info_text, pcs.qe_identity_text))
     pck_key = pck_chain[0].public_key()
     assert isinstance(pck_key, ec.EllipticCurvePublicKey)
     if not _ecdsa_ok(pck_key, quote.qe_report_signature, quote.qe_report.raw):
@@ -106,13 +118,33 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
     binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest()
     if quote.qe_report.report_data[:32] != binding:
         raise _Failed("QE report does not bind the attestation key")
-    details["qe_tcb_status"] = _check_qe_identity(quote, qe_identity)
+    qe_status = _check_qe_identity(quote, qe_identity)
+    details["qe_tcb_status"] = qe_status
     attestation_key = ec.EllipticCurvePublicNumbers(
         int.from_bytes(quote.attestation_key[:32], "big"),
         int.from_bytes(quote.attestation_key[32:], "big"), ec.SECP256R1()).public_key()
     if not _ecdsa_ok(attestation_key, quote.signature, quote.signed_bytes):
         raise _Failed("ISV enclave report signature is invalid")
-    return _tcb_level(pck_chain[0], tcb)
+    platform_status, advisories = _tcb_level(pck_chain[0], tcb)
+    details["platform_tcb_status"] = platform_status
+    return converge_tcb_status(platform_status, qe_status), advisories
+
+
+def converge_tcb_status(platform: str, qe: str) -> str:
+    """The quote's TCB status from the platform's and the quoting enclave's, as Intel's QVL
+    combines them: a revoked QE revokes the quote; an out-of-date QE makes an otherwise
+    acceptable platform out of date."""
+    if qe == "UpToDate":
+        return platform
+    if qe == "Revoked" or platform == "Revoked":
+        return "Revoked"
+    if qe == "OutOfDate":
+        if platform in ("UpToDate", "SWHardeningNeeded"):
+            return "OutOfDate"
+        if platform in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            return "OutOfDateConfigurationNeeded"
+        return platform
+    raise _Failed(f"the QE identity's TCB status {qe!r} is not one this verifier knows")
 
 
 def _check_chain(chain: list[x509.Certificate], at: dt.datetime, root: TrustedRoot,
@@ -132,6 +164,30 @@ def _check_chain(chain: list[x509.Certificate], at: dt.datetime, root: TrustedRo
             cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature) as err:
             raise _Failed(f"{label} certificate {name} is not signed by its issuer") from err
+
+
+def _check_tcb_signer(chain: list[x509.Certificate], root: TrustedRoot) -> None:
+    """Only the root's TCB signing certificate may sign TCB info and QE identities."""
+    if len(chain) != 2:
+        raise _Failed(f"the TCB signing chain has {len(chain)} certificates; expected the TCB "
+                      f"signing certificate issued directly by the {root.name}")
+    signer = chain[0]
+    names = signer.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else signer.subject.rfc4514_string()
+    if name != root.tcb_signer:
+        raise _Failed(f"TCB info is signed by {name!r}, not by {root.tcb_signer!r}")
+    try:
+        constraints = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = signer.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as err:
+        raise _Failed(f"the TCB signing certificate lacks an extension it must have: "
+                      f"{err}") from err
+    if constraints.ca or not usage.digital_signature or usage.key_cert_sign:
+        raise _Failed("the TCB signing certificate is not a signing-only end-entity "
+                      "certificate (basic constraints / key usage)")
+    if any(ext.oid.dotted_string == SGX_EXTENSION_OID for ext in signer.extensions):
+        raise _Failed("the TCB signing certificate is a PCK certificate (it carries SGX "
+                      "platform extensions)")
 
 
 def _ecdsa_ok(key: ec.EllipticCurvePublicKey, raw_signature: bytes, data: bytes) -> bool:

@@ -20,6 +20,8 @@ QUOTE_VERSION_SGX = 3
 ATTESTATION_KEY_ECDSA_P256 = 2
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 CERT_DATA_PCK_CHAIN = 5
+# Intel's SGX extension of PCK certificates (FMSPC, TCB components, PCE id and SVN).
+SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 _CERT_DATA_KINDS = {1: "a plain PPID", 2: "an RSA-2048-encrypted PPID",
                     3: "an RSA-3072-encrypted PPID", 4: "a PCK leaf certificate alone",
                     6: "a QE report certification data block"}

@@ -84,9 +84,10 @@ def load_identity(context: ssl.SSLContext, certificate_pem: str,
 
 
 def create_identity(common_name: str, quote_provider: QuoteProvider, collateral_json: str, *,
+                    key: ec.EllipticCurvePrivateKey | None = None,
                     validity: dt.timedelta = dt.timedelta(days=1)) -> RaTlsIdentity:
-    """A fresh key pair and an RA-TLS certificate binding it to a quote."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """An RA-TLS certificate binding ``key`` (default: a fresh key pair) to a fresh quote."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     spki = key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
     quote = quote_provider(hashlib.sha256(spki).digest())

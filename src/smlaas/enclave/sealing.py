@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from smlaas.errors import ConfigError, SealError
+from smlaas.private_files import write_private
 
 MAGIC = b"SMLSEAL1"
 FORMAT_VERSION = 1
@@ -107,33 +108,45 @@ def unseal(sealed: bytes, *, key: bytes, stage: int) -> bytes:
 
 
 # -- the owner's keyfile -----------------------------------------------------------------------
+KEYFILE_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class OwnerKeys:
-    """The stage keys of one build, as the model owner keeps them."""
+    """The stage keys of one sealed build, and the SHA-256 of each stage's plaintext, as the
+    model owner keeps them (the manifest commits to both)."""
 
     build_sha256: str
+    """SHA-256 of the sealed directory's plan.json."""
     stage_keys: dict[int, bytes]
+    stage_sha256: dict[int, str]
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT_VERSION, "build_sha256": self.build_sha256,
-                           "stages": {str(k): base64.b64encode(v).decode()
+        return json.dumps({"format": KEYFILE_FORMAT, "build_sha256": self.build_sha256,
+                           "stages": {str(k): {"key": base64.b64encode(v).decode(),
+                                               "sha256": self.stage_sha256[k]}
                                       for k, v in sorted(self.stage_keys.items())}}, indent=2)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "keyfile") -> OwnerKeys:
         try:
             data = json.loads(text)
-            keys = {int(k): base64.b64decode(v, validate=True)
-                    for k, v in data["stages"].items()}
-            return cls(str(data["build_sha256"]), keys)
-        except (ValueError, KeyError, TypeError) as err:
+            if data.get("format") != KEYFILE_FORMAT:
+                raise ValueError(f"keyfile format {data.get('format')!r}, this smlaas reads "
+                                 f"{KEYFILE_FORMAT} (seal the build again)")
+            stages = {int(k): v for k, v in data["stages"].items()}
+            keys = {k: base64.b64decode(v["key"], validate=True) for k, v in stages.items()}
+            if any(len(key) != KEY_BYTES for key in keys.values()):
+                raise ValueError(f"a stage key is not {KEY_BYTES} bytes")
+            return cls(str(data["build_sha256"]), keys,
+                       {k: str(v["sha256"]) for k, v in stages.items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(f"{source} is not an smlaas owner keyfile: {err}") from err
 
     def save(self, path: Path) -> None:
-        """Writes the keyfile readable by its owner only."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as stream:
-            stream.write(self.to_json())
+        """Writes the keyfile readable by its owner only (0600, also over an existing file),
+        atomically."""
+        write_private(Path(path), self.to_json().encode())
 
     @classmethod
     def load(cls, path: Path) -> OwnerKeys:

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from smlaas.enclave import der
+from smlaas.enclave.quote import SGX_EXTENSION_OID
 
 logger = logging.getLogger(__name__)
 
-SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 SIM_FMSPC = bytes.fromhex("00906ED50000")
 SIM_PCE_ID = bytes(2)
 SIM_CPU_SVN = bytes([2, 2, 2, 2, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
@@ -39,7 +39,9 @@ SIM_QE_PROD_ID = 1
 # The simulated QE's MRSIGNER: a fixed, recognisable value (not Intel's).
 SIM_QE_MRSIGNER = hashlib.sha256(b"smlaas simulated quoting enclave").digest()
 _VALIDITY = dt.timedelta(days=3650)
+SIM_TCB_EVALUATION_DATA_NUMBER = 17
 _LABEL = "smlaas SIMULATION"
+SIM_TCB_SIGNER = f"{_LABEL} SGX TCB Signing"
 
 
 def raw_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
@@ -111,35 +113,20 @@ class SimulationPKI:
                            extra=[x509.UnrecognizedExtension(
                                x509.ObjectIdentifier(SGX_EXTENSION_OID), _sgx_extension())])
         tcb_key = ec.generate_private_key(ec.SECP256R1())
-        tcb_signing = _certificate(_name(f"{_LABEL} SGX TCB Signing"), root_key,
+        tcb_signing = _certificate(_name(SIM_TCB_SIGNER), root_key,
                                    tcb_key.public_key(), root.subject, start, ca=False,
                                    issuer_cert=root)
         return cls(root_key, root, platform_key, platform, pck_key, pck, tcb_key, tcb_signing)
 
     # -- collateral ----------------------------------------------------------------------
-    def collateral(self, *, now: dt.datetime | None = None) -> dcap_qvl.QuoteCollateralV3:
-        """Fresh collateral (CRLs, TCB info, QE identity) valid from yesterday for 30 days."""
-        now = now or dt.datetime.now(dt.UTC)
-        issued, next_update = now - dt.timedelta(days=1), now + dt.timedelta(days=29)
-        stamp = {"issueDate": _iso(issued), "nextUpdate": _iso(next_update)}
-        tcb_info = json.dumps({
-            "id": "SGX", "version": 3, **stamp, "fmspc": SIM_FMSPC.hex().upper(),
-            "pceId": SIM_PCE_ID.hex().upper(), "tcbType": 0, "tcbEvaluationDataNumber": 17,
-            "tcbLevels": [{"tcb": {"sgxtcbcomponents": [{"svn": s} for s in SIM_CPU_SVN],
-                                   "pcesvn": SIM_PCE_SVN},
-                           "tcbDate": _iso(issued), "tcbStatus": "UpToDate"}],
-        }, separators=(",", ":"))
-        qe_identity = json.dumps({
-            "id": "QE", "version": 2, **stamp, "tcbEvaluationDataNumber": 17,
-            "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
-            "attributes": "11000000000000000000000000000000",
-            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
-            "mrsigner": SIM_QE_MRSIGNER.hex().upper(), "isvprodid": SIM_QE_PROD_ID,
-            "tcbLevels": [{"tcb": {"isvsvn": SIM_QE_SVN}, "tcbDate": _iso(issued),
-                           "tcbStatus": "UpToDate"}],
-        }, separators=(",", ":"))
-        chain_for = {"pck": _pem(self.platform) + _pem(self.root),
-                     "tcb": _pem(self.tcb_signing) + _pem(self.root)}
+    def collateral(self, *, now: dt.datetime | None = None, age_days: float = 1.0,
+                   tcb_evaluation_data_number: int = SIM_TCB_EVALUATION_DATA_NUMBER,
+                   qe_tcb_status: str = "UpToDate") -> dcap_qvl.QuoteCollateralV3:
+        """Collateral (CRLs, TCB info, QE identity) issued ``age_days`` before ``now`` and
+        valid for 30 days from then, in dcap-qvl's layout."""
+        issued, next_update, tcb_info, qe_identity = self._documents(
+            now, age_days, tcb_evaluation_data_number, qe_tcb_status)
+        chain_for = {"pck": _pem(self.platform) + _pem(self.root), "tcb": self.tcb_chain_pem()}
         return dcap_qvl.QuoteCollateralV3.from_json(json.dumps({
             "pck_crl_issuer_chain": chain_for["pck"],
             "root_ca_crl": _crl(self.root_key, self.root, issued, next_update).hex(),
@@ -151,6 +138,50 @@ class SimulationPKI:
             "qe_identity": qe_identity,
             "qe_identity_signature": raw_signature(self.tcb_key, qe_identity.encode()).hex(),
         }))
+
+    def pcs_responses(self, *, now: dt.datetime | None = None, qe_tcb_status: str = "UpToDate",
+                      signing_key: ec.EllipticCurvePrivateKey | None = None
+                      ) -> tuple[str, str]:
+        """The TCB info and QE identity as Intel's PCS serves them (``{"tcbInfo": {...},
+        "signature": "<hex>"}``, no CRLs), signed by the TCB signing key (or ``signing_key``,
+        to make forgeries for negative tests)."""
+        _, _, tcb_info, qe_identity = self._documents(
+            now, 1.0, SIM_TCB_EVALUATION_DATA_NUMBER, qe_tcb_status)
+        key = signing_key or self.tcb_key
+
+        def response(field: str, text: str) -> str:
+            signature = raw_signature(key, text.encode()).hex()
+            return f'{{"{field}":{text},"signature":"{signature}"}}'
+
+        return response("tcbInfo", tcb_info), response("enclaveIdentity", qe_identity)
+
+    def tcb_chain_pem(self) -> str:
+        return _pem(self.tcb_signing) + _pem(self.root)
+
+    @staticmethod
+    def _documents(now: dt.datetime | None, age_days: float, evaluation_number: int,
+                   qe_tcb_status: str) -> tuple[dt.datetime, dt.datetime, str, str]:
+        issued = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(days=age_days)
+        next_update = issued + dt.timedelta(days=30)
+        stamp = {"issueDate": _iso(issued), "nextUpdate": _iso(next_update),
+                 "tcbEvaluationDataNumber": evaluation_number}
+        tcb_info = json.dumps({
+            "id": "SGX", "version": 3, **stamp, "fmspc": SIM_FMSPC.hex().upper(),
+            "pceId": SIM_PCE_ID.hex().upper(), "tcbType": 0,
+            "tcbLevels": [{"tcb": {"sgxtcbcomponents": [{"svn": s} for s in SIM_CPU_SVN],
+                                   "pcesvn": SIM_PCE_SVN},
+                           "tcbDate": _iso(issued), "tcbStatus": "UpToDate"}],
+        }, separators=(",", ":"))
+        qe_identity = json.dumps({
+            "id": "QE", "version": 2, **stamp,
+            "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
+            "attributes": "11000000000000000000000000000000",
+            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
+            "mrsigner": SIM_QE_MRSIGNER.hex().upper(), "isvprodid": SIM_QE_PROD_ID,
+            "tcbLevels": [{"tcb": {"isvsvn": SIM_QE_SVN}, "tcbDate": _iso(issued),
+                           "tcbStatus": qe_tcb_status}],
+        }, separators=(",", ":"))
+        return issued, next_update, tcb_info, qe_identity
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, directory: Path) -> None:

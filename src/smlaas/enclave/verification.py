@@ -35,6 +35,9 @@ class TrustedRoot:
     der: bytes | None
     """DER of the root; None means dcap-qvl's built-in Intel root."""
     simulated: bool
+    tcb_signer: str = "Intel SGX TCB Signing"
+    """Common name of the only certificate (issued by this root) that may sign TCB info and
+    QE identities."""
 
     @property
     def sha256(self) -> str:
@@ -78,7 +81,8 @@ def verify_quote(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, *, at: dt.d
     if chain_error:
         return _verdict(quote, root, error=chain_error)
     now = int(at.timestamp())
-    details = {"verified_at": at.isoformat(), "collateral_issued": _issued(collateral)}
+    details: dict[str, Any] = {"verified_at": at.isoformat(), **collateral_facts(
+        collateral.tcb_info, collateral.qe_identity)}
     try:
         if root.der is None:
             report = dcap_qvl.verify(quote.raw, collateral, now)
@@ -91,15 +95,23 @@ def verify_quote(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, *, at: dt.d
                     advisories=sorted(report.advisory_ids), details=details)
 
 
-def _issued(collateral: dcap_qvl.QuoteCollateralV3) -> str | None:
-    """The older issue date of the TCB info and the QE identity (ISO 8601), if readable."""
-    dates = []
-    for document in (collateral.tcb_info, collateral.qe_identity):
+def collateral_facts(tcb_info: str, qe_identity: str) -> dict[str, Any]:
+    """What the policy needs of the collateral: the older issue date of the TCB info and the
+    QE identity (ISO 8601), and the lower of their TCB evaluation data numbers (None where a
+    document does not say)."""
+    dates: list[str] = []
+    numbers: list[int] = []
+    for document in (tcb_info, qe_identity):
         try:
-            dates.append(str(json.loads(document)["issueDate"]))
+            parsed = json.loads(document)
+            dates.append(str(parsed["issueDate"]))
         except (ValueError, KeyError, TypeError):
-            return None
-    return min(dates)
+            return {"collateral_issued": None, "tcb_evaluation_data_number": None}
+        number = parsed.get("tcbEvaluationDataNumber")
+        if isinstance(number, int) and not isinstance(number, bool):
+            numbers.append(number)
+    return {"collateral_issued": min(dates),
+            "tcb_evaluation_data_number": min(numbers) if len(numbers) == 2 else None}
 
 
 def fetch_collateral(pccs_url: str, raw: bytes, *, timeout_s: float = 30.0

@@ -1,9 +1,11 @@
 """How a pipeline role (stage or gateway) joins a deployment: it attests the coordinator whose
-measurement it was built to trust, proves its own measurement with a quote, and receives its
-role certificate (and, for a stage, the key of its sealed sub-model).
+measurement it was built to trust, proves its own measurement with a quote binding its role,
+a fresh key and the coordinator's nonce, and receives its role certificate (and, for a stage,
+the key of its sealed sub-model, encrypted to that fresh key).
 
-The coordinator's MRENCLAVE is part of each role's measured configuration, so a role cannot be
-pointed at another coordinator without changing its own measurement.
+The coordinator's MRENCLAVE is part of each role's measured configuration
+(:mod:`smlaas.deploy.roles`), so a role cannot be pointed at another coordinator without
+changing its own measurement.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import time
 from typing import Any
 
 from smlaas.coordinator.client import CoordinatorClient, Registration
+from smlaas.coordinator.protocol import COORDINATOR_ROLE, RETRYABLE
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.enclave.policy import Policy
+from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.verification import INTEL_ROOT
-from smlaas.errors import AttestationError, ConfigError
+from smlaas.errors import ConfigError, CoordinatorRefused, DeployError
+from smlaas.transport.framing import ProtocolError
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("sim", "gramine")
-_RETRYABLE = ("no manifest is set yet", "unknown, used or expired nonce")
+RETRY_PAUSE_S = 0.2
 
 
 def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -30,20 +34,9 @@ def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def role_config(coordinator_mrenclave: str) -> dict[str, Any]:
-    """The measured configuration of a stage or gateway enclave."""
-    return {"coordinator_mrenclave": coordinator_mrenclave}
-
-
-def sim_coordinator_mrenclave() -> str:
-    """What the sim coordinator of this installed code measures as."""
-    from smlaas.enclave.measurement import measure
-
-    return measure("coordinator").mrenclave.hex()
-
-
 def create_backend(kind: str, role: str, config: dict[str, Any] | None = None
                    ) -> EnclaveBackend:
+    """The enclave this process runs in; for ``sim``, measured over ``config``."""
     if kind == "sim":
         from smlaas.enclave.backends.sim import SimBackend
 
@@ -56,15 +49,16 @@ def create_backend(kind: str, role: str, config: dict[str, Any] | None = None
 
 
 def coordinator_policy(coordinator_mrenclave: str, *, simulated: bool) -> Policy:
-    return Policy.from_dict({"allow_simulation_insecure": simulated,
-                             "roles": {"coordinator": {"mrenclave": [coordinator_mrenclave]}}})
+    """What a role accepts as its coordinator: the one MRENCLAVE it was built to trust."""
+    return Policy(allow_simulation_insecure=simulated,
+                  roles={COORDINATOR_ROLE: RolePolicy(mrenclave=(coordinator_mrenclave,))})
 
 
 def enrol(coordinator: tuple[str, int], *, role: str, backend: EnclaveBackend,
           coordinator_mrenclave: str, hosts: list[str], deadline_s: float = 60.0
           ) -> Registration:
-    """Registers with the coordinator, waiting (until ``deadline_s``) while it is not up or has
-    no manifest yet; refusals of this enclave's evidence are raised at once."""
+    """Registers with the coordinator, waiting (until ``deadline_s``) while it is not up, has
+    no manifest yet, or our nonce expired; any other refusal is raised at once."""
     roots = [INTEL_ROOT, backend.trusted_root] if backend.simulated else [INTEL_ROOT]
     client = CoordinatorClient(*coordinator, roots=roots, policy=coordinator_policy(
         coordinator_mrenclave, simulated=backend.simulated))
@@ -74,12 +68,14 @@ def enrol(coordinator: tuple[str, int], *, role: str, backend: EnclaveBackend,
             registration = client.register(backend, role=role, hosts=hosts)
             logger.info("%s registered with the coordinator at %s:%d", role, *coordinator)
             return registration
-        except (OSError, AttestationError) as err:
-            retryable = isinstance(err, OSError) or any(r in str(err) for r in _RETRYABLE)
-            if not retryable or time.monotonic() > end:
-                if isinstance(err, OSError):
-                    raise AttestationError(f"cannot reach the coordinator at "
-                                           f"{coordinator[0]}:{coordinator[1]} within "
-                                           f"{deadline_s:.0f} s: {err}") from err
+        except CoordinatorRefused as err:
+            if err.code not in RETRYABLE or time.monotonic() > end:
                 raise
-            time.sleep(0.2)
+            reason = str(err)
+        except (OSError, ProtocolError) as err:  # not up yet, restarting, or busy
+            if time.monotonic() > end:
+                raise DeployError(f"cannot reach the coordinator at {coordinator[0]}:"
+                                  f"{coordinator[1]} within {deadline_s:.0f} s: {err}") from err
+            reason = str(err)
+        logger.debug("registration of %s not done yet (%s); retrying", role, reason)
+        time.sleep(RETRY_PAUSE_S)

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.serving.enrol import create_backend, enrol, role_config
+from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.link import Link
 from smlaas.transport.tls import client_context
@@ -57,15 +58,18 @@ def certificate_hosts(listen_host: str) -> list[str]:
     return sorted(hosts - WILDCARDS)
 
 
-def run_gateway(*, coordinator: tuple[str, int], first_stage: tuple[str, int],
-                listen: tuple[str, int], backend: str, coordinator_mrenclave: str,
-                settings: GatewaySettings) -> None:
-    enclave = create_backend(backend, GATEWAY_ROLE, role_config(coordinator_mrenclave))
-    hosts = certificate_hosts(listen[0])
-    registration = enrol(coordinator, role=GATEWAY_ROLE, backend=enclave,
-                         coordinator_mrenclave=coordinator_mrenclave, hosts=hosts)
+def run_gateway(spec: GatewaySpec) -> None:
+    enclave = create_backend(spec.backend, GATEWAY_ROLE, spec.measured_config())
+    listen = spec.listen
+    registration = enrol(spec.coordinator, role=GATEWAY_ROLE, backend=enclave,
+                         coordinator_mrenclave=spec.coordinator_mrenclave,
+                         hosts=certificate_hosts(listen[0]))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
-    link = Link(stage_role(0), *first_stage, client_context(*identity))
+    link = Link(stage_role(0), *spec.first_stage, client_context(*identity))
+    settings = GatewaySettings(model_name=spec.model_name, max_batch_size=spec.max_batch_size,
+                               max_queue_delay_us=spec.max_queue_delay_us,
+                               max_inflight=spec.max_inflight,
+                               request_timeout_s=spec.request_timeout_s)
     app = create_app(settings, link, evidence=attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem))
     # uvicorn reads the key from a file: write it to a private directory, load the TLS

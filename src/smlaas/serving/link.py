@@ -1,8 +1,10 @@
 """A persistent mutual-TLS connection to the next role, carrying many requests at once.
 
-Requests are written as they come (pipelining); replies are matched by request id. If the
-connection fails, every request waiting on it gets an ``unavailable`` reply at once, and the
-next request dials again (the peer may have been restarted). Every wait has a deadline.
+The server must present a deployment certificate for the role dialled (checked from the CA's
+role field before any request is written). Requests are written as they come (pipelining);
+replies are matched by request id. If the connection fails, every request waiting on it gets
+an ``unavailable`` reply at once, and the next request dials again (the peer may have been
+restarted). Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from smlaas.errors import AttestationError
 from smlaas.serving.protocol import Status, error_reply, remaining_s
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import STREAM_LIMIT, read_message, write_message
 from smlaas.transport.tensors import TensorMessage
+from smlaas.transport.tls import require_peer_role
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,7 +56,7 @@ class Link:
         timeout = remaining_s(meta, DEFAULT_TIMEOUT_S)
         try:
             writer = await asyncio.wait_for(self._connect(), min(timeout, CONNECT_TIMEOUT_S))
-        except (OSError, ssl.SSLError, TimeoutError) as err:
+        except (OSError, ssl.SSLError, TimeoutError, AttestationError) as err:
             return error_reply(request_id, Status.UNAVAILABLE,
                                f"{self.role} is unavailable: cannot connect to "
                                f"{self.host}:{self.port} ({_describe(err)})")
@@ -83,6 +87,11 @@ class Link:
             reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self._context, server_hostname=self.role,
                 limit=STREAM_LIMIT)
+            try:  # the server must be the role we dial, by the CA's role field
+                require_peer_role(writer.get_extra_info("ssl_object"), self.role)
+            except AttestationError:
+                writer.close()
+                raise
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
             logger.info("connected to %s at %s:%d", self.role, self.host, self.port)

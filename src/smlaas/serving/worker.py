@@ -24,12 +24,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
+from smlaas.coordinator.client import StageRelease
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.deploy.roles import StageSpec
 from smlaas.errors import AttestationError, ProfileError
 from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
-from smlaas.serving.enrol import create_backend, enrol, role_config
+from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.link import Link, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
@@ -40,13 +42,15 @@ from smlaas.transport.tls import client_context, peer_role, server_context
 logger = logging.getLogger(__name__)
 
 
-def load_stage(build_dir: Path, index: int, key: bytes, *, threads: int
+def load_stage(sealed_dir: Path, release: StageRelease, *, threads: int
                ) -> tuple[StageRunner, onnx.ModelProto]:
-    """Unseals stage ``index`` (in memory only) and opens its session at any batch size;
-    returns the session and the stage as planned (whose shapes the gateway checks against)."""
-    model = onnx.load_model_from_string(unseal_stage(build_dir, index, key))
-    return StageRunner(relax_batch_dim(model), threads=threads, label=f"stage {index}",
-                       serving=True), model
+    """Unseals the released stage (in memory only), checks it is the sub-model the owner's
+    manifest commits to, and opens its session at any batch size; returns the session and the
+    stage as planned (whose shapes the gateway checks against)."""
+    model = onnx.load_model_from_string(unseal_stage(
+        sealed_dir, release.index, release.key, expected_sha256=release.sha256))
+    return StageRunner(relax_batch_dim(model), threads=threads,
+                       label=f"stage {release.index}", serving=True), model
 
 
 def tensor_specs(values: Any) -> list[dict[str, Any]]:
@@ -182,18 +186,18 @@ class _Upstream:
                 await asyncio.wait_for(self._writer.drain(), 30.0)
 
 
-def run_worker(*, coordinator: tuple[str, int], role: str, build_dir: Path,
-               listen: tuple[str, int], next_address: tuple[str, int] | None, backend: str,
-               coordinator_mrenclave: str, threads: int, queue_size: int = 4) -> None:
+def run_worker(spec: StageSpec) -> None:
     """The ``smlaas worker`` process: enrol, unseal, serve until SIGTERM or SIGINT."""
-    index = stage_index(role)
-    enclave = create_backend(backend, role, role_config(coordinator_mrenclave))
-    registration = enrol(coordinator, role=role, backend=enclave,
-                         coordinator_mrenclave=coordinator_mrenclave, hosts=[])
-    if registration.stage_key is None:
+    index, role = spec.index, spec.role
+    enclave = create_backend(spec.backend, role, spec.measured_config())
+    registration = enrol(spec.coordinator, role=role, backend=enclave,
+                         coordinator_mrenclave=spec.coordinator_mrenclave, hosts=[])
+    release = registration.stage
+    if release is None or release.index != index:
         raise AttestationError(f"the coordinator released no key for {role}")
-    runner, model = load_stage(build_dir, index, registration.stage_key, threads=threads)
+    runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
+    next_address = spec.next_stage
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -205,7 +209,7 @@ def run_worker(*, coordinator: tuple[str, int], role: str, build_dir: Path,
         worker = StageWorker(index=index, runner=runner, model=model,
                              server_context=server_context(*identity),
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
-                             next_link=next_link, queue_size=queue_size)
-        await worker.serve(*listen, stop=stop)
+                             next_link=next_link, queue_size=spec.queue_size)
+        await worker.serve(*spec.listen, stop=stop)
 
     run_event_loop(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import dcap_qvl
+
 from smlaas.enclave.verification import TrustedRoot
 
 
@@ -26,7 +28,13 @@ class EnclaveBackend(Protocol):
         ...
 
     def collateral_json(self) -> str:
-        """Collateral to verify this backend's quotes (dcap-qvl JSON layout)."""
+        """Collateral to verify this backend's own quotes (dcap-qvl JSON layout), for
+        RA-TLS certificates."""
+        ...
+
+    def collateral_for(self, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
+        """Collateral for any quote of this backend's platforms, from this backend's own
+        source (the coordinator's default for registrants' quotes)."""
         ...
 
     def sealing_key(self, label: str) -> bytes:

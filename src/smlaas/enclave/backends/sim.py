@@ -15,6 +15,7 @@ import os
 import struct
 from pathlib import Path
 
+import dcap_qvl
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.enclave.quote import (
@@ -29,6 +30,7 @@ from smlaas.enclave.sim_pki import (
     SIM_QE_MRSIGNER,
     SIM_QE_PROD_ID,
     SIM_QE_SVN,
+    SIM_TCB_SIGNER,
     SimulationPKI,
     raw_signature,
 )
@@ -68,7 +70,7 @@ class SimQuotingEnclave:
     @property
     def trusted_root(self) -> TrustedRoot:
         return TrustedRoot(name="smlaas SIMULATION root (INSECURE)", der=self.pki.root_der,
-                           simulated=True)
+                           simulated=True, tcb_signer=SIM_TCB_SIGNER)
 
     def quote(self, *, mrenclave: bytes, mrsigner: bytes, report_data: bytes,
               isv_prod_id: int = 0, isv_svn: int = 0, debug: bool = False) -> bytes:
@@ -123,6 +125,10 @@ class SimBackend:
 
     def collateral_json(self) -> str:
         return self.pki.collateral().to_json()
+
+    def collateral_for(self, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
+        """Fresh collateral of the simulation PCS (every sim quote is of one platform)."""
+        return self.pki.collateral()
 
     def sealing_key(self, label: str) -> bytes:
         """Like SGX's MRENCLAVE-policy sealing key: a platform secret (here a 0600 file next

@@ -1,0 +1,163 @@
+"""One typed spec per role (coordinator, gateway, stage-K): the one source of what each
+process runs and of what its enclave measures, for every launcher and backend.
+
+A spec splits its command line in two:
+
+- ``measured_argv()``: what decides the enclave's trust, fixed in its measurement. For the
+  coordinator, the owner's public key (so it obeys that owner only); for a stage or the
+  gateway, its role and the coordinator's MRENCLAVE (so it registers only with that
+  coordinator). Under Gramine this is the manifest's ``loader.argv``; under the sim backend it
+  is hashed into MRENCLAVE (:meth:`RoleSpec.measured_config`).
+- ``host_options()``: where it runs and how fast (addresses, threads, queue sizes). The host
+  may choose these freely: they cannot change what the enclave trusts. Under Gramine they
+  reach the enclave as passthrough environment variables (:func:`host_envvar`), never as
+  arguments.
+
+The local and Ray launchers run ``to_argv()`` (both halves on the command line), the
+Kubernetes manifests the same arguments (or the environment, for gramine), the Gramine
+manifests ``measured_argv()`` with the host options' variables passed through; the owner
+computes each role's expected measurement from the same spec. What is measured is what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.coordinator.protocol import COORDINATOR_ROLE
+from smlaas.enclave.measurement import measure
+
+Address = tuple[str, int]
+
+
+def address_text(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def host_envvar(flag: str) -> str:
+    """The environment variable a host option can also be given by: ``--listen`` ->
+    ``SMLAAS_LISTEN`` (the CLI declares the same names)."""
+    return "SMLAAS_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class RoleSpec:
+    """What every spec provides (the dataclasses below)."""
+
+    command: ClassVar[str]
+    backend: str
+
+    @property
+    def role(self) -> str:
+        raise NotImplementedError
+
+    def measured_argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def host_options(self) -> dict[str, str]:
+        """Flag -> value of every host-chosen option."""
+        raise NotImplementedError
+
+    def to_argv(self) -> list[str]:
+        """Arguments after ``python -m smlaas``: measured ones, then the host's."""
+        host = [part for flag, value in self.host_options().items() for part in (flag, value)]
+        return [*self.measured_argv(), *host]
+
+    def host_env(self) -> dict[str, str]:
+        """The host options as environment variables (how Gramine passes them)."""
+        return {host_envvar(flag): value for flag, value in self.host_options().items()}
+
+    def measured_config(self) -> dict[str, list[str]]:
+        """What the sim backend hashes into MRENCLAVE (Gramine measures loader.argv)."""
+        return {"argv": self.measured_argv()}
+
+    def sim_mrenclave(self) -> str:
+        """The MRENCLAVE this role has under the sim backend with the installed code."""
+        return measure(self.role, self.measured_config()).mrenclave.hex()
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec(RoleSpec):
+    command: ClassVar[str] = "coordinator"
+    backend: str
+    owner_public_key: str
+    """Hex SubjectPublicKeyInfo DER of the owner's signing key."""
+    listen: Address = ("127.0.0.1", 7443)
+    state_path: str = ""
+    """'' = the default under the smlaas cache."""
+
+    @property
+    def role(self) -> str:
+        return COORDINATOR_ROLE
+
+    def measured_argv(self) -> list[str]:
+        return [self.command, "--backend", self.backend, "--owner-public-key",
+                self.owner_public_key]
+
+    def host_options(self) -> dict[str, str]:
+        options = {"--host": self.listen[0], "--port": str(self.listen[1])}
+        if self.state_path:
+            options["--state"] = self.state_path
+        return options
+
+
+@dataclass(frozen=True)
+class StageSpec(RoleSpec):
+    command: ClassVar[str] = "worker"
+    index: int
+    backend: str
+    coordinator_mrenclave: str
+    coordinator: Address
+    listen: Address
+    sealed_dir: str
+    next_stage: Address | None = None
+    threads: int = 1
+    queue_size: int = 4
+
+    @property
+    def role(self) -> str:
+        return stage_role(self.index)
+
+    def measured_argv(self) -> list[str]:
+        return [self.command, "--role", self.role, "--backend", self.backend,
+                "--coordinator-mrenclave", self.coordinator_mrenclave]
+
+    def host_options(self) -> dict[str, str]:
+        options = {"--coordinator": address_text(self.coordinator),
+                   "--listen": address_text(self.listen), "--build": self.sealed_dir,
+                   "--threads": str(self.threads), "--queue-size": str(self.queue_size)}
+        if self.next_stage is not None:
+            options["--next"] = address_text(self.next_stage)
+        return options
+
+
+@dataclass(frozen=True)
+class GatewaySpec(RoleSpec):
+    command: ClassVar[str] = "gateway"
+    backend: str
+    coordinator_mrenclave: str
+    coordinator: Address
+    first_stage: Address
+    listen: Address
+    model_name: str
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 500
+    max_inflight: int = 4
+    request_timeout_s: float = 30.0
+
+    @property
+    def role(self) -> str:
+        return GATEWAY_ROLE
+
+    def measured_argv(self) -> list[str]:
+        return [self.command, "--backend", self.backend, "--coordinator-mrenclave",
+                self.coordinator_mrenclave]
+
+    def host_options(self) -> dict[str, str]:
+        return {"--coordinator": address_text(self.coordinator),
+                "--first-stage": address_text(self.first_stage),
+                "--host": self.listen[0], "--port": str(self.listen[1]),
+                "--model-name": self.model_name, "--max-batch-size": str(self.max_batch_size),
+                "--max-queue-delay-us": str(self.max_queue_delay_us),
+                "--max-inflight": str(self.max_inflight),
+                "--request-timeout": f"{self.request_timeout_s:g}"}
