@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,11 @@ from tests.sgx_testdata import PHALA_EXPIRED_AT, PHALA_VALID_AT, read, requires_
 pytestmark = requires_testdata
 
 HEADER_AND_BODY = 48 + 384
+# What an owner who reviewed this platform's advisories would accept (the collateral is 11.6
+# days old at PHALA_VALID_AT).
+REVIEWED = Policy(accepted_tcb_statuses=("UpToDate", "ConfigurationAndSWHardeningNeeded"),
+                  accepted_advisory_ids=("INTEL-SA-00289", "INTEL-SA-00615"),
+                  max_collateral_age_days=30)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,21 @@ def test_phala_quote_verifies_with_expected_status(collateral) -> None:
     assert verdict.advisories == ["INTEL-SA-00289", "INTEL-SA-00615"]
     assert not verdict.simulated and not verdict.debug
     assert bytes.fromhex(verdict.report_data).startswith(b"Hello, world!")
-    DEFAULT_POLICY.check(verdict)
+    assert verdict.details["tcb_evaluation_data_number"] == 17
+    REVIEWED.check(verdict)
+
+
+def test_default_policy_fails_closed_on_a_platform_that_needs_hardening(collateral) -> None:
+    """SWHardeningNeeded / ConfigurationNeeded pass only when the policy lists them."""
+    verdict = verify_quote(read("phala/sgx_quote"), collateral, at=PHALA_VALID_AT)
+    with pytest.raises(PolicyError, match="^tcb_status:"):
+        DEFAULT_POLICY.check(verdict)
+    unreviewed = replace(REVIEWED, accepted_advisory_ids=("INTEL-SA-00289",))
+    with pytest.raises(PolicyError, match="^advisories: INTEL-SA-00615"):
+        unreviewed.check(verdict)
+    with pytest.raises(PolicyError, match="^tcb_evaluation:.* 17.* at least 18"):
+        replace(REVIEWED, min_tcb_evaluation_data_number=18).check(verdict)
+    replace(REVIEWED, min_tcb_evaluation_data_number=17).check(verdict)
 
 
 @pytest.mark.parametrize("offset", list(range(48, HEADER_AND_BODY, 29)) + [
@@ -61,20 +81,17 @@ def test_eppid_quote_cannot_be_chained(collateral) -> None:
 
 def test_debug_enclave_refused_by_default_policy(collateral) -> None:
     verdict = verify_quote(read("phala/sgx_quote"), collateral, at=PHALA_VALID_AT)
-    from dataclasses import replace
     debug = replace(verdict, debug=True)
     with pytest.raises(PolicyError, match="^debug:"):
         DEFAULT_POLICY.check(debug)
-    Policy(allow_debug_insecure=True).check(debug)
+    replace(REVIEWED, allow_debug_insecure=True).check(debug)
 
 
 def test_policy_measurement_and_status_checks(collateral) -> None:
     verdict = verify_quote(read("phala/sgx_quote"), collateral, at=PHALA_VALID_AT)
-    strict = Policy(accepted_tcb_statuses=("UpToDate",))
-    with pytest.raises(PolicyError, match="^tcb_status:"):
-        strict.check(verdict)
-    pinned = Policy.from_dict({"roles": {"stage-0": {"mrenclave": [verdict.mrenclave]},
-                                         "stage-1": {"mrenclave": ["00" * 32]}}})
+    pinned = replace(REVIEWED, roles=Policy.from_dict(
+        {"roles": {"stage-0": {"mrenclave": [verdict.mrenclave]},
+                   "stage-1": {"mrenclave": ["00" * 32]}}}).roles)
     pinned.check(verdict, role="stage-0", expected_report_data=b"Hello, world!")
     with pytest.raises(PolicyError, match="^measurement:"):
         pinned.check(verdict, role="stage-1")
@@ -85,6 +102,9 @@ def test_policy_measurement_and_status_checks(collateral) -> None:
 def test_collateral_age_limit(collateral) -> None:
     verdict = verify_quote(read("phala/sgx_quote"), collateral, at=PHALA_VALID_AT)
     assert verdict.details["collateral_issued"] == "2025-06-19T10:01:18Z"
-    Policy(max_collateral_age_days=30).check(verdict)  # 11.6 days old
+    REVIEWED.check(verdict)  # 11.6 days old, 30 allowed
     with pytest.raises(PolicyError, match="^freshness:"):
-        Policy(max_collateral_age_days=7).check(verdict)
+        replace(REVIEWED, max_collateral_age_days=7).check(verdict)
+    with pytest.raises(PolicyError, match="^freshness:"):  # the default is a week
+        replace(REVIEWED, max_collateral_age_days=Policy().max_collateral_age_days
+                ).check(verdict)

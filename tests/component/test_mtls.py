@@ -7,18 +7,27 @@ import ssl
 import threading
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from smlaas.coordinator.ca import DeploymentCA
-from smlaas.transport.tls import client_context, peer_role, server_context
+from smlaas.coordinator.ca import ROLE_CERT_SUBJECT, DeploymentCA, validated_hosts
+from smlaas.errors import AttestationError, CoordinatorRefused
+from smlaas.transport.tls import (
+    certificate_role,
+    client_context,
+    peer_role,
+    require_peer_role,
+    server_context,
+)
 
 TIMEOUT_S = 10
 
 
-def role_identity(ca: DeploymentCA, role: str) -> tuple[str, ec.EllipticCurvePrivateKey]:
+def role_identity(ca: DeploymentCA, role: str, hosts: list[str] | None = None
+                  ) -> tuple[str, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(role, key.public_key())
+    cert = ca.issue(role, key.public_key(), hosts=hosts)
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key
 
 
@@ -45,6 +54,7 @@ def serve(context: ssl.SSLContext, seen: list) -> tuple[int, threading.Thread]:
 def dial(port: int, context: ssl.SSLContext, role: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as raw, \
             context.wrap_socket(raw, server_hostname=role) as tls:
+        require_peer_role(tls, role)  # as Link does, before any byte is sent
         tls.sendall(b"ping")
         return tls.recv(4)
 
@@ -76,6 +86,37 @@ def test_client_from_another_ca_is_refused(ca: DeploymentCA) -> None:
 def test_server_with_the_wrong_role_is_refused(ca: DeploymentCA) -> None:
     seen: list = []
     port, thread = serve(server_context(*role_identity(ca, "stage-2"), ca.cert_pem()), seen)
-    with pytest.raises(ssl.SSLCertVerificationError, match="stage-1"):
+    with pytest.raises(AttestationError, match="'stage-2', expected 'stage-1'"):
         dial(port, client_context(*role_identity(ca, "stage-0"), ca.cert_pem()), "stage-1")
     thread.join(TIMEOUT_S)
+
+
+def test_role_comes_from_the_role_field_not_from_host_names(ca: DeploymentCA) -> None:
+    """A gateway certificate whose host names say "stage-1" is still the gateway's: the CA
+    writes the role in one field and both ends read only that one."""
+    seen: list = []
+    gateway = role_identity(ca, "gateway", hosts=["stage-1", "127.0.0.1"])
+    port, thread = serve(server_context(*gateway, ca.cert_pem()), seen)
+    with pytest.raises(AttestationError, match="'gateway', expected 'stage-1'"):
+        dial(port, client_context(*role_identity(ca, "stage-0"), ca.cert_pem()), "stage-1")
+    thread.join(TIMEOUT_S)
+    certificate = x509.load_pem_x509_certificate(gateway[0].encode())
+    assert certificate_role(certificate) == "gateway"
+    assert certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value \
+        == ROLE_CERT_SUBJECT
+
+
+@pytest.mark.parametrize(("role", "hosts", "reason"), [
+    ("gateway", ["stage-1"], "is a role name"),
+    ("gateway", ["Gateway."], "is a role name"),
+    ("gateway", ["coordinator"], "is a role name"),
+    ("gateway", ["bad host!"], "neither a DNS name"),
+    ("gateway", "localhost", "must be a list"),
+    ("stage-0", ["localhost"], "only the gateway"),
+])
+def test_registrants_cannot_ask_for_role_names_or_junk_as_hosts(role: str, hosts: object,
+                                                                reason: str) -> None:
+    with pytest.raises(CoordinatorRefused, match=reason) as refused:
+        validated_hosts(role, hosts)
+    assert refused.value.code == "malformed"
+    assert validated_hosts("gateway", ["localhost", "127.0.0.1", "::1", "gw.example.com"])

@@ -10,46 +10,28 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from smlaas.coordinator.client import CoordinatorClient
-from smlaas.coordinator.manifest import Manifest
-from smlaas.coordinator.server import CoordinatorServer
-from smlaas.enclave import INTEL_ROOT, Policy
-from smlaas.enclave.backends.sim import SimBackend
-from smlaas.export.sealed_build import seal_build, unseal_stage
-from smlaas.partition import PlanOptions, partition
-from smlaas.plan import Planner, preset
-from smlaas.profile import ProfileSettings
-from tests.models import chain_model
+from smlaas.enclave.sealing import OwnerKeys
+from smlaas.export.sealed_build import sealed_directory, unseal_stage
+from tests.builds import sealed_chain_build
+from tests.coordinator_setup import Ceremony
 
 
 def test_trust_flow_logs_no_secrets(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    onnx.save(chain_model(), str(tmp_path / "chain.onnx"))
-    partition(str(tmp_path / "chain.onnx"), tmp_path / "B", input_size_specs=["1,8"],
-              cost_model=preset("sgx1"), options=PlanOptions(Planner.DP_LATENCY, None, False),
-              settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=1))
-    keys = seal_build(tmp_path / "B", tmp_path / "owner.keys")
-
-    pki = tmp_path / "pki"
-    coordinator = SimBackend("coordinator", pki_dir=pki)
-    stage = SimBackend("stage-0", pki_dir=pki)
-    server = CoordinatorServer(coordinator, tmp_path / "state.sealed").start()
+    build, keyfile, _ = sealed_chain_build(tmp_path / "build")
+    keys = OwnerKeys.load(keyfile)
+    ceremony = Ceremony(tmp_path / "pki", stage_keys=keys.stage_keys,
+                        stage_sha256=keys.stage_sha256)
+    server = ceremony.start(tmp_path / "state.sealed")
     nonces: list[str] = []
     try:
-        owner = CoordinatorClient(*server.address, roots=[INTEL_ROOT, coordinator.trusted_root],
-                                  policy=Policy.from_dict({
-                                      "allow_simulation_insecure": True, "roles": {
-                                          "coordinator": {"mrenclave": [
-                                              coordinator.measurement.mrenclave.hex()]}}}))
-        owner.set_manifest(Manifest(
-            policy={"allow_simulation_insecure": True, "roles": {"stage-0": {
-                "mrenclave": [stage.measurement.mrenclave.hex()]}}},
-            stage_keys={0: base64.b64encode(keys.stage_keys[0]).decode()},
-            topology=["stage-0"]))
+        owner = ceremony.client(server)
+        ceremony.set_manifest(owner)
         nonces.append(owner.call({"op": "nonce"})["nonce"])
-        registration = owner.register(stage, role="stage-0")
-        assert registration.stage_key is not None
-        plaintext = unseal_stage(tmp_path / "B", 0, registration.stage_key)
+        registration = owner.register(ceremony.enclave("stage-0"), role="stage-0")
+        assert registration.stage is not None
+        plaintext = unseal_stage(sealed_directory(build), 0, registration.stage.key,
+                                 expected_sha256=registration.stage.sha256)
     finally:
         server.stop()
 

@@ -7,10 +7,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
+from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import Launcher, LocalLauncher
@@ -44,15 +46,22 @@ def sealed_build(root: Path, *, machines: int = 3) -> tuple[Path, Path]:
               options=PlanOptions(Planner.DP_THROUGHPUT, machines, True),
               settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2), verify=False)
     seal_build(build, keys)
+    OwnerKey.load_or_create(owner_key_path(root))
     return build, keys
 
 
+def owner_key_path(root: Path) -> Path:
+    return root / "owner.key"
+
+
 def deployment(root: Path, build: Path, keys: Path, *, launcher: Launcher | None = None,
-               max_batch_size: int | None = None) -> Deployment:
-    state = root / f"state-{free_port()}"
+               max_batch_size: int | None = None, state: Path | None = None,
+               **overrides: Any) -> Deployment:
+    state = state or root / f"state-{free_port()}"
     settings = DeploySettings(build_dir=build, keys_path=keys, state_dir=state,
-                              port=free_port(), threads=1, max_batch_size=max_batch_size,
-                              max_queue_delay_us=2000, ready_timeout_s=90)
+                              owner_key_path=owner_key_path(root), port=free_port(),
+                              threads=1, max_batch_size=max_batch_size,
+                              max_queue_delay_us=2000, ready_timeout_s=90, **overrides)
     return Deployment(settings, launcher or LocalLauncher(state / "logs"))
 
 

@@ -16,9 +16,19 @@ JSON_FIELDS = {"status", "tcb_status", "advisories", "mrenclave", "mrsigner", "i
 
 @requires_testdata
 def test_real_quote_verifies_at_the_stated_time(tmp_path: Path) -> None:
-    result = smlaas("attest", "verify", str(TESTDATA / "phala" / "sgx_quote"), "--collateral",
-                    str(TESTDATA / "phala" / "sgx_quote_collateral.json"), "--at",
-                    "2025-07-01T00:00:00Z", "--json", cwd=tmp_path)
+    args = ["attest", "verify", str(TESTDATA / "phala" / "sgx_quote"), "--collateral",
+            str(TESTDATA / "phala" / "sgx_quote_collateral.json"), "--at",
+            "2025-07-01T00:00:00Z", "--json"]
+    # The default policy fails closed: this platform needs configuration and hardening.
+    refused = smlaas(*args, cwd=tmp_path)
+    assert refused.returncode == 1
+    data = json.loads(refused.stdout)
+    assert data["status"] == "REJECTED" and data["error"].startswith("tcb_status:")
+    (tmp_path / "reviewed.toml").write_text(
+        'accepted_tcb_statuses = ["UpToDate", "ConfigurationAndSWHardeningNeeded"]\n'
+        'accepted_advisory_ids = ["INTEL-SA-00289", "INTEL-SA-00615"]\n'
+        "max_collateral_age_days = 30\n")
+    result = smlaas(*args, "--policy", "reviewed.toml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert set(data) >= JSON_FIELDS
@@ -78,7 +88,9 @@ def test_ias_report_verifies_before_the_signing_cert_expires(tmp_path: Path,
     data = json.loads(refused.stdout)
     assert data["status"] == "REJECTED" and data["debug"] is True
     assert data["error"].startswith("debug:")
-    (tmp_path / "debug_ok.toml").write_text("allow_debug_insecure = true\n")
+    (tmp_path / "debug_ok.toml").write_text(
+        'allow_debug_insecure = true\naccepted_tcb_statuses = ["SWHardeningNeeded"]\n'
+        "max_collateral_age_days = 3650\n")  # the reports are from 2020 and 2023
     ok = smlaas(*args, "--at", "2024-01-01T00:00:00Z", "--policy", "debug_ok.toml",
                 cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
@@ -91,14 +103,18 @@ def test_ias_report_verifies_before_the_signing_cert_expires(tmp_path: Path,
 @requires_testdata
 def test_raw_pcs_collateral_from_the_cli(tmp_path: Path) -> None:
     oasis = TESTDATA / "oasis"
+    (tmp_path / "hardening.toml").write_text('accepted_tcb_statuses = ["SWHardeningNeeded"]\n')
     result = smlaas("attest", "verify", str(oasis / "quote_v3_ecdsa_p256_pck_chain.bin"),
                     "--tcb-info", str(oasis / "tcb_info_v3_fmspc_00606A000000.json"),
                     "--qe-identity", str(oasis / "qe_identity_v2.json"),
                     "--pcs-certs", str(oasis / "tcb_info_v3_fmspc_00606A000000_certs.pem"),
-                    "--at", "1671497404", "--json", cwd=tmp_path)
+                    "--at", "1671497404", "--policy", "hardening.toml", "--json",
+                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["status"] == "OK" and data["details"]["revocation_checked"] is False
+    assert data["tcb_status"] == "SWHardeningNeeded"
+    assert "fallback" in data["details"]["verifier"]
 
 
 @requires_testdata

@@ -31,10 +31,12 @@ def test_deploy_infer_and_ctrl_c(tmp_path: Path) -> None:
            "dp-throughput", "--machines", "3", "--runs", "1", "--no-verify", cwd=tmp_path,
            check=True)
     smlaas("seal", "B", "--keys", "keys.json", cwd=tmp_path, check=True)
+    smlaas("owner", "init", "--key", "owner.key", cwd=tmp_path, check=True)
     port = free_port()
     deploy = subprocess.Popen(
-        [sys.executable, "-m", "smlaas", "deploy", "B", "--keys", "keys.json", "--port",
-         str(port), "--state-dir", "state", "--threads", "1"], cwd=tmp_path,
+        [sys.executable, "-m", "smlaas", "deploy", "B/sealed", "--keys", "keys.json",
+         "--owner-key", "owner.key", "--port", str(port), "--state-dir", "state",
+         "--threads", "1"], cwd=tmp_path,
         env=cli_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
@@ -64,12 +66,18 @@ def test_deploy_refuses_keys_of_another_build(tmp_path: Path) -> None:
     smlaas("partition", "--model", "resnet18", "--build-dir", "B", "--runs", "1",
            "--no-verify", cwd=tmp_path, check=True)
     smlaas("seal", "B", "--keys", "keys.json", cwd=tmp_path, check=True)
-    (tmp_path / "B" / "plan.json").write_text(
-        (tmp_path / "B" / "plan.json").read_text().replace('"planner"', '"planner" ', 1))
-    result = smlaas("deploy", "B", "--keys", "keys.json", cwd=tmp_path)
-    assert result.returncode == 2 and "belongs to another build" in result.stderr
-    written = smlaas("deploy", "B", "--keys", "keys.json", "--k8s-out", "k8s", "--backend",
-                     "gramine", cwd=tmp_path)
+    smlaas("owner", "init", "--key", "owner.key", cwd=tmp_path, check=True)
+    plan = tmp_path / "B" / "sealed" / "plan.json"
+    plan.write_text(plan.read_text().replace('"planner"', '"planner" ', 1))
+    result = smlaas("deploy", "B", "--keys", "keys.json", "--owner-key", "owner.key",
+                    cwd=tmp_path)
+    assert result.returncode == 2 and "belongs to another sealed build" in result.stderr
+    no_owner = smlaas("deploy", "B", "--keys", "keys.json", "--owner-key", "none.key",
+                      cwd=tmp_path)
+    assert no_owner.returncode == 2 and "smlaas owner init" in no_owner.stderr
+    (tmp_path / "m.json").write_text('{"coordinator": "' + "ab" * 32 + '"}')
+    written = smlaas("deploy", "B", "--owner-key", "owner.key", "--k8s-out", "k8s",
+                     "--backend", "gramine", "--measurements", "m.json", cwd=tmp_path)
     assert written.returncode == 0, written.stderr
     assert (tmp_path / "k8s" / "stage-0.yaml").is_file()
 

@@ -20,7 +20,6 @@ import pytest
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.serving.enrol import sim_coordinator_mrenclave
 from tests.integration.serving_setup import (
     MODEL,
     cache_env,
@@ -113,14 +112,13 @@ def _wait_restart(launcher: LocalLauncher, name: str, before: int) -> bool:
 
 IMPOSTOR = """
 import sys
-from pathlib import Path
+from smlaas.deploy.roles import StageSpec
 import smlaas.serving.worker as worker
 # Different code: a patched configuration changes the measurement, as a changed binary would.
-worker.role_config = lambda mr: {"coordinator_mrenclave": mr, "patched": True}
-worker.run_worker(coordinator=("127.0.0.1", int(sys.argv[1])), role="stage-1",
-                  build_dir=Path(sys.argv[2]), listen=("127.0.0.1", int(sys.argv[3])),
-                  next_address=None, backend="sim", coordinator_mrenclave=sys.argv[4],
-                  threads=1)
+StageSpec.measured_config = lambda self: {"argv": self.measured_argv(), "patched": True}
+worker.run_worker(StageSpec(index=1, backend="sim", coordinator_mrenclave=sys.argv[4],
+                            coordinator=("127.0.0.1", int(sys.argv[1])),
+                            listen=("127.0.0.1", int(sys.argv[3])), sealed_dir=sys.argv[2]))
 """
 
 
@@ -130,12 +128,13 @@ def test_worker_with_another_measurement_gets_no_key_and_no_traffic(served) -> N
     coordinator_port = _coordinator_port(running)
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-c", IMPOSTOR, str(coordinator_port), str(build), str(port),
-         sim_coordinator_mrenclave()], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", IMPOSTOR, str(coordinator_port), str(running.sealed_dir),
+         str(port), running.measurements["coordinator"]], capture_output=True, text=True,
+        timeout=60,
         env={**os.environ, "SMLAAS_CACHE_DIR": str(cache)})
     assert result.returncode != 0
     assert "not accepted for role 'stage-1'" in result.stderr, result.stderr[-2000:]
-    assert "refused register request" in coordinator_log.read_text()
+    assert "refused register request (not_accepted)" in coordinator_log.read_text()
     with pytest.raises(OSError):  # it never listened: no traffic can reach it
         __import__("socket").create_connection(("127.0.0.1", port), timeout=1).close()
     x = random_image(5)

@@ -18,9 +18,7 @@ import pytest
 from smlaas.client import InferenceClient
 from smlaas.deploy.deployment import Deployment
 from smlaas.enclave import Policy
-from smlaas.enclave.measurement import measure
 from smlaas.errors import PolicyError, ServingError
-from smlaas.serving.enrol import role_config, sim_coordinator_mrenclave
 from tests.integration.serving_setup import (
     MODEL,
     cache_env,
@@ -187,9 +185,9 @@ def test_metrics_count_requests_errors_and_stage_time(served: Deployment,
 def test_gateway_evidence_binds_its_https_key(served: Deployment) -> None:
     roots = served.trusted_roots
     assert len(roots) == 2 and roots[1].simulated
-    expected = measure("gateway", role_config(sim_coordinator_mrenclave())).mrenclave.hex()
-    policy = Policy.from_dict({"allow_simulation_insecure": True,
-                               "roles": {"gateway": {"mrenclave": [expected]}}})
+    expected = served.measurements["gateway"]
+    policy = served.role_policy("gateway")
+    assert policy.roles["gateway"].mrenclave == (expected,)
     with client(served) as sdk:
         verdict = sdk.attest(policy, roots)
         assert verdict.mrenclave == expected and verdict.simulated

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from smlaas.enclave.backends.gramine import (
-    GramineBackend,
-    enclave_size_mib,
-    render_manifest,
-)
+from smlaas.coordinator.owner import OwnerKey
+from smlaas.deploy.gramine_manifests import write_manifests
+from smlaas.deploy.roles import StageSpec
+from smlaas.enclave.backends.gramine import GramineBackend, enclave_size_mib
 from smlaas.errors import AttestationError
+from smlaas.export.build_dir import read_plan
+from tests.builds import sealed_chain_build
 
 
 def test_enclave_size_is_a_power_of_two_covering_the_working_set() -> None:
@@ -22,16 +23,65 @@ def test_enclave_size_is_a_power_of_two_covering_the_working_set() -> None:
     assert enclave_size_mib(3000 * 2**20) == 4096
 
 
-def test_manifest_is_toml_once_gramine_placeholders_are_filled(tmp_path: Path) -> None:
-    text = render_manifest(role="stage-1", argv=["python3", "-m", "smlaas", "worker"],
-                           enclave_size_mib=2048, sealed_dir=tmp_path / "sealed")
-    filled = text.replace("{{ gramine.libos }}", "/libos.so").replace(
-        "{{ gramine.runtimedir() }}", "/runtime")
-    data = tomllib.loads(filled)
-    assert data["sgx"]["enclave_size"] == "2048M"
-    assert data["sgx"]["debug"] is False and data["sgx"]["remote_attestation"] == "dcap"
-    assert any("sealed" in f for f in data["sgx"]["allowed_files"])
-    assert data["loader"]["env"]["SMLAAS_ROLE"] == "stage-1"
+def _toml(text: str) -> dict:
+    return tomllib.loads(text.replace("{{ gramine.libos }}", "/libos.so").replace(
+        "{{ gramine.runtimedir() }}", "/runtime"))
+
+
+@pytest.fixture(scope="module")
+def sealed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OwnerKey]:
+    build, _, owner = sealed_chain_build(tmp_path_factory.mktemp("gramine"))
+    return build, OwnerKey.load(owner)
+
+
+def test_manifests_fix_the_measured_configuration(sealed_build, tmp_path: Path) -> None:
+    build, owner = sealed_build
+    out = tmp_path / "gramine"
+    first = write_manifests(build, out, owner_public_key=owner.public_key_hex,
+                            coordinator_mrenclave=None, state_dir=tmp_path / "state")
+    assert [p.name for p in first] == ["coordinator.manifest.template"]
+    coordinator = _toml(first[0].read_text())
+    argv = coordinator["loader"]["argv"]
+    assert argv[argv.index("--owner-public-key") + 1] == owner.public_key_hex
+    written = write_manifests(build, out, owner_public_key=owner.public_key_hex,
+                              coordinator_mrenclave="ab" * 32, state_dir=tmp_path / "state")
+    plan = read_plan(build / "sealed")
+    assert len(written) == len(plan.stages) + 2
+    for stage in plan.stages:
+        data = _toml((out / f"stage-{stage.index}.manifest.template").read_text())
+        argv, env = data["loader"]["argv"], data["loader"]["env"]
+        # What the stage trusts is fixed in its measured argv...
+        assert argv[argv.index("--coordinator-mrenclave") + 1] == "ab" * 32
+        assert argv[argv.index("--role") + 1] == f"stage-{stage.index}"
+        # ...and the host may pass only placement, never the coordinator or the role.
+        passthrough = {k for k, v in env.items() if v == {"passthrough": True}}
+        assert {"SMLAAS_LISTEN", "SMLAAS_COORDINATOR", "SMLAAS_THREADS"} <= passthrough
+        assert not passthrough & {"SMLAAS_COORDINATOR_MRENCLAVE", "SMLAAS_ROLE",
+                                  "SMLAAS_OWNER_PUBLIC_KEY", "SMLAAS_BACKEND"}
+        assert env["SMLAAS_BUILD"] == "/smlaas/sealed"
+        assert data["sgx"]["enclave_size"] == f"{enclave_size_mib(stage.working_set_bytes)}M"
+        assert data["sgx"]["debug"] is False and data["sgx"]["remote_attestation"] == "dcap"
+        assert any("sealed" in f for f in data["sgx"]["allowed_files"])
+    gateway = _toml((out / "gateway.manifest.template").read_text())
+    assert "--coordinator-mrenclave" in gateway["loader"]["argv"]
+
+
+def test_worker_command_line_takes_host_options_from_the_environment(
+        sealed_build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads exactly the passthrough variables the manifest lets in."""
+    from click.testing import CliRunner
+
+    from smlaas.cli import serve_cmds
+
+    seen = {}
+    monkeypatch.setattr("smlaas.serving.worker.run_worker", lambda spec: seen.update(s=spec))
+    spec = StageSpec(index=1, backend="sim", coordinator_mrenclave="cd" * 32,
+                     coordinator=("10.0.0.1", 7443), listen=("0.0.0.0", 9000),
+                     sealed_dir="/smlaas/sealed", threads=2)
+    result = CliRunner().invoke(serve_cmds.worker, spec.measured_argv()[1:],
+                                env=spec.host_env())
+    assert result.exit_code == 0, result.output
+    assert seen["s"] == spec
 
 
 def test_attestation_file_protocol(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smlaas.enclave.sealing import KEY_BYTES, MAGIC, OwnerKeys, seal, unseal
-from smlaas.errors import SealError
+from smlaas.errors import ConfigError, SealError
 
 KEY = bytes(range(KEY_BYTES))
 PAYLOAD = b"onnx model bytes " * 1000
@@ -52,8 +52,25 @@ def test_swapped_stage_and_wrong_key_are_named() -> None:
 
 
 def test_keyfile_round_trip_and_mode(tmp_path: Path) -> None:
-    keys = OwnerKeys("ab" * 32, {0: KEY, 1: os.urandom(KEY_BYTES)})
+    keys = OwnerKeys("ab" * 32, {0: KEY, 1: os.urandom(KEY_BYTES)}, {0: "cd" * 32, 1: "ef" * 32})
     path = tmp_path / "owner.keys"
     keys.save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert OwnerKeys.load(path) == keys
+
+
+def test_keyfile_over_a_world_readable_file_ends_up_0600(tmp_path: Path) -> None:
+    path = tmp_path / "owner.keys"
+    path.write_text("old")
+    path.chmod(0o644)
+    OwnerKeys("ab" * 32, {0: KEY}, {0: "cd" * 32}).save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert OwnerKeys.load(path).stage_keys == {0: KEY}
+    assert not [p for p in tmp_path.iterdir() if p.name != "owner.keys"]  # no temp left
+
+
+def test_keyfile_of_the_old_format_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "old.keys"
+    path.write_text('{"format": 1, "build_sha256": "ab", "stages": {"0": "AAAA"}}')
+    with pytest.raises(ConfigError, match="seal the build again"):
+        OwnerKeys.load(path)

@@ -52,6 +52,9 @@ class CoordinatorServer:
                                    key=self.service.instance_key)
         self._context = identity.server_context()
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self._listener.settimeout(0.5)  # how often the accept loop looks at _stopping
+        bound_host, bound_port = self._listener.getsockname()[:2]
+        self._address = (str(bound_host), int(bound_port))
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="coordinator")
         self._slots = threading.BoundedSemaphore(max_connections)
         self._stopping = threading.Event()
@@ -60,8 +63,7 @@ class CoordinatorServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._listener.getsockname()[:2]
-        return str(host), int(port)
+        return self._address
 
     def start(self) -> CoordinatorServer:
         self._thread = threading.Thread(target=self.serve_forever, daemon=True,
@@ -71,7 +73,6 @@ class CoordinatorServer:
 
     def serve_forever(self) -> None:
         logger.info("coordinator listening on %s:%d", *self.address)
-        self._listener.settimeout(0.5)
         while not self._stopping.is_set():
             try:
                 connection, peer = self._listener.accept()

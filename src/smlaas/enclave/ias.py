@@ -69,7 +69,21 @@ def verify_ias_report(report: bytes, signature_b64: bytes, certificates: str, *,
         tcb_status=tcb_status if error is None else None,
         advisories=sorted(data.get("advisoryIDs", [])), error=error,
         details={"ias_status": status, "ias_version": data.get("version"),
-                 "ias_timestamp": data.get("timestamp"), "nonce": data.get("nonce")})
+                 "ias_timestamp": data.get("timestamp"), "nonce": data.get("nonce"),
+                 # IAS's evaluation time stands in for the collateral's issue date: the
+                 # policy's max_collateral_age_days bounds how old a report may be.
+                 "collateral_issued": _utc(data.get("timestamp")),
+                 "verified_at": at.isoformat()})
+
+
+def _utc(timestamp: object) -> str | None:
+    """IAS timestamps are UTC without a zone ("2020-05-11T09:21:15.454051")."""
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(timestamp).replace(tzinfo=dt.UTC).isoformat()
+    except ValueError:
+        return None
 
 
 def _failed(error: str) -> QuoteVerdict:
