@@ -94,7 +94,8 @@ def attest_verify(quote_file: str, collateral: str | None, pccs_url: str | None,
                                at=at, root=select_root(raw, known_roots()))
     elif all(pcs_files):
         verdict = verify_quote_pcs(raw, load_pcs_collateral(
-            *(Path(p) for p in pcs_files if p is not None)), at=at)
+            *(Path(p) for p in pcs_files if p is not None)), at=at,
+            root=select_root(raw, known_roots()))
     else:
         raise InputError("collateral is needed: --collateral FILE, --pccs URL, or "
                          "--tcb-info, --qe-identity and --pcs-certs together")

@@ -1,14 +1,17 @@
 """The coordinator's RA-TLS server: one framed request per connection, bounded in every way.
 
-Connections are served by a fixed pool of threads; at most ``max_connections`` are held at
-once (more are closed at once, before any handshake: the peer retries). Each read has a
-deadline, and each connection as a whole (handshake, request, reply) has one too, so a peer
-that trickles bytes cannot hold a thread. Every request gets a reply: a frame that does not
-parse is refused as ``malformed`` on the same connection, not dropped.
+Connections are handled on an asyncio event loop (in a thread of its own, or the caller's):
+a TLS handshake or a slow peer costs no thread, and each connection has a deadline for the
+handshake and one for the whole exchange, so peers that open connections and trickle bytes
+cannot hold the coordinator. At most ``max_connections`` are open at once (more are closed
+at once). The work of a request (quote verification, signing) runs on a fixed pool of
+threads. Every request gets a reply: a frame that does not parse is refused as
+``malformed`` on its connection, never dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -24,13 +27,20 @@ from smlaas.coordinator.state import SealedStateStore
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.ratls import create_identity
 from smlaas.enclave.verification import INTEL_ROOT
-from smlaas.transport.framing import ProtocolError, recv_message, send_message
+from smlaas.transport.framing import (
+    ProtocolError,
+    decode_frame_body,
+    encode_frame,
+    frame_length,
+)
 
 logger = logging.getLogger(__name__)
-REQUEST_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0
 CONNECTION_DEADLINE_S = 20.0
-WORKER_THREADS = 8
-MAX_CONNECTIONS = 64
+WORKER_THREADS = 4
+MAX_CONNECTIONS = 256
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""A manifest with collateral documents is the largest request (tens of KiB)."""
 
 
 class CoordinatorServer:
@@ -51,13 +61,15 @@ class CoordinatorServer:
         identity = create_identity(COORDINATOR_ROLE, backend.quote, backend.collateral_json(),
                                    key=self.service.instance_key)
         self._context = identity.server_context()
-        self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
-        self._listener.settimeout(0.5)  # how often the accept loop looks at _stopping
+        self._listener = socket.create_server((host, port), backlog=128)
         bound_host, bound_port = self._listener.getsockname()[:2]
         self._address = (str(bound_host), int(bound_port))
+        self._max_connections = max_connections
+        self._open = 0
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="coordinator")
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         logger.info("coordinator for owner %s", public_key_fingerprint(owner_public_key))
 
@@ -66,69 +78,73 @@ class CoordinatorServer:
         return self._address
 
     def start(self) -> CoordinatorServer:
+        """Serves in a background thread; returns once it accepts connections."""
         self._thread = threading.Thread(target=self.serve_forever, daemon=True,
-                                        name="coordinator-accept")
+                                        name="coordinator")
         self._thread.start()
+        self._ready.wait(timeout=10)
         return self
 
     def serve_forever(self) -> None:
+        """Serves in this thread until :meth:`stop` (or KeyboardInterrupt)."""
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, sock=self._listener,
+                                            ssl=self._context,
+                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         logger.info("coordinator listening on %s:%d", *self.address)
-        while not self._stopping.is_set():
-            try:
-                connection, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                raise
-            connection.settimeout(REQUEST_TIMEOUT_S)
-            if not self._slots.acquire(blocking=False):
-                self._pool.submit(self._refuse_busy, connection)
-                continue
-            self._pool.submit(self._serve, connection, peer[0])
-
-    def _serve(self, connection: socket.socket, peer: str) -> None:
-        deadline = threading.Timer(CONNECTION_DEADLINE_S, _shut_down, (connection,))
-        deadline.start()
+        self._ready.set()
         try:
-            with self._context.wrap_socket(connection, server_side=True) as tls:
-                try:
-                    request = recv_message(tls)
-                except ProtocolError as err:
-                    send_message(tls, {"ok": False, "code": Code.MALFORMED.value,
-                                       "error": f"not a request frame: {err}"})
-                    return
-                send_message(tls, self.service.handle(request))
-        except (ssl.SSLError, ProtocolError, OSError) as err:
-            logger.info("connection from %s dropped: %s", peer, err)
+            await self._stop.wait()
         finally:
-            deadline.cancel()
-            self._slots.release()
-            connection.close()
+            server.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
-    @staticmethod
-    def _refuse_busy(connection: socket.socket) -> None:
-        logger.warning("closed a connection: %d connections are being served already",
-                       MAX_CONNECTIONS)
-        connection.close()
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._open >= self._max_connections:
+            logger.warning("closed a connection from %s: %d are open already", peer,
+                           self._open)
+            writer.close()
+            return
+        self._open += 1
+        try:
+            async with asyncio.timeout(CONNECTION_DEADLINE_S):
+                reply = await self._answer(reader)
+                writer.write(encode_frame(reply))
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError,
+                OSError) as err:
+            logger.info("connection from %s ended without a reply: %s", peer,
+                        str(err) or type(err).__name__)
+        finally:
+            self._open -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, object]:
+        try:
+            length = frame_length(await reader.readexactly(4), max_bytes=MAX_REQUEST_BYTES)
+            request = decode_frame_body(await reader.readexactly(length))
+        except ProtocolError as err:
+            return {"ok": False, "code": Code.MALFORMED.value,
+                    "error": f"not a request frame: {err}"}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.service.handle, request)
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._listener.close()
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread:
-            self._thread.join(timeout=REQUEST_TIMEOUT_S)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _shut_down(connection: socket.socket) -> None:
-    """Ends a connection past its deadline (shutdown wakes a thread blocked reading it)."""
-    with contextlib.suppress(OSError):
-        connection.shutdown(socket.SHUT_RDWR)
+            self._thread.join(timeout=CONNECTION_DEADLINE_S)
+        self._listener.close()
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-

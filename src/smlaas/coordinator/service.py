@@ -166,6 +166,9 @@ class CoordinatorService:
             raise refusal(Code.MALFORMED, "set_manifest needs the manifest's canonical JSON "
                           "text")
         manifest = Manifest.from_json(text)
+        if not request.get("signature"):
+            raise refusal(Code.BAD_SIGNATURE, "the manifest is unsigned; the coordinator "
+                          "accepts only manifests its owner signed for it")
         signature = _base64(request, "signature")
         verify_manifest_signature(self._owner_key, signature, manifest_digest=manifest.digest(),
                                   coordinator_key_sha256=self.state.instance_id)

@@ -32,12 +32,23 @@ def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
 def recv_message(sock: socket.socket, *, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     """Reads one frame (the socket's timeout bounds the wait)."""
     header = _recv_exactly(sock, 4)
-    length, = struct.unpack(">I", header)
+    length = frame_length(header, max_bytes=max_bytes)
+    return decode_frame_body(_recv_exactly(sock, length))
+
+
+def frame_length(prefix: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> int:
+    """The body length a 4-byte frame prefix announces; ProtocolError past ``max_bytes``."""
+    length, = struct.unpack(">I", prefix)
     if length > max_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    return int(length)
+
+
+def decode_frame_body(body: bytes) -> dict[str, Any]:
+    """The JSON object a frame body holds; ProtocolError for anything else."""
     try:
-        message = json.loads(_recv_exactly(sock, length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ProtocolError(f"frame is not JSON: {err}") from err
     if not isinstance(message, dict):
         raise ProtocolError("frame must hold a JSON object")
