@@ -246,3 +246,31 @@ def _assert_serves_the_owners_model(deployment: Deployment, build: Path) -> None
         got = client.infer({"x": x})["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
+
+
+def test_a_rolled_back_state_shows_in_the_owners_status(tmp_path: Path,
+                                                        ceremony: Ceremony) -> None:
+    """Without a monotonic counter the host can put back an earlier sealed state; the owner
+    sees the earlier version in `smlaas owner status` (docs/SECURITY.md)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    state = tmp_path / "state.sealed"
+    owner_key = tmp_path / "owner.key"
+    ceremony.owner.save(owner_key)
+    with coordinator_process(ceremony, state) as coordinator:
+        ceremony.set_manifest(coordinator.client(), ceremony.manifest(version=1))
+        shutil.copy(state, tmp_path / "v1.sealed")  # the host keeps a copy
+        v2 = ceremony.set_manifest(coordinator.client(), ceremony.manifest(
+            version=2, policy={**ceremony.manifest().policy, "max_collateral_age_days": 3}))
+    shutil.copy(tmp_path / "v1.sealed", state)  # ... and puts it back
+    with coordinator_process(ceremony, state) as coordinator:
+        result = subprocess.run(
+            [sys.executable, "-m", "smlaas", "owner", "status", "--key", str(owner_key),
+             "--coordinator", f"127.0.0.1:{coordinator.port}", "--json"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["manifest_version"] == 1 and status["manifest_digest"] != v2

@@ -45,7 +45,7 @@ from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy.launchers import Launcher, ProcessSpec
 from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 from smlaas.enclave.policy import Policy, RolePolicy
-from smlaas.enclave.sealing import OwnerKeys, read_header
+from smlaas.enclave.sealing import OwnerKeys, read_header_of
 from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
 from smlaas.errors import AttestationError, ConfigError, DeployError
 from smlaas.export.build_dir import PLAN_FILE, read_plan
@@ -219,7 +219,7 @@ class Deployment:
                                   f"run `smlaas seal` again")
             if stage.index not in self.keys.stage_keys:
                 raise ConfigError(f"keyfile has no key for stage {stage.index}")
-            if read_header(path.read_bytes()).sha256 != self.keys.stage_sha256[stage.index]:
+            if read_header_of(path).sha256 != self.keys.stage_sha256[stage.index]:
                 raise ConfigError(f"{path} is not the stage this keyfile sealed (its SHA-256 "
                                   f"differs): the sealed directory was changed")
 

@@ -77,6 +77,16 @@ def read_header(sealed: bytes) -> SealedHeader:
         raise SealError(f"the sealed file's header is unreadable: {err}") from err
 
 
+def read_header_of(path: Path) -> SealedHeader:
+    """The header of a sealed file, reading only its first bytes."""
+    with open(path, "rb") as stream:
+        start = stream.read(len(MAGIC) + 4)
+        if len(start) < len(MAGIC) + 4:
+            raise SealError(f"{path} is not an smlaas sealed file (too short)")
+        length, = struct.unpack_from("<I", start, len(MAGIC))
+        return read_header(start + stream.read(min(length, 1 << 16)))
+
+
 def unseal(sealed: bytes, *, key: bytes, stage: int) -> bytes:
     """Decrypts a sealed stage, checking it is stage ``stage`` and unchanged.
 
