@@ -6,7 +6,9 @@
 - AES-256-GCM sealing and unsealing throughput;
 - quote generation and quote verification (sim backend: the same DCAP verifier real quotes go
   through, with the simulation root);
-- role certificate issuance (coordinator side).
+- role certificate issuance (coordinator side);
+- stage key release: HPKE (P-256, HKDF-SHA256, AES-256-GCM) sealing to the registrant's key
+  and its opening inside the registrant.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.ca import DeploymentCA
+from smlaas.coordinator.protocol import open_stage_key, seal_stage_key
 from smlaas.enclave.sealing import seal, unseal
 from smlaas.enclave.verification import load_collateral, verify_quote
 from smlaas.serving.link import run_event_loop
@@ -176,12 +179,21 @@ def quote_costs(pki_dir: Path, repeats: int = 20) -> dict[str, float]:
     verdict = verify_quote(quote, collateral, at=now, root=backend.trusted_root)
     assert verdict.verified, verdict.error
     ca = DeploymentCA.create()
-    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    registrant = ec.generate_private_key(ec.SECP256R1())
+    public = registrant.public_key()
+    digest, nonce = "ab" * 32, os.urandom(32)
+
+    def release() -> None:
+        sealed = seal_stage_key(os.urandom(32), public, role="stage-0", manifest_digest=digest,
+                                nonce=nonce)
+        open_stage_key(sealed, registrant, role="stage-0", manifest_digest=digest, nonce=nonce)
+
     return {
         "quote_generation_ms": timed(lambda: backend.quote(report_data), repeats) * 1e3,
         "quote_verification_ms": timed(lambda: verify_quote(
             quote, collateral, at=now, root=backend.trusted_root), repeats) * 1e3,
         "role_certificate_issue_ms": timed(lambda: ca.issue("stage-0", public), repeats) * 1e3,
+        "stage_key_release_ms": timed(release, repeats) * 1e3,
         "quote_bytes": len(quote)}
 
 

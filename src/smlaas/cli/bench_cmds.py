@@ -81,7 +81,9 @@ def security(out: str | None) -> int:
         ["quote generation (sim)", f"{attestation['quote_generation_ms']:.2f} ms"],
         ["quote verification (dcap-qvl, sim root)",
          f"{attestation['quote_verification_ms']:.2f} ms"],
-        ["role certificate issuance", f"{attestation['role_certificate_issue_ms']:.2f} ms"]]))
+        ["role certificate issuance", f"{attestation['role_certificate_issue_ms']:.2f} ms"],
+        ["stage key release (HPKE seal + open)",
+         f"{attestation['stage_key_release_ms']:.2f} ms"]]))
     _write(out, costs)
     return 0
 
