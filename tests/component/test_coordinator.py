@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import Code, registration_binding, spki_der
 from smlaas.coordinator.service import NonceTable
-from smlaas.errors import SealError
-from smlaas.transport.tls import certificate_role
+from smlaas.errors import AttestationError, SealError
+from smlaas.transport.tls import certificate_manifest, certificate_role
 from tests.coordinator_setup import Ceremony, refused
 
 
@@ -44,9 +44,10 @@ def test_accepted_worker_gets_certificate_and_its_key(running, ceremony: Ceremon
     assert registration.stage.key == ceremony.stage_keys[0]
     assert registration.stage.sha256 == ceremony.stage_sha256[0]
     assert registration.manifest_digest == digest
+    assert registration.topology == ("gateway", "stage-0") and registration.max_batch_size == 0
     cert = x509.load_pem_x509_certificate(registration.certificate_pem.encode())
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(registration.ca_pem.encode()))
-    assert certificate_role(cert) == "stage-0"
+    assert certificate_role(cert) == "stage-0" and certificate_manifest(cert) == digest
     assert registration.ca_pem == owner.deployment_ca()
     gateway = owner.register(ceremony.enclave("gateway"), role="gateway", hosts=["localhost"])
     assert gateway.stage is None
@@ -191,3 +192,18 @@ def test_any_request_gets_an_answer_with_a_code(running, request) -> None:
     assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool)
     if not answer["ok"]:
         assert answer["code"] in {c.value for c in Code} and answer["code"] != "internal", answer
+
+
+def test_a_client_stays_with_the_instance_it_attested(tmp_path: Path, ceremony: Ceremony) -> None:
+    """Two coordinators of the same code and owner look alike; the host routing a client's
+    later call to the other one is caught, not answered with the other's CA or manifest."""
+    first, second = ceremony.start(tmp_path / "a.sealed"), ceremony.start(tmp_path / "b.sealed")
+    try:
+        client = ceremony.client(first)
+        client.status()
+        client.port = second.address[1]  # the host reroutes the connection
+        with pytest.raises(AttestationError, match="another coordinator instance"):
+            client.deployment_ca()
+    finally:
+        first.stop()
+        second.stop()

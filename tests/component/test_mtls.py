@@ -17,17 +17,20 @@ from smlaas.transport.tls import (
     certificate_role,
     client_context,
     peer_role,
-    require_peer_role,
+    require_peer,
     server_context,
 )
 
 TIMEOUT_S = 10
 
 
-def role_identity(ca: DeploymentCA, role: str, hosts: list[str] | None = None
-                  ) -> tuple[str, ec.EllipticCurvePrivateKey]:
+DIGEST = "ab" * 32  # the manifest every identity here is issued under, unless told
+
+
+def role_identity(ca: DeploymentCA, role: str, hosts: list[str] | None = None,
+                  manifest_digest: str = DIGEST) -> tuple[str, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(role, key.public_key(), hosts=hosts)
+    cert = ca.issue(role, key.public_key(), manifest_digest=manifest_digest, hosts=hosts)
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key
 
 
@@ -54,7 +57,7 @@ def serve(context: ssl.SSLContext, seen: list) -> tuple[int, threading.Thread]:
 def dial(port: int, context: ssl.SSLContext, role: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as raw, \
             context.wrap_socket(raw, server_hostname=role) as tls:
-        require_peer_role(tls, role)  # as Link does, before any byte is sent
+        require_peer(tls, role, DIGEST)  # as Link does, before any byte is sent
         tls.sendall(b"ping")
         return tls.recv(4)
 
@@ -104,6 +107,17 @@ def test_role_comes_from_the_role_field_not_from_host_names(ca: DeploymentCA) ->
     assert certificate_role(certificate) == "gateway"
     assert certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value \
         == ROLE_CERT_SUBJECT
+
+
+def test_a_peer_admitted_under_another_manifest_is_refused(ca: DeploymentCA) -> None:
+    """After a manifest is replaced, roles admitted under the old one never link with the
+    new ones (no pipeline mixes two policies)."""
+    seen: list = []
+    port, thread = serve(server_context(*role_identity(ca, "stage-1", manifest_digest="cd" * 32),
+                                        ca.cert_pem()), seen)
+    with pytest.raises(AttestationError, match="admitted under manifest cdcd"):
+        dial(port, client_context(*role_identity(ca, "stage-0"), ca.cert_pem()), "stage-1")
+    thread.join(TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("role", "hosts", "reason"), [

@@ -18,7 +18,7 @@ import pytest
 from smlaas.client import InferenceClient
 from smlaas.deploy.deployment import Deployment
 from smlaas.enclave import Policy
-from smlaas.errors import PolicyError, ServingError
+from smlaas.errors import AttestationError, PolicyError, ServingError
 from tests.integration.serving_setup import (
     MODEL,
     cache_env,
@@ -198,6 +198,10 @@ def test_gateway_evidence_binds_its_https_key(served: Deployment) -> None:
         refusing = Policy.from_dict({"roles": {"gateway": {"mrenclave": [expected]}}})
         with pytest.raises(PolicyError, match="SIMULATION"):
             sdk.attest(refusing, roots)
+        assert served.manifest is not None
+        sdk.attest(policy, roots, manifest_digest=served.manifest.digest())
+        with pytest.raises(AttestationError, match="admitted under manifest"):
+            sdk.attest(policy, roots, manifest_digest="00" * 32)
 
 
 def test_sdk_raises_serving_error_with_status(served: Deployment) -> None:

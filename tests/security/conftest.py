@@ -93,3 +93,19 @@ def coordinator_process(ceremony: Ceremony, state: Path, **kwargs: str
 def sealed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(build, owner keyfile, owner signing key) of a small sealed 3-stage chain model."""
     return sealed_chain_build(tmp_path_factory.mktemp("security-build"))
+
+
+def coordinator_address(deployment: object) -> tuple[str, int]:
+    """Where a local deployment's coordinator listens (from its launcher's command line)."""
+    argv = deployment.launcher._processes["coordinator"].spec.argv  # type: ignore[attr-defined]
+    return "127.0.0.1", int(argv[argv.index("--port") + 1])
+
+
+def assert_port_closed(port: int) -> None:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return
+    raise AssertionError(f"something listens on {port}: the refused process served")

@@ -23,6 +23,7 @@ from smlaas.export.sealed_build import sealed_directory, sealed_path
 from smlaas.profile.cache import cache_dir
 from tests.conftest import cli_env
 from tests.integration.test_cli import smlaas
+from tests.security.conftest import assert_port_closed, coordinator_address
 
 
 def _altered_stage(build: Path, index: int) -> bytes:
@@ -61,14 +62,15 @@ def test_a_resealed_altered_stage_is_never_served(tmp_path: Path, sealed_build) 
         port = free_port()
         rogue = StageSpec(index=1, backend="sim",
                           coordinator_mrenclave=deployment.measurements["coordinator"],
-                          coordinator=_coordinator_address(deployment),
-                          listen=("127.0.0.1", port), sealed_dir=str(tampered))
+                          coordinator=coordinator_address(deployment),
+                          listen=("127.0.0.1", port), sealed_dir=str(tampered),
+                          next_stage=("127.0.0.1", free_port()))
         result = subprocess.run([sys.executable, "-m", "smlaas", *rogue.to_argv()],
                                 capture_output=True, text=True, timeout=60,
                                 env=cli_env(cache_dir()))
         assert result.returncode == 1
         assert "wrong key for this sealed stage 1" in result.stderr, result.stderr[-1500:]
-        with_port_closed(port)
+        assert_port_closed(port)
         from tests.security.test_manifest_attacks import _assert_serves_the_owners_model
 
         _assert_serves_the_owners_model(deployment, build)
@@ -117,9 +119,4 @@ def with_port_closed(port: int) -> None:
     except OSError:
         return
     raise AssertionError(f"the refused worker listens on {port}")
-
-
-def _coordinator_address(deployment: Deployment) -> tuple[str, int]:
-    argv = deployment.launcher._processes["coordinator"].spec.argv  # type: ignore[attr-defined]
-    return "127.0.0.1", int(argv[argv.index("--port") + 1])
 

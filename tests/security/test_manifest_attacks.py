@@ -183,6 +183,34 @@ def test_the_coordinator_stays_up_under_many_bad_connections(tmp_path: Path,
         assert coordinator.process.poll() is None
 
 
+def test_connections_beyond_the_limit_are_closed_before_any_handshake(
+        tmp_path: Path, ceremony: Ceremony) -> None:
+    """Open connections are bounded from accept on: those past the limit are closed at once
+    (the peer sees EOF, no TLS is spoken), and service resumes when the flood ends."""
+    from smlaas.coordinator.server import MAX_CONNECTIONS
+
+    with coordinator_process(ceremony, tmp_path / "state.sealed") as coordinator:
+        flood = [socket.create_connection(coordinator.address, timeout=5)
+                 for _ in range(MAX_CONNECTIONS + 16)]
+        closed = 0
+        try:
+            for sock in flood:
+                sock.settimeout(0.2)
+                try:
+                    closed += sock.recv(1) == b""
+                except TimeoutError:
+                    pass  # held open, waiting for its handshake
+                except OSError:
+                    closed += 1
+        finally:
+            for sock in flood:
+                sock.close()
+        assert closed >= 16, closed
+        assert coordinator.process.poll() is None
+        client = coordinator.client()
+        assert ceremony.set_manifest(client) == client.status().manifest_digest
+
+
 def test_pre_seeded_state_cannot_make_the_owner_serve_the_hosts_model(
         tmp_path: Path, ceremony: Ceremony, sealed_build) -> None:
     """The host runs the genuine coordinator on the state path deploy will use and tries to

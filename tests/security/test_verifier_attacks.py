@@ -75,3 +75,50 @@ def test_policies_that_would_fail_open_are_refused(tmp_path: Path, sim_quote, po
                     "policy.toml", "--role", "stage-0", cwd=tmp_path)
     assert result.returncode == 2, result.stdout
     assert problem in result.stderr and "invalid policy" in result.stderr
+
+
+def test_a_pck_certificate_minted_by_a_pck_key_is_refused(tmp_path: Path, sim_quote) -> None:
+    """Whoever holds one platform's PCK key signs a "PCK certificate" of its own (any FMSPC
+    or TCB level it likes) and chains it under the real one: the leaf is not a CA."""
+    import datetime as dt
+    from dataclasses import dataclass
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from smlaas.enclave.backends.sim import SimQuotingEnclave
+    from smlaas.enclave.quote import SGX_EXTENSION_OID
+
+    pki = sim_quote.pki
+    forged_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    sgx = pki.pck.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSION_OID))
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "forged PCK Certificate")])
+    forged = (x509.CertificateBuilder().subject_name(name)
+              .issuer_name(pki.pck.subject).public_key(forged_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(days=1))
+              .not_valid_after(now + dt.timedelta(days=30))
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(True, True, False, False, False, False, False, False,
+                                           False), critical=True)
+              .add_extension(sgx.value, critical=False)
+              .sign(pki.pck_key, hashes.SHA256()))
+
+    @dataclass
+    class ForgedPKI:  # what the quoting code reads of a PKI
+        pck_key: ec.EllipticCurvePrivateKey
+        chain: bytes
+        root_der: bytes
+
+        def pck_chain_pem(self) -> bytes:
+            return self.chain
+
+    chain = forged.public_bytes(serialization.Encoding.PEM) + pki.pck_chain_pem()
+    quoting = SimQuotingEnclave(ForgedPKI(forged_key, chain, pki.root_der))  # type: ignore[arg-type]
+    (tmp_path / "quote.bin").write_bytes(quoting.quote(
+        mrenclave=bytes(32), mrsigner=bytes(32), report_data=b"x"))
+    result, data = _verify_pcs(tmp_path, *pki.pcs_responses(), pki.tcb_chain_pem())
+    assert result.returncode == 1 and data["status"] == "FAILED", result.stdout
+    assert "the PCK chain has 4 certificates" in data["error"], data["error"]

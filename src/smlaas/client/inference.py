@@ -25,6 +25,7 @@ from smlaas.enclave.verification import (
 )
 from smlaas.errors import AttestationError, ServingError
 from smlaas.serving.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
+from smlaas.transport.tls import certificate_manifest
 
 
 class InferenceClient:
@@ -71,9 +72,11 @@ class InferenceClient:
                                                  content=body, headers=headers))
         return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
 
-    def attest(self, policy: Policy, roots: list[TrustedRoot]) -> QuoteVerdict:
+    def attest(self, policy: Policy, roots: list[TrustedRoot], *,
+               manifest_digest: str | None = None) -> QuoteVerdict:
         """Verifies the gateway's quote against ``policy`` (role ``gateway``) and that its
-        report_data binds the key of the certificate this connection is talking to."""
+        report_data binds the key of the certificate this connection is talking to; with
+        ``manifest_digest``, also that the coordinator admitted it under that manifest."""
         response = self._checked(self._http.get("/v2/smlaas/attestation"))
         evidence = response.json()
         peer = _peer_certificate(response)
@@ -81,6 +84,10 @@ class InferenceClient:
         if peer is None or peer != served.public_bytes(serialization.Encoding.DER):
             raise AttestationError("the evidence names another certificate than the one "
                                    "serving this connection")
+        admitted = certificate_manifest(served)
+        if manifest_digest is not None and admitted != manifest_digest:
+            raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
+                                   f"{manifest_digest}")
         spki = served.public_key().public_bytes(serialization.Encoding.DER,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
         quote = base64.b64decode(evidence["quote"])

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, is_role_name
 from smlaas.coordinator.protocol import Code, refusal
-from smlaas.transport.tls import ROLE_OID
+from smlaas.transport.tls import MANIFEST_OID, ROLE_OID
 
 CA_VALIDITY = dt.timedelta(days=365)
 ROLE_CERT_VALIDITY = dt.timedelta(days=7)
@@ -83,10 +83,10 @@ class DeploymentCA:
                 .sign(key, hashes.SHA256()))
         return cls(key, cert)
 
-    def issue(self, role: str, public_key: ec.EllipticCurvePublicKey, *,
+    def issue(self, role: str, public_key: ec.EllipticCurvePublicKey, *, manifest_digest: str,
               hosts: list[str] | None = None) -> x509.Certificate:
-        """A certificate for ``role`` (from the manifest) for TLS server and client use;
-        ``hosts`` must have passed :func:`validated_hosts`."""
+        """A certificate for ``role`` under manifest ``manifest_digest`` for TLS server and
+        client use; ``hosts`` must have passed :func:`validated_hosts`."""
         now = dt.datetime.now(dt.UTC)
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
@@ -101,6 +101,9 @@ class DeploymentCA:
                                                          ExtendedKeyUsageOID.CLIENT_AUTH]),
                                   critical=False)
                    .add_extension(x509.UnrecognizedExtension(ROLE_OID, role.encode()),
+                                  critical=False)
+                   .add_extension(x509.UnrecognizedExtension(MANIFEST_OID,
+                                                             manifest_digest.encode()),
                                   critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        self.key.public_key()), critical=False))

@@ -2,6 +2,10 @@
 the deployment CA. Every call attests the coordinator first (RA-TLS) and sends nothing before
 its evidence passed; a refusal raises :class:`~smlaas.errors.CoordinatorRefused` with the
 coordinator's code.
+
+One client talks to one coordinator *instance*: the first exchange pins the instance key it
+attested, and a later exchange that reaches another instance (another deployment of the same
+code, routed there by the host) raises AttestationError instead of mixing their answers.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.ratls import connect_attested, public_key_hash
 from smlaas.enclave.verification import TrustedRoot
-from smlaas.errors import CoordinatorRefused
+from smlaas.errors import AttestationError, CoordinatorRefused
 from smlaas.transport.framing import recv_message, send_message
 
 
@@ -52,6 +56,8 @@ class Registration:
     certificate_pem: str
     ca_pem: str
     manifest_digest: str
+    topology: tuple[str, ...]
+    max_batch_size: int
     stage: StageRelease | None
 
 
@@ -61,6 +67,7 @@ class CoordinatorStatus:
     """SHA-256 (hex) of the coordinator's RA-TLS key, which manifest signatures bind."""
     owner: str
     """Fingerprint of the owner key the coordinator obeys."""
+    ca_pem: str
     manifest_digest: str | None
     manifest_version: int | None
     topology: tuple[str, ...]
@@ -68,9 +75,11 @@ class CoordinatorStatus:
 
 class CoordinatorClient:
     def __init__(self, host: str, port: int, *, policy: Policy, roots: list[TrustedRoot],
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, instance: bytes | None = None) -> None:
         self.host, self.port = host, port
         self.policy, self.roots, self.timeout_s = policy, roots, timeout_s
+        self.instance = instance
+        """SHA-256 of the coordinator instance's key, pinned by the first exchange."""
 
     def exchange(self, build: Callable[[bytes], dict[str, Any]]) -> dict[str, Any]:
         """Attests the coordinator, sends ``build(instance)`` (``instance``: SHA-256 of the
@@ -80,7 +89,15 @@ class CoordinatorClient:
         with tls:
             der = tls.getpeercert(binary_form=True)
             assert der is not None  # connect_attested verified it
-            request = build(public_key_hash(x509.load_der_x509_certificate(der)))
+            instance = public_key_hash(x509.load_der_x509_certificate(der))
+            if self.instance is None:
+                self.instance = instance
+            elif instance != self.instance:
+                raise AttestationError(
+                    f"{self.host}:{self.port} is another coordinator instance "
+                    f"({instance.hex()[:16]}...) than the one this client attested first "
+                    f"({self.instance.hex()[:16]}...)")
+            request = build(instance)
             send_message(tls, request)
             response = recv_message(tls)
         if response.get("ok") is not True:
@@ -100,7 +117,7 @@ class CoordinatorClient:
         reply = self.call({"op": Op.STATUS.value})
         manifest = reply.get("manifest") or {}
         return CoordinatorStatus(
-            instance=str(reply["instance"]), owner=str(reply["owner"]),
+            instance=str(reply["instance"]), owner=str(reply["owner"]), ca_pem=str(reply["ca"]),
             manifest_digest=manifest.get("digest"), manifest_version=manifest.get("version"),
             topology=tuple(manifest.get("topology", ())))
 
@@ -142,4 +159,6 @@ class CoordinatorClient:
                 raise refusal(Code.MALFORMED, f"the coordinator's stage release is "
                               f"malformed: {err}") from err
         return Registration(key=key, certificate_pem=str(reply["certificate"]),
-                            ca_pem=str(reply["ca"]), manifest_digest=digest, stage=release)
+                            ca_pem=str(reply["ca"]), manifest_digest=digest,
+                            topology=tuple(reply["topology"]),
+                            max_batch_size=int(reply["max_batch_size"]), stage=release)

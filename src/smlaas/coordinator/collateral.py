@@ -57,8 +57,12 @@ def _by_fmspc(quote: bytes, documents: list[str]) -> dcap_qvl.QuoteCollateralV3:
     except QuoteFormatError as err:
         raise AttestationError(f"the quote carries no PCK certificate to choose collateral "
                                f"by: {err}") from err
-    fmspc = dcap_qvl.parse_pck_extension_from_pem(
-        pck.public_bytes(serialization.Encoding.PEM)).fmspc.hex().upper()
+    try:
+        fmspc = dcap_qvl.parse_pck_extension_from_pem(
+            pck.public_bytes(serialization.Encoding.PEM)).fmspc.hex().upper()
+    except ValueError as err:
+        raise AttestationError(f"the quote's PCK certificate has no readable SGX extension: "
+                               f"{err}") from err
     for number, document in enumerate(documents):
         collateral = load_collateral(document, source=f"collateral.documents[{number}]")
         if str(json.loads(collateral.tcb_info).get("fmspc", "")).upper() == fmspc:

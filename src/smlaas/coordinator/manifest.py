@@ -70,6 +70,9 @@ class Manifest:
     topology: tuple[str, ...]
     """Roles in pipeline order: gateway first, then stage-0, stage-1, ..."""
     stages: Mapping[int, StageCommitment] = field(default_factory=dict)
+    max_batch_size: int = 0
+    """The largest dynamic batch the gateway may form (0: none); seal checked, on the
+    plaintext, that the stages compute the same batched. The host may only lower it."""
     collateral: Mapping[str, Any] = field(default_factory=dict)
     """Where the coordinator gets collateral for registrants' quotes: ``{}`` (its own
     source: the simulation PCS for sim, its PCCS for gramine), ``{"pccs_url": URL}``, or
@@ -111,6 +114,10 @@ class Manifest:
             for name in ("key_commitment", "sha256"):
                 if not _HEX64.match(str(getattr(stage, name))):
                     problems.append(f"stage {index} {name} is not 64 lower-case hex digits")
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) \
+                or self.max_batch_size < 0:
+            problems.append(f"max_batch_size must be an integer >= 0, got "
+                            f"{self.max_batch_size!r}")
         problems += _collateral_problems(self.collateral)
         return problems
 
@@ -120,7 +127,7 @@ class Manifest:
                 "topology": list(self.topology),
                 "stages": {str(k): {"key_commitment": s.key_commitment, "sha256": s.sha256}
                            for k, s in sorted(self.stages.items())},
-                "collateral": dict(self.collateral)}
+                "max_batch_size": self.max_batch_size, "collateral": dict(self.collateral)}
 
     def to_json(self) -> str:
         """The canonical form: sorted keys, no whitespace."""
@@ -138,7 +145,7 @@ class Manifest:
             if not isinstance(data, dict):
                 raise TypeError("a manifest is a JSON object")
             unknown = sorted(set(data) - {"format", "version", "policy", "topology",
-                                          "stages", "collateral"})
+                                          "stages", "max_batch_size", "collateral"})
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}")
             if data.get("format") != FORMAT:
@@ -157,8 +164,8 @@ class Manifest:
                 raise TypeError("collateral must be an object")
             manifest = cls(version=data["version"], policy=data["policy"],
                            topology=tuple(data["topology"]), stages=stages,
-                           collateral=collateral)
-        except (ValueError, KeyError, TypeError) as err:
+                           max_batch_size=data.get("max_batch_size", 0), collateral=collateral)
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ConfigError(f"not a deployment manifest: {err}") from err
         problems = manifest.validate()
         if problems:

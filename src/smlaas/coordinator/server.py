@@ -3,10 +3,14 @@
 Connections are handled on an asyncio event loop (in a thread of its own, or the caller's):
 a TLS handshake or a slow peer costs no thread, and each connection has a deadline for the
 handshake and one for the whole exchange, so peers that open connections and trickle bytes
-cannot hold the coordinator. At most ``max_connections`` are open at once (more are closed
-at once). The work of a request (quote verification, signing) runs on a fixed pool of
-threads. Every request gets a reply: a frame that does not parse is refused as
-``malformed`` on its connection, never dropped.
+cannot hold the coordinator. At most ``max_connections`` are open at once, counted from
+accept (before the handshake); more are closed at once, before any TLS, and their peers retry.
+Requests are at most MAX_REQUEST_BYTES, so buffered requests stay under max_connections times
+that. The work of a request (quote verification, signing) runs on a fixed pool of threads.
+Every request that arrives gets a reply: a frame that does not parse is refused as
+``malformed`` on its connection, never dropped. The RA-TLS certificate (quote and collateral)
+is remade every IDENTITY_REFRESH_S, so that verifiers' collateral-age limits keep accepting
+a long-running coordinator.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from smlaas.coordinator.protocol import COORDINATOR_ROLE, Code
 from smlaas.coordinator.service import CoordinatorService
 from smlaas.coordinator.state import SealedStateStore
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.enclave.ratls import create_identity
+from smlaas.enclave.ratls import RaTlsIdentity, create_identity, load_identity
 from smlaas.enclave.verification import INTEL_ROOT
 from smlaas.transport.framing import (
     ProtocolError,
@@ -38,9 +42,11 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECTION_DEADLINE_S = 20.0
 WORKER_THREADS = 4
-MAX_CONNECTIONS = 256
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_CONNECTIONS = 64
+MAX_REQUEST_BYTES = 1024 * 1024
 """A manifest with collateral documents is the largest request (tens of KiB)."""
+IDENTITY_REFRESH_S = 6 * 3600.0
+"""The default policy accepts collateral up to 7 days old; fresh collateral is ~1 day old."""
 
 
 class CoordinatorServer:
@@ -58,9 +64,8 @@ class CoordinatorServer:
         self.service = CoordinatorService(
             SealedStateStore(state_path, backend.sealing_key("coordinator-state")), roots,
             backend=backend, owner_public_key=owner_public_key)
-        identity = create_identity(COORDINATOR_ROLE, backend.quote, backend.collateral_json(),
-                                   key=self.service.instance_key)
-        self._context = identity.server_context()
+        self._backend = backend
+        self._context = self._fresh_identity().server_context()
         self._listener = socket.create_server((host, port), backlog=128)
         bound_host, bound_port = self._listener.getsockname()[:2]
         self._address = (str(bound_host), int(bound_port))
@@ -77,6 +82,21 @@ class CoordinatorServer:
     def address(self) -> tuple[str, int]:
         return self._address
 
+    def _fresh_identity(self) -> RaTlsIdentity:
+        return create_identity(COORDINATOR_ROLE, self._backend.quote,
+                               self._backend.collateral_json(), key=self.service.instance_key)
+
+    async def _refresh_identity(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDENTITY_REFRESH_S)
+            try:
+                identity = await loop.run_in_executor(self._pool, self._fresh_identity)
+                load_identity(self._context, identity.cert_pem().decode(), identity.key)
+                logger.info("RA-TLS certificate renewed (fresh quote and collateral)")
+            except Exception:  # keep serving with the old one; the next round retries
+                logger.exception("could not renew the RA-TLS certificate")
+
     def start(self) -> CoordinatorServer:
         """Serves in a background thread; returns once it accepts connections."""
         self._thread = threading.Thread(target=self.serve_forever, daemon=True,
@@ -91,14 +111,14 @@ class CoordinatorServer:
 
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        server = await asyncio.start_server(self._handle, sock=self._listener,
-                                            ssl=self._context,
-                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        server = await asyncio.start_server(self._handle, sock=self._listener)
+        refresh = asyncio.create_task(self._refresh_identity())
         logger.info("coordinator listening on %s:%d", *self.address)
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
+            refresh.cancel()
             server.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -112,6 +132,8 @@ class CoordinatorServer:
         self._open += 1
         try:
             async with asyncio.timeout(CONNECTION_DEADLINE_S):
+                await writer.start_tls(self._context,
+                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
                 reply = await self._answer(reader)
                 writer.write(encode_frame(reply))
                 await writer.drain()

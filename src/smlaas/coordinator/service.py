@@ -6,7 +6,8 @@ the request held (:meth:`CoordinatorService.handle` never raises):
 
 - ``ca``            -> the deployment CA certificate
 - ``status``        -> this instance's id (SHA-256 of its RA-TLS key), the owner key's
-                       fingerprint, and the manifest's digest, version and topology (or null)
+                       fingerprint, the deployment CA, and the manifest's digest, version and
+                       topology (or null)
 - ``set_manifest``  -> {manifest, signature, stage_keys}: the owner's manifest, signed for this
                        instance by the owner key this coordinator was configured (and measured)
                        with; the stage keys must match the manifest's commitments. Replaces a
@@ -15,8 +16,9 @@ the request held (:meth:`CoordinatorService.handle` never raises):
 - ``register``      -> {role, nonce, quote, public_key, hosts}: verifies the quote against
                        collateral the coordinator obtains itself, the manifest's rules for the
                        role and the binding of role, key and nonce in report_data; issues a
-                       certificate naming the role in its role extension and, for a stage,
-                       releases its key HPKE-encrypted to the attested public key.
+                       certificate naming the role and the manifest digest in its extensions,
+                       the topology and the batching limit, and, for a stage, its key
+                       HPKE-encrypted to the attested public key.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -153,9 +156,10 @@ class CoordinatorService:
         return {"ok": False, "code": str(code), "error": message}
 
     def _status(self) -> dict[str, Any]:
-        manifest = self.state.manifest
-        return {"instance": self.state.instance_id.hex(), "owner": self._owner_fingerprint,
-                "manifest": None if manifest is None else {
+        state = self.state
+        manifest = state.manifest
+        return {"instance": state.instance_id.hex(), "owner": self._owner_fingerprint,
+                "ca": state.ca.cert_pem(), "manifest": None if manifest is None else {
                     "digest": manifest.digest(), "version": manifest.version,
                     "topology": list(manifest.topology)}}
 
@@ -181,15 +185,17 @@ class CoordinatorService:
                 raise refusal(Code.STALE_VERSION, f"this coordinator holds manifest version "
                               f"{held.version} ({held.digest()[:16]}); only a signed manifest "
                               f"with a higher version replaces it, got {manifest.version}")
-            self.state.manifest, self.state.manifest_signature = manifest, signature
-            self.state.stage_keys = keys
-            self._store.save(self.state)
+            updated = replace(self.state, manifest=manifest, manifest_signature=signature,
+                              stage_keys=keys)
+            self._store.save(updated)  # saved first: a failed save changes nothing
+            self.state = updated
         logger.info("%s set by the owner (%s)", manifest.describe(), self._owner_fingerprint)
         return {"digest": manifest.digest(), "version": manifest.version}
 
     # -- registration --------------------------------------------------------------------
     def _register(self, request: dict[str, Any]) -> dict[str, Any]:
-        manifest = self.state.manifest
+        state = self.state  # one snapshot: this manifest with its own keys
+        manifest = state.manifest
         if manifest is None:
             raise refusal(Code.NO_MANIFEST, "no manifest is set yet")
         role = request.get("role")
@@ -216,14 +222,16 @@ class CoordinatorService:
             raise AttestationError(f"quote of {role} does not verify: {verdict.error}")
         manifest.parsed_policy().check(verdict, role=role, expected_report_data=(
             registration_binding(role, public_der, nonce)))
-        certificate = self.state.ca.issue(role, public_key, hosts=hosts)
+        certificate = state.ca.issue(role, public_key, manifest_digest=manifest.digest(),
+                                     hosts=hosts)
         response: dict[str, Any] = {
             "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
-            "ca": self.state.ca.cert_pem(), "manifest_digest": manifest.digest(),
+            "ca": state.ca.cert_pem(), "manifest_digest": manifest.digest(),
+            "topology": list(manifest.topology), "max_batch_size": manifest.max_batch_size,
             "simulated": verdict.simulated}
         if role != GATEWAY_ROLE:
             index = stage_index(role)
-            sealed_key = seal_stage_key(self.state.stage_keys[index], public_key, role=role,
+            sealed_key = seal_stage_key(state.stage_keys[index], public_key, role=role,
                                         manifest_digest=manifest.digest(), nonce=nonce)
             response["stage"] = {"index": index, "sha256": manifest.stages[index].sha256,
                                  "sealed_key": base64.b64encode(sealed_key).decode()}

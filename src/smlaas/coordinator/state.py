@@ -28,8 +28,11 @@ from smlaas.private_files import write_private
 _STATE_STAGE = 0  # the sealed-file header's stage field; the state is one object
 
 
-@dataclass
+@dataclass(frozen=True)
 class CoordinatorState:
+    """One immutable snapshot: a new manifest makes a new state, saved before it is used, so
+    a request never sees one manifest with another's keys."""
+
     ca: DeploymentCA
     instance_key: ec.EllipticCurvePrivateKey
     manifest: Manifest | None = None

@@ -164,12 +164,13 @@ class Deployment:
         self.measurements = {spec.role: self._measurement(spec) for spec in roles}
         self.measurements[COORDINATOR_ROLE] = coordinator_mr
         self.manifest = self._set_manifest(client)
-        self.ca_path.write_text(client.deployment_ca())
+        self.ca_path.write_text(client.status().ca_pem)  # the same, pinned instance
         for spec in roles:
             self.launcher.start(ProcessSpec(spec.role, spec.to_argv()))
         self.progress(f"{self.stage_count} stage worker(s) and the gateway starting")
         self.url = f"https://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
         self.wait_ready(s.ready_timeout_s)
+        self._check_gateway()
         self.ready_s = time.monotonic() - started
         self.progress(f"ready: {self.url} (CA {self.ca_path})")
 
@@ -198,9 +199,26 @@ class Deployment:
     def stop(self) -> None:
         self.launcher.stop()
 
+    def _check_gateway(self) -> None:
+        """The gateway that answers is the one this deployment pinned, admitted under this
+        manifest (not a gateway of another coordinator the host routed us to)."""
+        from smlaas.client import InferenceClient
+
+        assert self.manifest is not None  # set by start()
+        with InferenceClient(self.url, ca=self.ca_path) as client:
+            try:
+                client.attest(self.role_policy(GATEWAY_ROLE), self.trusted_roots,
+                              manifest_digest=self.manifest.digest())
+            except AttestationError as err:
+                raise DeployError(f"the gateway at {self.url} failed attestation: {err}") \
+                    from err
+        self.progress(f"gateway attested under {self.manifest.describe()}")
+
     # -- the steps -----------------------------------------------------------------------
     def _check_sealed_dir(self) -> None:
-        plaintext = plaintext_stages(self.sealed_dir)
+        plaintext = plaintext_stages(self.sealed_dir) + (
+            plaintext_stages(self.settings.build_dir)
+            if Path(self.settings.build_dir).resolve() != self.sealed_dir.resolve() else [])
         if plaintext:
             names = ", ".join(p.name for p in plaintext)
             if not self.simulated:
@@ -259,7 +277,7 @@ class Deployment:
             version=version, policy=policy, topology=tuple(roles),
             stages={k: StageCommitment(key_commitment(k, key), self.keys.stage_sha256[k])
                     for k, key in self.keys.stage_keys.items()},
-            collateral=dict(self.settings.collateral))
+            max_batch_size=self.max_batch_size, collateral=dict(self.settings.collateral))
 
     def _set_manifest(self, client: CoordinatorClient) -> Manifest:
         status = client.status()

@@ -104,6 +104,7 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
     except QuoteFormatError as err:
         raise _Failed(str(err)) from err
     _check_chain(pck_chain, at, root, "PCK")
+    _check_pck_structure(pck_chain)
     _check_chain(pcs.signing_chain, at, root, "TCB signing")
     _check_tcb_signer(pcs.signing_chain, root)
     signer = pcs.signing_chain[0].public_key()
@@ -164,6 +165,29 @@ def _check_chain(chain: list[x509.Certificate], at: dt.datetime, root: TrustedRo
             cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature) as err:
             raise _Failed(f"{label} certificate {name} is not signed by its issuer") from err
+
+
+def _check_pck_structure(chain: list[x509.Certificate]) -> None:
+    """PCK certificate -> PCK Platform/Processor CA -> root: exactly three, only the top two
+    CAs that may sign certificates, and a leaf that is an end entity with the SGX extension
+    (so one platform's PCK key cannot mint PCK certificates for others)."""
+    if len(chain) != 3:
+        raise _Failed(f"the PCK chain has {len(chain)} certificates; expected the PCK "
+                      f"certificate, its PCK CA and the root")
+    for position, cert in enumerate(chain):
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound as err:
+            raise _Failed(f"PCK chain certificate {cert.subject.rfc4514_string()} lacks "
+                          f"{err}") from err
+        is_leaf = position == 0
+        if constraints.ca == is_leaf or usage.key_cert_sign == is_leaf:
+            raise _Failed(f"PCK chain certificate {cert.subject.rfc4514_string()} is "
+                          f"{'a CA' if is_leaf else 'not a CA'} where the chain needs "
+                          f"{'an end entity' if is_leaf else 'a CA'}")
+    if not any(ext.oid.dotted_string == SGX_EXTENSION_OID for ext in chain[0].extensions):
+        raise _Failed("the PCK certificate carries no SGX extension")
 
 
 def _check_tcb_signer(chain: list[x509.Certificate], root: TrustedRoot) -> None:

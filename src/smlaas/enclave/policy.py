@@ -240,6 +240,9 @@ class _Reader:
         return value
 
     def positive_number(self, key: str, default: float | None) -> float | None:
+        if key in self.data and self.data[key] is None:  # null must not switch a limit off
+            self._bad(key, "a positive number (leave it out for the default)", None)
+            return default
         value = self.data.get(key, default)
         if value is None:
             return None

@@ -122,9 +122,14 @@ def verify_certificate(der: bytes, policy: Policy, *, roots: list[TrustedRoot],
                                f"({err}); it is not an RA-TLS certificate") from err
     assert isinstance(quote, x509.UnrecognizedExtension)
     assert isinstance(collateral, x509.UnrecognizedExtension)
+    at = at or dt.datetime.now(dt.UTC)
+    if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
+        raise AttestationError(f"the peer's RA-TLS certificate is not valid at {at.isoformat()} "
+                               f"(valid {certificate.not_valid_before_utc.isoformat()} to "
+                               f"{certificate.not_valid_after_utc.isoformat()})")
     raw = quote.value
     verdict = verify_quote(raw, load_collateral(collateral.value.decode(), source="RA-TLS cert"),
-                           at=at or dt.datetime.now(dt.UTC), root=select_root(raw, roots))
+                           at=at, root=select_root(raw, roots))
     if not verdict.verified:
         raise AttestationError(f"the peer's quote does not verify: {verdict.error}")
     policy.check(verdict, role=role, expected_report_data=public_key_hash(certificate))

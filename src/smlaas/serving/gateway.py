@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,9 @@ class GatewaySettings:
     """Batches in the pipeline at once (at least the number of stages keeps each busy)."""
     request_timeout_s: float = 30.0
     max_body_bytes: int = 64 * 1024 * 1024
+    stage_count: int | None = None
+    """The manifest's number of stages: ready only when a probe passed through all of them
+    (a host that cut the chain short gets "not ready", not wrong answers)."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,10 @@ class Unavailable(SmlaasError):
 class Pipeline:
     """The gateway's view of the stages: one multiplexed link to stage 0."""
 
-    def __init__(self, link: Link, *, timeout_s: float) -> None:
+    def __init__(self, link: Link, *, timeout_s: float, stage_count: int | None = None) -> None:
         self.link = link
         self.timeout_s = timeout_s
+        self.stage_count = stage_count
         self.specs: ModelSpecs | None = None
         self._ready_at = 0.0
 
@@ -99,6 +103,10 @@ class Pipeline:
                                              "deadline": deadline_in(PROBE_TIMEOUT_S)})
         if "error" in reply.meta:
             return str(reply.meta["error"])
+        stages = reply.meta.get("stages")
+        if self.stage_count is not None and stages != list(range(self.stage_count)):
+            return (f"the pipeline answered through stages {stages}, the manifest has "
+                    f"{self.stage_count}")
         if self.specs is None:
             self.specs = ModelSpecs(
                 [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
@@ -115,10 +123,13 @@ class Pipeline:
 
 
 def create_app(settings: GatewaySettings, link: Link, *,
-               evidence: dict[str, Any] | None = None) -> FastAPI:
+               evidence: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
+    """``evidence`` returns the gateway's current attestation evidence (it may block: it is
+    called off the event loop)."""
     name = settings.model_name
     metrics = GatewayMetrics()
-    pipeline = Pipeline(link, timeout_s=settings.request_timeout_s)
+    pipeline = Pipeline(link, timeout_s=settings.request_timeout_s,
+                        stage_count=settings.stage_count)
     batcher = DynamicBatcher(pipeline.run, max_batch_size=settings.max_batch_size,
                              max_queue_delay_us=settings.max_queue_delay_us,
                              max_inflight=settings.max_inflight,
@@ -252,7 +263,7 @@ def create_app(settings: GatewaySettings, link: Link, *,
     async def attestation() -> JSONResponse:
         if evidence is None:
             return error(404, "this gateway has no attestation evidence")
-        return JSONResponse(evidence)
+        return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, evidence))
 
     return app
 

@@ -10,6 +10,9 @@ import logging
 import os
 import socket
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
 WILDCARDS = {"0.0.0.0", "::", ""}
+# The default policy accepts collateral up to 7 days old; sim and PCCS collateral is about a
+# day old when fetched.
+EVIDENCE_REFRESH_S = 6 * 3600.0
 
 
 def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -36,14 +42,33 @@ def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def attestation_evidence(backend: EnclaveBackend, key: ec.EllipticCurvePrivateKey,
-                         certificate_pem: str, ca_pem: str) -> dict[str, Any]:
-    """The gateway's quote, whose report_data is SHA-256 of its HTTPS key (SPKI DER)."""
+                         certificate_pem: str, ca_pem: str, manifest_digest: str
+                         ) -> dict[str, Any]:
+    """The gateway's quote, whose report_data is SHA-256 of its HTTPS key (SPKI DER); the
+    certificate carries the manifest digest it was admitted under."""
     report_data = spki_sha256(key.public_key())
     return {"role": GATEWAY_ROLE, "simulated": backend.simulated,
             "quote": base64.b64encode(backend.quote(report_data)).decode(),
             "collateral": backend.collateral_json(), "certificate": certificate_pem,
-            "ca": ca_pem, "report_data": report_data.hex(),
+            "ca": ca_pem, "manifest_digest": manifest_digest, "report_data": report_data.hex(),
             "binding": "report_data = SHA-256(SubjectPublicKeyInfo DER of the certificate)"}
+
+
+class GatewayEvidence:
+    """The current evidence, remade once it is EVIDENCE_REFRESH_S old, so that the
+    collateral in it stays within what clients' policies accept (max_collateral_age_days)."""
+
+    def __init__(self, make: Callable[[], dict[str, Any]], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._make, self._clock = make, clock
+        self._lock = threading.Lock()
+        self._evidence, self._made = make(), clock()
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            if self._clock() - self._made >= EVIDENCE_REFRESH_S:
+                self._evidence, self._made = self._make(), self._clock()
+            return self._evidence
 
 
 def certificate_hosts(listen_host: str) -> list[str]:
@@ -65,13 +90,20 @@ def run_gateway(spec: GatewaySpec) -> None:
                          coordinator_mrenclave=spec.coordinator_mrenclave,
                          hosts=certificate_hosts(listen[0]))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
-    link = Link(stage_role(0), *spec.first_stage, client_context(*identity))
-    settings = GatewaySettings(model_name=spec.model_name, max_batch_size=spec.max_batch_size,
-                               max_queue_delay_us=spec.max_queue_delay_us,
-                               max_inflight=spec.max_inflight,
-                               request_timeout_s=spec.request_timeout_s)
-    app = create_app(settings, link, evidence=attestation_evidence(
-        enclave, registration.key, registration.certificate_pem, registration.ca_pem))
+    link = Link(stage_role(0), *spec.first_stage, client_context(*identity),
+                manifest_digest=registration.manifest_digest)
+    max_batch = min(spec.max_batch_size, registration.max_batch_size)
+    if max_batch < spec.max_batch_size:
+        logger.warning("--max-batch-size %d lowered to the manifest's %d", spec.max_batch_size,
+                       max_batch)
+    settings = GatewaySettings(
+        model_name=spec.model_name, max_batch_size=max_batch,
+        max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
+        request_timeout_s=spec.request_timeout_s,
+        stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
+    app = create_app(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
+        enclave, registration.key, registration.certificate_pem, registration.ca_pem,
+        registration.manifest_digest)))
     # uvicorn reads the key from a file: write it to a private directory, load the TLS
     # context, remove it (inside an enclave this directory is Gramine's in-memory tmpfs).
     with tempfile.TemporaryDirectory(prefix="smlaas-gateway-") as private:

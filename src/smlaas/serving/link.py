@@ -1,10 +1,10 @@
 """A persistent mutual-TLS connection to the next role, carrying many requests at once.
 
-The server must present a deployment certificate for the role dialled (checked from the CA's
-role field before any request is written). Requests are written as they come (pipelining);
-replies are matched by request id. If the connection fails, every request waiting on it gets
-an ``unavailable`` reply at once, and the next request dials again (the peer may have been
-restarted). Every wait has a deadline.
+The server must present a deployment certificate for the role dialled, issued under the same
+manifest (checked from the CA's fields before any request is written). Requests are written as
+they come (pipelining); replies are matched by request id. If the connection fails, every
+request waiting on it gets an ``unavailable`` reply at once, and the next request dials again
+(the peer may have been restarted). Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from smlaas.serving.protocol import Status, error_reply, remaining_s
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import STREAM_LIMIT, read_message, write_message
 from smlaas.transport.tensors import TensorMessage
-from smlaas.transport.tls import require_peer_role
+from smlaas.transport.tls import require_peer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,8 +35,10 @@ DEFAULT_TIMEOUT_S = 60.0
 class Link:
     """Client side of a connection to ``role`` at ``host:port`` (used from one event loop)."""
 
-    def __init__(self, role: str, host: str, port: int, context: ssl.SSLContext) -> None:
+    def __init__(self, role: str, host: str, port: int, context: ssl.SSLContext, *,
+                 manifest_digest: str) -> None:
         self.role, self.host, self.port = role, host, port
+        self.manifest_digest = manifest_digest
         self._context = context
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -87,8 +89,9 @@ class Link:
             reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self._context, server_hostname=self.role,
                 limit=STREAM_LIMIT)
-            try:  # the server must be the role we dial, by the CA's role field
-                require_peer_role(writer.get_extra_info("ssl_object"), self.role)
+            try:  # the server must be the role we dial, admitted under our manifest
+                require_peer(writer.get_extra_info("ssl_object"), self.role,
+                             self.manifest_digest)
             except AttestationError:
                 writer.close()
                 raise

@@ -25,9 +25,9 @@ import onnx
 from onnx import helper
 
 from smlaas.coordinator.client import StageRelease
-from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
 from smlaas.deploy.roles import StageSpec
-from smlaas.errors import AttestationError, ProfileError
+from smlaas.errors import AttestationError, ConfigError, ProfileError
 from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
@@ -37,7 +37,7 @@ from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, e
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import STREAM_LIMIT, read_message, write_reply
 from smlaas.transport.tensors import TensorMessage
-from smlaas.transport.tls import client_context, peer_role, server_context
+from smlaas.transport.tls import client_context, require_peer, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ def tensor_specs(values: Any) -> list[dict[str, Any]]:
 
 class StageWorker:
     def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
-                 server_context: ssl.SSLContext, upstream_role: str,
+                 server_context: ssl.SSLContext, upstream_role: str, manifest_digest: str,
                  next_link: Link | None, queue_size: int = 4) -> None:
         self.index, self.runner = index, runner
-        self.upstream_role = upstream_role
+        self.upstream_role, self.manifest_digest = upstream_role, manifest_digest
         self._server_context = server_context
         self._next = next_link
         self._inputs, self._outputs = tensor_specs(model.graph.input), \
@@ -96,10 +96,11 @@ class StageWorker:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
-        role = peer_role(ssl_object) if ssl_object is not None else None
-        if role != self.upstream_role:
-            logger.warning("stage %d refused a connection from %s (expected %s)", self.index,
-                           role, self.upstream_role)
+        role = self.upstream_role
+        try:
+            require_peer(ssl_object, self.upstream_role, self.manifest_digest)
+        except AttestationError as err:
+            logger.warning("stage %d refused a connection: %s", self.index, err)
             writer.close()
             return
         upstream = _Upstream(writer)
@@ -186,6 +187,18 @@ class _Upstream:
                 await asyncio.wait_for(self._writer.drain(), 30.0)
 
 
+def check_place_in_topology(spec: StageSpec, topology: tuple[str, ...]) -> None:
+    """The last stage of the manifest answers; every other one forwards. A host that drops or
+    adds ``--next`` (to serve a truncated chain's intermediate tensors as outputs) is
+    refused."""
+    last = max(stage_index(role) for role in topology if role != GATEWAY_ROLE)
+    if (spec.next_stage is None) != (spec.index == last):
+        raise ConfigError(f"{spec.role} of a {last + 1}-stage manifest "
+                          + ("must forward to the next stage (--next is missing)"
+                             if spec.next_stage is None else
+                             "is the last stage; it cannot have a --next"))
+
+
 def run_worker(spec: StageSpec) -> None:
     """The ``smlaas worker`` process: enrol, unseal, serve until SIGTERM or SIGINT."""
     index, role = spec.index, spec.role
@@ -195,6 +208,7 @@ def run_worker(spec: StageSpec) -> None:
     release = registration.stage
     if release is None or release.index != index:
         raise AttestationError(f"the coordinator released no key for {role}")
+    check_place_in_topology(spec, registration.topology)
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     next_address = spec.next_stage
@@ -205,10 +219,12 @@ def run_worker(spec: StageSpec) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         next_link = None if next_address is None else Link(
-            stage_role(index + 1), *next_address, client_context(*identity))
+            stage_role(index + 1), *next_address, client_context(*identity),
+            manifest_digest=registration.manifest_digest)
         worker = StageWorker(index=index, runner=runner, model=model,
                              server_context=server_context(*identity),
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
+                             manifest_digest=registration.manifest_digest,
                              next_link=next_link, queue_size=spec.queue_size)
         await worker.serve(*spec.listen, stop=stop)
 

@@ -1,10 +1,11 @@
 """Mutual TLS 1.3 between pipeline roles, under the deployment CA.
 
 A role certificate names its role in one place, a dedicated extension (:data:`ROLE_OID`)
-that only the coordinator's CA writes, from the manifest. Both ends of every link check the
-peer the same way: the certificate must chain to the deployment CA (the TLS handshake), and
-:func:`peer_role` of it must be the role expected (:func:`require_peer_role`), before any
-application byte is sent. Host names (subject alternative names) play no part between roles.
+that only the coordinator's CA writes, from the manifest, and the digest of that manifest
+(:data:`MANIFEST_OID`). Both ends of every link check the peer the same way: the certificate
+must chain to the deployment CA (the TLS handshake), be for the role expected and issued under
+the same manifest as their own (:func:`require_peer`), before any application byte is sent.
+Host names (subject alternative names) play no part between roles.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.enclave.ratls import load_identity
 from smlaas.errors import AttestationError
 
-# A UUID-based OID (ITU-T X.667, arc 2.25): the smlaas role of a deployment certificate.
+# UUID-based OIDs (ITU-T X.667, arc 2.25): the smlaas role of a deployment certificate, and the
+# digest of the manifest under which the coordinator issued it.
 ROLE_OID = x509.ObjectIdentifier("2.25.97464431924611431185380425069414512145")
+MANIFEST_OID = x509.ObjectIdentifier("2.25.232581419516432637390398829104785626133")
 
 
 def server_context(certificate_pem: str, key: ec.EllipticCurvePrivateKey,
@@ -45,10 +48,9 @@ def client_context(certificate_pem: str, key: ec.EllipticCurvePrivateKey,
     return context
 
 
-def certificate_role(certificate: x509.Certificate) -> str | None:
-    """The role a deployment certificate names (its ROLE_OID extension), if any."""
+def _text_extension(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
     try:
-        extension = certificate.extensions.get_extension_for_oid(ROLE_OID).value
+        extension = certificate.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound:
         return None
     if not isinstance(extension, x509.UnrecognizedExtension):
@@ -59,17 +61,38 @@ def certificate_role(certificate: x509.Certificate) -> str | None:
         return None
 
 
+def certificate_role(certificate: x509.Certificate) -> str | None:
+    """The role a deployment certificate names (its ROLE_OID extension), if any."""
+    return _text_extension(certificate, ROLE_OID)
+
+
+def certificate_manifest(certificate: x509.Certificate) -> str | None:
+    """The manifest digest a deployment certificate was issued under, if any."""
+    return _text_extension(certificate, MANIFEST_OID)
+
+
+def _peer_certificate(tls: ssl.SSLSocket | ssl.SSLObject) -> x509.Certificate | None:
+    der = tls.getpeercert(binary_form=True)
+    return None if der is None else x509.load_der_x509_certificate(der)
+
+
 def peer_role(tls: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     """The role named by the verified peer certificate."""
-    der = tls.getpeercert(binary_form=True)
-    if der is None:
-        return None
-    return certificate_role(x509.load_der_x509_certificate(der))
+    certificate = _peer_certificate(tls)
+    return None if certificate is None else certificate_role(certificate)
 
 
-def require_peer_role(tls: ssl.SSLSocket | ssl.SSLObject, expected: str) -> None:
-    """AttestationError unless the peer's certificate is for role ``expected``."""
-    role = peer_role(tls)
-    if role != expected:
-        raise AttestationError(f"the peer's certificate is for role {role!r}, expected "
-                               f"{expected!r}")
+def require_peer(tls: ssl.SSLSocket | ssl.SSLObject, role: str, manifest_digest: str) -> None:
+    """AttestationError unless the peer's certificate is for ``role`` under the manifest
+    ``manifest_digest`` (roles registered under another manifest never link up)."""
+    certificate = _peer_certificate(tls)
+    found = None if certificate is None else certificate_role(certificate)
+    if found != role:
+        raise AttestationError(f"the peer's certificate is for role {found!r}, expected "
+                               f"{role!r}")
+    digest = certificate_manifest(certificate) if certificate is not None else None
+    if digest != manifest_digest:
+        raise AttestationError(f"the peer ({role}) was admitted under manifest "
+                               f"{str(digest)[:16]}..., this role under "
+                               f"{manifest_digest[:16]}... (restart it under the current "
+                               f"manifest)")

@@ -107,7 +107,8 @@ def render_manifest(*, role: str, argv: list[str], enclave_size_mib: int,
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     purelib = Path(sysconfig.get_paths()["purelib"]).resolve()
     prefix = Path(sys.prefix).resolve()
-    argv_toml = ", ".join(_toml_string(a) for a in ["python3", "-m", "smlaas", *argv])
+    # -I: isolated mode, so neither the working directory nor PYTHON* variables reach sys.path
+    argv_toml = ", ".join(_toml_string(a) for a in ["python3", "-I", "-m", "smlaas", *argv])
     env_lines = [f"loader.env.{name} = {_toml_string(value)}"
                  for name, value in {**(fixed_env or {}), "SMLAAS_ROLE": role}.items()]
     env_lines += [f"loader.env.{name} = {{ passthrough = true }}"
@@ -148,6 +149,8 @@ sgx.trusted_files = [
   "file:{python}",
   "file:{stdlib}/",
   "file:{purelib}/",
+  "file:/lib/x86_64-linux-gnu/",
+  "file:/usr/lib/x86_64-linux-gnu/",
 ]
 sgx.allowed_files = [
 {allowed}]
