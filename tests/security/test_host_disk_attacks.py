@@ -109,14 +109,3 @@ def test_seal_and_owner_init_make_a_world_readable_keyfile_private(tmp_path: Pat
     assert refused.returncode == 2 and "never overwritten" in refused.stderr
     assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == sorted(
         ["plan.json", *(p.name for p in sealed_directory(build).glob("stage_*.sealed"))])
-
-
-def with_port_closed(port: int) -> None:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return
-    raise AssertionError(f"the refused worker listens on {port}")
-

@@ -167,6 +167,20 @@ def _check_chain(chain: list[x509.Certificate], at: dt.datetime, root: TrustedRo
             raise _Failed(f"{label} certificate {name} is not signed by its issuer") from err
 
 
+def _constraints(cert: x509.Certificate, label: str
+                 ) -> tuple[x509.BasicConstraints, x509.KeyUsage]:
+    try:
+        return (cert.extensions.get_extension_for_class(x509.BasicConstraints).value,
+                cert.extensions.get_extension_for_class(x509.KeyUsage).value)
+    except x509.ExtensionNotFound as err:
+        raise _Failed(f"{label} certificate {cert.subject.rfc4514_string()} lacks an "
+                      f"extension it must have: {err}") from err
+
+
+def _has_sgx_extension(cert: x509.Certificate) -> bool:
+    return any(ext.oid.dotted_string == SGX_EXTENSION_OID for ext in cert.extensions)
+
+
 def _check_pck_structure(chain: list[x509.Certificate]) -> None:
     """PCK certificate -> PCK Platform/Processor CA -> root: exactly three, only the top two
     CAs that may sign certificates, and a leaf that is an end entity with the SGX extension
@@ -175,18 +189,13 @@ def _check_pck_structure(chain: list[x509.Certificate]) -> None:
         raise _Failed(f"the PCK chain has {len(chain)} certificates; expected the PCK "
                       f"certificate, its PCK CA and the root")
     for position, cert in enumerate(chain):
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound as err:
-            raise _Failed(f"PCK chain certificate {cert.subject.rfc4514_string()} lacks "
-                          f"{err}") from err
+        constraints, usage = _constraints(cert, "PCK chain")
         is_leaf = position == 0
         if constraints.ca == is_leaf or usage.key_cert_sign == is_leaf:
             raise _Failed(f"PCK chain certificate {cert.subject.rfc4514_string()} is "
                           f"{'a CA' if is_leaf else 'not a CA'} where the chain needs "
                           f"{'an end entity' if is_leaf else 'a CA'}")
-    if not any(ext.oid.dotted_string == SGX_EXTENSION_OID for ext in chain[0].extensions):
+    if not _has_sgx_extension(chain[0]):
         raise _Failed("the PCK certificate carries no SGX extension")
 
 
@@ -200,16 +209,11 @@ def _check_tcb_signer(chain: list[x509.Certificate], root: TrustedRoot) -> None:
     name = str(names[0].value) if names else signer.subject.rfc4514_string()
     if name != root.tcb_signer:
         raise _Failed(f"TCB info is signed by {name!r}, not by {root.tcb_signer!r}")
-    try:
-        constraints = signer.extensions.get_extension_for_class(x509.BasicConstraints).value
-        usage = signer.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound as err:
-        raise _Failed(f"the TCB signing certificate lacks an extension it must have: "
-                      f"{err}") from err
+    constraints, usage = _constraints(signer, "TCB signing")
     if constraints.ca or not usage.digital_signature or usage.key_cert_sign:
         raise _Failed("the TCB signing certificate is not a signing-only end-entity "
                       "certificate (basic constraints / key usage)")
-    if any(ext.oid.dotted_string == SGX_EXTENSION_OID for ext in signer.extensions):
+    if _has_sgx_extension(signer):
         raise _Failed("the TCB signing certificate is a PCK certificate (it carries SGX "
                       "platform extensions)")
 
