@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smlaas.client.inference import decode_infer_response
 from smlaas.serving.protocol import TensorSpec
 from smlaas.serving.v2 import (
+    HEADER_ALLOWANCE_BYTES,
     BadRequest,
     InferRequest,
+    RequestLimits,
+    check_json_bounds,
     encode_infer_response,
     parse_infer_request,
 )
@@ -130,3 +136,53 @@ def test_gateway_certificate_names_the_listen_address_and_this_host() -> None:
     assert certificate_hosts("10.1.2.3") == ["10.1.2.3", "127.0.0.1", "localhost"]
     wildcard = certificate_hosts("0.0.0.0")
     assert "0.0.0.0" not in wildcard and socket.gethostname() in wildcard
+
+
+def _json_request(**x_changes: object) -> bytes:
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 3, 4], "data": X.ravel().tolist()}
+    x.update(x_changes)
+    ids = {"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": [3, 4]}
+    return json.dumps({"inputs": [x, ids]}).encode()
+
+
+@pytest.mark.parametrize("body", [
+    _json_request(shape=[2**32, 2**32, 1, 1]),
+    _json_request(shape=[2**63, 1, 1]),
+    _json_request(shape=[True, 3, 4]),
+    _json_request(name=["x"]),
+    _json_request(name={"x": 1}),
+    _json_request(datatype=["FP32"]),
+    _json_request(parameters=[1, 2]),
+    _json_request(parameters={"binary_data_size": True}),
+    _json_request(data=[10**400] * 12),
+    b'{"inputs": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+    b'{"inputs": []' + b",[]" * 50_000 + b"}",
+    json.dumps({"inputs": [], "parameters": []}).encode(),
+    json.dumps({"inputs": [], "id": 7}).encode(),
+    json.dumps({"inputs": [], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}
+               ).encode(),
+    b"\xff\xfe",
+])
+def test_malformed_requests_are_bad_requests(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse(body, None)
+
+
+def test_limits_follow_the_model() -> None:
+    limits = RequestLimits.for_model(INPUTS, max_batch_size=8)
+    assert limits.max_elements == 8 * 12 + 8 * 2
+    assert limits.max_body_bytes == HEADER_ALLOWANCE_BYTES + limits.max_elements * 32
+    with pytest.raises(BadRequest, match="nests deeper"):
+        check_json_bounds(b"[" * 65 + b"]" * 65, limits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["inputs", "name", "datatype", "shape", "data", "parameters",
+                         "outputs", "id", "binary_data_size", "x", "ids"]), inner, max_size=5),
+    max_leaves=25).map(lambda value: json.dumps(value).encode()))
+def test_any_bytes_parse_or_are_a_bad_request(body: bytes) -> None:
+    with contextlib.suppress(BadRequest):
+        parse(body, None, max_batch_size=4)

@@ -10,6 +10,8 @@ size in ``parameters.binary_data_size``. Outputs are returned in binary when the
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +28,59 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
 
 
+# What a request may hold beyond its tensors (JSON header, names, parameters), and what one
+# number may take in JSON ("-1.2345678901234567e-308," is 25 bytes).
+HEADER_ALLOWANCE_BYTES = 64 * 1024
+JSON_BYTES_PER_VALUE = 32
+STRUCTURE_ALLOWANCE = 4096
+"""JSON values and containers besides the tensors' elements (inputs, shapes, parameters)."""
+MAX_JSON_DEPTH = 64
+DYNAMIC_DIM_CAP = 8192
+"""What a symbolic dimension other than the batch one may reach, for the body limit."""
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
 class BadRequest(InputError):
     """An inference request the gateway answers with HTTP 400."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds that follow from the model: its inputs at the largest batch it serves. A body
+    past them is refused before it is read, and a JSON header that could expand past them is
+    refused before it is parsed (:func:`check_json_bounds`)."""
+
+    max_elements: int
+    max_body_bytes: int
+
+    @classmethod
+    def for_model(cls, inputs: list[TensorSpec], *, max_batch_size: int) -> RequestLimits:
+        rows = max(1, max_batch_size)
+        elements = itemsize = 0
+        for spec in inputs:
+            dims = [rows if axis == 0 and max_batch_size > 0 else
+                    DYNAMIC_DIM_CAP if d is None else d for axis, d in enumerate(spec.shape)]
+            elements += math.prod(dims)
+            itemsize = max(itemsize, np.dtype(spec.dtype).itemsize)
+        per_value = max(itemsize, JSON_BYTES_PER_VALUE)
+        return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
+
+
+def check_json_bounds(text: bytes, limits: RequestLimits) -> None:
+    """BadRequest unless ``text`` is within what the model can take: values and containers
+    (counted from the bytes, before any parsing) and nesting depth."""
+    allowed = limits.max_elements + STRUCTURE_ALLOWANCE
+    if text.count(b",") > allowed:
+        raise BadRequest(f"the JSON holds more values than the model's inputs can ({allowed})")
+    containers = text.count(b"[") + text.count(b"{")
+    if containers > allowed:
+        raise BadRequest(f"the JSON holds {containers} arrays or objects, more than the "
+                         f"model's inputs can ({allowed})")
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
 
 
 @dataclass
@@ -56,17 +109,37 @@ def public_shape(spec: TensorSpec, batching: bool) -> list[int]:
 
 
 def parse_infer_request(body: bytes, header_length: str | None, inputs: list[TensorSpec],
-                        outputs: list[TensorSpec], *, max_batch_size: int) -> InferRequest:
+                        outputs: list[TensorSpec], *, max_batch_size: int,
+                        limits: RequestLimits | None = None) -> InferRequest:
     """Decodes and checks a request against the model's inputs; BadRequest names what is
     wrong (malformed JSON or binary header, unknown/missing/duplicate tensor, datatype, shape,
-    byte count, batch size)."""
+    byte count, batch size, or a request larger than the model can take). Never raises
+    anything else for any input."""
+    limits = limits or RequestLimits.for_model(inputs, max_batch_size=max_batch_size)
+    try:
+        return _parse(body, header_length, inputs, outputs, max_batch_size, limits)
+    except BadRequest:
+        raise
+    except (RecursionError, OverflowError, MemoryError, ValueError, TypeError) as err:
+        raise BadRequest(f"the request cannot be decoded: {type(err).__name__}: "
+                         f"{str(err)[:200]}") from err
+
+
+def _parse(body: bytes, header_length: str | None, inputs: list[TensorSpec],
+           outputs: list[TensorSpec], max_batch_size: int,
+           limits: RequestLimits) -> InferRequest:
     json_part, binary = _split_body(body, header_length)
+    check_json_bounds(json_part, limits)
     try:
         request = json.loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from err
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest("request must be a JSON object with an 'inputs' list")
+    parameters = _parameters(request, "the request")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"'id' must be a string, got {type(request_id).__name__}")
     specs = {s.name: s for s in inputs}
     tensors: dict[str, np.ndarray] = {}
     offset = 0
@@ -74,12 +147,13 @@ def parse_infer_request(body: bytes, header_length: str | None, inputs: list[Ten
         if not isinstance(item, dict):
             raise BadRequest("each input must be a JSON object")
         name = item.get("name")
-        if name not in specs:
-            raise BadRequest(f"unknown input {name!r}; the model's inputs are "
+        if not isinstance(name, str) or name not in specs:
+            raise BadRequest(f"unknown input {_shown(name)}; the model's inputs are "
                              f"{sorted(specs)}")
         if name in tensors:
             raise BadRequest(f"input {name!r} is given twice")
-        tensors[name], offset = _decode_input(item, specs[name], binary, offset)
+        tensors[name], offset = _decode_input(item, specs[name], binary, offset,
+                                              limits.max_elements, max_batch_size)
     if offset != len(binary):
         raise BadRequest(f"the request carries {len(binary)} bytes of binary data but its "
                          f"inputs declare {offset}")
@@ -88,10 +162,33 @@ def parse_infer_request(body: bytes, header_length: str | None, inputs: list[Ten
         raise BadRequest(f"missing input(s) {missing}")
     batch = _check_shapes(tensors, specs, max_batch_size)
     requested, binary_flags = _requested_outputs(request, {s.name for s in outputs})
-    parameters = request.get("parameters") or {}
-    return InferRequest(id=None if request.get("id") is None else str(request["id"]),
-                        inputs=tensors, batch=batch, outputs=requested, binary=binary_flags,
-                        binary_default=bool(parameters.get("binary_data_output", False)))
+    return InferRequest(id=request_id, inputs=tensors, batch=batch, outputs=requested,
+                        binary=binary_flags,
+                        binary_default=_flag(parameters, "binary_data_output", "the request"))
+
+
+def _shown(value: Any) -> str:
+    """A client's value in a message: short, whatever it is."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
+    parameters = item.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"'parameters' of {where} must be an object, got "
+                         f"{type(parameters).__name__}")
+    return parameters
+
+
+def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"parameter {key!r} of {where} must be true or false, got "
+                         f"{_shown(value)}")
+    return value
 
 
 def encode_infer_response(model_name: str, request: InferRequest,
@@ -173,23 +270,31 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 
 def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
-                  offset: int) -> tuple[np.ndarray, int]:
+                  offset: int, max_elements: int, max_batch_size: int
+                  ) -> tuple[np.ndarray, int]:
     name = spec.name
     declared = item.get("datatype")
-    if declared not in DATATYPES:
-        raise BadRequest(f"input {name!r} has unsupported datatype {declared!r} "
+    if not isinstance(declared, str) or declared not in DATATYPES:
+        raise BadRequest(f"input {name!r} has unsupported datatype {_shown(declared)} "
                          f"(supported: {', '.join(DATATYPES)})")
     if DATATYPES[declared] != spec.dtype:
         raise BadRequest(f"input {name!r} has datatype {declared}; the model expects "
                          f"{datatype(spec.dtype)}")
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_JSON_DEPTH or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got "
+                         f"{_shown(shape)}")
+    _check_shape(name, shape, spec, max_batch_size)  # before anything is allocated
     dtype = np.dtype(spec.dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)  # Python ints: no overflow
+    if count > max_elements:
+        raise BadRequest(f"input {name!r}: shape {_shown(shape)} has {count} elements, more "
+                         f"than the model takes ({max_elements})")
+    size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if not isinstance(size, int) or isinstance(size, bool) or \
+                size != count * dtype.itemsize:
             raise BadRequest(f"input {name!r}: binary_data_size is {size} but shape {shape} of "
                              f"{declared} needs {count * dtype.itemsize} bytes")
         if offset + size > len(binary):
@@ -201,26 +306,32 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
         raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
     try:
         array = np.asarray(item["data"], dtype=dtype)
-    except (ValueError, TypeError) as err:
-        raise BadRequest(f"input {name!r}: data is not {declared}: {err}") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        raise BadRequest(f"input {name!r}: data is not {declared}: {str(err)[:200]}") from err
     if array.size != count:
         raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} "
                          f"(needs {count})")
     return array.reshape(shape), offset
 
 
+def _check_shape(name: str, shape: list[int], spec: TensorSpec, max_batch_size: int) -> None:
+    batched = max_batch_size > 0
+    if len(shape) != len(spec.shape) or any(
+            e is not None and e != v and not (batched and axis == 0)
+            for axis, (e, v) in enumerate(zip(spec.shape, shape))):
+        raise BadRequest(f"input {name!r} has shape {list(shape)}; the model expects "
+                         f"{public_shape(spec, batched)}")
+    if batched and not 1 <= shape[0] <= max_batch_size:
+        raise BadRequest(f"batch size {shape[0]} is outside 1..{max_batch_size} "
+                         f"(max_batch_size)")
+
+
 def _check_shapes(tensors: dict[str, np.ndarray], specs: dict[str, TensorSpec],
                   max_batch_size: int) -> int:
     batches = set()
     for name, value in tensors.items():
-        expected = specs[name].shape
+        _check_shape(name, list(value.shape), specs[name], max_batch_size)
         batched = max_batch_size > 0
-        if len(value.shape) != len(expected) or any(
-                e is not None and e != v and not (batched and axis == 0)
-                for axis, (e, v) in enumerate(zip(expected, value.shape))):
-            shown = public_shape(specs[name], batched)
-            raise BadRequest(f"input {name!r} has shape {list(value.shape)}; the model "
-                             f"expects {shown}")
         if batched:
             batches.add(value.shape[0])
     if not batches:
@@ -244,11 +355,11 @@ def _requested_outputs(request: dict[str, Any], known: set[str]
     names, binary = [], {}
     for item in items:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in known:
-            raise BadRequest(f"unknown output {name!r}; the model's outputs are "
+        if not isinstance(name, str) or name not in known:
+            raise BadRequest(f"unknown output {_shown(name)}; the model's outputs are "
                              f"{sorted(known)}")
         names.append(name)
-        flag = (item.get("parameters") or {}).get("binary_data")
-        if flag is not None:
-            binary[name] = bool(flag)
+        parameters = _parameters(item, f"output {name!r}")
+        if "binary_data" in parameters:
+            binary[name] = _flag(parameters, "binary_data", f"output {name!r}")
     return names, binary
