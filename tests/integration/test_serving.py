@@ -150,7 +150,7 @@ def test_oversized_body_is_refused_before_it_is_read(served: Deployment) -> None
             if not chunk:
                 break
             answer += chunk
-    assert answer.startswith("HTTP/1.1 400") and "exceeds the limit" in answer
+    assert answer.startswith("HTTP/1.1 400") and "this model's inputs can take" in answer
 
 
 def test_unknown_model_is_404(served: Deployment) -> None:

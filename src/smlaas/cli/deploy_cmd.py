@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -95,7 +96,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         measurements=read_measurements(Path(measurements)) if measurements else None,
         policy=Policy.from_toml(policy_path).to_dict() if policy_path else None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
-        replace_manifest=replace_manifest, **({"threads": threads} if threads else {}))
+        replace_manifest=replace_manifest, **_threads(threads))
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
@@ -120,3 +121,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
             console.print("stopping...")
     console.print("stopped")
     return 0
+
+
+def _threads(threads: int | None) -> dict[str, Any]:
+    """DeploySettings' threads option, left to its default (all cores) when not given."""
+    return {"threads": threads} if threads else {}

@@ -87,9 +87,16 @@ def worker(role: str, backend: str, coordinator_mrenclave: str, coordinator: str
              help="Batches in the pipeline at once.")
 @host_option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0,
              show_default=True, help="Seconds before a request is answered 504.")
+@host_option("--max-queue", type=click.IntRange(min=1), default=128, show_default=True,
+             help="Requests waiting for the pipeline before the gateway answers 503.")
+@host_option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0,
+             show_default=True, help="Seconds a request's headers may take to arrive.")
+@host_option("--body-timeout", type=click.FloatRange(min=0.1), default=30.0,
+             show_default=True, help="Seconds a request's body may take after its headers.")
 def gateway(backend: str, coordinator_mrenclave: str, coordinator: str, first_stage: str,
             host: str, port: int, model_name: str, max_batch_size: int,
-            max_queue_delay_us: int, max_inflight: int, request_timeout: float) -> int:
+            max_queue_delay_us: int, max_inflight: int, request_timeout: float,
+            max_queue: int, header_timeout: float, body_timeout: float) -> int:
     """Serve the Open Inference Protocol over HTTPS in front of the stages."""
     from smlaas.serving.gateway_process import run_gateway
 
@@ -100,5 +107,6 @@ def gateway(backend: str, coordinator_mrenclave: str, coordinator: str, first_st
         first_stage=parse_address(first_stage, what="--first-stage"), listen=(host, port),
         model_name=model_name, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_inflight=max_inflight,
-        request_timeout_s=request_timeout))
+        request_timeout_s=request_timeout, max_queue=max_queue, header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout))
     return 0

@@ -88,6 +88,8 @@ class DeploySettings:
     """The manifest's collateral source ({} = the coordinator's own)."""
     replace_manifest: bool = False
     """Replace another manifest the coordinator holds with this one (next version)."""
+    gateway_options: dict[str, Any] = field(default_factory=dict)
+    """Further GatewaySpec fields (max_queue, header_timeout_s, body_timeout_s, ...)."""
     ready_timeout_s: float = 120.0
 
 
@@ -254,7 +256,7 @@ class Deployment:
         specs.append(GatewaySpec(
             first_stage=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
             max_batch_size=self.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
-            max_inflight=s.max_inflight or self.stage_count, **common))
+            max_inflight=s.max_inflight or self.stage_count, **common, **s.gateway_options))
         return specs
 
     def _measurement(self, spec: RoleSpec) -> str:

@@ -144,6 +144,9 @@ class GatewaySpec(RoleSpec):
     max_queue_delay_us: int = 500
     max_inflight: int = 4
     request_timeout_s: float = 30.0
+    max_queue: int = 128
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
 
     @property
     def role(self) -> str:
@@ -160,4 +163,7 @@ class GatewaySpec(RoleSpec):
                 "--model-name": self.model_name, "--max-batch-size": str(self.max_batch_size),
                 "--max-queue-delay-us": str(self.max_queue_delay_us),
                 "--max-inflight": str(self.max_inflight),
-                "--request-timeout": f"{self.request_timeout_s:g}"}
+                "--request-timeout": f"{self.request_timeout_s:g}",
+                "--max-queue": str(self.max_queue),
+                "--header-timeout": f"{self.header_timeout_s:g}",
+                "--body-timeout": f"{self.body_timeout_s:g}"}

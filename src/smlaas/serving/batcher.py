@@ -5,6 +5,10 @@ Requests wait in one queue. A batch starts when the pipeline has room (at most
 queued requests until it holds ``max_batch_size`` rows or ``max_queue_delay_us`` has passed.
 Requests are stacked on the batch dimension and the outputs split back. With
 ``max_batch_size`` 0 (a model without a batch dimension) every request travels alone.
+
+The queue is bounded: with ``max_queue`` requests waiting, :meth:`DynamicBatcher.submit`
+raises QueueFull at once (the gateway answers 503). A request whose caller has gone (its
+``submit`` was cancelled) is dropped from the queue without running.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from smlaas.errors import SmlaasError
 from smlaas.serving.protocol import Status, error_reply
 from smlaas.transport.tensors import TensorMessage
+
+DEFAULT_MAX_QUEUE = 128
+
+
+class QueueFull(SmlaasError):
+    """As many requests wait as the batcher holds."""
 
 RunBatch = Callable[[dict[str, np.ndarray]], Awaitable[TensorMessage]]
 
@@ -45,13 +56,15 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, run: RunBatch, *, max_batch_size: int, max_queue_delay_us: int,
-                 max_inflight: int, on_batch: Callable[[BatchStats], None] | None = None
-                 ) -> None:
+                 max_inflight: int, max_queue: int = DEFAULT_MAX_QUEUE,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
         self._delay_s = max_queue_delay_us / 1e6
         self._inflight = asyncio.Semaphore(max_inflight)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue)
+        self.abandoned = 0
+        """Requests dropped because their caller had gone before they ran."""
         self._carry: _Pending | None = None
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
@@ -71,15 +84,32 @@ class DynamicBatcher:
                 await self._task
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int) -> TensorMessage:
+        """The reply for ``inputs``; QueueFull at once when the queue is full. Cancelling
+        the call withdraws the request if it has not started."""
         future: asyncio.Future[TensorMessage] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(inputs, rows, future))
+        try:
+            self._queue.put_nowait(_Pending(inputs, rows, future))
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._queue.maxsize} requests are waiting already; retry "
+                            f"later") from None
         return await future
+
+    def _next_live(self, item: _Pending) -> bool:
+        if item.future.done():  # cancelled: its caller has gone
+            self.abandoned += 1
+            return False
+        return True
 
     async def _loop(self) -> None:
         while True:
             first = self._carry or await self._queue.get()
             self._carry = None
+            if not self._next_live(first):
+                continue
             await self._inflight.acquire()
+            if not self._next_live(first):  # gone while it waited for room
+                self._inflight.release()
+                continue
             batch = [first]
             if self.max_batch_size > 0:
                 await self._fill(batch)
@@ -102,6 +132,8 @@ class DynamicBatcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     return
+            if not self._next_live(item):
+                continue
             if rows + item.rows > self.max_batch_size or item.signature() != signature:
                 self._carry = item
                 return
@@ -110,6 +142,9 @@ class DynamicBatcher:
 
     async def _dispatch(self, batch: list[_Pending]) -> None:
         try:
+            batch = [p for p in batch if self._next_live(p)]
+            if not batch:
+                return
             started = time.perf_counter()
             if self._on_batch is not None:
                 self._on_batch(BatchStats(sum(p.rows for p in batch), len(batch),

@@ -25,6 +25,7 @@ from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
+from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
 from smlaas.serving.link import Link
 from smlaas.transport.tls import client_context
 
@@ -99,7 +100,7 @@ def run_gateway(spec: GatewaySpec) -> None:
     settings = GatewaySettings(
         model_name=spec.model_name, max_batch_size=max_batch,
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
-        request_timeout_s=spec.request_timeout_s,
+        request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
     app = create_app(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
@@ -117,7 +118,11 @@ def run_gateway(spec: GatewaySpec) -> None:
                 serialization.NoEncryption()))
         config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
                                 ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
-                                access_log=False, timeout_graceful_shutdown=5)
+                                access_log=False, timeout_graceful_shutdown=5,
+                                http=deadline_protocol(header_timeout_s=spec.header_timeout_s,
+                                                       body_timeout_s=spec.body_timeout_s),
+                                limit_concurrency=MAX_CONNECTIONS,
+                                timeout_keep_alive=KEEP_ALIVE_S)
         config.load()
     logger.info("gateway serving %s on https://%s:%d", settings.model_name, *listen)
     uvicorn.Server(config).run()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from smlaas.serving.batcher import BatchStats
 
@@ -13,6 +20,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # CPU, resident memory, open files
+        PlatformCollector(registry=self.registry)
         self.requests = Counter("smlaas_requests", "Inference requests by HTTP status",
                                 ["model", "code"], registry=self.registry)
         self.errors = Counter("smlaas_errors", "Failed inference requests by reason",
@@ -31,6 +40,9 @@ class GatewayMetrics:
         self.stage_time = Histogram("smlaas_stage_duration_seconds",
                                     "Run time of each stage per batch", ["model", "stage"],
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.abandoned = Gauge("smlaas_abandoned_requests",
+                               "Requests withdrawn unrun because their client had gone",
+                               ["model"], registry=self.registry)
         self.pipeline_up = Gauge("smlaas_pipeline_up",
                                  "1 when every stage answered the last readiness probe",
                                  ["model"], registry=self.registry)
