@@ -16,6 +16,9 @@
      ├─ ExportError                  writing sub-models failed
      ├─ DeployError                  a deployment did not come up in time, or a process died
      ├─ ServingError                 the inference service answered with an error (HTTP status)
+     ├─ TransportError               the service could not be reached or talked to
+     │   ├─ TlsError                 TLS failed (certificate not from the pinned CA, handshake)
+     │   └─ RequestTimeout           no answer within the call's deadline
      ├─ QuoteFormatError             bytes that are not a well-formed SGX quote (exit code 2)
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
          ├─ VerificationError        the chain of sub-models differs from the whole model
@@ -88,6 +91,18 @@ class ServingError(SmlaasError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TransportError(SmlaasError):
+    """The service could not be reached, or the connection failed mid-request."""
+
+
+class TlsError(TransportError):
+    """TLS failed: the server's certificate is not from the pinned CA, or the handshake."""
+
+
+class RequestTimeout(TransportError):
+    """No answer within the call's deadline."""
 
 
 class CheckFailed(SmlaasError):

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 
-from smlaas.client import InferenceClient
 from tests.integration.serving_setup import (
     cache_env,
     deployment,
@@ -33,7 +32,7 @@ def test_ray_launcher_serves_and_restarts(tmp_path) -> None:
             assert ray.cluster_resources().get("sgx", 0) >= 1
             with deployment(tmp_path, build, keys, launcher=launcher) as running:
                 x = random_image(11)
-                with InferenceClient(running.url, ca=running.ca_path) as client:
+                with running.client() as client:
                     got = client.infer({"input": x})["fc"]
                 np.testing.assert_allclose(got, whole_model_outputs(x), rtol=1e-4, atol=1e-5)
                 assert all(launcher.node_of(name) for name in ("stage-0", "gateway"))

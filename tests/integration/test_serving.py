@@ -51,7 +51,7 @@ def verify(served: Deployment) -> ssl.SSLContext:
 
 
 def client(served: Deployment) -> InferenceClient:
-    return InferenceClient(served.url, ca=served.ca_path)
+    return served.client()
 
 
 def test_deployment_has_three_stages_and_batching(served: Deployment) -> None:

@@ -264,13 +264,12 @@ def test_deploy_refuses_a_coordinator_holding_another_manifest(
 def _assert_serves_the_owners_model(deployment: Deployment, build: Path) -> None:
     import onnx
 
-    from smlaas.client import InferenceClient
     from smlaas.profile.session import create_session
 
     x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
     expected = create_session(onnx.load(str(build.parent / "m.onnx")), threads=1).run(
         None, {"x": x})[0]
-    with InferenceClient(deployment.url, ca=deployment.ca_path) as client:
+    with deployment.client() as client:
         got = client.infer({"x": x})["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 

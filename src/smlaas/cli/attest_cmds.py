@@ -8,14 +8,13 @@ from pathlib import Path
 import click
 
 from smlaas.cli.console import console, print_json
-from smlaas.enclave import DEFAULT_POLICY, INTEL_ROOT, Policy, load_collateral, verify_quote
-from smlaas.enclave.backends.sim import SimQuotingEnclave, default_pki_dir
+from smlaas.enclave import DEFAULT_POLICY, Policy, load_collateral, verify_quote
+from smlaas.enclave.backends.sim import SimQuotingEnclave, default_pki_dir, known_roots
 from smlaas.enclave.ias import verify_ias_report
 from smlaas.enclave.pcs import load_pcs_collateral, verify_quote_pcs
 from smlaas.enclave.sim_pki import SimulationPKI
 from smlaas.enclave.verification import (
     QuoteVerdict,
-    TrustedRoot,
     fetch_collateral,
     select_root,
 )
@@ -36,14 +35,6 @@ def parse_time(text: str | None) -> dt.datetime:
         raise InputError(f"--at {text!r} is neither Unix seconds nor an ISO 8601 time") \
             from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def known_roots() -> list[TrustedRoot]:
-    """Intel's root, and this machine's simulation root if one was ever created."""
-    roots = [INTEL_ROOT]
-    if (default_pki_dir() / "root.pem").is_file():
-        roots.append(SimQuotingEnclave(SimulationPKI.load(default_pki_dir())).trusted_root)
-    return roots
 
 
 @click.group()

@@ -15,7 +15,6 @@ import click
 import numpy as np
 
 from smlaas.cli.console import console, progress_bar, table
-from smlaas.client import InferenceClient
 from smlaas.coordinator.manifest import GATEWAY_ROLE
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
@@ -95,8 +94,10 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
     launcher = LocalLauncher(settings.state_dir / "logs")
     with Deployment(settings, launcher, progress=lambda line: console.print(f"  {line}")) as dep:
         ready_s = time.perf_counter() - started
-        with InferenceClient(dep.url, ca=dep.ca_path) as client:
-            verdict = client.attest(dep.role_policy(GATEWAY_ROLE), dep.trusted_roots)
+        with dep.client() as client:
+            verdict = client.attest(dep.role_policy(GATEWAY_ROLE), dep.trusted_roots,
+                                    manifest_digest=dep.manifest.digest()
+                                    if dep.manifest else None)
             console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
                           f"(SIMULATED), its quote binds the HTTPS key of this connection")
             outputs = client.infer(inputs)

@@ -109,7 +109,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
                       f"({deployment.stage_count} stages, {deployment.batching_note})\n"
                       f"  URL  {deployment.url}\n  CA   {deployment.ca_path}\n"
                       f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
-                      f"--input x.npy\n  Ctrl-C to stop")
+                      f"--input x.npy (attests the gateway with "
+                      f"{deployment.gateway_policy_path.name})\n  Ctrl-C to stop")
         console.file.flush()  # whoever reads a pipe needs the URL now, not at exit
         try:
             while True:

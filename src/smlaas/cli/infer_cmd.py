@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from smlaas.cli.console import console, table
+from smlaas.cli.console import console, errors, table
 from smlaas.client import InferenceClient
+from smlaas.deploy.deployment import GATEWAY_POLICY_FILE
+from smlaas.enclave.policy import Policy
 from smlaas.errors import ConfigError
 
 
@@ -42,12 +44,38 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
               help="Write the output (.npy for one output, else .npz).")
 @click.option("--model", help="Model name (default: the one the gateway serves).")
 @click.option("--json", "as_json", is_flag=True, help="Send JSON tensors instead of binary.")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
+              help="Policy to attest the gateway with (default: gateway-policy.toml beside "
+                   "--ca, written by `smlaas deploy`).")
+@click.option("--manifest-digest", help="Also require the gateway to be admitted under this "
+                                        "manifest.")
+@click.option("--no-attest", is_flag=True,
+              help="Do not check the gateway's quote (INSECURE: trust whatever the CA vouches "
+                   "for).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True, help="Seconds to wait for the answer.")
 def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
-          model: str | None, as_json: bool) -> int:
-    """Run the deployed model on tensors from .npy files."""
-    with InferenceClient(url, ca=ca, model=model) as client:
+          model: str | None, as_json: bool, policy_path: str | None,
+          manifest_digest: str | None, no_attest: bool, timeout_s: float) -> int:
+    """Run the deployed model on tensors from .npy files (after attesting the gateway)."""
+    policy = None
+    if no_attest:
+        errors.print("[bold yellow]warning:[/] --no-attest: the gateway's quote is NOT "
+                     "checked; any server the CA vouches for gets your input")
+    else:
+        path = Path(policy_path) if policy_path else Path(ca).with_name(GATEWAY_POLICY_FILE)
+        if not path.is_file():
+            raise click.UsageError(f"no policy to attest the gateway with ({path} does not "
+                                   f"exist): give --policy FILE, or --no-attest")
+        policy = Policy.from_toml(path)
+    with InferenceClient(url, ca=ca, model=model, policy=policy, attest=not no_attest,
+                         manifest_digest=manifest_digest, timeout_s=timeout_s) as client:
         names = [i["name"] for i in client.metadata()["inputs"]]
-        outputs = client.infer(load_inputs(list(input_specs), names), binary=not as_json)
+        inputs = load_inputs(list(input_specs), names)
+        outputs = client.infer(inputs, binary=not as_json)
+        if client.verdict is not None:
+            console.print(f"gateway attested: MRENCLAVE {client.verdict.mrenclave[:16]}... "
+                          + ("(SIMULATED)" if client.verdict.simulated else "(hardware)"))
     rows = [[name, str(list(v.shape)), v.dtype.name,
              f"{int(np.argmax(v.reshape(v.shape[0], -1)[0]))}" if v.ndim >= 2 else "-"]
             for name, v in outputs.items()]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from smlaas.cli.attest_cmds import known_roots
 from smlaas.cli.console import console, print_json
 from smlaas.coordinator.client import CoordinatorClient
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.deploy.roles import CoordinatorSpec
+from smlaas.enclave.backends.sim import known_roots
 from smlaas.errors import CheckFailed
 from smlaas.private_files import is_private
 from smlaas.serving.enrol import BACKENDS, coordinator_policy, parse_address

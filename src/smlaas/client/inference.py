@@ -1,4 +1,16 @@
-"""Inference over the Open Inference Protocol, binary tensors by default."""
+"""Inference over the Open Inference Protocol, binary tensors by default, attested by default.
+
+Before its first request a client attests the gateway (:meth:`InferenceClient.attest`): the
+gateway's quote must pass the policy for role ``gateway`` and bind the key of the certificate
+serving the connection (optionally also the manifest the gateway was admitted under), and from
+then on every response must come from that same certificate. ``attest=False`` skips this (the
+client then trusts whoever the pinned CA vouches for).
+
+Errors (one tree, :mod:`smlaas.errors`): ServingError (the gateway answered an error, with its
+HTTP status), TlsError (the server's certificate is not from the pinned CA, or the handshake
+failed), RequestTimeout, TransportError (cannot connect, connection lost), AttestationError or
+PolicyError (evidence failed), ConfigError (bad arguments). Never a raw httpx exception.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from smlaas.enclave.backends.sim import known_roots
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
     QuoteVerdict,
@@ -23,18 +36,120 @@ from smlaas.enclave.verification import (
     select_root,
     verify_quote,
 )
-from smlaas.errors import AttestationError, ServingError
+from smlaas.errors import (
+    AttestationError,
+    ConfigError,
+    InputError,
+    RequestTimeout,
+    ServingError,
+    TlsError,
+    TransportError,
+)
 from smlaas.serving.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from smlaas.transport.tls import certificate_manifest
 
+ATTESTATION_PATH = "/v2/smlaas/attestation"
 
-class InferenceClient:
-    def __init__(self, url: str, *, ca: str | Path, model: str | None = None,
-                 timeout_s: float = 60.0) -> None:
+
+class _ClientCore:
+    """What the sync and async clients share: settings, checks, error mapping (no I/O)."""
+
+    def __init__(self, url: str, *, ca: str | Path, policy: Policy | None,
+                 roots: list[TrustedRoot] | None, attest: bool, manifest_digest: str | None,
+                 model: str | None, timeout_s: float) -> None:
+        if not url.startswith("https://"):
+            raise ConfigError(f"the gateway URL must be https:// (got {url!r}): smlaas serves "
+                              f"only over TLS with the deployment CA")
+        if attest and policy is None:
+            raise ConfigError("attesting the gateway needs a policy (the gateway measurement "
+                              "to accept: `smlaas deploy` writes gateway-policy.toml); or pass "
+                              "attest=False")
         self.url = url.rstrip("/")
-        context = ssl.create_default_context(cafile=str(ca))
-        self._http = httpx.Client(base_url=self.url, verify=context, timeout=timeout_s)
+        try:
+            self._context = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(f"cannot load the CA {ca}: {err}") from err
+        self.policy, self.manifest_digest = policy, manifest_digest
+        self.roots = roots if roots is not None else known_roots()
+        self.attest_first = attest
+        self.timeout_s = timeout_s
         self._model = model
+        self._attested: bytes | None = None
+        """DER of the certificate whose quote passed; every response must come from it."""
+        self.verdict: QuoteVerdict | None = None
+
+    def _check_evidence(self, response: httpx.Response, policy: Policy,
+                        roots: list[TrustedRoot], manifest_digest: str | None) -> QuoteVerdict:
+        evidence = self._checked(response, pinned=False).json()
+        peer = _peer_certificate(response)
+        try:
+            served = x509.load_pem_x509_certificate(str(evidence["certificate"]).encode())
+            quote = base64.b64decode(evidence["quote"])
+            collateral = load_collateral(str(evidence["collateral"]), source="gateway")
+        except (KeyError, TypeError, ValueError, InputError) as err:
+            raise AttestationError(f"the gateway's evidence is malformed: {err}") from err
+        served_der = served.public_bytes(serialization.Encoding.DER)
+        if peer is None or peer != served_der:
+            raise AttestationError("the evidence names another certificate than the one "
+                                   "serving this connection")
+        admitted = certificate_manifest(served)
+        if manifest_digest is not None and admitted != manifest_digest:
+            raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
+                                   f"{manifest_digest}")
+        spki = served.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
+                               root=select_root(quote, roots))
+        if not verdict.verified:
+            raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
+        policy.check(verdict, role="gateway", expected_report_data=hashlib.sha256(spki).digest())
+        self._attested, self.verdict = served_der, verdict
+        return verdict
+
+    def _checked(self, response: httpx.Response, *, pinned: bool = True) -> httpx.Response:
+        if pinned and self._attested is not None and \
+                _peer_certificate(response) not in (None, self._attested):
+            raise AttestationError("the gateway's certificate changed since it was attested")
+        if response.status_code != 200:
+            try:
+                message = str(response.json().get("error", response.text))
+            except ValueError:
+                message = response.text
+            raise ServingError(f"HTTP {response.status_code}: {message}",
+                               status=response.status_code)
+        return response
+
+    def _model_from_index(self, response: httpx.Response) -> str:
+        index = self._checked(response).json()
+        if len(index) != 1:
+            raise ServingError(f"the gateway serves {len(index)} models; name one",
+                               status=400)
+        self._model = str(index[0]["name"])
+        return self._model
+
+    def _transport_error(self, err: httpx.HTTPError) -> Exception:
+        """The typed error for an httpx failure, in one line."""
+        text = str(err) or type(err).__name__
+        if isinstance(err, httpx.TimeoutException):
+            return RequestTimeout(f"no answer from {self.url} in time ({text})")
+        if isinstance(err, httpx.ConnectError) and ("CERTIFICATE" in text or "SSL" in text):
+            return TlsError(f"TLS with {self.url} failed: {text.splitlines()[0]} (is --ca the "
+                            f"deployment CA that `smlaas deploy` printed?)")
+        if isinstance(err, httpx.ConnectError):
+            return TransportError(f"cannot connect to {self.url}: {text.splitlines()[0]}")
+        return TransportError(f"the request to {self.url} failed: {text.splitlines()[0]}")
+
+
+class InferenceClient(_ClientCore):
+    """A blocking client (see the module docstring)."""
+
+    def __init__(self, url: str, *, ca: str | Path, policy: Policy | None = None,
+                 roots: list[TrustedRoot] | None = None, attest: bool = True,
+                 manifest_digest: str | None = None, model: str | None = None,
+                 timeout_s: float = 60.0) -> None:
+        super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
+                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s)
+        self._http = httpx.Client(base_url=self.url, verify=self._context, timeout=timeout_s)
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -45,31 +160,36 @@ class InferenceClient:
     def close(self) -> None:
         self._http.close()
 
+    def _send(self, method: str, path: str, *, timeout_s: float | None = None,
+              **kwargs: Any) -> httpx.Response:
+        if self.attest_first and self._attested is None and path != ATTESTATION_PATH:
+            assert self.policy is not None  # checked in __init__
+            self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
+        try:
+            return self._http.request(method, path, timeout=timeout_s or self.timeout_s,
+                                      **kwargs)
+        except httpx.HTTPError as err:
+            raise self._transport_error(err) from err
+
     @property
     def model(self) -> str:
-        if self._model is None:
-            index = self._checked(self._http.post("/v2/repository/index")).json()
-            if len(index) != 1:
-                raise ServingError(f"the gateway serves {len(index)} models; name one",
-                                   status=400)
-            self._model = str(index[0]["name"])
-        return self._model
+        return self._model or self._model_from_index(self._send("POST", "/v2/repository/index"))
 
     def ready(self) -> bool:
-        try:
-            return self._http.get("/v2/health/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
+        """Whether the gateway is ready through every stage (transport failures raise)."""
+        return self._send("GET", "/v2/health/ready").status_code == 200
 
     def metadata(self) -> dict[str, Any]:
-        return dict(self._checked(self._http.get(f"/v2/models/{self.model}")).json())
+        return dict(self._checked(self._send("GET", f"/v2/models/{self.model}")).json())
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
-              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+              outputs: list[str] | None = None, timeout_s: float | None = None
+              ) -> dict[str, np.ndarray]:
         """Runs the model on named ``inputs``; returns its outputs by name."""
         body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs)
-        response = self._checked(self._http.post(f"/v2/models/{self.model}/infer",
-                                                 content=body, headers=headers))
+        response = self._checked(self._send("POST", f"/v2/models/{self.model}/infer",
+                                            content=body, headers=headers,
+                                            timeout_s=timeout_s))
         return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
 
     def attest(self, policy: Policy, roots: list[TrustedRoot], *,
@@ -77,38 +197,66 @@ class InferenceClient:
         """Verifies the gateway's quote against ``policy`` (role ``gateway``) and that its
         report_data binds the key of the certificate this connection is talking to; with
         ``manifest_digest``, also that the coordinator admitted it under that manifest."""
-        response = self._checked(self._http.get("/v2/smlaas/attestation"))
-        evidence = response.json()
-        peer = _peer_certificate(response)
-        served = x509.load_pem_x509_certificate(str(evidence["certificate"]).encode())
-        if peer is None or peer != served.public_bytes(serialization.Encoding.DER):
-            raise AttestationError("the evidence names another certificate than the one "
-                                   "serving this connection")
-        admitted = certificate_manifest(served)
-        if manifest_digest is not None and admitted != manifest_digest:
-            raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
-                                   f"{manifest_digest}")
-        spki = served.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-        quote = base64.b64decode(evidence["quote"])
-        verdict = verify_quote(quote, load_collateral(evidence["collateral"], source="gateway"),
-                               at=dt.datetime.now(dt.UTC), root=select_root(quote, roots))
-        if not verdict.verified:
-            raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
-        policy.check(verdict, role="gateway",
-                     expected_report_data=hashlib.sha256(spki).digest())
-        return verdict
+        return self._check_evidence(self._send("GET", ATTESTATION_PATH), policy, roots,
+                                    manifest_digest)
 
-    @staticmethod
-    def _checked(response: httpx.Response) -> httpx.Response:
-        if response.status_code != 200:
-            try:
-                message = str(response.json().get("error", response.text))
-            except ValueError:
-                message = response.text
-            raise ServingError(f"HTTP {response.status_code}: {message}",
-                               status=response.status_code)
-        return response
+
+class AsyncInferenceClient(_ClientCore):
+    """The same surface for asyncio (``async with``, ``await client.infer(...)``)."""
+
+    def __init__(self, url: str, *, ca: str | Path, policy: Policy | None = None,
+                 roots: list[TrustedRoot] | None = None, attest: bool = True,
+                 manifest_digest: str | None = None, model: str | None = None,
+                 timeout_s: float = 60.0) -> None:
+        super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
+                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s)
+        self._http = httpx.AsyncClient(base_url=self.url, verify=self._context,
+                                       timeout=timeout_s)
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, *, timeout_s: float | None = None,
+                    **kwargs: Any) -> httpx.Response:
+        if self.attest_first and self._attested is None and path != ATTESTATION_PATH:
+            assert self.policy is not None  # checked in __init__
+            await self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
+        try:
+            return await self._http.request(method, path, timeout=timeout_s or self.timeout_s,
+                                            **kwargs)
+        except httpx.HTTPError as err:
+            raise self._transport_error(err) from err
+
+    async def model(self) -> str:
+        return self._model or self._model_from_index(
+            await self._send("POST", "/v2/repository/index"))
+
+    async def ready(self) -> bool:
+        return (await self._send("GET", "/v2/health/ready")).status_code == 200
+
+    async def metadata(self) -> dict[str, Any]:
+        return dict(self._checked(await self._send("GET",
+                                                   f"/v2/models/{await self.model()}")).json())
+
+    async def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
+                    outputs: list[str] | None = None, timeout_s: float | None = None
+                    ) -> dict[str, np.ndarray]:
+        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs)
+        response = self._checked(await self._send(
+            "POST", f"/v2/models/{await self.model()}/infer", content=body, headers=headers,
+            timeout_s=timeout_s))
+        return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+
+    async def attest(self, policy: Policy, roots: list[TrustedRoot], *,
+                     manifest_digest: str | None = None) -> QuoteVerdict:
+        return self._check_evidence(await self._send("GET", ATTESTATION_PATH), policy, roots,
+                                    manifest_digest)
 
 
 def _peer_certificate(response: httpx.Response) -> bytes | None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -58,7 +58,11 @@ from smlaas.export.sealed_build import (
 from smlaas.plan.plan import Plan
 from smlaas.transport.framing import ProtocolError
 
+if TYPE_CHECKING:
+    from smlaas.client import InferenceClient
+
 logger = logging.getLogger(__name__)
+GATEWAY_POLICY_FILE = "gateway-policy.toml"
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Deployment:
         self.owner = OwnerKey.load(settings.owner_key_path)
         self.url = ""
         self.ca_path = settings.state_dir / "ca.pem"
+        self.gateway_policy_path = settings.state_dir / GATEWAY_POLICY_FILE
+        """The policy a client attests the gateway with (its pinned MRENCLAVE)."""
         serving = ServingNote.of(self.plan)
         self.max_batch_size, self.batching_note = _batching(serving, settings.max_batch_size)
         self.ready_s = 0.0
@@ -167,6 +173,7 @@ class Deployment:
         self.measurements[COORDINATOR_ROLE] = coordinator_mr
         self.manifest = self._set_manifest(client)
         self.ca_path.write_text(client.status().ca_pem)  # the same, pinned instance
+        self.gateway_policy_path.write_text(self.role_policy(GATEWAY_ROLE).to_toml())
         for spec in roles:
             self.launcher.start(ProcessSpec(spec.role, spec.to_argv()))
         self.progress(f"{self.stage_count} stage worker(s) and the gateway starting")
@@ -201,13 +208,21 @@ class Deployment:
     def stop(self) -> None:
         self.launcher.stop()
 
-    def _check_gateway(self) -> None:
-        """The gateway that answers is the one this deployment pinned, admitted under this
-        manifest (not a gateway of another coordinator the host routed us to)."""
+    def client(self, **options: Any) -> InferenceClient:
+        """A client that attests this deployment's gateway (its MRENCLAVE and manifest)
+        before its first request."""
         from smlaas.client import InferenceClient
 
         assert self.manifest is not None  # set by start()
-        with InferenceClient(self.url, ca=self.ca_path) as client:
+        return InferenceClient(self.url, ca=self.ca_path, policy=self.role_policy(GATEWAY_ROLE),
+                               roots=self.trusted_roots, manifest_digest=self.manifest.digest(),
+                               **options)
+
+    def _check_gateway(self) -> None:
+        """The gateway that answers is the one this deployment pinned, admitted under this
+        manifest (not a gateway of another coordinator the host routed us to)."""
+        assert self.manifest is not None  # set by start()
+        with self.client() as client:
             try:
                 client.attest(self.role_policy(GATEWAY_ROLE), self.trusted_roots,
                               manifest_digest=self.manifest.digest())

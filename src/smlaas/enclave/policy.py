@@ -203,6 +203,11 @@ class Policy:
             raise ConfigError("invalid policy: " + "; ".join(problems))
         return policy
 
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
     @classmethod
     def from_toml(cls, path: str | Path) -> Policy:
         file = Path(path)

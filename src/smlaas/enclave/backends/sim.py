@@ -69,8 +69,7 @@ class SimQuotingEnclave:
 
     @property
     def trusted_root(self) -> TrustedRoot:
-        return TrustedRoot(name="smlaas SIMULATION root (INSECURE)", der=self.pki.root_der,
-                           simulated=True, tcb_signer=SIM_TCB_SIGNER)
+        return simulation_root(self.pki)
 
     def quote(self, *, mrenclave: bytes, mrsigner: bytes, report_data: bytes,
               isv_prod_id: int = 0, isv_svn: int = 0, debug: bool = False) -> bytes:
@@ -149,6 +148,22 @@ def _warn_once() -> None:
         _WARNED = True
         logger.warning("SIMULATED SGX: quotes from this process prove nothing about hardware "
                        "(sim backend, INSECURE)")
+
+
+def simulation_root(pki: SimulationPKI) -> TrustedRoot:
+    return TrustedRoot(name="smlaas SIMULATION root (INSECURE)", der=pki.root_der,
+                       simulated=True, tcb_signer=SIM_TCB_SIGNER)
+
+
+def known_roots() -> list[TrustedRoot]:
+    """Intel's root, and this machine's simulation root if one was ever created (a policy
+    must still allow simulation explicitly for it to count)."""
+    from smlaas.enclave.verification import INTEL_ROOT
+
+    roots = [INTEL_ROOT]
+    if (default_pki_dir() / "root.pem").is_file():
+        roots.append(simulation_root(SimulationPKI.load(default_pki_dir())))
+    return roots
 
 
 def default_pki_dir() -> Path:
