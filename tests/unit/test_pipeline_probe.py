@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from smlaas.serving.gateway import Pipeline
+from smlaas.serving.data_plane import Pipeline
 from smlaas.transport.tensors import TensorMessage
 
 

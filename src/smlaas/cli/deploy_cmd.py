@@ -48,6 +48,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--host", default="127.0.0.1", show_default=True, help="Gateway address.")
 @click.option("--port", default=8443, show_default=True, type=click.IntRange(1, 65535),
               help="Gateway HTTPS port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535),
+              help="Also serve the KServe V2 gRPC API on this port (TLS, same CA).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Coordinator state, CA and logs (default: a new directory in the cache).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
@@ -67,7 +69,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
 def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            policy_path: str | None, pccs_url: str | None, replace_manifest: bool,
-           launcher: str, backend: str, host: str, port: int, state_dir: str | None,
+           launcher: str, backend: str, host: str, port: int, grpc_port: int | None,
+           state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
            k8s_out: str | None, ready_timeout: float) -> int:
@@ -90,7 +93,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         cache_dir() / "deployments" / time.strftime("%Y%m%d-%H%M%S")
     settings = DeploySettings(
         build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state,
-        owner_key_path=owner_key, backend=backend, host=host, port=port,
+        owner_key_path=owner_key, backend=backend, host=host, port=port, grpc_port=grpc_port,
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_inflight=max_inflight, ready_timeout_s=ready_timeout,
         measurements=read_measurements(Path(measurements)) if measurements else None,
@@ -107,7 +110,10 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
     with deployment:
         console.print(f"[bold green]serving {deployment.model_name}[/] "
                       f"({deployment.stage_count} stages, {deployment.batching_note})\n"
-                      f"  URL  {deployment.url}\n  CA   {deployment.ca_path}\n"
+                      f"  URL  {deployment.url}\n"
+                      + (f"  gRPC {deployment.grpc_address}\n" if deployment.grpc_address
+                         else "")
+                      + f"  CA   {deployment.ca_path}\n"
                       f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
                       f"--input x.npy (attests the gateway with "
                       f"{deployment.gateway_policy_path.name})\n  Ctrl-C to stop")

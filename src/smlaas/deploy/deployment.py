@@ -75,6 +75,8 @@ class DeploySettings:
     backend: str = "sim"
     host: str = "127.0.0.1"
     port: int = 8443
+    grpc_port: int | None = None
+    """The gateway's gRPC port (None: no gRPC)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_batch_size: int | None = None
     """None: what seal recorded (8 if the stages batch correctly, else 0); 0: off."""
@@ -108,6 +110,7 @@ class Deployment:
         self.keys = OwnerKeys.load(settings.keys_path)
         self.owner = OwnerKey.load(settings.owner_key_path)
         self.url = ""
+        self.grpc_address: str | None = None
         self.ca_path = settings.state_dir / "ca.pem"
         self.gateway_policy_path = settings.state_dir / GATEWAY_POLICY_FILE
         """The policy a client attests the gateway with (its pinned MRENCLAVE)."""
@@ -177,7 +180,9 @@ class Deployment:
         for spec in roles:
             self.launcher.start(ProcessSpec(spec.role, spec.to_argv()))
         self.progress(f"{self.stage_count} stage worker(s) and the gateway starting")
-        self.url = f"https://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
+        host = '127.0.0.1' if s.host in ('0.0.0.0', '') else s.host
+        self.url = f"https://{host}:{s.port}"
+        self.grpc_address = f"{host}:{s.grpc_port}" if s.grpc_port else None
         self.wait_ready(s.ready_timeout_s)
         self._check_gateway()
         self.ready_s = time.monotonic() - started
@@ -271,7 +276,8 @@ class Deployment:
         specs.append(GatewaySpec(
             first_stage=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
             max_batch_size=self.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
-            max_inflight=s.max_inflight or self.stage_count, **common, **s.gateway_options))
+            max_inflight=s.max_inflight or self.stage_count, grpc_port=s.grpc_port or 0,
+            **common, **s.gateway_options))
         return specs
 
     def _measurement(self, spec: RoleSpec) -> str:

@@ -147,6 +147,8 @@ class GatewaySpec(RoleSpec):
     max_queue: int = 128
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    grpc_port: int = 0
+    """0: no gRPC endpoint."""
 
     @property
     def role(self) -> str:
@@ -166,4 +168,5 @@ class GatewaySpec(RoleSpec):
                 "--request-timeout": f"{self.request_timeout_s:g}",
                 "--max-queue": str(self.max_queue),
                 "--header-timeout": f"{self.header_timeout_s:g}",
-                "--body-timeout": f"{self.body_timeout_s:g}"}
+                "--body-timeout": f"{self.body_timeout_s:g}",
+                "--grpc-port": str(self.grpc_port)}

@@ -47,11 +47,13 @@ class _Pending:
 
 @dataclass
 class BatchStats:
-    """What the batcher reports to metrics after each batch."""
+    """What the batcher reports to metrics after each batch ran."""
 
     rows: int
     requests: int
     queue_wait_s: list[float]
+    run_s: float = 0.0
+    """Time the pipeline took for the batch."""
 
 
 class DynamicBatcher:
@@ -146,16 +148,16 @@ class DynamicBatcher:
             if not batch:
                 return
             started = time.perf_counter()
-            if self._on_batch is not None:
-                self._on_batch(BatchStats(sum(p.rows for p in batch), len(batch),
-                                          [started - p.enqueued for p in batch]))
+            waits = [started - p.enqueued for p in batch]
             if len(batch) == 1:
                 reply = await self._run(batch[0].inputs)
+                self._report(batch, waits, started)
                 _resolve(batch[0], reply)
                 return
             names = list(batch[0].inputs)
             stacked = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             reply = await self._run(stacked)
+            self._report(batch, waits, started)
             if "error" in reply.meta:
                 for pending in batch:
                     _resolve(pending, reply)
@@ -170,6 +172,12 @@ class DynamicBatcher:
                 _resolve(pending, error_reply("", Status.INTERNAL, f"batching failed: {err}"))
         finally:
             self._inflight.release()
+
+
+    def _report(self, batch: list[_Pending], waits: list[float], started: float) -> None:
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(sum(p.rows for p in batch), len(batch), waits,
+                                      time.perf_counter() - started))
 
 
 def _resolve(pending: _Pending, reply: TensorMessage) -> None:

@@ -1,11 +1,13 @@
-"""The gateway: HTTPS with the deployment CA's certificate for role ``gateway``, the Open
-Inference Protocol (KServe V2) REST API with Triton's binary tensor extension, dynamic
-batching, Prometheus metrics, and the gateway's attestation evidence at
-``/v2/smlaas/attestation`` (plain clients never need it).
+"""The gateway's REST front end: the Open Inference Protocol (KServe V2) over HTTPS with the
+deployment CA's certificate for role ``gateway``, Triton's binary tensor, model repository,
+model configuration and statistics extensions, Prometheus metrics, and the gateway's
+attestation evidence at ``/v2/smlaas/attestation``. Everything it serves comes from the
+:class:`~smlaas.serving.data_plane.DataPlane` it shares with the gRPC front end.
 
-Routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready``, ``/v2/models/{name}/config``, ``/v2/models/{name}/infer`` (also
-under ``/versions/1``; other versions are 404), ``/metrics``, ``/v2/smlaas/attestation``.
+Routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/repository/index``,
+``/v2/models/{name}``, ``.../ready``, ``.../config``, ``.../stats``, ``.../infer`` (each also
+under ``/versions/1``; other versions are 404), ``/v2/models/stats``, ``/metrics``,
+``/v2/smlaas/attestation``.
 
 Bounded by construction: the body limit follows from the model's inputs at its largest batch
 (:class:`~smlaas.serving.v2.RequestLimits`) and is refused from Content-Length before a byte
@@ -20,12 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -35,296 +34,158 @@ from starlette.requests import ClientDisconnect
 
 import smlaas
 from smlaas.errors import SmlaasError
-from smlaas.serving.batcher import DEFAULT_MAX_QUEUE, DynamicBatcher, QueueFull
+from smlaas.serving.data_plane import (
+    MODEL_VERSION,
+    ClientGone,
+    DataPlane,
+    GatewaySettings,
+    ModelNotFound,
+    error_codes,
+)
 from smlaas.serving.link import Link
-from smlaas.serving.metrics import GatewayMetrics
-from smlaas.serving.protocol import (
-    DESCRIBE,
-    HTTP_STATUS,
-    Status,
-    TensorSpec,
-    deadline_in,
-    error_reply,
-)
-from smlaas.serving.v2 import (
-    HEADER_LENGTH,
-    BadRequest,
-    RequestLimits,
-    datatype,
-    encode_infer_response,
-    parse_infer_request,
-    public_shape,
-)
-from smlaas.transport.tensors import TensorMessage
-
-READY_CACHE_S = 1.0
-PROBE_TIMEOUT_S = 2.0
-RETRY_DELAY_S = 0.3
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    model_name: str
-    max_batch_size: int = 0
-    """0: the model is served without a batch dimension (shapes exactly as planned)."""
-    max_queue_delay_us: int = 0
-    max_inflight: int = 4
-    """Batches in the pipeline at once (at least the number of stages keeps each busy)."""
-    request_timeout_s: float = 30.0
-    max_queue: int = DEFAULT_MAX_QUEUE
-    """Requests waiting for the pipeline before the gateway answers 503."""
-    stage_count: int | None = None
-    """The manifest's number of stages: ready only when a probe passed through all of them
-    (a host that cut the chain short gets "not ready", not wrong answers)."""
-
-
-@dataclass(frozen=True)
-class ModelSpecs:
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-
-class Unavailable(SmlaasError):
-    """The pipeline cannot answer now (HTTP 503)."""
-
-
-class ClientGone(SmlaasError):
-    """The client closed its connection before its answer was ready (nobody to answer)."""
-
+from smlaas.serving.v2 import HEADER_LENGTH, BadRequest, encode_infer_response, parse_infer_request
 
 logger = logging.getLogger(__name__)
-PARSE_THREADS = 2
-MODEL_VERSION = "1"
+T = TypeVar("T")
 
-
-class Pipeline:
-    """The gateway's view of the stages: one multiplexed link to stage 0."""
-
-    def __init__(self, link: Link, *, timeout_s: float, stage_count: int | None = None) -> None:
-        self.link = link
-        self.timeout_s = timeout_s
-        self.stage_count = stage_count
-        self.specs: ModelSpecs | None = None
-        self._ready_at = 0.0
-
-    async def run(self, inputs: dict[str, np.ndarray]) -> TensorMessage:
-        """Outputs, or an error reply; a stage that is down gets one retry."""
-        deadline = deadline_in(self.timeout_s)
-        reply = await self.link.request(inputs, {"deadline": deadline})
-        if reply.meta.get("status") == Status.UNAVAILABLE and \
-                deadline - time.time() > RETRY_DELAY_S * 2:
-            await asyncio.sleep(RETRY_DELAY_S)
-            reply = await self.link.request(inputs, {"deadline": deadline})
-        return reply
-
-    async def probe(self) -> str | None:
-        """None when every stage answers within PROBE_TIMEOUT_S, else why not."""
-        if time.monotonic() - self._ready_at < READY_CACHE_S:
-            return None
-        reply = await self.link.request({}, {"op": DESCRIBE,
-                                             "deadline": deadline_in(PROBE_TIMEOUT_S)})
-        if "error" in reply.meta:
-            return str(reply.meta["error"])
-        stages = reply.meta.get("stages")
-        if self.stage_count is not None and stages != list(range(self.stage_count)):
-            return (f"the pipeline answered through stages {stages}, the manifest has "
-                    f"{self.stage_count}")
-        if self.specs is None:
-            self.specs = ModelSpecs(
-                [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
-                [TensorSpec.from_dict(s) for s in reply.meta["outputs"]])
-        self._ready_at = time.monotonic()
-        return None
-
-    async def model_specs(self) -> ModelSpecs:
-        if self.specs is None:
-            problem = await self.probe()
-            if problem is not None or self.specs is None:
-                raise Unavailable(problem or "the pipeline did not describe the model")
-        return self.specs
+__all__ = ["GatewaySettings", "create_app"]
 
 
 def create_app(settings: GatewaySettings, link: Link, *,
-               evidence: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
-    """``evidence`` returns the gateway's current attestation evidence (it may block: it is
-    called off the event loop)."""
-    name = settings.model_name
-    metrics = GatewayMetrics()
-    pipeline = Pipeline(link, timeout_s=settings.request_timeout_s,
-                        stage_count=settings.stage_count)
-    batcher = DynamicBatcher(pipeline.run, max_batch_size=settings.max_batch_size,
-                             max_queue_delay_us=settings.max_queue_delay_us,
-                             max_inflight=settings.max_inflight, max_queue=settings.max_queue,
-                             on_batch=lambda stats: metrics.record_batch(name, stats))
-    batching = settings.max_batch_size > 0
-    parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="gateway-parse")
-    limits: dict[str, RequestLimits] = {}
+               evidence: Callable[[], dict[str, Any]] | None = None,
+               plane: DataPlane | None = None) -> FastAPI:
+    """The REST app over ``plane`` (default: a new data plane on ``link``). ``evidence``
+    returns the gateway's current attestation evidence (called off the event loop)."""
+    plane = plane or DataPlane(settings, link, evidence=evidence)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        await plane.start()
         yield
-        await batcher.stop()
-        await link.close()
-        parser.shutdown(wait=False, cancel_futures=True)
+        await plane.stop()
 
     app = FastAPI(title="smlaas gateway", version=smlaas.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pipeline, app.state.metrics, app.state.batcher = pipeline, metrics, batcher
-    metrics.abandoned.labels(name).set_function(lambda: batcher.abandoned)
+    app.state.plane = plane
+    RestEndpoints(plane).register(app)
+    return app
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
-    @app.exception_handler(HTTPException)
-    async def framework_error(_: Request, err: HTTPException) -> JSONResponse:
-        return error(err.status_code, str(err.detail))
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
-        return error(400, f"invalid request: {err.errors()}")
 
-    def unknown_model(model: str, version: str = MODEL_VERSION) -> JSONResponse | None:
-        """The 404 for a model or version this gateway does not serve, else None."""
-        if model != name:
-            return error(404, f"unknown model {model!r}; this gateway serves {name!r}")
-        if version != MODEL_VERSION:
-            return error(404, f"model {name!r} has no version {version!r} (versions: "
-                         f"{MODEL_VERSION})")
-        return None
+class RestEndpoints:
+    """The V2 REST routes over a data plane; its exceptions become status codes here only."""
 
-    def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-        return {"name": spec.name, "datatype": datatype(spec.dtype),
-                "shape": public_shape(spec, batching)}
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
 
-    async def ready_response() -> JSONResponse:
-        problem = await pipeline.probe()
-        metrics.pipeline_up.labels(name).set(problem is None)
+    def register(self, app: FastAPI) -> None:
+        @app.exception_handler(HTTPException)
+        async def framework_error(_: Request, err: HTTPException) -> JSONResponse:
+            return error(err.status_code, str(err.detail))
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+            return error(400, f"invalid request: {err.errors()}")
+
+        @app.exception_handler(SmlaasError)
+        async def plane_error(_: Request, err: SmlaasError) -> JSONResponse:
+            return error(error_codes(err)[0], str(err))
+
+        app.get("/v2/health/live")(self.live)
+        app.get("/v2/health/ready")(self.ready)
+        app.get("/v2")(self.server_metadata)
+        app.post("/v2/repository/index")(self.repository_index)
+        app.get("/v2/models/stats")(self.all_statistics)
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            app.get(prefix)(self.model_metadata)
+            app.get(f"{prefix}/ready")(self.model_ready)
+            app.get(f"{prefix}/config")(self.model_config)
+            app.get(f"{prefix}/stats")(self.model_statistics)
+            app.post(f"{prefix}/infer")(self.infer)
+        app.get("/metrics")(self.prometheus)
+        app.get("/v2/smlaas/attestation")(self.attestation)
+
+
+    async def live(self) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def ready(self) -> JSONResponse:
+        problem = await self.plane.ready()
         if problem is not None:
             return JSONResponse({"ready": False, "error": problem}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/v2/health/live")
-    async def live() -> JSONResponse:
-        return JSONResponse({"live": True})
+    async def server_metadata(self) -> JSONResponse:
+        return JSONResponse(self.plane.server_metadata())
 
-    @app.get("/v2/health/ready")
-    async def ready() -> JSONResponse:
-        return await ready_response()
-
-    @app.get("/v2")
-    async def server_metadata() -> JSONResponse:
-        return JSONResponse({"name": "smlaas", "version": smlaas.__version__,
-                             "extensions": ["binary_tensor_data", "smlaas_attestation"]})
-
-    @app.post("/v2/repository/index")
-    async def repository_index() -> JSONResponse:
-        problem = await pipeline.probe()
-        return JSONResponse([{"name": name, "version": "1",
+    async def repository_index(self) -> JSONResponse:
+        problem = await self.plane.ready()
+        return JSONResponse([{"name": self.plane.name, "version": MODEL_VERSION,
                               "state": "READY" if problem is None else "UNAVAILABLE"}])
 
-    @app.get("/v2/models/{model}")
-    @app.get("/v2/models/{model}/versions/{version}")
-    async def model_metadata(model: str, version: str = MODEL_VERSION) -> JSONResponse:
-        if (refusal := unknown_model(model, version)) is not None:
-            return refusal
+    async def model_metadata(self, model: str, version: str = "") -> JSONResponse:
+        return JSONResponse(await self.plane.model_metadata(model, version))
+
+    async def model_ready(self, model: str, version: str = "") -> JSONResponse:
+        self.plane.check_model(model, version)
+        return await self.ready()
+
+    async def model_config(self, model: str, version: str = "") -> JSONResponse:
+        return JSONResponse(self.plane.model_config(model, version))
+
+    async def model_statistics(self, model: str, version: str = "") -> JSONResponse:
+        return JSONResponse(self.plane.model_statistics(model, version))
+
+    async def all_statistics(self) -> JSONResponse:
+        return JSONResponse(self.plane.model_statistics())
+
+    async def infer(self, model: str, request: Request, version: str = "") -> Response:
+        plane, started = self.plane, time.perf_counter()
         try:
-            specs = await pipeline.model_specs()
-        except Unavailable as err:
-            return error(503, f"model {name!r} is not ready: {err}")
-        return JSONResponse({"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-                             "inputs": [tensor_metadata(s) for s in specs.inputs],
-                             "outputs": [tensor_metadata(s) for s in specs.outputs]})
-
-    @app.get("/v2/models/{model}/ready")
-    @app.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str = MODEL_VERSION) -> JSONResponse:
-        return unknown_model(model, version) or await ready_response()
-
-    @app.get("/v2/models/{model}/config")
-    @app.get("/v2/models/{model}/versions/{version}/config")
-    async def model_config(model: str, version: str = MODEL_VERSION) -> JSONResponse:
-        if (refusal := unknown_model(model, version)) is not None:
-            return refusal
-        config: dict[str, Any] = {"name": name, "platform": "onnxruntime_onnx",
-                                  "max_batch_size": settings.max_batch_size}
-        if batching:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": settings.max_queue_delay_us}
-        return JSONResponse(config)
-
-    @app.post("/v2/models/{model}/infer")
-    @app.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer(model: str, request: Request, version: str = MODEL_VERSION) -> Response:
-        started = time.perf_counter()
+            plane.check_model(model, version)
+        except ModelNotFound as err:
+            plane.record(code="404", ok=False, started=started, unknown_model=True)
+            return error(404, str(err))
         try:
-            response = await handle_infer(model, version, request)
+            limits = await plane.limits()
+            body = await read_body(request, limits.max_body_bytes)
+            decoded_at = time.perf_counter()
+            specs = await plane.specs()
+            parsed = await plane.decode(lambda: parse_infer_request(
+                body, request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
+                max_batch_size=plane.settings.max_batch_size, limits=limits))
+            decode_s = time.perf_counter() - decoded_at
+            outputs = await plane.infer(parsed, unless=lambda wait: _unless_client_goes(
+                request, wait))
+            encoded_at = time.perf_counter()
+            content, headers = encode_infer_response(plane.name, parsed, outputs)
         except ClientGone:
             logger.debug("a client closed its connection before its answer")
-            metrics.errors.labels(name, "client_gone").inc()
+            plane.metrics.errors.labels(plane.name, "client_gone").inc()
             return Response(status_code=499)
-        code = str(response.status_code)
-        metrics.requests.labels(name if response.status_code != 404 else "unknown",
-                                code).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
-        return response
-
-    def limits_for(specs: ModelSpecs) -> RequestLimits:
-        if "model" not in limits:
-            limits["model"] = RequestLimits.for_model(specs.inputs,
-                                                      max_batch_size=settings.max_batch_size)
-        return limits["model"]
-
-    async def handle_infer(model: str, version: str, request: Request) -> Response:
-        if (refusal := unknown_model(model, version)) is not None:
-            return refusal
-        loop = asyncio.get_running_loop()
-        try:
-            specs = await pipeline.model_specs()
-            bounds = limits_for(specs)
-            body = await read_body(request, bounds.max_body_bytes)
-            parsed = await loop.run_in_executor(parser, lambda: parse_infer_request(
-                body, request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
-                max_batch_size=settings.max_batch_size, limits=bounds))
-        except BadRequest as err:
-            metrics.errors.labels(name, Status.BAD_INPUT).inc()
-            return error(400, str(err))
-        except Unavailable as err:
-            metrics.errors.labels(name, Status.UNAVAILABLE).inc()
-            return error(503, f"model {name!r} is not ready: {err}")
-        metrics.queue_depth.labels(name).set(batcher.queue_depth)
-        try:
-            reply = await _unless_client_goes(request, asyncio.wait_for(
-                batcher.submit(parsed.inputs, parsed.batch), settings.request_timeout_s))
-        except QueueFull as err:
-            metrics.errors.labels(name, "queue_full").inc()
-            return error(503, f"model {name!r} is busy: {err}")
-        except TimeoutError:
-            reply = error_reply("", Status.DEADLINE, f"no result within "
-                                                     f"{settings.request_timeout_s:.0f} s")
-        if "error" in reply.meta:
-            status = str(reply.meta.get("status", Status.INTERNAL))
-            metrics.errors.labels(name, status).inc()
-            return error(HTTP_STATUS.get(status, 500), str(reply.meta["error"]))
-        metrics.record_stages(name, list(reply.meta.get("stage_ms", [])))
-        missing = [o for o in parsed.outputs or [] if o not in reply.tensors]
-        if missing:
-            return error(500, f"the pipeline returned no {missing}")
-        content, headers = encode_infer_response(name, parsed, reply.tensors)
+        except SmlaasError as err:
+            if isinstance(err, BadRequest):
+                plane.metrics.errors.labels(plane.name, "bad_input").inc()
+            status = error_codes(err)[0]
+            plane.record(code=str(status), ok=False, started=started)
+            return error(status, str(err))
+        plane.record(code="200", ok=True, started=started, decode_s=decode_s,
+                     encode_s=time.perf_counter() - encoded_at)
         return Response(content, headers=headers)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        metrics.queue_depth.labels(name).set(batcher.queue_depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus(self) -> Response:
+        plane = self.plane
+        plane.metrics.queue_depth.labels(plane.name).set(plane.batcher.queue_depth)
+        return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v2/smlaas/attestation")
-    async def attestation() -> JSONResponse:
+    async def attestation(self) -> JSONResponse:
+        evidence = self.plane.evidence()
         if evidence is None:
             return error(404, "this gateway has no attestation evidence")
         return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, evidence))
-
-    return app
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -347,7 +208,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _unless_client_goes(request: Request, work: Any) -> Any:
+async def _unless_client_goes(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result; if the client disconnects first, ``work`` is cancelled (a queued
     request is withdrawn before it runs) and ClientGone is raised."""
     task = asyncio.ensure_future(work)

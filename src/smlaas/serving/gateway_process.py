@@ -23,10 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
+from smlaas.serving.data_plane import DataPlane
 from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
-from smlaas.serving.link import Link
+from smlaas.serving.link import Link, run_event_loop
 from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,13 @@ def run_gateway(spec: GatewaySpec) -> None:
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
         request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
-    app = create_app(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
+    plane = DataPlane(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
         registration.manifest_digest)))
+    app = create_app(settings, link, plane=plane)
+    key_pem = registration.key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption())
     # uvicorn reads the key from a file: write it to a private directory, load the TLS
     # context, remove it (inside an enclave this directory is Gramine's in-memory tmpfs).
     with tempfile.TemporaryDirectory(prefix="smlaas-gateway-") as private:
@@ -113,9 +118,7 @@ def run_gateway(spec: GatewaySpec) -> None:
         cert_file.write_text(registration.certificate_pem + registration.ca_pem)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as stream:
-            stream.write(registration.key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
+            stream.write(key_pem)
         config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
                                 ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
                                 access_log=False, timeout_graceful_shutdown=5,
@@ -125,4 +128,23 @@ def run_gateway(spec: GatewaySpec) -> None:
                                 timeout_keep_alive=KEEP_ALIVE_S)
         config.load()
     logger.info("gateway serving %s on https://%s:%d", settings.model_name, *listen)
-    uvicorn.Server(config).run()
+    chain = (registration.certificate_pem + registration.ca_pem).encode()
+    run_event_loop(_serve(uvicorn.Server(config), plane, spec, chain, key_pem))
+
+
+async def _serve(http: uvicorn.Server, plane: DataPlane, spec: GatewaySpec, chain: bytes,
+                 key_pem: bytes) -> None:
+    """REST (uvicorn handles SIGINT/SIGTERM) and, with a gRPC port, gRPC beside it."""
+    grpc_server = None
+    if spec.grpc_port:
+        from smlaas.serving.grpc_gateway import create_grpc_server
+
+        grpc_server = create_grpc_server(plane, host=spec.listen[0], port=spec.grpc_port,
+                                         certificate_chain_pem=chain, key_pem=key_pem)
+        await grpc_server.start()
+        logger.info("gateway serving gRPC on %s:%d", spec.listen[0], spec.grpc_port)
+    try:
+        await http.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)

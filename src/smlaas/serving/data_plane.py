@@ -1,0 +1,311 @@
+"""The gateway's data plane: what REST and gRPC serve alike, with no protocol in it.
+
+It holds the link to the stages (with readiness probing), the batcher, the limits that follow
+from the model, metrics and Triton-style statistics. Each protocol front end decodes its own
+wire format into an :class:`~smlaas.serving.v2.InferRequest`, calls :meth:`DataPlane.infer`,
+and maps the one exception tree below to its status codes at its boundary (as KServe's model
+server does): :func:`error_codes` gives the HTTP status and gRPC code for each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+import smlaas
+from smlaas.errors import SmlaasError
+from smlaas.serving.batcher import DEFAULT_MAX_QUEUE, BatchStats, DynamicBatcher, QueueFull
+from smlaas.serving.link import Link
+from smlaas.serving.metrics import GatewayMetrics
+from smlaas.serving.protocol import (
+    DESCRIBE,
+    HTTP_STATUS,
+    Status,
+    TensorSpec,
+    deadline_in,
+)
+from smlaas.serving.statistics import ModelStatistics
+from smlaas.serving.v2 import BadRequest, InferRequest, RequestLimits, datatype, public_shape
+from smlaas.transport.tensors import TensorMessage
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+READY_CACHE_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+RETRY_DELAY_S = 0.3
+PROBE_INTERVAL_S = 5.0
+DECODE_THREADS = 2
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics",
+              "smlaas_attestation"]
+"""The protocol extensions this gateway implements (Triton's names), exactly."""
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    model_name: str
+    max_batch_size: int = 0
+    """0: the model is served without a batch dimension (shapes exactly as planned)."""
+    max_queue_delay_us: int = 0
+    max_inflight: int = 4
+    """Batches in the pipeline at once (at least the number of stages keeps each busy)."""
+    request_timeout_s: float = 30.0
+    max_queue: int = DEFAULT_MAX_QUEUE
+    """Requests waiting for the pipeline before the gateway answers 503."""
+    stage_count: int | None = None
+    """The manifest's number of stages: ready only when a probe passed through all of them
+    (a host that cut the chain short gets "not ready", not wrong answers)."""
+
+
+@dataclass(frozen=True)
+class ModelSpecs:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+# -- the one exception tree of the data plane, and its codes ---------------------------------
+class ModelNotFound(SmlaasError):
+    """No such model or version here."""
+
+
+class Unavailable(SmlaasError):
+    """The pipeline cannot answer now (a stage is down, or the queue is full)."""
+
+
+class DeadlineExceeded(SmlaasError):
+    """No result within the request's deadline."""
+
+
+class PipelineFailed(SmlaasError):
+    """A stage answered the request with an error."""
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(SmlaasError):
+    """The client closed its connection before its answer was ready (nobody to answer)."""
+
+
+def error_codes(err: Exception) -> tuple[int, str]:
+    """(HTTP status, gRPC status code name) for an error of the data plane."""
+    if isinstance(err, BadRequest):
+        return 400, "INVALID_ARGUMENT"
+    if isinstance(err, ModelNotFound):
+        return 404, "NOT_FOUND"
+    if isinstance(err, Unavailable):
+        return 503, "UNAVAILABLE"
+    if isinstance(err, DeadlineExceeded):
+        return 504, "DEADLINE_EXCEEDED"
+    if isinstance(err, PipelineFailed):
+        http = HTTP_STATUS.get(err.status, 500)
+        return http, {400: "INVALID_ARGUMENT", 503: "UNAVAILABLE",
+                      504: "DEADLINE_EXCEEDED"}.get(http, "INTERNAL")
+    return 500, "INTERNAL"
+
+
+class Pipeline:
+    """The gateway's view of the stages: one multiplexed link to stage 0."""
+
+    def __init__(self, link: Link, *, timeout_s: float, stage_count: int | None = None) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self.stage_count = stage_count
+        self.specs: ModelSpecs | None = None
+        self._ready_at = 0.0
+
+    async def run(self, inputs: dict[str, np.ndarray]) -> TensorMessage:
+        """Outputs, or an error reply; a stage that is down gets one retry."""
+        deadline = deadline_in(self.timeout_s)
+        reply = await self.link.request(inputs, {"deadline": deadline})
+        if reply.meta.get("status") == Status.UNAVAILABLE and \
+                deadline - time.time() > RETRY_DELAY_S * 2:
+            await asyncio.sleep(RETRY_DELAY_S)
+            reply = await self.link.request(inputs, {"deadline": deadline})
+        return reply
+
+    async def probe(self) -> str | None:
+        """None when every stage answers within PROBE_TIMEOUT_S, else why not."""
+        if time.monotonic() - self._ready_at < READY_CACHE_S:
+            return None
+        reply = await self.link.request({}, {"op": DESCRIBE,
+                                             "deadline": deadline_in(PROBE_TIMEOUT_S)})
+        if "error" in reply.meta:
+            return str(reply.meta["error"])
+        stages = reply.meta.get("stages")
+        if self.stage_count is not None and stages != list(range(self.stage_count)):
+            return (f"the pipeline answered through stages {stages}, the manifest has "
+                    f"{self.stage_count}")
+        if self.specs is None:
+            self.specs = ModelSpecs(
+                [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
+                [TensorSpec.from_dict(s) for s in reply.meta["outputs"]])
+        self._ready_at = time.monotonic()
+        return None
+
+    async def model_specs(self) -> ModelSpecs:
+        if self.specs is None:
+            problem = await self.probe()
+            if problem is not None or self.specs is None:
+                raise Unavailable(problem or "the pipeline did not describe the model")
+        return self.specs
+
+
+class DataPlane:
+    """The model behind the gateway, as every protocol serves it."""
+
+    def __init__(self, settings: GatewaySettings, link: Link, *,
+                 evidence: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.settings = settings
+        self.name = settings.model_name
+        self.batching = settings.max_batch_size > 0
+        self.metrics = GatewayMetrics()
+        self.statistics = ModelStatistics(self.name, MODEL_VERSION)
+        self.pipeline = Pipeline(link, timeout_s=settings.request_timeout_s,
+                                 stage_count=settings.stage_count)
+        self.batcher = DynamicBatcher(
+            self.pipeline.run, max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            max_inflight=settings.max_inflight, max_queue=settings.max_queue,
+            on_batch=self._record_batch)
+        self._evidence = evidence
+        self._link = link
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="gateway-decode")
+        self._limits: RequestLimits | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self.metrics.abandoned.labels(self.name).set_function(lambda: self.batcher.abandoned)
+
+    async def start(self) -> None:
+        self.batcher.start()
+        self._prober = asyncio.create_task(self._probe_forever())
+
+    async def stop(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+        await self.batcher.stop()
+        await self._link.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    # -- health and metadata ---------------------------------------------------------------
+    async def ready(self) -> str | None:
+        """None when every stage answers, else why not (pipeline_up follows)."""
+        problem = await self.pipeline.probe()
+        self.metrics.pipeline_up.labels(self.name).set(problem is None)
+        return problem
+
+    async def _probe_forever(self) -> None:
+        """Keeps pipeline_up current even when nobody asks for readiness."""
+        while True:
+            try:
+                await asyncio.wait_for(self.ready(), PROBE_TIMEOUT_S * 2)
+            except TimeoutError:
+                self.metrics.pipeline_up.labels(self.name).set(0)
+            except Exception:  # a probe must never stop probing
+                logger.exception("readiness probe failed")
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def check_model(self, model: str, version: str = "") -> None:
+        if model != self.name:
+            raise ModelNotFound(f"unknown model {model!r}; this gateway serves {self.name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(f"model {self.name!r} has no version {version!r} (versions: "
+                                f"{MODEL_VERSION})")
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "smlaas", "version": smlaas.__version__, "extensions": EXTENSIONS}
+
+    async def specs(self) -> ModelSpecs:
+        try:
+            return await self.pipeline.model_specs()
+        except Unavailable as err:
+            raise Unavailable(f"model {self.name!r} is not ready: {err}") from err
+
+    def tensor_metadata(self, spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "datatype": datatype(spec.dtype),
+                "shape": public_shape(spec, self.batching)}
+
+    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
+        self.check_model(model, version)
+        specs = await self.specs()
+        return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
+                "inputs": [self.tensor_metadata(s) for s in specs.inputs],
+                "outputs": [self.tensor_metadata(s) for s in specs.outputs]}
+
+    def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        self.check_model(model, version)
+        config: dict[str, Any] = {"name": self.name, "platform": "onnxruntime_onnx",
+                                  "max_batch_size": self.settings.max_batch_size}
+        if self.batching:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": self.settings.max_queue_delay_us}
+        return config
+
+    def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's statistics JSON, for one model or (``model`` empty) all of them."""
+        if model:
+            self.check_model(model, version)
+        return {"model_stats": [self.statistics.to_dict()]}
+
+    def evidence(self) -> Callable[[], dict[str, Any]] | None:
+        return self._evidence
+
+    # -- inference -------------------------------------------------------------------------
+    async def limits(self) -> RequestLimits:
+        if self._limits is None:
+            specs = await self.specs()
+            self._limits = RequestLimits.for_model(
+                specs.inputs, max_batch_size=self.settings.max_batch_size)
+        return self._limits
+
+    async def decode(self, decode: Callable[[], T]) -> T:
+        """Runs a (CPU-bound, possibly large) decoding off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+
+    async def infer(self, request: InferRequest, *,
+                    unless: Callable[[Awaitable[TensorMessage]], Awaitable[TensorMessage]]
+                    | None = None) -> dict[str, np.ndarray]:
+        """The outputs for a decoded request. ``unless`` wraps the wait (e.g. to withdraw
+        it when the client goes). Raises Unavailable, DeadlineExceeded, PipelineFailed."""
+        self.metrics.queue_depth.labels(self.name).set(self.batcher.queue_depth)
+        waiting = asyncio.wait_for(self.batcher.submit(request.inputs, request.batch),
+                                   self.settings.request_timeout_s)
+        try:
+            reply = await (unless(waiting) if unless is not None else waiting)
+        except QueueFull as err:
+            self.metrics.errors.labels(self.name, "queue_full").inc()
+            raise Unavailable(f"model {self.name!r} is busy: {err}") from err
+        except TimeoutError as err:
+            self.metrics.errors.labels(self.name, Status.DEADLINE).inc()
+            raise DeadlineExceeded(f"no result within {self.settings.request_timeout_s:.0f} "
+                                   f"s") from err
+        if "error" in reply.meta:
+            status = str(reply.meta.get("status", Status.INTERNAL))
+            self.metrics.errors.labels(self.name, status).inc()
+            raise PipelineFailed(str(reply.meta["error"]), status=status)
+        self.metrics.record_stages(self.name, list(reply.meta.get("stage_ms", [])))
+        missing = [o for o in request.outputs or [] if o not in reply.tensors]
+        if missing:
+            raise PipelineFailed(f"the pipeline returned no {missing}", status=Status.INTERNAL)
+        return dict(reply.tensors)
+
+    def record(self, *, code: str, ok: bool, started: float, decode_s: float = 0.0,
+               encode_s: float = 0.0, unknown_model: bool = False) -> None:
+        """Counts one finished request in the metrics and statistics."""
+        total = time.perf_counter() - started
+        self.metrics.requests.labels("unknown" if unknown_model else self.name, code).inc()
+        if not unknown_model:
+            self.metrics.latency.labels(self.name).observe(total)
+            self.statistics.record_request(ok=ok, total_s=total, decode_s=decode_s,
+                                           encode_s=encode_s)
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self.metrics.record_batch(self.name, stats)
+        self.statistics.record_batch(stats)

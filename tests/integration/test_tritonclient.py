@@ -1,0 +1,148 @@
+"""tritonclient.http and tritonclient.grpc, unmodified, over TLS with the deployment CA, against
+a deployed resnet18 with gRPC on: every call a Triton user makes, and what it returned
+(the list is printed with -s, and each result is asserted)."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+
+from smlaas.coordinator.server import free_port
+from tests.integration.serving_setup import (
+    MODEL,
+    cache_env,
+    deployment,
+    random_image,
+    sealed_build,
+    whole_model_outputs,
+)
+
+RTOL, ATOL = 1e-4, 1e-5
+http = pytest.importorskip("tritonclient.http")
+grpc = pytest.importorskip("tritonclient.grpc")
+grpc_utils = pytest.importorskip("tritonclient.utils")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("triton")
+    with cache_env(root / "cache"):
+        build, keys = sealed_build(root, machines=2)
+        with deployment(root, build, keys, grpc_port=free_port()) as running:
+            yield running
+
+
+@pytest.fixture(scope="module")
+def image() -> tuple[np.ndarray, np.ndarray]:
+    x = random_image(21)
+    return x, whole_model_outputs(x)
+
+
+def test_every_tritonclient_http_call(served, image) -> None:
+    x, expected = image
+    client = http.InferenceServerClient(served.url.removeprefix("https://"), ssl=True,
+                                        ssl_options={"ca_certs": str(served.ca_path)})
+    calls = {
+        "is_server_live": client.is_server_live(),
+        "is_server_ready": client.is_server_ready(),
+        "is_model_ready": client.is_model_ready(MODEL),
+        "get_server_metadata": client.get_server_metadata(),
+        "get_model_metadata": client.get_model_metadata(MODEL),
+        "get_model_config": client.get_model_config(MODEL),
+        "get_model_repository_index": client.get_model_repository_index(),
+    }
+    for binary in (True, False):
+        tensor = http.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer(MODEL, [tensor], outputs=[
+            http.InferRequestedOutput("fc", binary_data=binary)])
+        np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+        calls[f"infer(binary={binary})"] = "equal to the whole model"
+    tensor = http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    pending = client.async_infer(MODEL, [tensor])
+    np.testing.assert_allclose(pending.get_result().as_numpy("fc"), expected, rtol=RTOL,
+                               atol=ATOL)
+    calls["async_infer"] = "equal to the whole model"
+    calls["get_inference_statistics(model)"] = client.get_inference_statistics(MODEL)
+    calls["get_inference_statistics(all)"] = client.get_inference_statistics()
+    with pytest.raises(grpc_utils.InferenceServerException, match="unknown model"):
+        client.get_model_metadata("nope")
+    calls["get_model_metadata(unknown)"] = "InferenceServerException: unknown model"
+    client.close()
+    _report("http", calls)
+    assert calls["is_server_live"] and calls["is_server_ready"] and calls["is_model_ready"]
+    assert calls["get_server_metadata"]["extensions"] == [
+        "binary_tensor_data", "model_repository", "model_configuration", "statistics",
+        "smlaas_attestation"]
+    assert calls["get_model_metadata"]["inputs"][0]["shape"] == [-1, 3, 224, 224]
+    assert calls["get_model_config"]["max_batch_size"] == 8
+    assert calls["get_model_repository_index"][0]["name"] == MODEL
+    stats = calls["get_inference_statistics(model)"]["model_stats"][0]
+    assert stats["name"] == MODEL and stats["inference_count"] >= 3
+    assert stats["inference_stats"]["success"]["count"] >= 3
+    assert calls["get_inference_statistics(all)"]["model_stats"][0]["name"] == MODEL
+
+
+def test_every_tritonclient_grpc_call(served, image) -> None:
+    x, expected = image
+    assert served.grpc_address is not None
+    client = grpc.InferenceServerClient(served.grpc_address, ssl=True,
+                                        root_certificates=str(served.ca_path))
+    calls = {
+        "is_server_live": client.is_server_live(),
+        "is_server_ready": client.is_server_ready(),
+        "is_model_ready": client.is_model_ready(MODEL),
+        "get_server_metadata": client.get_server_metadata(as_json=True),
+        "get_model_metadata": client.get_model_metadata(MODEL, as_json=True),
+        "get_model_config": client.get_model_config(MODEL, as_json=True),
+        "get_model_repository_index": client.get_model_repository_index(as_json=True),
+    }
+    tensor = grpc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(MODEL, [tensor], outputs=[grpc.InferRequestedOutput("fc")])
+    np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+    calls["infer"] = "equal to the whole model"
+    answers: queue.Queue = queue.Queue()
+    client.async_infer(MODEL, [tensor], callback=lambda result, error: answers.put(
+        (result, error)))
+    result, error = answers.get(timeout=60)
+    assert error is None
+    np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+    calls["async_infer"] = "equal to the whole model"
+    calls["get_inference_statistics"] = client.get_inference_statistics(MODEL, as_json=True)
+    errors = {}
+    for label, call, status in (
+            ("infer(unknown model)", lambda: client.infer("nope", [tensor]), "NOT_FOUND"),
+            ("infer(bad shape)", lambda: client.infer(MODEL, [_bad_input()]),
+             "INVALID_ARGUMENT"),
+            ("infer(deadline 1 ms)", lambda: client.infer(MODEL, [tensor], client_timeout=0.001),
+             "DEADLINE_EXCEEDED")):
+        with pytest.raises(grpc_utils.InferenceServerException) as caught:
+            call()
+        errors[label] = caught.value.status()
+        assert status in str(caught.value.status()), (label, caught.value)
+    calls.update(errors)
+    client.close()
+    _report("grpc", calls)
+    assert calls["is_server_live"] and calls["is_server_ready"] and calls["is_model_ready"]
+    assert "statistics" in calls["get_server_metadata"]["extensions"]
+    assert calls["get_model_metadata"]["inputs"][0]["shape"] == ["-1", "3", "224", "224"]
+    assert calls["get_model_config"]["config"]["max_batch_size"] == 8
+    stats = calls["get_inference_statistics"]["model_stats"][0]
+    assert stats["name"] == MODEL and int(stats["execution_count"]) >= 2
+
+
+def _bad_input():
+    tensor = grpc.InferInput("input", [1, 3, 10, 10], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 3, 10, 10), np.float32))
+    return tensor
+
+
+def _report(protocol: str, calls: dict) -> None:
+    print(f"\ntritonclient.{protocol}:")
+    for name, result in calls.items():
+        text = str(result)
+        print(f"  {name}: {text[:160]}{'...' if len(text) > 160 else ''}")
