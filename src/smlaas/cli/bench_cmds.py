@@ -89,6 +89,24 @@ def security(out: str | None) -> int:
 
 
 @bench.command()
+@click.option("--model", "-m", default="resnet50", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="ONNX Runtime threads, for plain ORT and for the stage alike.")
+@click.option("--runs", type=click.IntRange(min=6), default=60, show_default=True,
+              help="Requests per path.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def gateway(model: str, threads: int, runs: int, out: str | None) -> int:
+    """What the gateway adds per request (REST binary, REST JSON, gRPC) over plain ORT."""
+    from smlaas.bench.gateway import run_gateway_benchmark
+
+    results = run_gateway_benchmark(model=model, threads=threads, runs=runs,
+                                    say=lambda line: console.print(line, markup=False,
+                                                                   highlight=False))
+    _write(out, results)
+    return 0
+
+
+@bench.command()
 @click.option("--models", "-m", multiple=True, help="Zoo models (default: all).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True)
