@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smlaas.client.inference import decode_infer_response
-from smlaas.serving.protocol import TensorSpec
-from smlaas.serving.v2 import (
+from smlaas.transport.tensors import TensorSpec
+from smlaas.transport.v2 import (
     HEADER_ALLOWANCE_BYTES,
     BadRequest,
     InferRequest,

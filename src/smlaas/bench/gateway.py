@@ -36,7 +36,7 @@ from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.profile import machine_id
-from smlaas.serving.v2 import encode_infer_request
+from smlaas.transport.v2 import encode_infer_request
 
 PATHS = ("plain", "rest_binary", "rest_json", "grpc")
 

@@ -44,7 +44,7 @@ from smlaas.export.sealed_build import seal_build
 from smlaas.partition import PlanOptions, partition
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings, machine_id
-from smlaas.serving.v2 import encode_infer_request
+from smlaas.transport.v2 import encode_infer_request
 from smlaas.zoo import build_model
 
 

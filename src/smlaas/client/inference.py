@@ -45,8 +45,8 @@ from smlaas.errors import (
     TlsError,
     TransportError,
 )
-from smlaas.serving.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from smlaas.transport.tls import certificate_manifest
+from smlaas.transport.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 ATTESTATION_PATH = "/v2/smlaas/attestation"
 

@@ -2,7 +2,7 @@
 
 It holds the link to the stages (with readiness probing), the batcher, the limits that follow
 from the model, metrics and Triton-style statistics. Each protocol front end decodes its own
-wire format into an :class:`~smlaas.serving.v2.InferRequest`, calls :meth:`DataPlane.infer`,
+wire format into an :class:`~smlaas.transport.v2.InferRequest`, calls :meth:`DataPlane.infer`,
 and maps the one exception tree below to its status codes at its boundary (as KServe's model
 server does): :func:`error_codes` gives the HTTP status and gRPC code for each.
 """
@@ -32,8 +32,8 @@ from smlaas.serving.protocol import (
     deadline_in,
 )
 from smlaas.serving.statistics import ModelStatistics
-from smlaas.serving.v2 import BadRequest, InferRequest, RequestLimits, datatype, public_shape
 from smlaas.transport.tensors import TensorMessage
+from smlaas.transport.v2 import BadRequest, InferRequest, RequestLimits, datatype, public_shape
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

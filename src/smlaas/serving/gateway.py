@@ -10,7 +10,7 @@ under ``/versions/1``; other versions are 404), ``/v2/models/stats``, ``/metrics
 ``/v2/smlaas/attestation``.
 
 Bounded by construction: the body limit follows from the model's inputs at its largest batch
-(:class:`~smlaas.serving.v2.RequestLimits`) and is refused from Content-Length before a byte
+(:class:`~smlaas.transport.v2.RequestLimits`) and is refused from Content-Length before a byte
 is read; requests are decoded off the event loop; the batch queue is bounded (503 when full);
 a request whose client has gone is withdrawn before it runs; every error, the framework's
 404/405/422 included, is ``{"error": "..."}``; a client that disconnects is a debug line.
@@ -43,7 +43,12 @@ from smlaas.serving.data_plane import (
     error_codes,
 )
 from smlaas.serving.link import Link
-from smlaas.serving.v2 import HEADER_LENGTH, BadRequest, encode_infer_response, parse_infer_request
+from smlaas.transport.v2 import (
+    HEADER_LENGTH,
+    BadRequest,
+    encode_infer_response,
+    parse_infer_request,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

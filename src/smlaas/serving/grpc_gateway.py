@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from smlaas.errors import SmlaasError
 from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, error_codes
-from smlaas.serving.v2 import BadRequest, datatype, parse_infer_request
+from smlaas.transport.v2 import BadRequest, datatype, parse_infer_request
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -11,10 +11,12 @@ gateway knows every stage is up.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from smlaas.transport.tensors import TensorMessage
+from smlaas.transport.tensors import TensorMessage, TensorSpec
+
+__all__ = ["DESCRIBE", "HTTP_STATUS", "Status", "TensorSpec", "deadline_in", "error_reply",
+           "expired", "remaining_s"]
 
 DESCRIBE = "describe"
 
@@ -30,23 +32,6 @@ class Status:
 
 HTTP_STATUS = {Status.BAD_INPUT: 400, Status.UNAVAILABLE: 503, Status.DEADLINE: 504,
                Status.INTERNAL: 500}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    """numpy dtype name."""
-    shape: list[int | None]
-    """None for a symbolic dimension."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), str(data["dtype"]),
-                   [None if d is None else int(d) for d in data["shape"]])
 
 
 def error_reply(request_id: str, status: str, message: str) -> TensorMessage:

@@ -144,3 +144,22 @@ def parse_header(raw: bytes) -> dict[str, Any]:
         return dict(header)
     except (ValueError, KeyError, TypeError) as err:
         raise ProtocolError(f"malformed tensor message header: {err}") from err
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the stages describe it and the V2 codec checks requests against it."""
+
+    name: str
+    dtype: str
+    """numpy dtype name."""
+    shape: list[int | None]
+    """None for a symbolic dimension."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]),
+                   [None if d is None else int(d) for d in data["shape"]])

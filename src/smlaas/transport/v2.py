@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from smlaas.errors import InputError
-from smlaas.serving.protocol import TensorSpec
+from smlaas.transport.tensors import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
