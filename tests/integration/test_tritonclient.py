@@ -62,6 +62,11 @@ def test_every_tritonclient_http_call(served, image) -> None:
         calls[f"infer(binary={binary})"] = "equal to the whole model"
     tensor = http.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer(MODEL, [tensor], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+        calls[f"infer(compression={algorithm})"] = "equal to the whole model"
     pending = client.async_infer(MODEL, [tensor])
     np.testing.assert_allclose(pending.get_result().as_numpy("fc"), expected, rtol=RTOL,
                                atol=ATOL)
@@ -81,8 +86,8 @@ def test_every_tritonclient_http_call(served, image) -> None:
     assert calls["get_model_config"]["max_batch_size"] == 8
     assert calls["get_model_repository_index"][0]["name"] == MODEL
     stats = calls["get_inference_statistics(model)"]["model_stats"][0]
-    assert stats["name"] == MODEL and stats["inference_count"] >= 3
-    assert stats["inference_stats"]["success"]["count"] >= 3
+    assert stats["name"] == MODEL and stats["inference_count"] >= 5
+    assert stats["inference_stats"]["success"]["count"] >= 5
     assert calls["get_inference_statistics(all)"]["model_stats"][0]["name"] == MODEL
 
 

@@ -186,3 +186,25 @@ def test_limits_follow_the_model() -> None:
 def test_any_bytes_parse_or_are_a_bad_request(body: bytes) -> None:
     with contextlib.suppress(BadRequest):
         parse(body, None, max_batch_size=4)
+
+
+def test_compressed_bodies_are_bounded() -> None:
+    import gzip
+    import zlib
+
+    from smlaas.transport.v2 import decode_content, encode_content
+
+    body = b'{"inputs": []}' * 100
+    assert decode_content(gzip.compress(body), "gzip", limit=len(body)) == body
+    assert decode_content(zlib.compress(body), "deflate", limit=len(body)) == body
+    assert decode_content(body, None, limit=len(body)) == body
+    bomb = gzip.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KiB
+    with pytest.raises(BadRequest, match="expands past"):
+        decode_content(bomb, "gzip", limit=1 << 20)
+    with pytest.raises(BadRequest, match="truncated"):
+        decode_content(gzip.compress(body)[:-10], "gzip", limit=len(body))
+    with pytest.raises(BadRequest, match="unsupported Content-Encoding"):
+        decode_content(body, "br", limit=len(body))
+    packed, coding = encode_content(body, "deflate, gzip;q=0.9")
+    assert coding == "gzip" and gzip.decompress(packed) == body
+    assert encode_content(body, "identity") == (body, None)

@@ -46,12 +46,16 @@ from smlaas.serving.link import Link
 from smlaas.transport.v2 import (
     HEADER_LENGTH,
     BadRequest,
+    decode_content,
+    encode_content,
     encode_infer_response,
     parse_infer_request,
 )
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+COMPRESS_ABOVE_BYTES = 1024
+"""Smaller responses go uncompressed whatever the client accepts (not worth the CPU)."""
 
 __all__ = ["GatewaySettings", "create_app"]
 
@@ -159,14 +163,21 @@ class RestEndpoints:
             body = await read_body(request, limits.max_body_bytes)
             decoded_at = time.perf_counter()
             specs = await plane.specs()
+            encoding = request.headers.get("content-encoding")
             parsed = await plane.decode(lambda: parse_infer_request(
-                body, request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
+                decode_content(body, encoding, limit=limits.max_body_bytes),
+                request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
                 max_batch_size=plane.settings.max_batch_size, limits=limits))
             decode_s = time.perf_counter() - decoded_at
             outputs = await plane.infer(parsed, unless=lambda wait: _unless_client_goes(
                 request, wait))
             encoded_at = time.perf_counter()
             content, headers = encode_infer_response(plane.name, parsed, outputs)
+            accepted = request.headers.get("accept-encoding")
+            if accepted and len(content) > COMPRESS_ABOVE_BYTES:
+                content, coding = await plane.decode(lambda: encode_content(content, accepted))
+                if coding:
+                    headers["Content-Encoding"] = coding
         except ClientGone:
             logger.debug("a client closed its connection before its answer")
             plane.metrics.errors.labels(plane.name, "client_gone").inc()

@@ -9,9 +9,11 @@ size in ``parameters.binary_data_size``. Outputs are returned in binary when the
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,41 @@ class RequestLimits:
             itemsize = max(itemsize, np.dtype(spec.dtype).itemsize)
         per_value = max(itemsize, JSON_BYTES_PER_VALUE)
         return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
+
+
+CONTENT_ENCODINGS = ("gzip", "deflate")
+
+
+def decode_content(body: bytes, encoding: str | None, *, limit: int) -> bytes:
+    """The body a ``Content-Encoding`` (gzip or deflate) stands for, never expanded past
+    ``limit`` bytes (a compressed bomb is refused, not inflated)."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in CONTENT_ENCODINGS:
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r} (supported: gzip, "
+                         f"deflate)")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise BadRequest(f"the {encoding} body does not decompress: {err}") from err
+    if len(plain) > limit or inflater.unconsumed_tail:
+        raise BadRequest(f"the {encoding} body expands past the {limit} bytes this model's "
+                         f"inputs can take")
+    if not inflater.eof:
+        raise BadRequest(f"the {encoding} body is truncated")
+    return plain
+
+
+def encode_content(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """The body compressed as the client accepts (gzip preferred), and its encoding."""
+    accepted = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
+    if "gzip" in accepted:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accepted:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
 
 
 def check_json_bounds(text: bytes, limits: RequestLimits) -> None:
