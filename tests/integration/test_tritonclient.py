@@ -30,8 +30,26 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("triton")
     with cache_env(root / "cache"):
         build, keys = sealed_build(root, machines=2)
-        with deployment(root, build, keys, grpc_port=free_port()) as running:
+        labels = root / "labels.txt"
+        labels.write_text("\n".join(f"class {i}" for i in range(1000)) + "\n")
+        with deployment(root, build, keys, grpc_port=free_port(),
+                        labels_path=labels) as running:
             yield running
+
+
+def _top3(expected: np.ndarray) -> list[bytes]:
+    order = np.argsort(-expected[0], kind="stable")[:3]
+    return [f"{expected[0][i]:f}:{i}:class {i}".encode() for i in order]
+
+
+def _assert_classified(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == (1, 3)
+    for text, want in zip(got.reshape(-1), _top3(expected)):
+        raw = text.encode() if isinstance(text, str) else bytes(text)  # JSON gives str
+        score, index, label = raw.split(b":")
+        want_score, want_index, want_label = want.split(b":")
+        assert (index, label) == (want_index, want_label)
+        assert abs(float(score) - float(want_score)) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +85,11 @@ def test_every_tritonclient_http_call(served, image) -> None:
                               response_compression_algorithm=algorithm)
         np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
         calls[f"infer(compression={algorithm})"] = "equal to the whole model"
+    for binary in (True, False):
+        classified = client.infer(MODEL, [tensor], outputs=[
+            http.InferRequestedOutput("fc", binary_data=binary, class_count=3)])
+        _assert_classified(classified.as_numpy("fc"), expected)
+        calls[f"infer(class_count=3, binary={binary})"] = list(classified.as_numpy("fc")[0])
     pending = client.async_infer(MODEL, [tensor])
     np.testing.assert_allclose(pending.get_result().as_numpy("fc"), expected, rtol=RTOL,
                                atol=ATOL)
@@ -80,8 +103,8 @@ def test_every_tritonclient_http_call(served, image) -> None:
     _report("http", calls)
     assert calls["is_server_live"] and calls["is_server_ready"] and calls["is_model_ready"]
     assert calls["get_server_metadata"]["extensions"] == [
-        "binary_tensor_data", "model_repository", "model_configuration", "statistics",
-        "smlaas_attestation"]
+        "binary_tensor_data", "classification", "model_repository", "model_configuration",
+        "statistics", "smlaas_attestation"]
     assert calls["get_model_metadata"]["inputs"][0]["shape"] == [-1, 3, 224, 224]
     assert calls["get_model_config"]["max_batch_size"] == 8
     assert calls["get_model_repository_index"][0]["name"] == MODEL
@@ -110,6 +133,10 @@ def test_every_tritonclient_grpc_call(served, image) -> None:
     result = client.infer(MODEL, [tensor], outputs=[grpc.InferRequestedOutput("fc")])
     np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
     calls["infer"] = "equal to the whole model"
+    classified = client.infer(MODEL, [tensor], outputs=[
+        grpc.InferRequestedOutput("fc", class_count=3)])
+    _assert_classified(classified.as_numpy("fc"), expected)
+    calls["infer(class_count=3)"] = list(classified.as_numpy("fc")[0])
     answers: queue.Queue = queue.Queue()
     client.async_infer(MODEL, [tensor], callback=lambda result, error: answers.put(
         (result, error)))

@@ -208,3 +208,31 @@ def test_compressed_bodies_are_bounded() -> None:
     packed, coding = encode_content(body, "deflate, gzip;q=0.9")
     assert coding == "gzip" and gzip.decompress(packed) == body
     assert encode_content(body, "identity") == (body, None)
+
+
+def test_classification_and_bytes_round_trip() -> None:
+    from smlaas.transport.v2 import (
+        classify,
+        decode_infer_response,
+        deserialize_bytes,
+        serialize_bytes,
+    )
+
+    scores = np.array([[0.1, 0.9, 0.5], [3.0, 1.0, 2.0]], np.float32)
+    top = classify(scores, 2, ["a", "b", "c"])
+    assert top.shape == (2, 2)
+    assert list(top[0]) == [b"0.900000:1:b", b"0.500000:2:c"]
+    assert list(classify(scores, 5)[1]) == [b"3.000000:0", b"2.000000:2", b"1.000000:1"]
+    assert deserialize_bytes(serialize_bytes(top)) == list(top.reshape(-1))
+    request = parse(*binary_body([item("x", "FP32", X), item("ids", "INT64", IDS)], {
+        "outputs": [{"name": "y", "parameters": {"classification": 2, "binary_data": True}}]}))
+    assert request.classification == {"y": 2}
+    y = np.linspace(0, 1, 5, dtype=np.float32).reshape(1, 5)
+    for binary in (True, False):
+        request.binary = {"y": binary}
+        body, headers = encode_infer_response("m", request, {"y": y})
+        got = decode_infer_response(body, headers.get("Inference-Header-Content-Length"))["y"]
+        assert list(got[0]) == [b"1.000000:4", b"0.750000:3"]
+    with pytest.raises(BadRequest, match="classification must be an integer"):
+        parse(*binary_body([item("x", "FP32", X), item("ids", "INT64", IDS)], {
+            "outputs": [{"name": "y", "parameters": {"classification": 0}}]}))

@@ -50,6 +50,9 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
               help="Gateway HTTPS port.")
 @click.option("--grpc-port", type=click.IntRange(1, 65535),
               help="Also serve the KServe V2 gRPC API on this port (TLS, same CA).")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False),
+              help="Class labels, one per line, for the classification extension (the file's "
+                   "SHA-256 goes in the signed manifest).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Coordinator state, CA and logs (default: a new directory in the cache).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
@@ -70,6 +73,7 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            policy_path: str | None, pccs_url: str | None, replace_manifest: bool,
            launcher: str, backend: str, host: str, port: int, grpc_port: int | None,
+           labels_path: str | None,
            state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
@@ -94,6 +98,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
     settings = DeploySettings(
         build_dir=Path(build_dir), keys_path=Path(keys_path), state_dir=state,
         owner_key_path=owner_key, backend=backend, host=host, port=port, grpc_port=grpc_port,
+        labels_path=Path(labels_path) if labels_path else None,
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
         max_inflight=max_inflight, ready_timeout_s=ready_timeout,
         measurements=read_measurements(Path(measurements)) if measurements else None,

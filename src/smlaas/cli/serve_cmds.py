@@ -95,10 +95,14 @@ def worker(role: str, backend: str, coordinator_mrenclave: str, coordinator: str
              show_default=True, help="Seconds a request's body may take after its headers.")
 @host_option("--grpc-port", type=click.IntRange(0, 65535), default=0, show_default=True,
              help="Also serve the KServe V2 gRPC API here (0: no gRPC).")
+@host_option("--labels", "labels_path", type=click.Path(dir_okay=False),
+             help="Class labels (one per line) for the classification extension; must be the "
+                  "file whose SHA-256 the manifest names.")
 def gateway(backend: str, coordinator_mrenclave: str, coordinator: str, first_stage: str,
             host: str, port: int, model_name: str, max_batch_size: int,
             max_queue_delay_us: int, max_inflight: int, request_timeout: float,
-            max_queue: int, header_timeout: float, body_timeout: float, grpc_port: int) -> int:
+            max_queue: int, header_timeout: float, body_timeout: float, grpc_port: int,
+            labels_path: str | None) -> int:
     """Serve the Open Inference Protocol over HTTPS in front of the stages."""
     from smlaas.serving.gateway_process import run_gateway
 
@@ -110,5 +114,5 @@ def gateway(backend: str, coordinator_mrenclave: str, coordinator: str, first_st
         model_name=model_name, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_inflight=max_inflight,
         request_timeout_s=request_timeout, max_queue=max_queue, header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout, grpc_port=grpc_port))
+        body_timeout_s=body_timeout, grpc_port=grpc_port, labels_path=labels_path or ""))
     return 0

@@ -58,6 +58,7 @@ class Registration:
     manifest_digest: str
     topology: tuple[str, ...]
     max_batch_size: int
+    labels_sha256: str
     stage: StageRelease | None
 
 
@@ -161,4 +162,5 @@ class CoordinatorClient:
         return Registration(key=key, certificate_pem=str(reply["certificate"]),
                             ca_pem=str(reply["ca"]), manifest_digest=digest,
                             topology=tuple(reply["topology"]),
-                            max_batch_size=int(reply["max_batch_size"]), stage=release)
+                            max_batch_size=int(reply["max_batch_size"]),
+                            labels_sha256=str(reply.get("labels_sha256", "")), stage=release)

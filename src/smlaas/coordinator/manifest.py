@@ -73,6 +73,9 @@ class Manifest:
     max_batch_size: int = 0
     """The largest dynamic batch the gateway may form (0: none); seal checked, on the
     plaintext, that the stages compute the same batched. The host may only lower it."""
+    labels_sha256: str = ""
+    """SHA-256 of the class labels file the gateway names classes with ('' = none); the
+    gateway refuses a labels file the host changed."""
     collateral: Mapping[str, Any] = field(default_factory=dict)
     """Where the coordinator gets collateral for registrants' quotes: ``{}`` (its own
     source: the simulation PCS for sim, its PCCS for gramine), ``{"pccs_url": URL}``, or
@@ -118,6 +121,8 @@ class Manifest:
                 or self.max_batch_size < 0:
             problems.append(f"max_batch_size must be an integer >= 0, got "
                             f"{self.max_batch_size!r}")
+        if self.labels_sha256 and not _HEX64.match(self.labels_sha256):
+            problems.append("labels_sha256 is not 64 lower-case hex digits")
         problems += _collateral_problems(self.collateral)
         return problems
 
@@ -127,7 +132,8 @@ class Manifest:
                 "topology": list(self.topology),
                 "stages": {str(k): {"key_commitment": s.key_commitment, "sha256": s.sha256}
                            for k, s in sorted(self.stages.items())},
-                "max_batch_size": self.max_batch_size, "collateral": dict(self.collateral)}
+                "max_batch_size": self.max_batch_size, "labels_sha256": self.labels_sha256,
+                "collateral": dict(self.collateral)}
 
     def to_json(self) -> str:
         """The canonical form: sorted keys, no whitespace."""
@@ -145,7 +151,8 @@ class Manifest:
             if not isinstance(data, dict):
                 raise TypeError("a manifest is a JSON object")
             unknown = sorted(set(data) - {"format", "version", "policy", "topology",
-                                          "stages", "max_batch_size", "collateral"})
+                                          "stages", "max_batch_size", "labels_sha256",
+                                          "collateral"})
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}")
             if data.get("format") != FORMAT:
@@ -164,7 +171,9 @@ class Manifest:
                 raise TypeError("collateral must be an object")
             manifest = cls(version=data["version"], policy=data["policy"],
                            topology=tuple(data["topology"]), stages=stages,
-                           max_batch_size=data.get("max_batch_size", 0), collateral=collateral)
+                           max_batch_size=data.get("max_batch_size", 0),
+                           labels_sha256=str(data.get("labels_sha256", "")),
+                           collateral=collateral)
         except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ConfigError(f"not a deployment manifest: {err}") from err
         problems = manifest.validate()

@@ -228,6 +228,7 @@ class CoordinatorService:
             "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
             "ca": state.ca.cert_pem(), "manifest_digest": manifest.digest(),
             "topology": list(manifest.topology), "max_batch_size": manifest.max_batch_size,
+            "labels_sha256": manifest.labels_sha256,
             "simulated": verdict.simulated}
         if role != GATEWAY_ROLE:
             index = stage_index(role)

@@ -94,6 +94,8 @@ class DeploySettings:
     """The manifest's collateral source ({} = the coordinator's own)."""
     replace_manifest: bool = False
     """Replace another manifest the coordinator holds with this one (next version)."""
+    labels_path: Path | None = None
+    """Class labels for the classification extension (its SHA-256 goes in the manifest)."""
     gateway_options: dict[str, Any] = field(default_factory=dict)
     """Further GatewaySpec fields (max_queue, header_timeout_s, body_timeout_s, ...)."""
     ready_timeout_s: float = 120.0
@@ -247,7 +249,7 @@ class Deployment:
                 raise ConfigError(f"{self.sealed_dir} holds plaintext sub-models ({names}); "
                                   f"deploy only the directory `smlaas seal` wrote")
             logger.warning("%s holds plaintext sub-models (%s): with a real backend this is "
-                           "refused", self.sealed_dir, names)
+                           "refused", self.settings.build_dir, names)
         plan_sha = hashlib.sha256((self.sealed_dir / PLAN_FILE).read_bytes()).hexdigest()
         if self.keys.build_sha256 != plan_sha:
             raise ConfigError(f"keyfile {self.settings.keys_path} belongs to another sealed "
@@ -277,6 +279,7 @@ class Deployment:
             first_stage=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
             max_batch_size=self.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
             max_inflight=s.max_inflight or self.stage_count, grpc_port=s.grpc_port or 0,
+            labels_path=str(Path(s.labels_path).resolve()) if s.labels_path else "",
             **common, **s.gateway_options))
         return specs
 
@@ -300,7 +303,9 @@ class Deployment:
             version=version, policy=policy, topology=tuple(roles),
             stages={k: StageCommitment(key_commitment(k, key), self.keys.stage_sha256[k])
                     for k, key in self.keys.stage_keys.items()},
-            max_batch_size=self.max_batch_size, collateral=dict(self.settings.collateral))
+            max_batch_size=self.max_batch_size, collateral=dict(self.settings.collateral),
+            labels_sha256=hashlib.sha256(Path(self.settings.labels_path).read_bytes()).hexdigest()
+            if self.settings.labels_path else "")
 
     def _set_manifest(self, client: CoordinatorClient) -> Manifest:
         status = client.status()

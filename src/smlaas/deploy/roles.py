@@ -149,6 +149,9 @@ class GatewaySpec(RoleSpec):
     body_timeout_s: float = 30.0
     grpc_port: int = 0
     """0: no gRPC endpoint."""
+    labels_path: str = ""
+    """Class labels for the classification extension, one per line ('' = none); the file
+    must have the SHA-256 the manifest names."""
 
     @property
     def role(self) -> str:
@@ -169,4 +172,5 @@ class GatewaySpec(RoleSpec):
                 "--max-queue": str(self.max_queue),
                 "--header-timeout": f"{self.header_timeout_s:g}",
                 "--body-timeout": f"{self.body_timeout_s:g}",
-                "--grpc-port": str(self.grpc_port)}
+                "--grpc-port": str(self.grpc_port),
+                **({"--labels": self.labels_path} if self.labels_path else {})}

@@ -43,8 +43,8 @@ RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
 DECODE_THREADS = 2
 MODEL_VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics",
-              "smlaas_attestation"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository",
+              "model_configuration", "statistics", "smlaas_attestation"]
 """The protocol extensions this gateway implements (Triton's names), exactly."""
 
 
@@ -62,6 +62,8 @@ class GatewaySettings:
     stage_count: int | None = None
     """The manifest's number of stages: ready only when a probe passed through all of them
     (a host that cut the chain short gets "not ready", not wrong answers)."""
+    labels: tuple[str, ...] | None = None
+    """Class labels for the classification extension (index -> label)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class DataPlane:
         self.settings = settings
         self.name = settings.model_name
         self.batching = settings.max_batch_size > 0
+        self.labels = list(settings.labels) if settings.labels else None
         self.metrics = GatewayMetrics()
         self.statistics = ModelStatistics(self.name, MODEL_VERSION)
         self.pipeline = Pipeline(link, timeout_s=settings.request_timeout_s,

@@ -172,7 +172,8 @@ class RestEndpoints:
             outputs = await plane.infer(parsed, unless=lambda wait: _unless_client_goes(
                 request, wait))
             encoded_at = time.perf_counter()
-            content, headers = encode_infer_response(plane.name, parsed, outputs)
+            content, headers = encode_infer_response(plane.name, parsed, outputs,
+                                                     labels=plane.labels)
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
                 content, coding = await plane.decode(lambda: encode_content(content, accepted))

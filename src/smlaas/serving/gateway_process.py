@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
+from smlaas.errors import ConfigError
 from smlaas.serving.data_plane import DataPlane
 from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
@@ -73,6 +74,26 @@ class GatewayEvidence:
             return self._evidence
 
 
+def read_labels(path: str, expected_sha256: str) -> tuple[str, ...] | None:
+    """The class labels, only from the file the owner's manifest commits to."""
+    if not expected_sha256:
+        if path:
+            raise ConfigError(f"--labels {path} was given, but the manifest names no labels "
+                              f"file (deploy with --labels)")
+        return None
+    if not path:
+        raise ConfigError("the manifest names a labels file; give it with --labels")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the labels file {path}: {err}") from err
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise ConfigError(f"the labels file {path} has SHA-256 {actual[:16]}..., the manifest "
+                          f"names {expected_sha256[:16]}... (changed by the host?)")
+    return tuple(data.decode("utf-8").splitlines())
+
+
 def certificate_hosts(listen_host: str) -> list[str]:
     """Names the gateway's certificate carries: the address it listens on and loopback; for a
     wildcard address also this machine's host names and addresses."""
@@ -100,6 +121,7 @@ def run_gateway(spec: GatewaySpec) -> None:
                        max_batch)
     settings = GatewaySettings(
         model_name=spec.model_name, max_batch_size=max_batch,
+        labels=read_labels(spec.labels_path, registration.labels_sha256),
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
         request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
@@ -121,7 +143,7 @@ def run_gateway(spec: GatewaySpec) -> None:
             stream.write(key_pem)
         config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
                                 ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
-                                access_log=False, timeout_graceful_shutdown=5,
+                                access_log=False, timeout_graceful_shutdown=3,
                                 http=deadline_protocol(header_timeout_s=spec.header_timeout_s,
                                                        body_timeout_s=spec.body_timeout_s),
                                 limit_concurrency=MAX_CONNECTIONS,

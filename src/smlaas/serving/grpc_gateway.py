@@ -18,12 +18,19 @@ import time
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from smlaas.errors import SmlaasError
 from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, error_codes
-from smlaas.transport.v2 import BadRequest, datatype, parse_infer_request
+from smlaas.transport.v2 import (
+    BadRequest,
+    datatype,
+    parse_infer_request,
+    response_outputs,
+    serialize_bytes,
+)
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -95,14 +102,14 @@ class GrpcEndpoints(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(getattr(grpc.StatusCode, code), str(err))
             raise AssertionError("unreachable: abort raises") from err
         encoded_at = time.perf_counter()
-        names = parsed.outputs or list(outputs)
         response = service_pb2.ModelInferResponse(
             model_name=plane.name, model_version=MODEL_VERSION, id=request.id)
-        for name in names:
-            value = outputs[name]
-            response.outputs.add(name=name, datatype=datatype(value.dtype.name),
-                                 shape=list(value.shape))
-            response.raw_output_contents.append(value.tobytes())
+        for name, value in response_outputs(parsed, outputs, plane.labels).items():
+            is_bytes = value.dtype == object
+            response.outputs.add(name=name, shape=list(value.shape),
+                                 datatype="BYTES" if is_bytes else datatype(value.dtype.name))
+            response.raw_output_contents.append(
+                serialize_bytes(value) if is_bytes else np.ascontiguousarray(value).tobytes())
         plane.record(code="200", ok=True, started=started, decode_s=decode_s,
                      encode_s=time.perf_counter() - encoded_at)
         return response
@@ -143,7 +150,9 @@ def _as_v2_body(request: Any, max_bytes: int) -> tuple[bytes, str]:
                                  f"typed contents; send raw_input_contents")
             item["data"] = list(getattr(tensor.contents, field))
         items.append(item)
-    outputs = [{"name": o.name} for o in request.outputs]
+    outputs = [{"name": o.name, **({"parameters": {"classification": int(
+        o.parameters["classification"].int64_param)}} if "classification" in o.parameters
+        else {})} for o in request.outputs]
     header = json.dumps({"inputs": items, **({"outputs": outputs} if outputs else {}),
                          "parameters": {"binary_data_output": True}}).encode()
     return header + b"".join(raw), str(len(header))

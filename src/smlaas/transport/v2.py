@@ -130,9 +130,38 @@ class InferRequest:
     """Requested outputs in order; None for all."""
     binary: dict[str, bool] = field(default_factory=dict)
     binary_default: bool = False
+    classification: dict[str, int] = field(default_factory=dict)
+    """Output name -> k: return its top-k classes (the classification extension)."""
 
     def wants_binary(self, name: str) -> bool:
         return self.binary.get(name, self.binary_default)
+
+
+MAX_CLASSES = 10_000
+
+
+def classify(values: np.ndarray, k: int, labels: list[str] | None = None) -> np.ndarray:
+    """Triton's classification extension: over the last axis, the ``k`` highest values as
+    ``"score:index"`` (``"score:index:label"`` with labels), highest first, as bytes."""
+    if values.ndim == 0:
+        raise BadRequest("classification needs an output with at least one axis")
+    k = min(k, values.shape[-1])
+    flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    rows = []
+    for row, indices in zip(flat, order):
+        rows.append([(f"{row[i]:f}:{i}" + (f":{labels[i]}" if labels and i < len(labels)
+                                           else "")).encode() for i in indices])
+    result = np.empty((len(rows), k), dtype=object)
+    result[:] = rows
+    return result.reshape(*values.shape[:-1], k)
+
+
+def serialize_bytes(values: np.ndarray) -> bytes:
+    """A BYTES tensor in Triton's binary layout: each element as a 4-byte little-endian
+    length and its bytes, in row-major order."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in
+                    (bytes(v) for v in values.reshape(-1)))
 
 
 def datatype(dtype: str) -> str:
@@ -198,9 +227,9 @@ def _parse(body: bytes, header_length: str | None, inputs: list[TensorSpec],
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
     batch = _check_shapes(tensors, specs, max_batch_size)
-    requested, binary_flags = _requested_outputs(request, {s.name for s in outputs})
+    requested, binary_flags, classes = _requested_outputs(request, {s.name for s in outputs})
     return InferRequest(id=request_id, inputs=tensors, batch=batch, outputs=requested,
-                        binary=binary_flags,
+                        binary=binary_flags, classification=classes,
                         binary_default=_flag(parameters, "binary_data_output", "the request"))
 
 
@@ -228,18 +257,45 @@ def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
     return value
 
 
+def response_outputs(request: InferRequest, outputs: Mapping[str, np.ndarray],
+                     labels: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The outputs to return, in order, with the classification extension applied."""
+    return {name: classify(outputs[name], request.classification[name], labels)
+            if name in request.classification else outputs[name]
+            for name in request.outputs or list(outputs)}
+
+
+def deserialize_bytes(data: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor in Triton's binary layout (see serialize_bytes)."""
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise BadRequest("a BYTES element's length prefix is cut short")
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        if offset + 4 + length > len(data):
+            raise BadRequest("a BYTES element is longer than the data left")
+        items.append(data[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return items
+
+
 def encode_infer_response(model_name: str, request: InferRequest,
-                          outputs: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+                          outputs: Mapping[str, np.ndarray], *,
+                          labels: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (binary outputs after the JSON)."""
-    names = request.outputs or list(outputs)
     entries, chunks = [], []
-    for name in names:
-        value = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {"name": name, "datatype": datatype(value.dtype.name),
+    for name, value in response_outputs(request, outputs, labels).items():
+        value = np.ascontiguousarray(value)
+        is_bytes = value.dtype == object
+        entry: dict[str, Any] = {"name": name,
+                                 "datatype": "BYTES" if is_bytes else datatype(value.dtype.name),
                                  "shape": list(value.shape)}
         if request.wants_binary(name):
-            entry["parameters"] = {"binary_data_size": value.nbytes}
-            chunks.append(value.tobytes())
+            data = serialize_bytes(value) if is_bytes else value.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif is_bytes:
+            entry["data"] = [bytes(v).decode("utf-8", "replace") for v in value.reshape(-1)]
         else:
             entry["data"] = value.reshape(-1).tolist()
         entries.append(entry)
@@ -283,8 +339,16 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, n
     response = json.loads(body[:length])
     binary, offset, outputs = body[length:], 0, {}
     for item in response["outputs"]:
-        dtype = np.dtype(DATATYPES[item["datatype"]])
         size = (item.get("parameters") or {}).get("binary_data_size")
+        if item["datatype"] == "BYTES":
+            values = deserialize_bytes(binary[offset:offset + size]) if size is not None \
+                else [str(v).encode() for v in item["data"]]
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+            outputs[item["name"]] = array.reshape(item["shape"])
+            offset += size or 0
+            continue
+        dtype = np.dtype(DATATYPES[item["datatype"]])
         if size is not None:
             outputs[item["name"]] = np.frombuffer(binary, dtype=dtype, count=size // dtype.itemsize,
                                                   offset=offset).reshape(item["shape"])
@@ -383,13 +447,13 @@ def _check_shapes(tensors: dict[str, np.ndarray], specs: dict[str, TensorSpec],
 
 
 def _requested_outputs(request: dict[str, Any], known: set[str]
-                       ) -> tuple[list[str] | None, dict[str, bool]]:
+                       ) -> tuple[list[str] | None, dict[str, bool], dict[str, int]]:
     items = request.get("outputs")
     if items is None:
-        return None, {}
+        return None, {}, {}
     if not isinstance(items, list):
         raise BadRequest("'outputs' must be a list")
-    names, binary = [], {}
+    names, binary, classes = [], {}, {}
     for item in items:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str) or name not in known:
@@ -399,4 +463,10 @@ def _requested_outputs(request: dict[str, Any], known: set[str]
         parameters = _parameters(item, f"output {name!r}")
         if "binary_data" in parameters:
             binary[name] = _flag(parameters, "binary_data", f"output {name!r}")
-    return names, binary
+        if "classification" in parameters:
+            k = parameters["classification"]
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CLASSES:
+                raise BadRequest(f"output {name!r}: classification must be an integer in "
+                                 f"1..{MAX_CLASSES}, got {_shown(k)}")
+            classes[name] = k
+    return names, binary, classes
