@@ -130,3 +130,26 @@ def huge_matmul_model(size: int = 6000) -> onnx.ModelProto:
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
                   [weight])
+
+
+def text_and_bf16_model(width: int = 32, depth: int = 4) -> onnx.ModelProto:
+    """Tensors with no fixed element size or no numpy-native type: a string input
+    upper-cased and passed through every stage, and bfloat16 in and out around a float32
+    chain (as a mixed-precision export does)."""
+    nodes = [helper.make_node("StringNormalizer", ["text"], ["upper"], name="normalize",
+                              case_change_action="UPPER", locale="C"),
+             helper.make_node("Cast", ["h"], ["h32"], name="widen", to=TensorProto.FLOAT)]
+    inits, x = [], "h32"
+    for layer in range(depth):
+        inits.append(_weight(f"w{layer}", (width, width), layer))
+        nodes += [helper.make_node("MatMul", [x, f"w{layer}"], [f"m{layer}"], name=f"mm{layer}"),
+                  helper.make_node("Tanh", [f"m{layer}"], [f"t{layer}"], name=f"tanh{layer}")]
+        x = f"t{layer}"
+    nodes += [helper.make_node("Cast", [x], ["y"], name="narrow", to=TensorProto.BFLOAT16),
+              helper.make_node("Identity", ["upper"], ["text_out"], name="text_out")]
+    return _model(nodes,
+                  [helper.make_tensor_value_info("text", TensorProto.STRING, ["N"]),
+                   helper.make_tensor_value_info("h", TensorProto.BFLOAT16, ["N", width])],
+                  [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", width]),
+                   helper.make_tensor_value_info("text_out", TensorProto.STRING, ["N"])],
+                  inits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -73,6 +74,40 @@ def test_bad_headers_are_refused_before_allocation(frame: bytes, message: str) -
         list(decoder.messages())
 
 
-def test_object_arrays_are_not_sent() -> None:
-    with pytest.raises(ProtocolError, match="cannot be sent"):
-        message_bytes("x", {"t": np.array(["a"], dtype=object)})
+def test_string_and_bfloat16_tensors_round_trip() -> None:
+    strings = np.array([[b"a", "\u00e9t\u00e9".encode()], [b"", b"\x00\xff"]], dtype=object)
+    brain = np.array([[1.5, -2.0, 3.0]], dtype=ml_dtypes.bfloat16)
+    scalar = np.float32(7.0).reshape(())
+    decoder = TensorDecoder()
+    decoder.feed(message_bytes("x", {"s": strings, "b": brain, "scalar": scalar}))
+    message, = decoder.messages()
+    assert message.tensors["s"].dtype == object and message.tensors["s"].tolist() == \
+        strings.tolist()
+    assert message.tensors["b"].dtype == brain.dtype
+    assert message.tensors["b"].tobytes() == brain.tobytes()
+    assert message.tensors["scalar"].shape == ()
+
+
+def test_string_tensors_must_hold_bytes() -> None:
+    with pytest.raises(ProtocolError, match="bytes or str"):
+        message_bytes("x", {"t": np.array([1, 2], dtype=object)})
+
+
+@pytest.mark.parametrize("payload", [b"\x05\x00\x00\x00ab", b"\x01\x00"])
+def test_cut_short_string_tensors_are_refused(payload: bytes) -> None:
+    header = json.dumps({"id": "x", "meta": {}, "tensors": [
+        {"name": "t", "dtype": "bytes", "shape": [1], "nbytes": len(payload)}]}).encode()
+    decoder = TensorDecoder()
+    decoder.feed(struct.pack(">I", len(header)) + header + payload)
+    with pytest.raises(ProtocolError):
+        list(decoder.messages())
+
+
+def test_string_element_count_must_match_the_shape() -> None:
+    payload = b"\x01\x00\x00\x00a" * 3
+    header = json.dumps({"id": "x", "meta": {}, "tensors": [
+        {"name": "t", "dtype": "bytes", "shape": [2], "nbytes": len(payload)}]}).encode()
+    decoder = TensorDecoder()
+    decoder.feed(struct.pack(">I", len(header)) + header + payload)
+    with pytest.raises(ProtocolError, match="3 BYTES elements for shape"):
+        list(decoder.messages())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,10 +15,12 @@ from smlaas.client.inference import decode_infer_response
 from smlaas.transport.tensors import TensorSpec
 from smlaas.transport.v2 import (
     HEADER_ALLOWANCE_BYTES,
+    HEADER_LENGTH,
     BadRequest,
     InferRequest,
     RequestLimits,
     check_json_bounds,
+    encode_infer_request,
     encode_infer_response,
     parse_infer_request,
 )
@@ -61,7 +64,8 @@ def test_binary_and_json_requests_decode_to_the_same_tensors() -> None:
     (lambda r: r["inputs"][0].update(name="z"), "unknown input 'z'"),
     (lambda r: r["inputs"].pop(), "missing input"),
     (lambda r: r["inputs"][0].update(datatype="FP64"), "expects FP32"),
-    (lambda r: r["inputs"][0].update(datatype="BYTES"), "unsupported datatype"),
+    (lambda r: r["inputs"][0].update(datatype="STRING"), "unsupported datatype"),
+    (lambda r: r["inputs"][0].update(datatype="BYTES"), "expects FP32"),
     (lambda r: r["inputs"][0].update(shape=[1, 4, 3]), "has shape [1, 4, 3]"),
     (lambda r: r["inputs"][0].update(data=[1.0, 2.0]), "2 values for shape"),
     (lambda r: r["inputs"][0].update(data="abc"), "data is not FP32"),
@@ -236,3 +240,51 @@ def test_classification_and_bytes_round_trip() -> None:
     with pytest.raises(BadRequest, match="classification must be an integer"):
         parse(*binary_body([item("x", "FP32", X), item("ids", "INT64", IDS)], {
             "outputs": [{"name": "y", "parameters": {"classification": 0}}]}))
+
+
+TEXT_INPUTS = [TensorSpec("text", "bytes", [None]), TensorSpec("h", "bfloat16", [None, 2])]
+TEXT_OUTPUTS = [TensorSpec("y", "bfloat16", [None, 2])]
+
+
+def parse_text(body: bytes, length: str | None) -> InferRequest:
+    return parse_infer_request(body, length, TEXT_INPUTS, TEXT_OUTPUTS, max_batch_size=4)
+
+
+def test_bytes_and_bf16_inputs_decode_from_binary_and_json() -> None:
+    text = np.array([b"caf\xc3\xa9", b""], dtype=object)
+    hidden = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=ml_dtypes.bfloat16)
+    for binary in (True, False):
+        body, headers = encode_infer_request({"text": text, "h": hidden}, binary=binary)
+        request = parse_text(body, headers.get(HEADER_LENGTH))
+        assert request.inputs["text"].tolist() == [b"caf\xc3\xa9", b""]
+        assert request.inputs["h"].dtype == hidden.dtype
+        np.testing.assert_array_equal(request.inputs["h"].astype(np.float32),
+                                      hidden.astype(np.float32))
+
+
+def test_bf16_and_bytes_outputs_round_trip_through_the_client_codec() -> None:
+    request = InferRequest(id=None, inputs={}, batch=1, binary_default=True)
+    outputs = {"y": np.array([[1.5, -2.0]], dtype=ml_dtypes.bfloat16),
+               "s": np.array([b"\x00\xff", b"ok"], dtype=object)}
+    for binary in (True, False):
+        request.binary_default = binary
+        body, headers = encode_infer_response("m", request, outputs)
+        decoded = decode_infer_response(body, headers.get(HEADER_LENGTH))
+        assert decoded["y"].dtype == outputs["y"].dtype
+        assert decoded["y"].tobytes() == outputs["y"].tobytes()
+        if binary:  # JSON carries strings, so only valid UTF-8 survives it
+            assert decoded["s"].tolist() == [b"\x00\xff", b"ok"]
+
+
+@pytest.mark.parametrize(("text_item", "message"), [
+    ({"datatype": "BYTES", "shape": [2], "data": ["a", 3]}, "must be strings"),
+    ({"datatype": "BYTES", "shape": [3], "data": ["a", "b"]}, "2 BYTES elements"),
+    ({"datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 3}}, "cut short"),
+])
+def test_malformed_bytes_inputs_are_named(text_item: dict, message: str) -> None:
+    hidden = {"name": "h", "datatype": "BF16", "shape": [1, 2], "data": [1.0, 2.0]}
+    request = {"inputs": [{"name": "text", **text_item}, hidden]}
+    head = json.dumps(request).encode()
+    binary = b"\x09\x00\x00" if "parameters" in text_item else b""
+    with pytest.raises(BadRequest, match=message):
+        parse_text(head + binary, str(len(head)) if binary else None)

@@ -16,6 +16,7 @@ import onnx
 
 from smlaas.errors import SmlaasError
 from smlaas.export.chain import Chain
+from smlaas.profile.session import BFLOAT16
 
 BATCH_DIM = "batch"
 
@@ -55,12 +56,19 @@ def batching_problem(stage_models: Sequence[onnx.ModelProto], inputs: Mapping[st
         if value.shape != expected.shape:
             return f"output {name!r} has shape {value.shape} at batch {batch}, expected " \
                    f"{expected.shape}"
-        if not np.allclose(value, expected, rtol=1e-4, atol=1e-5):
+        same = np.array_equal(value, expected) if value.dtype == object else np.allclose(
+            value.astype(np.float64), expected.astype(np.float64), rtol=1e-4, atol=1e-5)
+        if not same:
             return f"output {name!r} at batch {batch} differs from the requests run alone"
     return None
 
 
 def _perturbed(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if np.issubdtype(value.dtype, np.floating):
-        return (value + rng.standard_normal(value.shape).astype(value.dtype)).astype(value.dtype)
+    if np.issubdtype(value.dtype, np.floating) or value.dtype == BFLOAT16:
+        noise = rng.standard_normal(value.shape)
+        return (value.astype(np.float32) + noise).astype(value.dtype)
+    if value.dtype == object:  # strings: each sample its own
+        suffix = str(int(rng.integers(1 << 30)))
+        return np.vectorize(lambda v: bytes(v) + suffix.encode() if isinstance(v, bytes)
+                            else f"{v}{suffix}", otypes=[object])(value)
     return value.copy()

@@ -82,6 +82,11 @@ def compare_outputs(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.
             results.append(OutputComparison(name, tuple(want.shape), float("inf"),
                                             float("inf"), False))
             continue
+        if want.dtype == object or got.dtype == object:  # strings: equal or not
+            equal = want.dtype == got.dtype and bool(np.array_equal(want, got))
+            error = 0.0 if equal else float("inf")
+            results.append(OutputComparison(name, tuple(want.shape), error, error, equal))
+            continue
         want64, got64 = want.astype(np.float64), got.astype(np.float64)
         diff = np.abs(want64 - got64)
         # Relative to |expected|, floored at atol so values near zero do not dominate.

@@ -38,9 +38,15 @@ class TensorInfo:
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
 
 
+STRING_ELEMENT_BYTES = 64
+"""What one string element is counted as in memory and transfer estimates: ONNX Runtime's
+``std::string`` (32 bytes) and a short payload. Strings have no fixed size; real payloads are
+framed with their lengths on the wire."""
+
+
 def element_size(elem_type: int) -> int:
     if elem_type == onnx.TensorProto.STRING:
-        raise GraphError("string tensors have no fixed size and cannot be cut across")
+        return STRING_ELEMENT_BYTES
     return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
 
 

@@ -23,7 +23,11 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
     for value in model_inputs(model):
         shape = tuple(shapes[value.name])
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-        if dtype == np.bool_:
+        if dtype == np.dtype(object):  # string tensors: short ASCII words
+            words = np.empty(shape, dtype=object)
+            words.reshape(-1)[:] = [f"w{n}" for n in rng.integers(0, 1000, size=words.size)]
+            feeds[value.name] = words
+        elif dtype == np.bool_:
             feeds[value.name] = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
             high = bounds.get(value.name, 2)

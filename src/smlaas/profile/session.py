@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -16,6 +18,7 @@ from smlaas.errors import ProfileError
 # Protobuf cannot serialise a message over 2 GiB; larger models go through a file with
 # external data.
 _PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class Optimization(enum.Enum):
@@ -80,6 +83,7 @@ def create_session(model: onnx.ModelProto | str | Path, *, threads: int,
     options = session_options(threads=threads, optimization=optimization,
                               profile_prefix=profile_prefix,
                               optimized_model_path=optimized_model_path, serving=serving)
+    model = widen_bfloat16_outputs(model)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < _PROTOBUF_LIMIT_BYTES:
@@ -97,11 +101,85 @@ def create_session(model: onnx.ModelProto | str | Path, *, threads: int,
         raise ProfileError(f"ONNX Runtime cannot load the model: {message}") from err
 
 
+BFLOAT16_OUTPUTS_KEY = "smlaas.bfloat16_outputs"
+
+
+def widen_bfloat16_outputs(model: onnx.ModelProto | str | Path) -> onnx.ModelProto | str | Path:
+    """The model with each bfloat16 graph output cast to float32 (exact: every bfloat16 value
+    is a float32), the outputs so widened listed in its metadata; :func:`run_session` casts
+    them back. ONNX Runtime's numpy bridge has no bfloat16, so this is the one way to read such
+    outputs while passing string inputs."""
+    if not isinstance(model, onnx.ModelProto):
+        header = onnx.load(str(model), load_external_data=False)
+        if not _bfloat16_outputs(header):
+            return model
+        model = onnx.load(str(model))
+    names = _bfloat16_outputs(model)
+    if not names:
+        return model
+    widened = onnx.ModelProto()
+    widened.CopyFrom(model)
+    graph = widened.graph
+    for output in graph.output:
+        if output.name not in names:
+            continue
+        inner = f"{output.name}__smlaas_bfloat16"
+        for node in graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+            node.input[:] = [inner if i == output.name else i for i in node.input]
+        graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name],
+                                                to=onnx.TensorProto.FLOAT,
+                                                name=f"{output.name}__smlaas_widen"))
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    entry = widened.metadata_props.add()
+    entry.key, entry.value = BFLOAT16_OUTPUTS_KEY, ",".join(names)
+    return widened
+
+
+def _bfloat16_outputs(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output
+            if o.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16]
+
+
 def run_session(session: ort.InferenceSession, feeds: Mapping[str, Any],
                 outputs: list[str] | None = None) -> list[Any]:
-    """Runs ``session``; ProfileError with ORT's message if the run fails."""
+    """Runs ``session``; ProfileError with ORT's message if the run fails.
+
+    Beyond what ``session.run`` takes: string tensors may hold bytes (UTF-8, as the V2
+    protocol carries them) and come back as bytes; bfloat16 tensors (``ml_dtypes``) go in as
+    OrtValues and come out of the float32 outputs :func:`widen_bfloat16_outputs` made."""
+    names = outputs if outputs is not None else [o.name for o in session.get_outputs()]
+    prepared = {name: _ort_input(name, value) for name, value in feeds.items()}
     try:
-        return list(session.run(outputs, dict(feeds)))
+        results = list(session.run(names, prepared))
     except Exception as err:  # ORT's exceptions are not a typed hierarchy
         message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ProfileError(f"ONNX Runtime failed to run the model: {message}") from err
+    narrowed = set(filter(None, session.get_modelmeta().custom_metadata_map.get(
+        BFLOAT16_OUTPUTS_KEY, "").split(",")))
+    return [np.asarray(r).astype(BFLOAT16) if name in narrowed else _from_ort(r)
+            for name, r in zip(names, results)]
+
+
+def _ort_input(name: str, value: Any) -> Any:
+    array = np.asarray(value)
+    if array.dtype == BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(array).view(np.uint16), onnx.TensorProto.BFLOAT16)
+    if array.dtype == object:
+        try:
+            return np.vectorize(_as_text, otypes=[object])(array) if array.size else array
+        except UnicodeDecodeError as err:
+            raise ProfileError(f"string input {name!r} is not UTF-8: {err}") from err
+    return value
+
+
+def _as_text(item: Any) -> str:
+    return item.decode() if isinstance(item, (bytes, bytearray)) else str(item)
+
+
+def _from_ort(result: Any) -> Any:
+    if isinstance(result, np.ndarray) and result.dtype == object:
+        return np.vectorize(lambda v: v.encode() if isinstance(v, str) else v,
+                            otypes=[object])(result) if result.size else result
+    return result

@@ -24,12 +24,13 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from smlaas.errors import SmlaasError
 from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, error_codes
+from smlaas.transport.tensors import serialize_bytes, wire_dtype
 from smlaas.transport.v2 import (
     BadRequest,
     datatype,
     parse_infer_request,
     response_outputs,
-    serialize_bytes,
+    tensor_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,10 @@ class GrpcEndpoints(service_pb2_grpc.GRPCInferenceServiceServicer):
         response = service_pb2.ModelInferResponse(
             model_name=plane.name, model_version=MODEL_VERSION, id=request.id)
         for name, value in response_outputs(parsed, outputs, plane.labels).items():
-            is_bytes = value.dtype == object
+            value = np.asarray(value, order="C")
             response.outputs.add(name=name, shape=list(value.shape),
-                                 datatype="BYTES" if is_bytes else datatype(value.dtype.name))
-            response.raw_output_contents.append(
-                serialize_bytes(value) if is_bytes else np.ascontiguousarray(value).tobytes())
+                                 datatype=datatype(wire_dtype(value.dtype)))
+            response.raw_output_contents.append(tensor_bytes(value))
         plane.record(code="200", ok=True, started=started, decode_s=decode_s,
                      encode_s=time.perf_counter() - encoded_at)
         return response
@@ -138,11 +138,17 @@ def _as_v2_body(request: Any, max_bytes: int) -> tuple[bytes, str]:
     if sum(len(r) for r in raw) > max_bytes:
         raise BadRequest(f"the inputs exceed the {max_bytes} bytes this model can take")
     items: list[dict[str, Any]] = []
+    binary: list[bytes] = []
     for index, tensor in enumerate(request.inputs):
         item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                                 "shape": list(tensor.shape)}
-        if raw:
-            item["parameters"] = {"binary_data_size": len(raw[index])}
+        data = raw[index] if raw else None
+        if data is None and tensor.datatype == "BYTES":  # bytes_contents: any bytes, not JSON
+            data = serialize_bytes(np.array(list(tensor.contents.bytes_contents) or [],
+                                            dtype=object))
+        if data is not None:
+            item["parameters"] = {"binary_data_size": len(data)}
+            binary.append(data)
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
@@ -155,7 +161,9 @@ def _as_v2_body(request: Any, max_bytes: int) -> tuple[bytes, str]:
         else {})} for o in request.outputs]
     header = json.dumps({"inputs": items, **({"outputs": outputs} if outputs else {}),
                          "parameters": {"binary_data_output": True}}).encode()
-    return header + b"".join(raw), str(len(header))
+    if sum(len(b) for b in binary) > max_bytes:
+        raise BadRequest(f"the inputs exceed the {max_bytes} bytes this model can take")
+    return header + b"".join(binary), str(len(header))
 
 
 def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_chain_pem: bytes,

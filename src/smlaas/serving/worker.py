@@ -36,7 +36,7 @@ from smlaas.serving.link import Link, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import STREAM_LIMIT, read_message, write_reply
-from smlaas.transport.tensors import TensorMessage
+from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def tensor_specs(values: Any) -> list[dict[str, Any]]:
     for value in values:
         tensor_type = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        dtype = wire_dtype(np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
         specs.append(TensorSpec(value.name, dtype, dims).to_dict())
     return specs
 

@@ -11,11 +11,13 @@ allocated.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
 from smlaas.transport.framing import ProtocolError
@@ -23,9 +25,58 @@ from smlaas.transport.framing import ProtocolError
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 2 << 30
 MAX_TENSORS = 1024
-# The dtypes ONNX models exchange; object/string arrays are never sent.
-ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32",
-                            "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+BYTES = "bytes"
+"""The dtype name of a string tensor on the wire: elements of bytes, as numpy object arrays
+in memory and in Triton's length-prefixed layout in a message."""
+FIXED_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "int8", "int16",
+                          "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+ALLOWED_DTYPES = FIXED_DTYPES | {BYTES}
+
+
+def wire_dtype(dtype: np.dtype[Any]) -> str:
+    """The name a numpy dtype travels under (object arrays are string tensors)."""
+    return BYTES if dtype == np.dtype(object) else dtype.name
+
+
+def serialize_bytes(values: np.ndarray) -> bytes:
+    """A string tensor in Triton's binary layout: each element as a 4-byte little-endian
+    length and its bytes, in row-major order (str elements as UTF-8)."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in
+                    (_as_bytes(v) for v in values.reshape(-1)))
+
+
+def deserialize_bytes(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The elements of a string tensor in Triton's binary layout; ValueError if it is cut
+    short."""
+    view = memoryview(data)
+    items, offset = [], 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise ValueError("a BYTES element's length prefix is cut short")
+        length = int.from_bytes(view[offset:offset + 4], "little")
+        if offset + 4 + length > len(view):
+            raise ValueError("a BYTES element is longer than the data left")
+        items.append(bytes(view[offset + 4:offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def bytes_array(items: list[bytes], shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """An object array of ``items`` in ``shape``; ValueError if the counts differ."""
+    count = math.prod(shape)
+    if len(items) != count:
+        raise ValueError(f"{len(items)} BYTES elements for shape {list(shape)} (needs {count})")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ValueError(f"a BYTES element must be bytes or str, not {type(value).__name__}")
 
 
 @dataclass
@@ -41,13 +92,21 @@ def encode_message(request_id: str, tensors: Mapping[str, np.ndarray],
     are already C-contiguous."""
     descriptions, payload = [], []
     for name, array in tensors.items():
-        contiguous = np.ascontiguousarray(array)
-        dtype = contiguous.dtype.name
+        contiguous = np.asarray(array, order="C")  # keeps 0-d (ascontiguousarray does not)
+        dtype = wire_dtype(contiguous.dtype)
         if dtype not in ALLOWED_DTYPES:
             raise ProtocolError(f"tensor {name!r} has dtype {dtype}, which cannot be sent")
+        data: bytes | memoryview
+        if dtype == BYTES:
+            try:
+                data = serialize_bytes(contiguous)
+            except ValueError as err:
+                raise ProtocolError(f"tensor {name!r}: {err}") from err
+        else:
+            data = contiguous.reshape(-1).view(np.uint8).data
         descriptions.append({"name": name, "dtype": dtype, "shape": list(contiguous.shape),
-                             "nbytes": contiguous.nbytes})
-        payload.append(contiguous.data.cast("B"))
+                             "nbytes": len(data)})
+        payload.append(data)
     header = json.dumps({"id": request_id, "meta": dict(meta or {}), "tensors": descriptions},
                         separators=(",", ":")).encode()
     if len(header) > MAX_HEADER_BYTES:
@@ -108,15 +167,18 @@ def decode_payload(header: dict[str, Any], payload: bytes | bytearray) -> Tensor
     """The message a parsed header and its payload describe (arrays view ``payload``)."""
     tensors, offset = {}, 0
     for item in header["tensors"]:
-        tensors[item["name"]] = np.frombuffer(payload, dtype=item["dtype"],
-                                              count=_count(item), offset=offset
-                                              ).reshape(item["shape"])
+        if item["dtype"] == BYTES:
+            try:
+                tensors[item["name"]] = bytes_array(deserialize_bytes(
+                    memoryview(payload)[offset:offset + item["nbytes"]]), item["shape"])
+            except ValueError as err:
+                raise ProtocolError(f"tensor {item['name']!r}: {err}") from err
+        else:
+            tensors[item["name"]] = np.frombuffer(payload, dtype=item["dtype"],
+                                                  count=math.prod(item["shape"]),
+                                                  offset=offset).reshape(item["shape"])
         offset += item["nbytes"]
     return TensorMessage(str(header["id"]), tensors, dict(header["meta"]))
-
-
-def _count(item: dict[str, Any]) -> int:
-    return int(np.prod(item["shape"], dtype=np.int64))
 
 
 def parse_header(raw: bytes) -> dict[str, Any]:
@@ -131,11 +193,16 @@ def parse_header(raw: bytes) -> dict[str, Any]:
             shape = [int(d) for d in item["shape"]]
             if dtype not in ALLOWED_DTYPES or any(d < 0 for d in shape):
                 raise ValueError(f"bad tensor description {item}")
-            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if int(item["nbytes"]) != expected:
-                raise ValueError(f"tensor {item['name']!r}: {item['nbytes']} bytes for shape "
-                                 f"{shape} of {dtype} (expected {expected})")
-            total += expected
+            count, nbytes = math.prod(shape), int(item["nbytes"])
+            if dtype == BYTES:
+                if nbytes < 4 * count:
+                    raise ValueError(f"tensor {item['name']!r}: {nbytes} bytes cannot hold "
+                                     f"{count} BYTES elements")
+            elif nbytes != count * np.dtype(dtype).itemsize:
+                raise ValueError(f"tensor {item['name']!r}: {nbytes} bytes for shape "
+                                 f"{shape} of {dtype} (expected "
+                                 f"{count * np.dtype(dtype).itemsize})")
+            total += nbytes
         if total > MAX_PAYLOAD_BYTES:
             raise ValueError(f"payload of {total} bytes exceeds the limit")
         if not isinstance(header.get("meta", {}), dict):

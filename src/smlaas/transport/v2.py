@@ -21,12 +21,20 @@ from typing import Any
 import numpy as np
 
 from smlaas.errors import InputError
-from smlaas.transport.tensors import TensorSpec
+from smlaas.transport.tensors import (
+    BYTES,
+    TensorSpec,
+    bytes_array,
+    deserialize_bytes,
+    serialize_bytes,
+    wire_dtype,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
              "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32",
-             "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64"}
+             "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
+             "BF16": "bfloat16", "BYTES": BYTES}
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
 
 
@@ -39,6 +47,9 @@ STRUCTURE_ALLOWANCE = 4096
 MAX_JSON_DEPTH = 64
 DYNAMIC_DIM_CAP = 8192
 """What a symbolic dimension other than the batch one may reach, for the body limit."""
+BYTES_ELEMENT_ALLOWANCE = 4096
+"""What one BYTES element may take on average, for the body limit (a string tensor's size is
+not fixed by its shape)."""
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
 
@@ -63,7 +74,8 @@ class RequestLimits:
             dims = [rows if axis == 0 and max_batch_size > 0 else
                     DYNAMIC_DIM_CAP if d is None else d for axis, d in enumerate(spec.shape)]
             elements += math.prod(dims)
-            itemsize = max(itemsize, np.dtype(spec.dtype).itemsize)
+            itemsize = max(itemsize, BYTES_ELEMENT_ALLOWANCE if spec.dtype == BYTES
+                           else np.dtype(spec.dtype).itemsize)
         per_value = max(itemsize, JSON_BYTES_PER_VALUE)
         return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
 
@@ -157,15 +169,24 @@ def classify(values: np.ndarray, k: int, labels: list[str] | None = None) -> np.
     return result.reshape(*values.shape[:-1], k)
 
 
-def serialize_bytes(values: np.ndarray) -> bytes:
-    """A BYTES tensor in Triton's binary layout: each element as a 4-byte little-endian
-    length and its bytes, in row-major order."""
-    return b"".join(len(item).to_bytes(4, "little") + item for item in
-                    (bytes(v) for v in values.reshape(-1)))
-
-
 def datatype(dtype: str) -> str:
     return NUMPY_TO_DATATYPE.get(dtype, dtype.upper())
+
+
+def tensor_bytes(value: np.ndarray) -> bytes:
+    """A tensor in the binary extension's layout (BYTES length-prefixed, others raw)."""
+    return serialize_bytes(value) if value.dtype == object else value.tobytes()
+
+
+def json_values(value: np.ndarray) -> list[Any]:
+    """A tensor's elements, flattened, as JSON holds them: BYTES as strings, BF16 as
+    numbers."""
+    flat = value.reshape(-1)
+    if value.dtype == object:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if value.dtype.name == "bfloat16":
+        return flat.astype(np.float32).tolist()
+    return flat.tolist()
 
 
 def public_shape(spec: TensorSpec, batching: bool) -> list[int]:
@@ -265,39 +286,21 @@ def response_outputs(request: InferRequest, outputs: Mapping[str, np.ndarray],
             for name in request.outputs or list(outputs)}
 
 
-def deserialize_bytes(data: bytes) -> list[bytes]:
-    """The elements of a BYTES tensor in Triton's binary layout (see serialize_bytes)."""
-    items, offset = [], 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise BadRequest("a BYTES element's length prefix is cut short")
-        length = int.from_bytes(data[offset:offset + 4], "little")
-        if offset + 4 + length > len(data):
-            raise BadRequest("a BYTES element is longer than the data left")
-        items.append(data[offset + 4:offset + 4 + length])
-        offset += 4 + length
-    return items
-
-
 def encode_infer_response(model_name: str, request: InferRequest,
                           outputs: Mapping[str, np.ndarray], *,
                           labels: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (binary outputs after the JSON)."""
     entries, chunks = [], []
     for name, value in response_outputs(request, outputs, labels).items():
-        value = np.ascontiguousarray(value)
-        is_bytes = value.dtype == object
-        entry: dict[str, Any] = {"name": name,
-                                 "datatype": "BYTES" if is_bytes else datatype(value.dtype.name),
+        value = np.asarray(value, order="C")
+        entry: dict[str, Any] = {"name": name, "datatype": datatype(wire_dtype(value.dtype)),
                                  "shape": list(value.shape)}
         if request.wants_binary(name):
-            data = serialize_bytes(value) if is_bytes else value.tobytes()
+            data = tensor_bytes(value)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
-        elif is_bytes:
-            entry["data"] = [bytes(v).decode("utf-8", "replace") for v in value.reshape(-1)]
         else:
-            entry["data"] = value.reshape(-1).tolist()
+            entry["data"] = json_values(value)
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1",
                                 "outputs": entries}
@@ -315,14 +318,15 @@ def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = Tru
     """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
     entries, chunks = [], []
     for name, value in inputs.items():
-        array = np.ascontiguousarray(value)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype(array.dtype.name),
+        array = np.asarray(value, order="C")
+        entry: dict[str, Any] = {"name": name, "datatype": datatype(wire_dtype(array.dtype)),
                                  "shape": list(array.shape)}
         if binary:
-            entry["parameters"] = {"binary_data_size": array.nbytes}
-            chunks.append(array.tobytes())
+            data = tensor_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = json_values(array)
         entries.append(entry)
     request: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": binary}}
     if outputs is not None:
@@ -343,9 +347,7 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, n
         if item["datatype"] == "BYTES":
             values = deserialize_bytes(binary[offset:offset + size]) if size is not None \
                 else [str(v).encode() for v in item["data"]]
-            array = np.empty(len(values), dtype=object)
-            array[:] = values
-            outputs[item["name"]] = array.reshape(item["shape"])
+            outputs[item["name"]] = bytes_array(values, item["shape"])
             offset += size or 0
             continue
         dtype = np.dtype(DATATYPES[item["datatype"]])
@@ -354,8 +356,15 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, n
                                                   offset=offset).reshape(item["shape"])
             offset += size
         else:
-            outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+            outputs[item["name"]] = _json_array(item["data"], dtype).reshape(item["shape"])
     return outputs
+
+
+def _json_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
+    """JSON numbers as ``dtype`` (BF16 through float32, exact for BF16 values)."""
+    if dtype.name == "bfloat16":
+        return np.asarray(data, dtype=np.float32).astype(dtype)
+    return np.asarray(data, dtype=dtype)
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -387,32 +396,71 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
         raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got "
                          f"{_shown(shape)}")
     _check_shape(name, shape, spec, max_batch_size)  # before anything is allocated
-    dtype = np.dtype(spec.dtype)
     count = math.prod(shape)  # Python ints: no overflow
     if count > max_elements:
         raise BadRequest(f"input {name!r}: shape {_shown(shape)} has {count} elements, more "
                          f"than the model takes ({max_elements})")
     size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or \
-                size != count * dtype.itemsize:
-            raise BadRequest(f"input {name!r}: binary_data_size is {size} but shape {shape} of "
-                             f"{declared} needs {count * dtype.itemsize} bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative "
+                             f"integer, got {_shown(size)}")
         if offset + size > len(binary):
             raise BadRequest(f"input {name!r}: binary data ends after {len(binary) - offset} "
                              f"of {size} bytes")
-        array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+        data = binary[offset:offset + size]
+        array = _bytes_input(name, data, shape) if spec.dtype == BYTES else \
+            _fixed_input(name, data, shape, np.dtype(spec.dtype), declared)
         return array, offset + size
     if "data" not in item:
         raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
-    try:
-        array = np.asarray(item["data"], dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as err:
-        raise BadRequest(f"input {name!r}: data is not {declared}: {str(err)[:200]}") from err
+    if spec.dtype == BYTES:
+        array = _json_bytes_input(name, item["data"], shape)
+    else:
+        try:
+            array = _json_array(item["data"], np.dtype(spec.dtype))
+        except (ValueError, TypeError, OverflowError) as err:
+            raise BadRequest(f"input {name!r}: data is not {declared}: "
+                             f"{str(err)[:200]}") from err
     if array.size != count:
         raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} "
                          f"(needs {count})")
     return array.reshape(shape), offset
+
+
+def _fixed_input(name: str, data: bytes, shape: list[int], dtype: np.dtype[Any],
+                 declared: str) -> np.ndarray:
+    count = math.prod(shape)
+    if len(data) != count * dtype.itemsize:
+        raise BadRequest(f"input {name!r}: binary_data_size is {len(data)} but shape {shape} "
+                         f"of {declared} needs {count * dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+
+
+def _bytes_input(name: str, data: bytes, shape: list[int]) -> np.ndarray:
+    try:
+        return bytes_array(deserialize_bytes(data), shape)
+    except ValueError as err:
+        raise BadRequest(f"input {name!r}: {err}") from err
+
+
+def _json_bytes_input(name: str, data: Any, shape: list[int]) -> np.ndarray:
+    """BYTES in JSON: a flat or nested list of strings (UTF-8 on the wire)."""
+    items: list[bytes] = []
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(reversed(value))
+        elif isinstance(value, str):
+            items.append(value.encode())
+        else:
+            raise BadRequest(f"input {name!r}: BYTES data must be strings, got "
+                             f"{type(value).__name__}")
+    try:
+        return bytes_array(items, shape)
+    except ValueError as err:
+        raise BadRequest(f"input {name!r}: {err}") from err
 
 
 def _check_shape(name: str, shape: list[int], spec: TensorSpec, max_batch_size: int) -> None:
