@@ -80,3 +80,30 @@ def stage_count(build: Path) -> int:
 
 def load_stage(build: Path, index: int) -> onnx.ModelProto:
     return onnx.load(str(build / f"stage_{index}.onnx"))
+
+
+def stage_metrics(url: str, ca: Path, name: str) -> dict[str, float]:
+    """``name`` per stage label, from the gateway's /metrics."""
+    import ssl
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", verify=ssl.create_default_context(cafile=str(ca)),
+                     timeout=10).text
+    return {sample.labels.get("stage", sample.labels.get("role", "")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name}
+
+
+def wait_for_stage_metrics(url: str, ca: Path, name: str, predicate: Any, *,
+                           timeout_s: float = 15.0) -> dict[str, float]:
+    """The metric once ``predicate`` holds for it (the gateway probes every few seconds)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        values = stage_metrics(url, ca, name)
+        if predicate(values) or time.monotonic() > end:
+            return values
+        time.sleep(0.5)

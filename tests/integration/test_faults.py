@@ -26,6 +26,8 @@ from tests.integration.serving_setup import (
     deployment,
     random_image,
     sealed_build,
+    stage_metrics,
+    wait_for_stage_metrics,
     whole_model_outputs,
 )
 
@@ -99,6 +101,14 @@ def test_killed_worker_is_restarted_and_no_request_hangs(served, victim: str) ->
                           headers=headers, timeout=30,
                           verify=ssl.create_default_context(cafile=str(running.ca_path)))
     assert response.status_code == 200
+    # The gateway saw the new incarnation (attested again, so its attestation is younger).
+    index = victim.removeprefix("stage-")
+    restarts = wait_for_stage_metrics(running.url, running.ca_path,
+                                      "smlaas_stage_restarts_total",
+                                      lambda v: v.get(index, 0) >= 1)
+    assert restarts.get(index, 0) >= 1, restarts
+    ages = stage_metrics(running.url, running.ca_path, "smlaas_attestation_age_seconds")
+    assert ages[victim] < ages["gateway"], ages
 
 
 def _wait_restart(launcher: LocalLauncher, name: str, before: int) -> bool:

@@ -25,6 +25,8 @@ from tests.integration.serving_setup import (
     deployment,
     random_image,
     sealed_build,
+    stage_metrics,
+    wait_for_stage_metrics,
     whole_model_outputs,
 )
 
@@ -180,6 +182,30 @@ def test_metrics_count_requests_errors_and_stage_time(served: Deployment,
     for stage in range(served.stage_count):
         assert f'smlaas_stage_duration_seconds_count{{model="{MODEL}",stage="{stage}"}}' in text
     assert "smlaas_queue_depth" in text and "smlaas_batch_size_bucket" in text
+
+
+def test_metrics_gathered_from_every_stage(served: Deployment, image_and_expected) -> None:
+    stages = [str(k) for k in range(served.stage_count)]
+    with client(served) as sdk:
+        for _ in range(3):
+            sdk.infer({"input": image_and_expected[0]})
+    requests = wait_for_stage_metrics(served.url, served.ca_path, "smlaas_stage_requests_total",
+                                      lambda v: all(v.get(s, 0) >= 3 for s in stages))
+    assert all(requests.get(s, 0) >= 3 for s in stages), requests
+    run_time = stage_metrics(served.url, served.ca_path, "smlaas_stage_run_seconds_total")
+    assert all(run_time[s] > 0 for s in stages), run_time
+    assert set(stage_metrics(served.url, served.ca_path, "smlaas_stage_queue_depth")) == \
+        set(stages)
+    working_sets = stage_metrics(served.url, served.ca_path,
+                                 "smlaas_stage_predicted_working_set_bytes")
+    epc = stage_metrics(served.url, served.ca_path, "smlaas_stage_usable_epc_bytes")
+    assert set(working_sets) == set(stages) and all(0 < working_sets[s] <= epc[s]
+                                                    for s in stages), (working_sets, epc)
+    ages = stage_metrics(served.url, served.ca_path, "smlaas_attestation_age_seconds")
+    assert set(ages) == {"gateway", *(f"stage-{s}" for s in stages)}, ages
+    assert all(0 <= age < 600 for age in ages.values()), ages
+    restarts = stage_metrics(served.url, served.ca_path, "smlaas_stage_restarts_total")
+    assert restarts == {s: 0.0 for s in stages}
 
 
 def test_gateway_evidence_binds_its_https_key(served: Deployment) -> None:

@@ -123,6 +123,8 @@ class Pipeline:
         self.stage_count = stage_count
         self.specs: ModelSpecs | None = None
         self._ready_at = 0.0
+        self.on_reports: Callable[[list[dict[str, Any]]], None] = lambda reports: None
+        """Called with the stages' reports of every probe that passed through them."""
 
     async def run(self, inputs: dict[str, np.ndarray]) -> TensorMessage:
         """Outputs, or an error reply; a stage that is down gets one retry."""
@@ -146,6 +148,7 @@ class Pipeline:
         if self.stage_count is not None and stages != list(range(self.stage_count)):
             return (f"the pipeline answered through stages {stages}, the manifest has "
                     f"{self.stage_count}")
+        self.on_reports(list(reply.meta.get("stage_stats") or []))
         if self.specs is None:
             self.specs = ModelSpecs(
                 [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
@@ -165,15 +168,17 @@ class DataPlane:
     """The model behind the gateway, as every protocol serves it."""
 
     def __init__(self, settings: GatewaySettings, link: Link, *,
-                 evidence: Callable[[], dict[str, Any]] | None = None) -> None:
+                 evidence: Callable[[], dict[str, Any]] | None = None,
+                 attested_at: float | None = None) -> None:
         self.settings = settings
         self.name = settings.model_name
         self.batching = settings.max_batch_size > 0
         self.labels = list(settings.labels) if settings.labels else None
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(self.name, attested_at=attested_at)
         self.statistics = ModelStatistics(self.name, MODEL_VERSION)
         self.pipeline = Pipeline(link, timeout_s=settings.request_timeout_s,
                                  stage_count=settings.stage_count)
+        self.pipeline.on_reports = self.metrics.stages.update
         self.batcher = DynamicBatcher(
             self.pipeline.run, max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,

@@ -112,6 +112,7 @@ def run_gateway(spec: GatewaySpec) -> None:
     registration = enrol(spec.coordinator, role=GATEWAY_ROLE, backend=enclave,
                          coordinator_mrenclave=spec.coordinator_mrenclave,
                          hosts=certificate_hosts(listen[0]))
+    attested_at = time.time()
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     link = Link(stage_role(0), *spec.first_stage, client_context(*identity),
                 manifest_digest=registration.manifest_digest)
@@ -127,7 +128,7 @@ def run_gateway(spec: GatewaySpec) -> None:
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
     plane = DataPlane(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
-        registration.manifest_digest)))
+        registration.manifest_digest)), attested_at=attested_at)
     app = create_app(settings, link, plane=plane)
     key_pem = registration.key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,16 +14,82 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.serving.batcher import BatchStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0)
 
 
+class StageReports(Collector):
+    """What the stages said about themselves in the last describe that passed through them
+    (see ``StageStats`` in the worker), as Prometheus metrics: per stage its requests, errors,
+    expired requests, run time, queue depth, restarts (a new incarnation of the process, each
+    one attested again), predicted working set and usable EPC, and for every role the seconds
+    since its enclave was attested."""
+
+    def __init__(self, model: str, *, gateway_attested_at: float | None = None) -> None:
+        self.model = model
+        self.gateway_attested_at = gateway_attested_at
+        self._stages: dict[int, dict[str, Any]] = {}
+        self._restarts: dict[int, int] = {}
+
+    def update(self, reports: list[dict[str, Any]]) -> None:
+        for report in reports:
+            try:
+                index = int(report["index"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            previous = self._stages.get(index)
+            if previous is not None and previous.get("incarnation") != report.get("incarnation"):
+                self._restarts[index] = self._restarts.get(index, 0) + 1
+            self._stages[index] = dict(report)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "stage"]
+        counters = {key: CounterMetricFamily(f"smlaas_stage_{key}", text, labels=labels)
+                    for key, text in (
+                        ("requests", "Requests a stage ran, since its process started"),
+                        ("errors", "Requests a stage refused (bad input), since it started"),
+                        ("expired", "Requests whose deadline passed before a stage ran them"),
+                        ("run_seconds", "Seconds a stage spent running requests"),
+                        ("restarts", "New incarnations of a stage seen by the gateway"))}
+        gauges = {key: GaugeMetricFamily(name, text, labels=labels) for key, name, text in (
+            ("queue_depth", "smlaas_stage_queue_depth", "Requests waiting in a stage"),
+            ("working_set_bytes", "smlaas_stage_predicted_working_set_bytes",
+             "The plan's PREDICTED working set of a stage (cost model, not measured)"),
+            ("usable_epc_bytes", "smlaas_stage_usable_epc_bytes",
+             "The usable EPC the plan assumed for a stage's enclave"))}
+        age = GaugeMetricFamily("smlaas_attestation_age_seconds",
+                                "Seconds since the role's enclave was attested", labels=["role"])
+        now = time.time()
+        if self.gateway_attested_at is not None:
+            age.add_metric([GATEWAY_ROLE], now - self.gateway_attested_at)
+        for index, report in sorted(self._stages.items()):
+            values = [self.model, str(index)]
+            for key in ("requests", "errors", "expired", "run_seconds"):
+                counters[key].add_metric(values, float(report.get(key, 0)))
+            counters["restarts"].add_metric(values, float(self._restarts.get(index, 0)))
+            gauges["queue_depth"].add_metric(values, float(report.get("queue_depth", 0)))
+            for key in ("working_set_bytes", "usable_epc_bytes"):
+                value = (report.get("predicted") or {}).get(key)
+                if value is not None:
+                    gauges[key].add_metric(values, float(value))
+            if report.get("attested_at") is not None:
+                age.add_metric([stage_role(index)], now - float(report["attested_at"]))
+        yield from counters.values()
+        yield from gauges.values()
+        yield age
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model: str = "", *, attested_at: float | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.stages = StageReports(model, gateway_attested_at=attested_at)
+        self.registry.register(self.stages)
         ProcessCollector(registry=self.registry)  # CPU, resident memory, open files
         PlatformCollector(registry=self.registry)
         self.requests = Counter("smlaas_requests", "Inference requests by HTTP status",

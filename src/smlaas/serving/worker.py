@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ from onnx import helper
 from smlaas.coordinator.client import StageRelease
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
 from smlaas.deploy.roles import StageSpec
-from smlaas.errors import AttestationError, ConfigError, ProfileError
+from smlaas.errors import AttestationError, ConfigError, ProfileError, SmlaasError
 from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
+from smlaas.plan.plan import Plan
 from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.link import Link, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
@@ -63,11 +66,44 @@ def tensor_specs(values: Any) -> list[dict[str, Any]]:
     return specs
 
 
+@dataclass
+class StageStats:
+    """What a stage reports about itself on every describe (the gateway's metrics): counters
+    since this process started, and its incarnation, so a restart shows as a new one."""
+
+    index: int
+    attested_at: float
+    """Unix time this process's enclave was attested by the coordinator."""
+    predicted: dict[str, int] = field(default_factory=dict)
+    """The plan's predicted working set and usable EPC (bytes), when the plan is at hand."""
+    incarnation: str = field(default_factory=lambda: secrets.token_hex(8))
+    requests: int = 0
+    errors: int = 0
+    expired: int = 0
+    run_seconds: float = 0.0
+
+    def snapshot(self, queue_depth: int) -> dict[str, Any]:
+        return {**asdict(self), "queue_depth": queue_depth}
+
+
+def predicted_memory(sealed_dir: Path, index: int) -> dict[str, int]:
+    """The plan's prediction for stage ``index`` (the host's plan.json: for metrics only)."""
+    try:
+        plan = Plan.from_json((sealed_dir / "plan.json").read_text())
+        return {"working_set_bytes": plan.stages[index].working_set_bytes,
+                "usable_epc_bytes": int(plan.cost_model.usable_epc_bytes)}
+    except (OSError, IndexError, SmlaasError) as err:
+        logger.info("no predicted working set for stage %d: %s", index, err)
+        return {}
+
+
 class StageWorker:
     def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
                  server_context: ssl.SSLContext, upstream_role: str, manifest_digest: str,
-                 next_link: Link | None, queue_size: int = 4) -> None:
+                 next_link: Link | None, queue_size: int = 4,
+                 stats: StageStats | None = None) -> None:
         self.index, self.runner = index, runner
+        self.stats = stats or StageStats(index, attested_at=time.time())
         self.upstream_role, self.manifest_digest = upstream_role, manifest_digest
         self._server_context = server_context
         self._next = next_link
@@ -123,6 +159,7 @@ class StageWorker:
         while True:
             message, upstream = await self._queue.get()
             if expired(message.meta):
+                self.stats.expired += 1
                 await upstream.send(error_reply(message.request_id, Status.DEADLINE,
                                                 f"deadline passed before stage {self.index}"))
                 continue
@@ -131,12 +168,15 @@ class StageWorker:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run,
                                                      message.tensors)
             except ProfileError as err:
+                self.stats.errors += 1
                 await upstream.send(error_reply(message.request_id, Status.BAD_INPUT,
                                                 f"stage {self.index}: {err}"))
                 continue
+            elapsed = time.perf_counter() - started
+            self.stats.requests += 1
+            self.stats.run_seconds += elapsed
             meta = dict(message.meta)
-            meta["stage_ms"] = [*meta.get("stage_ms", []),
-                                round((time.perf_counter() - started) * 1e3, 3)]
+            meta["stage_ms"] = [*meta.get("stage_ms", []), round(elapsed * 1e3, 3)]
             if self._next is None:
                 await upstream.send(TensorMessage(message.request_id, outputs, meta))
             else:
@@ -162,6 +202,8 @@ class StageWorker:
         if "error" not in reply.meta:
             reply.meta["inputs"] = self._inputs
             reply.meta["stages"] = [self.index, *reply.meta.get("stages", [])]
+            reply.meta["stage_stats"] = [self.stats.snapshot(self._queue.qsize()),
+                                         *reply.meta.get("stage_stats", [])]
         await upstream.send(reply)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -208,8 +250,11 @@ def run_worker(spec: StageSpec) -> None:
     release = registration.stage
     if release is None or release.index != index:
         raise AttestationError(f"the coordinator released no key for {role}")
+    attested_at = time.time()
     check_place_in_topology(spec, registration.topology)
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
+    stats = StageStats(index, attested_at=attested_at,
+                       predicted=predicted_memory(Path(spec.sealed_dir), index))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     next_address = spec.next_stage
 
@@ -225,7 +270,7 @@ def run_worker(spec: StageSpec) -> None:
                              server_context=server_context(*identity),
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
                              manifest_digest=registration.manifest_digest,
-                             next_link=next_link, queue_size=spec.queue_size)
+                             next_link=next_link, queue_size=spec.queue_size, stats=stats)
         await worker.serve(*spec.listen, stop=stop)
 
     run_event_loop(main())
