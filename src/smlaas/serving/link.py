@@ -22,7 +22,7 @@ import numpy as np
 from smlaas.errors import AttestationError
 from smlaas.serving.protocol import Status, error_reply, remaining_s
 from smlaas.transport.framing import ProtocolError
-from smlaas.transport.streams import STREAM_LIMIT, read_message, write_message
+from smlaas.transport.streams import MessageStream, open_stream
 from smlaas.transport.tensors import TensorMessage
 from smlaas.transport.tls import require_peer
 
@@ -40,7 +40,7 @@ class Link:
         self.role, self.host, self.port = role, host, port
         self.manifest_digest = manifest_digest
         self._context = context
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: MessageStream | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[TensorMessage]] = {}
         self._connecting = asyncio.Lock()
@@ -48,7 +48,7 @@ class Link:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        return self._stream is not None and not self._stream.is_closing()
 
     async def request(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
                       request_id: str | None = None) -> TensorMessage:
@@ -57,7 +57,7 @@ class Link:
         request_id = request_id or f"{self.role}-{next(self._ids)}"
         timeout = remaining_s(meta, DEFAULT_TIMEOUT_S)
         try:
-            writer = await asyncio.wait_for(self._connect(), min(timeout, CONNECT_TIMEOUT_S))
+            stream = await asyncio.wait_for(self._connect(), min(timeout, CONNECT_TIMEOUT_S))
         except (OSError, ssl.SSLError, TimeoutError, AttestationError) as err:
             return error_reply(request_id, Status.UNAVAILABLE,
                                f"{self.role} is unavailable: cannot connect to "
@@ -68,53 +68,51 @@ class Link:
         future: asyncio.Future[TensorMessage] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            write_message(writer, request_id, tensors, meta)
-            await asyncio.wait_for(writer.drain(), timeout)
+            stream.write_message(request_id, tensors, meta)
+            await asyncio.wait_for(stream.drain(), timeout)
             return await asyncio.wait_for(asyncio.shield(future), remaining_s(meta, timeout))
         except TimeoutError:
             return error_reply(request_id, Status.DEADLINE,
                                f"no reply from {self.role} before the deadline")
         except (OSError, ssl.SSLError, ProtocolError) as err:
-            writer.close()
+            stream.close()
             self._fail_all(f"connection to {self.role} lost ({_describe(err)})")
             return error_reply(request_id, Status.UNAVAILABLE,
                                f"{self.role} is unavailable: {_describe(err)}")
         finally:
             self._pending.pop(request_id, None)
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    async def _connect(self) -> MessageStream:
         async with self._connecting:
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
-            reader, writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self._context, server_hostname=self.role,
-                limit=STREAM_LIMIT)
+            if self._stream is not None and not self._stream.is_closing():
+                return self._stream
+            stream = await open_stream(self.host, self.port, ssl_context=self._context,
+                                       server_hostname=self.role)
             try:  # the server must be the role we dial, admitted under our manifest
-                require_peer(writer.get_extra_info("ssl_object"), self.role,
+                require_peer(stream.get_extra_info("ssl_object"), self.role,
                              self.manifest_digest)
             except AttestationError:
-                writer.close()
+                stream.close()
                 raise
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
+            self._stream = stream
+            self._reader_task = asyncio.create_task(self._read_replies(stream))
             logger.info("connected to %s at %s:%d", self.role, self.host, self.port)
-            return writer
+            return stream
 
-    async def _read_replies(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+    async def _read_replies(self, stream: MessageStream) -> None:
         reason = "closed by peer"
         try:
             while True:
-                message = await read_message(reader)
+                message = await stream.read()
                 future = self._pending.get(message.request_id)
                 if future is not None and not future.done():
                     future.set_result(message)
         except (EOFError, OSError, ssl.SSLError, ProtocolError) as err:
             reason = _describe(err)
         finally:
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
+            if self._stream is stream:
+                self._stream = None
+            stream.close()
             self._fail_all(f"connection to {self.role} lost ({reason})")
 
     def _fail_all(self, reason: str) -> None:
@@ -126,10 +124,10 @@ class Link:
                                               f"{self.role} is unavailable: {reason}"))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+        if self._stream is not None:
+            self._stream.close()
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(self._stream.wait_closed(), 2.0)
         if self._reader_task is not None:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -38,7 +38,7 @@ from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.link import Link, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
-from smlaas.transport.streams import STREAM_LIMIT, read_message, write_reply
+from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
 
@@ -118,8 +118,11 @@ class StageWorker:
             self._queue_size)
         self._downstream_slots = asyncio.Semaphore(self._queue_size)
         runner = asyncio.create_task(self._run_forever())
-        server = await asyncio.start_server(self._handle, host, port, ssl=self._server_context,
-                                            limit=STREAM_LIMIT)
+        server = await start_stream_server(
+            self._handle, host, port, ssl_context=self._server_context,
+            check_peer=lambda tls: require_peer(tls, self.upstream_role, self.manifest_digest),
+            on_refused=lambda err: logger.warning("stage %d refused a connection: %s",
+                                                  self.index, err))
         logger.info("stage %d serving on %s:%d", self.index, host, port)
         try:
             await stop.wait()
@@ -130,19 +133,13 @@ class StageWorker:
                 await self._next.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ssl_object = writer.get_extra_info("ssl_object")
-        role = self.upstream_role
-        try:
-            require_peer(ssl_object, self.upstream_role, self.manifest_digest)
-        except AttestationError as err:
-            logger.warning("stage %d refused a connection: %s", self.index, err)
-            writer.close()
-            return
-        upstream = _Upstream(writer)
+    async def _handle(self, stream: MessageStream) -> None:
+        """One upstream connection (its peer already checked: the upstream role, admitted
+        under our manifest)."""
+        upstream = _Upstream(stream)
         try:
             while True:
-                message = await read_message(reader)
+                message = await stream.read()
                 if message.meta.get("op") == DESCRIBE:
                     self._spawn(self._describe(message, upstream))
                 else:
@@ -150,9 +147,10 @@ class StageWorker:
         except (EOFError, OSError, ssl.SSLError) as err:
             logger.debug("upstream connection closed: %s", err)
         except ProtocolError as err:
-            logger.warning("stage %d dropped a connection from %s: %s", self.index, role, err)
+            logger.warning("stage %d dropped a connection from %s: %s", self.index,
+                           self.upstream_role, err)
         finally:
-            writer.close()
+            stream.close()
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -216,17 +214,17 @@ class _Upstream:
     """Replies to one upstream connection; a dead connection drops them (its requester has
     already failed them)."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    def __init__(self, stream: MessageStream) -> None:
+        self._stream = stream
         self._lock = asyncio.Lock()
 
     async def send(self, message: TensorMessage) -> None:
-        if self._writer.is_closing():
+        if self._stream.is_closing():
             return
         async with self._lock:
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-                write_reply(self._writer, message)
-                await asyncio.wait_for(self._writer.drain(), 30.0)
+                self._stream.write(message)
+                await asyncio.wait_for(self._stream.drain(), 30.0)
 
 
 def check_place_in_topology(spec: StageSpec, topology: tuple[str, ...]) -> None:

@@ -71,7 +71,9 @@ def certificate_manifest(certificate: x509.Certificate) -> str | None:
     return _text_extension(certificate, MANIFEST_OID)
 
 
-def _peer_certificate(tls: ssl.SSLSocket | ssl.SSLObject) -> x509.Certificate | None:
+def _peer_certificate(tls: ssl.SSLSocket | ssl.SSLObject | None) -> x509.Certificate | None:
+    if tls is None:  # not a TLS connection: no certificate, so no role
+        return None
     der = tls.getpeercert(binary_form=True)
     return None if der is None else x509.load_der_x509_certificate(der)
 
@@ -82,7 +84,8 @@ def peer_role(tls: ssl.SSLSocket | ssl.SSLObject) -> str | None:
     return None if certificate is None else certificate_role(certificate)
 
 
-def require_peer(tls: ssl.SSLSocket | ssl.SSLObject, role: str, manifest_digest: str) -> None:
+def require_peer(tls: ssl.SSLSocket | ssl.SSLObject | None, role: str,
+                 manifest_digest: str) -> None:
     """AttestationError unless the peer's certificate is for ``role`` under the manifest
     ``manifest_digest`` (roles registered under another manifest never link up)."""
     certificate = _peer_certificate(tls)
