@@ -64,7 +64,7 @@ def test_a_resealed_altered_stage_is_never_served(tmp_path: Path, sealed_build) 
                           coordinator_mrenclave=deployment.measurements["coordinator"],
                           coordinator=coordinator_address(deployment),
                           listen=("127.0.0.1", port), sealed_dir=str(tampered),
-                          next_stage=("127.0.0.1", free_port()))
+                          next_stages=(("127.0.0.1", free_port()),))
         result = subprocess.run([sys.executable, "-m", "smlaas", *rogue.to_argv()],
                                 capture_output=True, text=True, timeout=60,
                                 env=cli_env(cache_dir()))

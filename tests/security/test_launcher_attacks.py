@@ -55,7 +55,7 @@ def test_a_stage_started_without_its_next_stage_refuses_to_answer(deployed) -> N
     assert result.returncode == 2, result.stderr[-1500:]
     assert "stage-0 of a 3-stage manifest must forward to the next stage" in result.stderr
     assert_port_closed(first.listen[1])
-    last = _stage(deployed, 2, next_stage=("127.0.0.1", 9))
+    last = _stage(deployed, 2, next_stages=(("127.0.0.1", 9),))
     result = _run(last.to_argv())
     assert result.returncode == 2 and "is the last stage" in result.stderr
 
@@ -65,7 +65,7 @@ def test_the_host_cannot_turn_on_batching_the_manifest_forbids(deployed) -> None
     port = free_port()
     spec = GatewaySpec(backend="sim", coordinator_mrenclave=deployed.measurements["coordinator"],
                        coordinator=coordinator_address(deployed),
-                       first_stage=_first_stage_address(deployed), listen=("127.0.0.1", port),
+                       first_stages=(_first_stage_address(deployed),), listen=("127.0.0.1", port),
                        model_name=deployed.model_name, max_batch_size=8)
     process = subprocess.Popen([sys.executable, "-m", "smlaas", *spec.to_argv()],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -70,6 +70,11 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--k8s-out", type=click.Path(file_okay=False),
               help="Write Kubernetes manifests for this build to DIR and exit.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
+@click.option("--replicas", "replica_specs", multiple=True, metavar="STAGE=COUNT",
+              help="Serve stage STAGE with COUNT replicas, over the plan's (repeatable).")
+@click.option("--pin", is_flag=True,
+              help="Give each stage replica its own cores (and as many ONNX Runtime threads): "
+                   "one machine per enclave, in miniature.")
 def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            policy_path: str | None, pccs_url: str | None, replace_manifest: bool,
            launcher: str, backend: str, host: str, port: int, grpc_port: int | None,
@@ -77,7 +82,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
-           k8s_out: str | None, ready_timeout: float) -> int:
+           k8s_out: str | None, ready_timeout: float, replica_specs: tuple[str, ...],
+           pin: bool) -> int:
     """Serve the sealed BUILD_DIR (the directory `smlaas seal` wrote, or the build holding
     it): coordinator, one worker per stage, gateway; Ctrl-C stops all."""
     owner_key = Path(owner_key_path) if owner_key_path else default_owner_key_path()
@@ -104,7 +110,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         measurements=read_measurements(Path(measurements)) if measurements else None,
         policy=Policy.from_toml(policy_path).to_dict() if policy_path else None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
-        replace_manifest=replace_manifest, **_threads(threads))
+        replace_manifest=replace_manifest, replicas=_replicas(replica_specs) or None, pin=pin,
+        **_threads(threads))
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
@@ -114,7 +121,9 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
                             progress=lambda line: console.print(f"  {line}"))
     with deployment:
         console.print(f"[bold green]serving {deployment.model_name}[/] "
-                      f"({deployment.stage_count} stages, {deployment.batching_note})\n"
+                      f"({deployment.stage_count} stages, replicas "
+                      f"{'/'.join(map(str, deployment.replicas))}, "
+                      f"{deployment.batching_note})\n"
                       f"  URL  {deployment.url}\n"
                       + (f"  gRPC {deployment.grpc_address}\n" if deployment.grpc_address
                          else "")
@@ -133,6 +142,16 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
             console.print("stopping...")
     console.print("stopped")
     return 0
+
+
+def _replicas(specs: tuple[str, ...]) -> dict[int, int]:
+    replicas = {}
+    for spec in specs:
+        stage, sep, count = spec.partition("=")
+        if not sep or not stage.strip().isdigit() or not count.strip().isdigit():
+            raise click.UsageError(f"--replicas takes STAGE=COUNT, e.g. 1=2; got {spec!r}")
+        replicas[int(stage)] = int(count)
+    return replicas
 
 
 def _threads(threads: int | None) -> dict[str, Any]:

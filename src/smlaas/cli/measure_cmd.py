@@ -20,7 +20,7 @@ def sim_role_specs(owner_public_key: str, stages: int) -> list[RoleSpec]:
     common: dict[str, Any] = {"backend": "sim",
                               "coordinator_mrenclave": coordinator.sim_mrenclave(),
                               "coordinator": ("", 0)}
-    return [coordinator, GatewaySpec(first_stage=("", 0), listen=("", 0), model_name="",
+    return [coordinator, GatewaySpec(first_stages=(("", 0),), listen=("", 0), model_name="",
                                      **common),
             *(StageSpec(index=k, listen=("", 0), sealed_dir="", **common)
               for k in range(stages))]

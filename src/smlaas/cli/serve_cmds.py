@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from smlaas.deploy.roles import GatewaySpec, StageSpec, host_envvar
-from smlaas.serving.enrol import BACKENDS, parse_address
+from smlaas.serving.enrol import BACKENDS, parse_address, parse_addresses
 
 
 def host_option(flag: str, *names: str, **kwargs: Any) -> Callable[[Any], Any]:
@@ -49,14 +49,16 @@ def _log_to_stderr() -> None:
 @host_option("--listen", required=True, metavar="HOST:PORT",
              help="Where the previous role connects.")
 @host_option("--next", "next_address", metavar="HOST:PORT",
-             help="The next stage (omit for the last stage).")
+             help="The next stage's replicas, comma-separated (omit for the last stage).")
 @host_option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
              help="ONNX Runtime intra-op threads.")
 @host_option("--queue-size", type=click.IntRange(min=1), default=4, show_default=True,
              help="Requests waiting here (and in flight downstream) before back-pressure.")
+@host_option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
+             help="Which replica of its stage this worker is (names its metrics).")
 def worker(role: str, backend: str, coordinator_mrenclave: str, coordinator: str,
            sealed_dir: str, listen: str, next_address: str | None, threads: int,
-           queue_size: int) -> int:
+           queue_size: int, replica: int) -> int:
     """Run one stage: register, unseal the stage, serve it over mutual TLS."""
     from smlaas.coordinator.manifest import stage_index
     from smlaas.serving.worker import run_worker
@@ -66,8 +68,8 @@ def worker(role: str, backend: str, coordinator_mrenclave: str, coordinator: str
         index=stage_index(role), backend=backend, coordinator_mrenclave=coordinator_mrenclave,
         coordinator=parse_address(coordinator, what="--coordinator"),
         listen=parse_address(listen, what="--listen"), sealed_dir=sealed_dir,
-        next_stage=parse_address(next_address, what="--next") if next_address else None,
-        threads=threads, queue_size=queue_size))
+        next_stages=parse_addresses(next_address, what="--next") if next_address else (),
+        threads=threads, queue_size=queue_size, replica=replica))
     return 0
 
 
@@ -110,7 +112,7 @@ def gateway(backend: str, coordinator_mrenclave: str, coordinator: str, first_st
     run_gateway(GatewaySpec(
         backend=backend, coordinator_mrenclave=coordinator_mrenclave,
         coordinator=parse_address(coordinator, what="--coordinator"),
-        first_stage=parse_address(first_stage, what="--first-stage"), listen=(host, port),
+        first_stages=parse_addresses(first_stage, what="--first-stage"), listen=(host, port),
         model_name=model_name, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_inflight=max_inflight,
         request_timeout_s=request_timeout, max_queue=max_queue, header_timeout_s=header_timeout,

@@ -42,7 +42,7 @@ from smlaas.coordinator.manifest import (
 )
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
-from smlaas.deploy.launchers import Launcher, ProcessSpec
+from smlaas.deploy.launchers import Launcher, ProcessSpec, pin_cpu_sets
 from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.sealing import OwnerKeys, read_header_of
@@ -99,6 +99,11 @@ class DeploySettings:
     gateway_options: dict[str, Any] = field(default_factory=dict)
     """Further GatewaySpec fields (max_queue, header_timeout_s, body_timeout_s, ...)."""
     ready_timeout_s: float = 120.0
+    replicas: dict[int, int] | None = None
+    """Stage index -> replicas, over the plan's (None: as the plan says, 1 per stage)."""
+    pin: bool = False
+    """Give each stage replica its own disjoint set of this machine's cores (and ONNX Runtime
+    threads equal to its size): a miniature of one machine per enclave."""
 
 
 class Deployment:
@@ -125,6 +130,10 @@ class Deployment:
         self.measurements: dict[str, str] = {}
         """role -> the MRENCLAVE the manifest accepts (after start)."""
         self.manifest: Manifest | None = None
+        self.replicas = stage_replicas(self.plan, settings.replicas)
+        """Replicas per stage, in stage order."""
+        self._cpus: dict[tuple[int, int] | None, tuple[int, ...]] = {}
+        self._pinning = ""
 
     @property
     def model_name(self) -> str:
@@ -180,8 +189,12 @@ class Deployment:
         self.ca_path.write_text(client.status().ca_pem)  # the same, pinned instance
         self.gateway_policy_path.write_text(self.role_policy(GATEWAY_ROLE).to_toml())
         for spec in roles:
-            self.launcher.start(ProcessSpec(spec.role, spec.to_argv()))
-        self.progress(f"{self.stage_count} stage worker(s) and the gateway starting")
+            self.launcher.start(ProcessSpec(
+                spec.process_name if isinstance(spec, StageSpec) else spec.role,
+                spec.to_argv(), cpus=self._cpus.get(self._process_key(spec), ())))
+        workers = sum(self.replicas)
+        self.progress(f"{workers} stage worker(s) for {self.stage_count} stage(s) and the "
+                      f"gateway starting" + (f"; pinned: {self._pinning}" if s.pin else ""))
         host = '127.0.0.1' if s.host in ('0.0.0.0', '') else s.host
         self.url = f"https://{host}:{s.port}"
         self.grpc_address = f"{host}:{s.grpc_port}" if s.grpc_port else None
@@ -269,19 +282,41 @@ class Deployment:
         s = self.settings
         common: dict[str, Any] = {"backend": s.backend, "coordinator_mrenclave": coordinator_mr,
                                   "coordinator": coordinator.listen}
-        addresses = [self.launcher.reserve(stage_role(k)) for k in range(self.stage_count)]
+        addresses = [tuple(self.launcher.reserve(stage_role(k)) for _ in range(count))
+                     for k, count in enumerate(self.replicas)]
+        self._cpus, self._pinning = self._pin_plan()
         specs: list[RoleSpec] = [
-            StageSpec(index=k, listen=address, sealed_dir=str(self.sealed_dir.resolve()),
-                      next_stage=addresses[k + 1] if k + 1 < self.stage_count else None,
-                      threads=s.threads, **common)
-            for k, address in enumerate(addresses)]
+            StageSpec(index=k, replica=r, listen=address,
+                      sealed_dir=str(self.sealed_dir.resolve()),
+                      next_stages=addresses[k + 1] if k + 1 < self.stage_count else (),
+                      threads=len(self._cpus.get((k, r), ())) or s.threads, **common)
+            for k, replicas in enumerate(addresses) for r, address in enumerate(replicas)]
         specs.append(GatewaySpec(
-            first_stage=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
+            first_stages=addresses[0], listen=(s.host, s.port), model_name=self.model_name,
             max_batch_size=self.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
             max_inflight=s.max_inflight or self.stage_count, grpc_port=s.grpc_port or 0,
             labels_path=str(Path(s.labels_path).resolve()) if s.labels_path else "",
             **common, **s.gateway_options))
         return specs
+
+    @staticmethod
+    def _process_key(spec: RoleSpec) -> tuple[int, int] | None:
+        return (spec.index, spec.replica) if isinstance(spec, StageSpec) else None
+
+    def _pin_plan(self) -> tuple[dict[tuple[int, int] | None, tuple[int, ...]], str]:
+        """(stage, replica) -> its cores when pinning, and a line saying what was done."""
+        if not self.settings.pin:
+            return {}, ""
+        keys = [(k, r) for k, count in enumerate(self.replicas) for r in range(count)]
+        sets = pin_cpu_sets(len(keys))
+        if sets is None:
+            cores = len(os.sched_getaffinity(0))
+            logger.warning("--pin: %d stage replicas but %d cores; not pinned", len(keys),
+                           cores)
+            return {}, f"not pinned ({len(keys)} stage replicas, {cores} cores)"
+        cpus: dict[tuple[int, int] | None, tuple[int, ...]] = dict(zip(keys, sets))
+        return cpus, ", ".join(f"{stage_role(k)}{'.r' + str(r) if r else ''} on cores "
+                               f"{','.join(map(str, cpus[(k, r)]))}" for k, r in keys)
 
     def _measurement(self, spec: RoleSpec) -> str:
         if self.simulated:
@@ -349,6 +384,19 @@ class Deployment:
                 time.sleep(0.2)
             except AttestationError as err:
                 raise DeployError(f"the coordinator failed attestation: {err}") from err
+
+
+def stage_replicas(plan: Plan, override: dict[int, int] | None) -> list[int]:
+    """Replicas per stage: the plan's (1 where it says nothing), then ``override``."""
+    replicas = [int(getattr(stage, "replicas", 1) or 1) for stage in plan.stages]
+    for index, count in (override or {}).items():
+        if not 0 <= index < len(replicas):
+            raise ConfigError(f"--replicas names stage {index}; the plan has stages "
+                              f"0..{len(replicas) - 1}")
+        if count < 1:
+            raise ConfigError(f"stage {index} needs at least 1 replica, not {count}")
+        replicas[index] = count
+    return replicas
 
 
 def _batching(note: ServingNote, requested: int | None) -> tuple[int, str]:

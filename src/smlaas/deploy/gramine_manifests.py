@@ -52,10 +52,10 @@ def role_specs(plan: Plan, coordinator_mrenclave: str) -> list[RoleSpec]:
     common: dict[str, Any] = {"backend": "gramine",
                               "coordinator_mrenclave": coordinator_mrenclave,
                               "coordinator": _ANY}
-    specs: list[RoleSpec] = [GatewaySpec(first_stage=_ANY, listen=_ANY,
+    specs: list[RoleSpec] = [GatewaySpec(first_stages=(_ANY,), listen=_ANY,
                                          model_name=plan.model.name, **common)]
     specs += [StageSpec(index=k, listen=_ANY, sealed_dir=SEALED_MOUNT,
-                        next_stage=_ANY if k + 1 < count else None, **common)
+                        next_stages=(_ANY,) if k + 1 < count else (), **common)
               for k in range(count)]
     return specs
 

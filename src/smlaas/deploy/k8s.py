@@ -57,11 +57,11 @@ def write_manifests(build_dir: Path, out_dir: Path, *, backend: str, port: int,
                                          epc_mib=RUNTIME_EPC_MIB, state=True)}
     for stage in plan.stages:
         spec = StageSpec(index=stage.index, listen=("0.0.0.0", STAGE_PORT), sealed_dir="/build",
-                         next_stage=(f"smlaas-{stage_role(stage.index + 1)}", STAGE_PORT)
-                         if stage.index + 1 < count else None, **common)
+                         next_stages=((f"smlaas-{stage_role(stage.index + 1)}", STAGE_PORT),)
+                         if stage.index + 1 < count else (), **common)
         documents[spec.role] = _role(spec, image, STAGE_PORT, epc_mib=math.ceil(
             stage.working_set_bytes / MIB) + RUNTIME_EPC_MIB, build=True)
-    gateway = GatewaySpec(first_stage=(f"smlaas-{stage_role(0)}", STAGE_PORT),
+    gateway = GatewaySpec(first_stages=((f"smlaas-{stage_role(0)}", STAGE_PORT),),
                           listen=("0.0.0.0", port), model_name=plan.model.name,
                           max_batch_size=ServingNote.of(plan).max_batch_size, **common)
     documents[GATEWAY_ROLE] = _role(gateway, image, port, epc_mib=RUNTIME_EPC_MIB,

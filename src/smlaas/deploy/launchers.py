@@ -32,6 +32,19 @@ class ProcessSpec:
     argv: list[str]
     """Arguments after ``python -m smlaas``."""
     env: dict[str, str] = field(default_factory=dict)
+    cpus: tuple[int, ...] = ()
+    """Cores the process (and every thread it starts) may run on; () = any."""
+
+
+def pin_cpu_sets(count: int, *, available: tuple[int, ...] | None = None
+                 ) -> list[tuple[int, ...]] | None:
+    """``count`` disjoint, equal CPU sets from the cores this process may use (contiguous
+    blocks, the remainder unused), or None when there are fewer cores than sets."""
+    cores = tuple(sorted(available if available is not None else os.sched_getaffinity(0)))
+    if count < 1 or len(cores) < count:
+        return None
+    size = len(cores) // count
+    return [cores[k * size:(k + 1) * size] for k in range(count)]
 
 
 class Launcher(Protocol):
@@ -63,11 +76,19 @@ class _Supervised:
     def _spawn(self) -> subprocess.Popen[bytes]:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            return subprocess.Popen([sys.executable, "-m", "smlaas", *self.spec.argv],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, start_new_session=True)
+            process = subprocess.Popen([sys.executable, "-m", "smlaas", *self.spec.argv],
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=self.env,
+                                       start_new_session=True)
         finally:
             log.close()
+        if self.spec.cpus:  # before it starts any thread (imports take far longer)
+            try:
+                os.sched_setaffinity(process.pid, self.spec.cpus)
+            except OSError as err:
+                logger.warning("cannot pin %s to cores %s: %s", self.spec.name,
+                               self.spec.cpus, err)
+        return process
 
     def respawn(self) -> None:
         self.restarts += 1

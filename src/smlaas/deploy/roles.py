@@ -35,6 +35,11 @@ def address_text(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
 
 
+def addresses_text(addresses: tuple[Address, ...]) -> str:
+    """Replicas' addresses as one option value: ``host:port,host:port``."""
+    return ",".join(address_text(a) for a in addresses)
+
+
 def host_envvar(flag: str) -> str:
     """The environment variable a host option can also be given by: ``--listen`` ->
     ``SMLAAS_LISTEN`` (the CLI declares the same names)."""
@@ -110,13 +115,20 @@ class StageSpec(RoleSpec):
     coordinator: Address
     listen: Address
     sealed_dir: str
-    next_stage: Address | None = None
+    next_stages: tuple[Address, ...] = ()
+    """The next stage's replicas (empty for the last stage)."""
     threads: int = 1
     queue_size: int = 4
+    replica: int = 0
+    """Which replica of its stage this process is (for its process name and metrics)."""
 
     @property
     def role(self) -> str:
         return stage_role(self.index)
+
+    @property
+    def process_name(self) -> str:
+        return self.role if self.replica == 0 else f"{self.role}.r{self.replica}"
 
     def measured_argv(self) -> list[str]:
         return [self.command, "--role", self.role, "--backend", self.backend,
@@ -125,9 +137,10 @@ class StageSpec(RoleSpec):
     def host_options(self) -> dict[str, str]:
         options = {"--coordinator": address_text(self.coordinator),
                    "--listen": address_text(self.listen), "--build": self.sealed_dir,
-                   "--threads": str(self.threads), "--queue-size": str(self.queue_size)}
-        if self.next_stage is not None:
-            options["--next"] = address_text(self.next_stage)
+                   "--threads": str(self.threads), "--queue-size": str(self.queue_size),
+                   **({"--replica": str(self.replica)} if self.replica else {})}
+        if self.next_stages:
+            options["--next"] = addresses_text(self.next_stages)
         return options
 
 
@@ -137,7 +150,8 @@ class GatewaySpec(RoleSpec):
     backend: str
     coordinator_mrenclave: str
     coordinator: Address
-    first_stage: Address
+    first_stages: tuple[Address, ...]
+    """Stage 0's replicas."""
     listen: Address
     model_name: str
     max_batch_size: int = 0
@@ -163,7 +177,7 @@ class GatewaySpec(RoleSpec):
 
     def host_options(self) -> dict[str, str]:
         return {"--coordinator": address_text(self.coordinator),
-                "--first-stage": address_text(self.first_stage),
+                "--first-stage": addresses_text(self.first_stages),
                 "--host": self.listen[0], "--port": str(self.listen[1]),
                 "--model-name": self.model_name, "--max-batch-size": str(self.max_batch_size),
                 "--max-queue-delay-us": str(self.max_queue_delay_us),

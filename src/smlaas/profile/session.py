@@ -146,8 +146,9 @@ def run_session(session: ort.InferenceSession, feeds: Mapping[str, Any],
     """Runs ``session``; ProfileError with ORT's message if the run fails.
 
     Beyond what ``session.run`` takes: string tensors may hold bytes (UTF-8, as the V2
-    protocol carries them) and come back as bytes; bfloat16 tensors (``ml_dtypes``) go in as
-    OrtValues and come out of the float32 outputs :func:`widen_bfloat16_outputs` made."""
+    protocol carries them; they come back as ONNX Runtime gives them, str); bfloat16 tensors
+    (``ml_dtypes``) go in as OrtValues and come out of the float32 outputs
+    :func:`widen_bfloat16_outputs` made."""
     names = outputs if outputs is not None else [o.name for o in session.get_outputs()]
     prepared = {name: _ort_input(name, value) for name, value in feeds.items()}
     try:
@@ -157,7 +158,7 @@ def run_session(session: ort.InferenceSession, feeds: Mapping[str, Any],
         raise ProfileError(f"ONNX Runtime failed to run the model: {message}") from err
     narrowed = set(filter(None, session.get_modelmeta().custom_metadata_map.get(
         BFLOAT16_OUTPUTS_KEY, "").split(",")))
-    return [np.asarray(r).astype(BFLOAT16) if name in narrowed else _from_ort(r)
+    return [np.asarray(r).astype(BFLOAT16) if name in narrowed else r
             for name, r in zip(names, results)]
 
 
@@ -177,9 +178,3 @@ def _ort_input(name: str, value: Any) -> Any:
 def _as_text(item: Any) -> str:
     return item.decode() if isinstance(item, (bytes, bytearray)) else str(item)
 
-
-def _from_ort(result: Any) -> Any:
-    if isinstance(result, np.ndarray) and result.dtype == object:
-        return np.vectorize(lambda v: v.encode() if isinstance(v, str) else v,
-                            otypes=[object])(result) if result.size else result
-    return result

@@ -22,7 +22,7 @@ import numpy as np
 import smlaas
 from smlaas.errors import SmlaasError
 from smlaas.serving.batcher import DEFAULT_MAX_QUEUE, BatchStats, DynamicBatcher, QueueFull
-from smlaas.serving.link import Link
+from smlaas.serving.link import Hop
 from smlaas.serving.metrics import GatewayMetrics
 from smlaas.serving.protocol import (
     DESCRIBE,
@@ -117,7 +117,7 @@ def error_codes(err: Exception) -> tuple[int, str]:
 class Pipeline:
     """The gateway's view of the stages: one multiplexed link to stage 0."""
 
-    def __init__(self, link: Link, *, timeout_s: float, stage_count: int | None = None) -> None:
+    def __init__(self, link: Hop, *, timeout_s: float, stage_count: int | None = None) -> None:
         self.link = link
         self.timeout_s = timeout_s
         self.stage_count = stage_count
@@ -167,7 +167,7 @@ class Pipeline:
 class DataPlane:
     """The model behind the gateway, as every protocol serves it."""
 
-    def __init__(self, settings: GatewaySettings, link: Link, *,
+    def __init__(self, settings: GatewaySettings, link: Hop, *,
                  evidence: Callable[[], dict[str, Any]] | None = None,
                  attested_at: float | None = None) -> None:
         self.settings = settings

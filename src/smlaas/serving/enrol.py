@@ -34,6 +34,14 @@ def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_addresses(text: str, *, what: str = "address") -> tuple[tuple[str, int], ...]:
+    """``HOST:PORT[,HOST:PORT...]``: the replicas of one role."""
+    addresses = tuple(parse_address(part.strip(), what=what) for part in text.split(","))
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(f"{what} names an address twice: {text!r}")
+    return addresses
+
+
 def create_backend(kind: str, role: str, config: dict[str, Any] | None = None
                    ) -> EnclaveBackend:
     """The enclave this process runs in; for ``sim``, measured over ``config``."""

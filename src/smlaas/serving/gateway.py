@@ -42,7 +42,7 @@ from smlaas.serving.data_plane import (
     ModelNotFound,
     error_codes,
 )
-from smlaas.serving.link import Link
+from smlaas.serving.link import Hop
 from smlaas.transport.v2 import (
     HEADER_LENGTH,
     BadRequest,
@@ -60,7 +60,7 @@ COMPRESS_ABOVE_BYTES = 1024
 __all__ = ["GatewaySettings", "create_app"]
 
 
-def create_app(settings: GatewaySettings, link: Link, *,
+def create_app(settings: GatewaySettings, link: Hop, *,
                evidence: Callable[[], dict[str, Any]] | None = None,
                plane: DataPlane | None = None) -> FastAPI:
     """The REST app over ``plane`` (default: a new data plane on ``link``). ``evidence``

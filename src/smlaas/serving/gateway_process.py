@@ -28,7 +28,7 @@ from smlaas.serving.data_plane import DataPlane
 from smlaas.serving.enrol import create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
-from smlaas.serving.link import Link, run_event_loop
+from smlaas.serving.link import replica_set, run_event_loop
 from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def run_gateway(spec: GatewaySpec) -> None:
                          hosts=certificate_hosts(listen[0]))
     attested_at = time.time()
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
-    link = Link(stage_role(0), *spec.first_stage, client_context(*identity),
-                manifest_digest=registration.manifest_digest)
+    link = replica_set(stage_role(0), spec.first_stages, client_context(*identity),
+                       manifest_digest=registration.manifest_digest)
     max_batch = min(spec.max_batch_size, registration.max_batch_size)
     if max_batch < spec.max_batch_size:
         logger.warning("--max-batch-size %d lowered to the manifest's %d", spec.max_batch_size,

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import ssl
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from smlaas.transport.tls import require_peer
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 3.0
+REPLICA_BACKOFF_S = 1.0
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -59,9 +61,8 @@ class Link:
         try:
             stream = await asyncio.wait_for(self._connect(), min(timeout, CONNECT_TIMEOUT_S))
         except (OSError, ssl.SSLError, TimeoutError, AttestationError) as err:
-            return error_reply(request_id, Status.UNAVAILABLE,
-                               f"{self.role} is unavailable: cannot connect to "
-                               f"{self.host}:{self.port} ({_describe(err)})")
+            return self._failed(request_id, f"{self.role} is unavailable: cannot connect to "
+                                            f"{self.host}:{self.port} ({_describe(err)})")
         if request_id in self._pending:
             return error_reply(request_id, Status.BAD_INPUT,
                                f"request id {request_id!r} is already in flight")
@@ -77,8 +78,7 @@ class Link:
         except (OSError, ssl.SSLError, ProtocolError) as err:
             stream.close()
             self._fail_all(f"connection to {self.role} lost ({_describe(err)})")
-            return error_reply(request_id, Status.UNAVAILABLE,
-                               f"{self.role} is unavailable: {_describe(err)}")
+            return self._failed(request_id, f"{self.role} is unavailable: {_describe(err)}")
         finally:
             self._pending.pop(request_id, None)
 
@@ -120,8 +120,14 @@ class Link:
             logger.warning("%s: failing %d request(s) in flight", reason, len(self._pending))
         for request_id, future in list(self._pending.items()):
             if not future.done():
-                future.set_result(error_reply(request_id, Status.UNAVAILABLE,
-                                              f"{self.role} is unavailable: {reason}"))
+                future.set_result(self._failed(request_id,
+                                               f"{self.role} is unavailable: {reason}"))
+
+    def _failed(self, request_id: str, message: str) -> TensorMessage:
+        """The reply to a request this link could not deliver or get answered."""
+        reply = error_reply(request_id, Status.UNAVAILABLE, message)
+        reply.meta["failed_link"] = self.role
+        return reply
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -132,6 +138,68 @@ class Link:
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader_task
+
+
+class ReplicaSet:
+    """Links to every replica of one role, used like one :class:`Link`.
+
+    Each request goes to the replica with the fewest outstanding requests (ties in turn). When
+    the answer is ``unavailable`` (the replica's link failed: it could not be reached, or the
+    connection was lost with the request unanswered; or the replica's own next stage was
+    down), the request is sent again to another replica while its deadline allows, since
+    inference is idempotent: losing one replica loses no request. A replica whose link failed
+    is avoided for :data:`REPLICA_BACKOFF_S` (its launcher restarts it; it then rejoins).
+    """
+
+    def __init__(self, links: list[Link]) -> None:
+        if not links or len({link.role for link in links}) != 1:
+            raise ValueError("a replica set needs links to one role")
+        self.links = links
+        self.role = links[0].role
+        self._outstanding = [0] * len(links)
+        self._avoid_until = [0.0] * len(links)
+        self._turn = itertools.count()
+
+    async def request(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
+                      request_id: str | None = None) -> TensorMessage:
+        tried: set[int] = set()
+        while True:
+            index = self._choose(tried)
+            self._outstanding[index] += 1
+            try:
+                reply = await self.links[index].request(tensors, meta, request_id=request_id)
+            finally:
+                self._outstanding[index] -= 1
+            if reply.meta.get("status") != Status.UNAVAILABLE:
+                return reply
+            if reply.meta.get("failed_link") == self.role:
+                self._avoid_until[index] = time.monotonic() + REPLICA_BACKOFF_S
+            tried.add(index)
+            if len(tried) == len(self.links) or remaining_s(meta, DEFAULT_TIMEOUT_S) <= 0:
+                return reply
+            logger.info("%s replica %d unavailable; sending %s to another", self.role, index,
+                        request_id or "the request")
+
+    def _choose(self, tried: set[int]) -> int:
+        now, turn = time.monotonic(), next(self._turn)
+        candidates = [i for i in range(len(self.links)) if i not in tried]
+        return min(candidates, key=lambda i: (self._avoid_until[i] > now,
+                                              self._outstanding[i],
+                                              (i - turn) % len(self.links)))
+
+    async def close(self) -> None:
+        for link in self.links:
+            await link.close()
+
+
+Hop = Link | ReplicaSet
+"""What a role sends its requests to: one link, or the replicas of the next role."""
+
+
+def replica_set(role: str, addresses: tuple[tuple[str, int], ...], context: ssl.SSLContext,
+                *, manifest_digest: str) -> ReplicaSet:
+    return ReplicaSet([Link(role, host, port, context, manifest_digest=manifest_digest)
+                       for host, port in addresses])
 
 
 def _describe(err: BaseException) -> str:

@@ -34,22 +34,22 @@ class StageReports(Collector):
     def __init__(self, model: str, *, gateway_attested_at: float | None = None) -> None:
         self.model = model
         self.gateway_attested_at = gateway_attested_at
-        self._stages: dict[int, dict[str, Any]] = {}
-        self._restarts: dict[int, int] = {}
+        self._stages: dict[tuple[int, int], dict[str, Any]] = {}
+        self._restarts: dict[tuple[int, int], int] = {}
 
     def update(self, reports: list[dict[str, Any]]) -> None:
         for report in reports:
             try:
-                index = int(report["index"])
+                key = (int(report["index"]), int(report.get("replica", 0)))
             except (KeyError, TypeError, ValueError):
                 continue
-            previous = self._stages.get(index)
+            previous = self._stages.get(key)
             if previous is not None and previous.get("incarnation") != report.get("incarnation"):
-                self._restarts[index] = self._restarts.get(index, 0) + 1
-            self._stages[index] = dict(report)
+                self._restarts[key] = self._restarts.get(key, 0) + 1
+            self._stages[key] = dict(report)
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model", "stage"]
+        labels = ["model", "stage", "replica"]
         counters = {key: CounterMetricFamily(f"smlaas_stage_{key}", text, labels=labels)
                     for key, text in (
                         ("requests", "Requests a stage ran, since its process started"),
@@ -68,18 +68,20 @@ class StageReports(Collector):
         now = time.time()
         if self.gateway_attested_at is not None:
             age.add_metric([GATEWAY_ROLE], now - self.gateway_attested_at)
-        for index, report in sorted(self._stages.items()):
-            values = [self.model, str(index)]
+        for (index, replica), report in sorted(self._stages.items()):
+            values = [self.model, str(index), str(replica)]
             for key in ("requests", "errors", "expired", "run_seconds"):
                 counters[key].add_metric(values, float(report.get(key, 0)))
-            counters["restarts"].add_metric(values, float(self._restarts.get(index, 0)))
+            counters["restarts"].add_metric(values, float(self._restarts.get((index, replica),
+                                                                             0)))
             gauges["queue_depth"].add_metric(values, float(report.get("queue_depth", 0)))
             for key in ("working_set_bytes", "usable_epc_bytes"):
                 value = (report.get("predicted") or {}).get(key)
                 if value is not None:
                     gauges[key].add_metric(values, float(value))
             if report.get("attested_at") is not None:
-                age.add_metric([stage_role(index)], now - float(report["attested_at"]))
+                age.add_metric([stage_role(index) + (f".r{replica}" if replica else "")],
+                               now - float(report["attested_at"]))
         yield from counters.values()
         yield from gauges.values()
         yield age

@@ -35,7 +35,7 @@ from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
 from smlaas.plan.plan import Plan
 from smlaas.serving.enrol import create_backend, enrol
-from smlaas.serving.link import Link, run_event_loop
+from smlaas.serving.link import Hop, replica_set, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import MessageStream, start_stream_server
@@ -74,6 +74,7 @@ class StageStats:
     index: int
     attested_at: float
     """Unix time this process's enclave was attested by the coordinator."""
+    replica: int = 0
     predicted: dict[str, int] = field(default_factory=dict)
     """The plan's predicted working set and usable EPC (bytes), when the plan is at hand."""
     incarnation: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -100,7 +101,7 @@ def predicted_memory(sealed_dir: Path, index: int) -> dict[str, int]:
 class StageWorker:
     def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
                  server_context: ssl.SSLContext, upstream_role: str, manifest_digest: str,
-                 next_link: Link | None, queue_size: int = 4,
+                 next_link: Hop | None, queue_size: int = 4,
                  stats: StageStats | None = None) -> None:
         self.index, self.runner = index, runner
         self.stats = stats or StageStats(index, attested_at=time.time())
@@ -232,10 +233,10 @@ def check_place_in_topology(spec: StageSpec, topology: tuple[str, ...]) -> None:
     adds ``--next`` (to serve a truncated chain's intermediate tensors as outputs) is
     refused."""
     last = max(stage_index(role) for role in topology if role != GATEWAY_ROLE)
-    if (spec.next_stage is None) != (spec.index == last):
+    if (not spec.next_stages) != (spec.index == last):
         raise ConfigError(f"{spec.role} of a {last + 1}-stage manifest "
                           + ("must forward to the next stage (--next is missing)"
-                             if spec.next_stage is None else
+                             if not spec.next_stages else
                              "is the last stage; it cannot have a --next"))
 
 
@@ -251,19 +252,19 @@ def run_worker(spec: StageSpec) -> None:
     attested_at = time.time()
     check_place_in_topology(spec, registration.topology)
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
-    stats = StageStats(index, attested_at=attested_at,
+    stats = StageStats(index, attested_at=attested_at, replica=spec.replica,
                        predicted=predicted_memory(Path(spec.sealed_dir), index))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
-    next_address = spec.next_stage
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        next_link = None if next_address is None else Link(
-            stage_role(index + 1), *next_address, client_context(*identity),
-            manifest_digest=registration.manifest_digest)
+        next_link = replica_set(stage_role(index + 1), spec.next_stages,
+                                client_context(*identity),
+                                manifest_digest=registration.manifest_digest) \
+            if spec.next_stages else None
         worker = StageWorker(index=index, runner=runner, model=model,
                              server_context=server_context(*identity),
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
