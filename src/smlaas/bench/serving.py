@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -146,15 +147,21 @@ def build(model: str, stages: int, root: Path, threads: int) -> tuple[Path, Path
     return path, keys
 
 
-def deploy(build_dir: Path, keys: Path, root: Path, threads: int, batching: bool
-           ) -> Deployment:
-    state = root / f"state-{free_port()}"
+def deploy_settings(build_dir: Path, keys: Path, root: Path, *, threads: int, batching: bool,
+                    **overrides: Any) -> DeploySettings:
     owner_key = root / "owner.key"
     OwnerKey.load_or_create(owner_key)
-    settings = DeploySettings(build_dir=build_dir, keys_path=keys, state_dir=state,
-                              owner_key_path=owner_key, port=free_port(), threads=threads,
-                              max_batch_size=None if batching else 0, max_queue_delay_us=500)
-    return Deployment(settings, LocalLauncher(state / "logs"))
+    return DeploySettings(build_dir=build_dir, keys_path=keys,
+                          state_dir=root / f"state-{free_port()}", owner_key_path=owner_key,
+                          port=free_port(), threads=threads,
+                          max_batch_size=None if batching else 0, max_queue_delay_us=500,
+                          **overrides)
+
+
+def deploy(build_dir: Path, keys: Path, root: Path, threads: int, batching: bool
+           ) -> Deployment:
+    settings = deploy_settings(build_dir, keys, root, threads=threads, batching=batching)
+    return Deployment(settings, LocalLauncher(settings.state_dir / "logs"))
 
 
 def paired_latency(session: ort.InferenceSession, dep: Deployment, x: np.ndarray,
@@ -259,8 +266,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput point")
     parser.add_argument("--runs", type=int, default=50, help="latency samples")
     parser.add_argument("--fault", action="store_true", help="also run the SIGKILL scenario")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/serving.json"))
+    parser.add_argument("--pin", action="store_true",
+                        help="instead: the design's setting, each stage replica on its own core "
+                             "(see smlaas.bench.pinned)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results (default docs/results/serving.json, or "
+                             "serving-pinned.json with --pin)")
     args = parser.parse_args(argv)
+    if args.pin:
+        from smlaas.bench.pinned import markdown as pinned_markdown
+        from smlaas.bench.pinned import run_pinned_benchmark
+
+        pinned = run_pinned_benchmark(model=args.model, seconds=args.seconds / 2,
+                                      runs=args.runs)
+        out = args.out or Path("docs/results/serving-pinned.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(pinned, indent=2))
+        print(pinned_markdown(pinned))
+        return
+    args.out = args.out or Path("docs/results/serving.json")
     results = run_serving_benchmark(
         model=args.model, stages=[int(s) for s in args.stages.split(",")],
         threads=args.threads, stage_threads=args.stage_threads, seconds=args.seconds,

@@ -138,6 +138,11 @@ class LocalLauncher:
         with self._lock:
             return {name: p.restarts for name, p in self._processes.items()}
 
+    def pids(self) -> dict[str, int]:
+        """Each process's current pid (a restarted one has a new pid)."""
+        with self._lock:
+            return {name: p.process.pid for name, p in self._processes.items()}
+
     def _supervise(self) -> None:
         while not self._stopping.wait(POLL_S):
             with self._lock:

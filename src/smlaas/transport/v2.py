@@ -105,9 +105,23 @@ def decode_content(body: bytes, encoding: str | None, *, limit: int) -> bytes:
     return plain
 
 
+COMPRESSIBILITY_SAMPLE_BYTES = 16 * 1024
+COMPRESSIBLE_RATIO = 0.9
+
+
+def worth_compressing(body: bytes) -> bool:
+    """Whether a sample of ``body`` shrinks by 10% at the fastest level: raw float tensors do
+    not, and compressing a 600 KB one cost the gateway ~5 ms per request for nothing."""
+    sample = body[:COMPRESSIBILITY_SAMPLE_BYTES]
+    return len(zlib.compress(sample, 1)) < COMPRESSIBLE_RATIO * len(sample)
+
+
 def encode_content(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """The body compressed as the client accepts (gzip preferred), and its encoding."""
+    """The body compressed as the client accepts (gzip preferred), and its encoding; as is
+    when it would not shrink (:func:`worth_compressing`)."""
     accepted = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
+    if not accepted & {"gzip", "deflate"} or not worth_compressing(body):
+        return body, None
     if "gzip" in accepted:
         return gzip.compress(body, compresslevel=1), "gzip"
     if "deflate" in accepted:
