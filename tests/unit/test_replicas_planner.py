@@ -75,9 +75,30 @@ def check_optimal(costs: SegmentCosts, machines: int, fit_epc: bool) -> None:
                                                  rel=1e-9, abs=1e-12)
 
 
+@st.composite
+def paging_tables(draw, max_nodes: int = 7) -> SegmentCosts:
+    """sgx1 tables where any three nodes page and cuts are cheap: without the EPC a single
+    stage replicated K times is nearly always best (a max of p_s / r_s is at least the sum of
+    p_s over the sum of r_s), so these are the tables where cuts and uneven replicas pay."""
+    n = draw(st.integers(2, max_nodes))
+    node_ms = draw(st.lists(st.floats(0.5, 50.0), min_size=n, max_size=n))
+    weights = draw(st.lists(st.floats(10.0, 60.0), min_size=n, max_size=n))
+    live = draw(st.lists(st.floats(0.0, 5.0), min_size=n, max_size=n))
+    cuts = draw(st.lists(st.floats(0.0, 0.5), min_size=n + 1, max_size=n + 1))
+    return make_costs(node_ms, weights, live, cuts, "sgx1")
+
+
 @settings(max_examples=200, deadline=None)
 @given(cost_tables(max_nodes=7), st.integers(1, 6), st.booleans())
 def test_dp_replicas_is_optimal(costs: SegmentCosts, machines: int, fit_epc: bool) -> None:
+    check_optimal(costs, machines, fit_epc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(paging_tables(), st.integers(1, 6), st.booleans())
+def test_dp_replicas_is_optimal_where_the_epc_makes_cuts_pay(costs: SegmentCosts,
+                                                             machines: int,
+                                                             fit_epc: bool) -> None:
     check_optimal(costs, machines, fit_epc)
 
 

@@ -13,10 +13,14 @@ NOTE_MACHINE_CLASS: how a class changes the figures of :mod:`smlaas.plan.cost_mo
   page encryption), which a faster core does not change in proportion.
 - *EPC*: paging and ``--fit-epc`` use the class's ``usable_epc_mib``. The working set M does
   not depend on the class.
-- *Network*: a transfer into or out of a stage on the class runs at its
-  ``network_mib_per_s``; hop latency and the AEAD rate are the cost model's. The gateway's
-  own links (the request into stage 0, the result out of the last stage) are the cost
-  model's, as in a homogeneous plan.
+- *Network*: a stage on the class receives and sends at the class's ``network_mib_per_s``;
+  hop latency and the AEAD rate are the cost model's. A transfer's *latency* is counted at
+  the receiving stage's rate (the request into stage 0 too), as in a homogeneous plan where
+  a stage's latency includes its input transfer. A link's *capacity* bounds the period at
+  both ends: each machine's incoming and outgoing links at its class's rate, and the
+  gateway's (every request out, every result in) at the cost model's rate, since the
+  gateway is not one of the file's machines. The result's transfer back to the gateway is
+  counted in latency at the cost model's rate, as without a machines file.
 
 All of this is recomputed from what :class:`~smlaas.plan.costs.SegmentCosts` keeps (native
 time and working set of every segment, bytes of every cut), so every class is priced by the
