@@ -104,7 +104,7 @@ def test_table_shows_replicas_and_the_machine_count(plan: Plan) -> None:
     assert lines[1].split()[-1] == "replicas"
     assert [line.split()[-1] for line in lines[2:4]] == ["3", "1"]
     assert "2 stage(s) on 4 machine(s)" in lines[-1]
-    assert replicated.layout_text == "3 | 1"
+    assert replicated.layout_text == "3, 1"
 
 
 def test_validate_counts_replicas_against_the_machines(plan: Plan) -> None:
@@ -116,3 +116,22 @@ def test_validate_counts_replicas_against_the_machines(plan: Plan) -> None:
                                              plan.stages[1]))
     assert any("4 enclaves (2 stages with their replicas) for 3 machines" in p
                for p in over.validate())
+
+
+def test_report_shows_replicas_and_the_machine_count(plan: Plan) -> None:
+    from smlaas.export.report import render_markdown
+
+    replicated = replace(plan, machines=4, stages=(replace(plan.stages[0], replicas=3),
+                                                   plan.stages[1]))
+    comparison = [{"planner": "dp-replicas", "stages": 2, "machine_count": 4,
+                   "layout": replicated.layout_text, "latency_ms": 1.0,
+                   "throughput_per_s": 2.0, "max_working_set_mib": 3.0},
+                  {"planner": "dp-latency", "error": "no"}]
+    text = render_markdown(replicated, verification=None, comparison=comparison)
+    stage_rows = [line for line in text.splitlines() if line.startswith("| 0 |")
+                  or line.startswith("| 1 |")]
+    assert [row.rstrip(" |").split("| ")[-1] for row in stage_rows] == ["3", "1"]
+    assert "enclaves (stages times replicas): 4" in text
+    assert "on 4 enclave machine(s)" in text
+    assert "| dp-replicas | 2 | 4 | 3, 1 | 1.00 | 2.00 | 3.0 |" in text
+    assert "| dp-latency | - | - | - | - | - | infeasible: no |" in text

@@ -138,8 +138,8 @@ class Plan:
 
     @property
     def layout_text(self) -> str:
-        """Replicas (and class) per stage: ``1 | 2 | 4``, or ``1 large | 2 small``."""
-        return " | ".join(f"{s.replicas}" + (f" {s.machine_class}" if s.machine_class else "")
+        """Replicas (and class) per stage: ``1, 2, 4``, or ``1 large, 2 small``."""
+        return ", ".join(f"{s.replicas}" + (f" {s.machine_class}" if s.machine_class else "")
                           for s in self.stages)
 
     @property
