@@ -81,7 +81,8 @@ class MachineClass:
                             f"{self.count!r}")
         for field in ("usable_epc_mib", "speed", "network_mib_per_s"):
             value = getattr(self, field)
-            if not (isinstance(value, float) and math.isfinite(value) and value > 0):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
                 problems.append(f"class {self.name!r}: {field} must be a number > 0, got "
                                 f"{value!r}")
         return problems

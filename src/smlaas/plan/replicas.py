@@ -167,7 +167,7 @@ class _LayoutSearch:
     """Steps 1-4 of the module docstring over one list of machine classes.
 
     Machine usage is a mixed-radix number over the classes, the last class most significant,
-    so that the usage of every class but the last is the state modulo ``strides[-1]``.
+    so that the usage of every class but the last is the state modulo ``strides[-2]``.
     """
 
     def __init__(self, classes: Sequence[ClassCosts], *, replicate: bool) -> None:
