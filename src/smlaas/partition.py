@@ -10,6 +10,7 @@ import logging
 import os
 import statistics
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 
 from smlaas import zoo
-from smlaas.errors import ModelError, PlanError, VerificationError
+from smlaas.errors import ConfigError, ModelError, PlanError, VerificationError
 from smlaas.export import (
     BuildWriter,
     Chain,
@@ -46,14 +47,16 @@ from smlaas.graph import (
     segment_memory,
 )
 from smlaas.plan import (
+    MACHINE_FILE_PLANNERS,
     CostModel,
+    MachinePool,
     ModelRef,
     Plan,
     Planner,
     SegmentCosts,
     build_plan,
     check_feasible,
-    choose_cuts,
+    choose_layout,
     segment_costs,
 )
 from smlaas.profile import (
@@ -196,41 +199,73 @@ def graph_cost_table(graph: ModelGraph, memory: SegmentMemory, profile: NodeProf
 
 
 # -- planning --------------------------------------------------------------------------------
+def read_machines_file(path: str | Path, *, cost_model: CostModel) -> MachinePool:
+    """The machine classes of a ``--machines-file`` (TOML ``[[class]]`` tables: ``name``,
+    ``count``, and optionally ``usable_epc_mib`` and ``network_mib_per_s``, which default to
+    ``cost_model``'s, and ``speed``, which defaults to 1.0).
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or describes no usable classes.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"machines file {file} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"machines file {file} is not valid TOML: {err}") from err
+    return MachinePool.from_dict(data, defaults=cost_model, source=f"machines file {file}")
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     planner: Planner = Planner.DP_LATENCY
     machines: int | None = None
     fit_epc: bool = False
+    pool: MachinePool | None = None
+    """Machine classes from ``--machines-file`` (instead of ``machines``)."""
 
 
 def make_plan(analysis: Analysis, costs: SegmentCosts, options: PlanOptions) -> Plan:
-    cuts = choose_cuts(options.planner, costs, machines=options.machines,
-                       fit_epc=options.fit_epc)
-    return build_plan(cuts, costs=costs, graph=analysis.graph, model=analysis.model_ref(),
-                      planner=options.planner.value, machines=options.machines,
-                      fit_epc=options.fit_epc)
+    layout = choose_layout(options.planner, costs, machines=options.machines,
+                           pool=options.pool, fit_epc=options.fit_epc)
+    machines = options.pool.total_count if options.pool is not None else options.machines
+    return build_plan(layout.cuts, costs=costs, graph=analysis.graph, model=analysis.model_ref(),
+                      planner=options.planner.value, machines=machines,
+                      fit_epc=options.fit_epc, replicas=layout.replicas,
+                      stage_classes=layout.classes, pool=options.pool)
 
 
 def compare_planners(analysis: Analysis, costs: SegmentCosts, *, machines: int | None,
-                     fit_epc: bool) -> list[dict]:
+                     fit_epc: bool, pool: MachinePool | None = None) -> list[dict]:
     """Every planner on the same costs: one row each (an ``error`` for infeasible ones).
 
     The ``single`` baseline is always the whole model in one enclave, paging included, so
-    that the cost of not partitioning is visible.
+    that the cost of not partitioning is visible. With a machines file, the planners that
+    do not assign machine classes run on the cost model's machine, at most as many stages as
+    the file has machines (``on_machine_classes`` is false in their rows).
     """
     rows: list[dict[str, Any]] = []
     for planner in Planner:
         start = time.perf_counter()
         baseline = planner is Planner.SINGLE
+        on_classes = pool is not None and planner in MACHINE_FILE_PLANNERS
+        budget = pool.total_count if pool is not None and not on_classes else machines
         try:
             plan = make_plan(analysis, costs, PlanOptions(
-                planner, None if baseline else machines, False if baseline else fit_epc))
+                planner, None if baseline or on_classes else budget,
+                False if baseline else fit_epc, pool if on_classes else None))
         except PlanError as err:
             rows.append({"planner": planner.value, "error": str(err)})
             continue
         rows.append({
             "planner": planner.value,
             "stages": len(plan.stages),
+            "machine_count": plan.machine_count,
+            "replicas": [s.replicas for s in plan.stages],
+            "machine_classes": [s.machine_class for s in plan.stages] if on_classes else None,
+            "on_machine_classes": on_classes,
+            "layout": plan.layout_text,
             "latency_ms": plan.latency_ms,
             "throughput_per_s": plan.throughput_per_s,
             "period_ms": plan.period_ms,
@@ -285,7 +320,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
                                      cost_model,
                                      node_names=tuple(n.name for n in analysis.graph.nodes)),
-                       machines=options.machines, fit_epc=options.fit_epc)
+                       machines=options.machines, fit_epc=options.fit_epc,
+                       pool=options.pool)
         phase("analysed graph")
         profile = measure_nodes(analysis, settings, cache=cache, progress=progress)
         phase("profiled nodes")
@@ -294,7 +330,7 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         plan = make_plan(analysis, costs, options)
         planning_ms = (time.perf_counter() - plan_start) * 1000.0
         comparison = compare_planners(analysis, costs, machines=options.machines,
-                                      fit_epc=options.fit_epc)
+                                      fit_epc=options.fit_epc, pool=options.pool)
         phase("planned")
         extractor = StageExtractor(analysis.prepared, analysis.graph)
         stage_models = [extractor.extract(s.start, s.end, name=f"{source.name}_stage_{s.index}")

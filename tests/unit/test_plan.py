@@ -64,3 +64,74 @@ def test_choose_cuts_single_is_whole_model(plan: Plan) -> None:
     graph = ModelGraph(prepare_model(skip_model(), {}))
     costs = segment_costs(segment_memory(graph), [1.0] * 4, preset("native"))
     assert choose_cuts(Planner.SINGLE, costs) == [0, 4]
+
+
+def test_a_plan_without_replica_fields_loads_as_one_replica_per_stage(plan: Plan) -> None:
+    data = plan.to_dict()
+    for key in ("input_transfer_ms", "machine_classes"):
+        del data[key]
+    for stage in data["stages"]:
+        for key in ("replicas", "machine_class", "transfer_out_ms"):
+            del stage[key]
+    old = Plan.from_dict(data)
+    assert [s.replicas for s in old.stages] == [1, 1] and old.machine_count == 2
+    assert old.period_ms == max([max(s.enclave_ms, s.transfer_in_ms) for s in old.stages]
+                                + [old.output_transfer_ms])
+    assert old.validate() == []
+
+
+def test_replicas_divide_the_stage_period_but_not_latency_or_the_gateway_links(plan: Plan
+                                                                               ) -> None:
+    slow = max(plan.stages, key=lambda s: s.period_ms)
+    replicated = replace(plan, machines=5, stages=tuple(
+        replace(s, replicas=4) if s is slow else s for s in plan.stages))
+    assert replicated.validate() == []
+    assert replicated.latency_ms == plan.latency_ms
+    assert replicated.machine_count == 5
+    busiest = max(slow.enclave_ms, slow.transfer_in_ms, slow.transfer_out_ms or 0.0)
+    assert replicated.stages[slow.index].period_ms == busiest / 4
+    assert replicated.period_ms == max([s.period_ms for s in replicated.stages]
+                                       + [plan.output_transfer_ms,
+                                          plan.input_transfer_ms or 0.0])
+    assert replicated.period_ms < plan.period_ms
+    again = Plan.from_json(replicated.to_json())
+    assert again == replicated and again.to_dict()["predicted"]["machine_count"] == 5
+
+
+def test_table_shows_replicas_and_the_machine_count(plan: Plan) -> None:
+    replicated = replace(plan, stages=(replace(plan.stages[0], replicas=3), plan.stages[1]))
+    lines = replicated.to_table().splitlines()
+    assert lines[1].split()[-1] == "replicas"
+    assert [line.split()[-1] for line in lines[2:4]] == ["3", "1"]
+    assert "2 stage(s) on 4 machine(s)" in lines[-1]
+    assert replicated.layout_text == "3, 1"
+
+
+def test_validate_counts_replicas_against_the_machines(plan: Plan) -> None:
+    over = replace(plan, machines=3, stages=(replace(plan.stages[0], replicas=3),
+                                             replace(plan.stages[1], replicas=0)))
+    problems = over.validate()
+    assert any("stage 1 has 0 replicas" in p for p in problems)
+    over = replace(plan, machines=3, stages=(replace(plan.stages[0], replicas=3),
+                                             plan.stages[1]))
+    assert any("4 enclaves (2 stages with their replicas) for 3 machines" in p
+               for p in over.validate())
+
+
+def test_report_shows_replicas_and_the_machine_count(plan: Plan) -> None:
+    from smlaas.export.report import render_markdown
+
+    replicated = replace(plan, machines=4, stages=(replace(plan.stages[0], replicas=3),
+                                                   plan.stages[1]))
+    comparison = [{"planner": "dp-replicas", "stages": 2, "machine_count": 4,
+                   "layout": replicated.layout_text, "latency_ms": 1.0,
+                   "throughput_per_s": 2.0, "max_working_set_mib": 3.0},
+                  {"planner": "dp-latency", "error": "no"}]
+    text = render_markdown(replicated, verification=None, comparison=comparison)
+    stage_rows = [line for line in text.splitlines() if line.startswith("| 0 |")
+                  or line.startswith("| 1 |")]
+    assert [row.rstrip(" |").split("| ")[-1] for row in stage_rows] == ["3", "1"]
+    assert "enclaves (stages times replicas): 4" in text
+    assert "on 4 enclave machine(s)" in text
+    assert "| dp-replicas | 2 | 4 | 3, 1 | 1.00 | 2.00 | 3.0 |" in text
+    assert "| dp-latency | - | - | - | - | - | infeasible: no |" in text

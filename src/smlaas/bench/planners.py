@@ -1,9 +1,10 @@
 """Every planner on every zoo model, under the sgx1 and sgx2 cost models (all PREDICTED).
 
 Per model and preset: for each planner its predicted latency, pipeline throughput on K = 2, 4
-and 8 machines, stage count and largest working set; the unpartitioned single enclave (paging
-included); and planning time. Node times come from one ONNX Runtime profile per model (cached),
-so every planner sees the same costs.
+and 8 machines (for dp-replicas: K enclaves in all, stages times replicas), stage count and
+largest working set; the unpartitioned single enclave (paging included); and planning time.
+Node times come from one ONNX Runtime profile per model (cached), so every planner sees the
+same costs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def planner_rows(model: str, settings: ProfileSettings, *,
             row.update(model=model, preset=name, fit_epc=fits and row["planner"] != "single",
                        nodes=analysis.graph.node_count)
             row["throughput_k"] = {}
-            if row["planner"] in ("dp-throughput", "dp-latency", "greedy-epc",
+            if row["planner"] in ("dp-throughput", "dp-replicas", "dp-latency", "greedy-epc",
                                   "seed-bruteforce"):
                 for machines in MACHINES:
                     started = time.perf_counter()
@@ -56,6 +57,7 @@ def planner_rows(model: str, settings: ProfileSettings, *,
                         continue
                     row["throughput_k"][str(machines)] = {
                         "throughput_per_s": plan.throughput_per_s, "stages": len(plan.stages),
+                        "machine_count": plan.machine_count,
                         "planning_ms": (time.perf_counter() - started) * 1e3}
             rows.append(row)
     return rows
@@ -90,12 +92,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "largest ws MiB | fits EPC | planning ms |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|:---:|---:|"]
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['model']} | {row['preset']} | {row['planner']} | - | "
-                         f"infeasible | - | - | - | - | - | - |")
-            continue
         k = row.get("throughput_k", {})
         tput = [f"{k[m]['throughput_per_s']:.1f}" if m in k else "-" for m in ("2", "4", "8")]
+        if "error" in row:
+            # dp-replicas has no plan without a machine budget, only the K columns.
+            what = "needs K" if row["planner"] == "dp-replicas" else "infeasible"
+            lines.append(f"| {row['model']} | {row['preset']} | {row['planner']} | - | "
+                         f"{what} | {' | '.join(tput)} | - | - | - |")
+            continue
         lines.append(f"| {row['model']} | {row['preset']} | {row['planner']} | "
                      f"{row['stages']} | {row['latency_ms']:.1f} | {' | '.join(tput)} | "
                      f"{row['max_working_set_mib']:.1f} | "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ from smlaas.partition import (
     default_threads,
     measure_nodes,
     open_model,
+    read_machines_file,
     verify_build,
 )
 from smlaas.partition import (
     partition as run_partition,
 )
-from smlaas.plan import PRESETS, CostModel, Planner, preset
+from smlaas.plan import MACHINE_FILE_PLANNERS, PRESETS, CostModel, MachinePool, Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
 
 PLANNER_NAMES = [p.value for p in Planner]
@@ -45,7 +47,13 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="TOML file overriding cost model parameters (see `smlaas "
                           "calibrate`)."),
         click.option("--machines", "-k", type=click.IntRange(min=1),
-                     help="At most this many stages (one enclave machine each)."),
+                     help="At most this many enclave machines: one per stage, or per replica "
+                          "with dp-replicas (which needs this or --machines-file)."),
+        click.option("--machines-file", "machines_file", type=click.Path(dir_okay=False),
+                     help="TOML file of machine classes ([[class]] name, count, "
+                          "usable_epc_mib, speed, network_mib_per_s) for dp-latency, "
+                          "dp-throughput and dp-replicas to assign stages to; instead of "
+                          "--machines."),
         click.option("--fit-epc", is_flag=True,
                      help="Every stage's working set must fit the usable EPC."),
         click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
@@ -63,6 +71,30 @@ def _cost_model(preset_name: str, file: str | None) -> CostModel:
     return CostModel.from_toml(file, base=base) if file else base
 
 
+def _machine_pool(machines: int | None, machines_file: str | None, cost_model: CostModel
+                  ) -> MachinePool | None:
+    """The machines file's classes; --machines and --machines-file are alternatives."""
+    if machines_file is None:
+        return None
+    if machines is not None:
+        raise click.UsageError("--machines and --machines-file are alternatives; give one",
+                               ctx=click.get_current_context())
+    return read_machines_file(machines_file, cost_model=cost_model)
+
+
+def _check_planner_budget(planner: Planner, machines: int | None,
+                          pool: MachinePool | None) -> None:
+    if planner is Planner.DP_REPLICAS and machines is None and pool is None:
+        raise click.UsageError("--planner dp-replicas needs --machines K (at most K enclaves "
+                               "in all) or --machines-file FILE",
+                               ctx=click.get_current_context())
+    if pool is not None and planner not in MACHINE_FILE_PLANNERS:
+        raise click.UsageError(f"--planner {planner.value} does not assign machine classes; "
+                               f"with --machines-file use "
+                               f"{', '.join(p.value for p in MACHINE_FILE_PLANNERS)}",
+                               ctx=click.get_current_context())
+
+
 def _settings(threads: int, runs: int) -> ProfileSettings:
     return ProfileSettings(threads=threads, warmup_runs=3, measured_runs=runs)
 
@@ -75,16 +107,20 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
               show_default=True, help="How to choose the cuts.")
 @click.option("--no-verify", is_flag=True, help="Skip running the chain against the model.")
 def partition(model: str, input_sizes: tuple[str, ...], preset: str,
-              cost_model_file: str | None, machines: int | None, fit_epc: bool, threads: int,
-              runs: int, no_cache: bool, as_json: bool, build_dir: str, planner: str,
-              no_verify: bool) -> int:
+              cost_model_file: str | None, machines: int | None, machines_file: str | None,
+              fit_epc: bool, threads: int, runs: int, no_cache: bool, as_json: bool,
+              build_dir: str, planner: str, no_verify: bool) -> int:
     """Partition MODEL into enclave-sized stages and write BUILD_DIR.
 
     BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
-    any step fails.
+    any step fails. dp-replicas also gives stages replicas (at most --machines enclaves in
+    all); with --machines-file the dp planners give each stage a machine class.
     """
+    chosen = Planner(planner)
     cost_model = _cost_model(preset, cost_model_file)
-    options = PlanOptions(Planner(planner), machines, fit_epc)
+    pool = _machine_pool(machines, machines_file, cost_model)
+    _check_planner_budget(chosen, machines, pool)
+    options = PlanOptions(chosen, machines, fit_epc, pool)
     with progress_bar(enabled=not as_json) as progress:
         result = run_partition(model, Path(build_dir), input_size_specs=input_sizes,
                                cost_model=cost_model, options=options,
@@ -148,32 +184,45 @@ def plan() -> None:
 @plan.command("compare")
 @model_options
 def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
-                 cost_model_file: str | None, machines: int | None, fit_epc: bool,
-                 threads: int, runs: int, no_cache: bool, as_json: bool) -> int:
-    """Every planner on the same predicted costs, side by side."""
+                 cost_model_file: str | None, machines: int | None, machines_file: str | None,
+                 fit_epc: bool, threads: int, runs: int, no_cache: bool, as_json: bool) -> int:
+    """Every planner on the same predicted costs, side by side.
+
+    dp-replicas runs only with --machines or --machines-file. With --machines-file, the
+    planners that do not assign machine classes run on the cost model's machine.
+    """
     cost_model = _cost_model(preset, cost_model_file)
+    pool = _machine_pool(machines, machines_file, cost_model)
     with progress_bar(enabled=not as_json) as progress:
         source, shapes = open_model(model, input_sizes)
         analysis = analyse(source, shapes, threads=threads)
         profile = measure_nodes(analysis, _settings(threads, runs),
                                 cache=None if no_cache else ProfileCache(), progress=progress)
     costs = cost_table(analysis, profile, cost_model)
-    rows = compare_planners(analysis, costs, machines=machines, fit_epc=fit_epc)
+    rows = compare_planners(analysis, costs, machines=machines, fit_epc=fit_epc, pool=pool)
     if as_json:
         print_json({"model": source.name, "preset": cost_model.preset, "machines": machines,
-                    "fit_epc": fit_epc, "planners": rows})
+                    "machine_classes": None if pool is None else
+                    [asdict(c) for c in pool.classes], "fit_epc": fit_epc, "planners": rows})
         return 0
     label = "predicted" if cost_model.enclave else "predicted (no enclave)"
+    on = f", machines {pool.describe()}" if pool is not None else ""
     console.print(table(
-        f"{source.name}: planners on the same costs ({cost_model.preset}, {label})",
-        ["planner", "stages", "latency ms", "throughput /s", "largest ws MiB", "fits EPC"],
-        [[r["planner"], "-", "-", "-", "-", "infeasible"] if r.get("error") else
-         [r["planner"], r["stages"], f"{r['latency_ms']:.2f}", f"{r['throughput_per_s']:.2f}",
-          f"{r['max_working_set_mib']:.1f}", "yes" if r["all_fit_epc"] else "no"]
+        f"{source.name}: planners on the same costs ({cost_model.preset}, {label}{on})",
+        ["planner", "stages", "machines", "replicas per stage", "latency ms", "throughput /s",
+         "largest ws MiB", "fits EPC"],
+        [[r["planner"], "-", "-", "-", "-", "-", "-", "infeasible"] if r.get("error") else
+         [r["planner"], r["stages"], r["machine_count"], r["layout"], f"{r['latency_ms']:.2f}",
+          f"{r['throughput_per_s']:.2f}", f"{r['max_working_set_mib']:.1f}",
+          "yes" if r["all_fit_epc"] else "no"]
          for r in rows]))
     for r in rows:
         if r.get("error"):
             console.print(f"  {r['planner']}: {r['error']}", soft_wrap=True)
+    if pool is not None:
+        console.print("  planners other than " + ", ".join(p.value for p in MACHINE_FILE_PLANNERS)
+                      + " do not assign machine classes: their rows are on the cost model's "
+                      "machine", soft_wrap=True)
     return 0
 
 

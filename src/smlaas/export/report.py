@@ -9,6 +9,7 @@ import numpy as np
 
 from smlaas.export.verify import VerificationReport
 from smlaas.plan.cost_model import MIB
+from smlaas.plan.machines import MachinePool
 from smlaas.plan.plan import Plan
 
 
@@ -22,15 +23,18 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                     comparison: list[dict] | None = None, machine: str = "") -> str:
     cm = plan.cost_model
     sgx_label = "predicted by the cost model" if cm.enclave else "no enclave"
+    classes = bool(plan.machine_classes)
+    budget = (MachinePool(plan.machine_classes).describe() if classes
+              else f"{plan.machines or 'unlimited'}")
     lines = [
         f"# smlaas build: {plan.model.name}",
         "",
         f"- source: `{plan.model.source}` (sha256 `{plan.model.sha256[:16]}...`)",
         f"- input shapes: {', '.join(f'{k} {v}' for k, v in plan.model.input_shapes.items())}",
         f"- planner: **{plan.planner}**, cost model **{cm.preset}** (usable EPC "
-        f"{cm.usable_epc_mib:g} MiB), fit-epc: {plan.fit_epc}, machines: "
-        f"{plan.machines or 'unlimited'}",
-        f"- nodes: {plan.model.node_count}, stages: {len(plan.stages)}",
+        f"{cm.usable_epc_mib:g} MiB), fit-epc: {plan.fit_epc}, machines: {budget}",
+        f"- nodes: {plan.model.node_count}, stages: {len(plan.stages)}, enclaves (stages times "
+        f"replicas): {plan.machine_count}",
         f"- enclave figures are **{sgx_label}**; native times are measured on this machine"
         + (f" ({machine})" if machine else ""),
         "",
@@ -38,8 +42,9 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         "",
         "| stage | nodes | first .. last node | native ms (pred) | native ms (measured) | "
         "enclave ms (predicted) | input MiB | transfer ms (predicted) | weights MiB | "
-        "working set MiB | fits EPC |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "working set MiB | fits EPC | replicas |" + (" machine class |" if classes else ""),
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"
+        + ("---|" if classes else ""),
     ]
     for s in plan.stages:
         measured = f"{s.measured_native_ms:.2f}" if s.measured_native_ms else "-"
@@ -47,13 +52,14 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
             f"| {s.index} | {s.start}-{s.end - 1} | `{s.first_node}` .. `{s.last_node}` | "
             f"{s.native_ms:.2f} | {measured} | {s.enclave_ms:.2f} | "
             f"{s.input_bytes / MIB:.2f} | {s.transfer_in_ms:.2f} | {s.weight_bytes / MIB:.1f} | "
-            f"{s.working_set_mib:.1f} | "
-            f"{'yes' if s.working_set_bytes <= cm.usable_epc_bytes else '**no**'} |")
+            f"{s.working_set_mib:.1f} | {'yes' if plan.fits_epc(s) else '**no**'} | "
+            f"{s.replicas} |" + (f" `{s.machine_class}` |" if classes else ""))
     lines += [
         "",
         f"Predicted end-to-end latency **{plan.latency_ms:.2f} ms**, pipeline throughput "
         f"**{plan.throughput_per_s:.2f} inferences/s** (period {plan.period_ms:.2f} ms), "
-        f"largest working set {plan.max_working_set_bytes / MIB:.1f} MiB.",
+        f"on {plan.machine_count} enclave machine(s), largest working set "
+        f"{plan.max_working_set_bytes / MIB:.1f} MiB.",
         "",
     ]
     errors = prediction_errors(plan)
@@ -67,13 +73,17 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         ]
     if comparison:
         lines += ["## Planners on the same costs", "",
-                  "| planner | stages | latency ms | throughput /s | largest working set MiB |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| planner | stages | machines | replicas per stage | latency ms | "
+                  "throughput /s | largest working set MiB |",
+                  "|---|---:|---:|---|---:|---:|---:|"]
         for row in comparison:
             if row.get("error"):
-                lines.append(f"| {row['planner']} | - | - | - | infeasible: {row['error']} |")
+                lines.append(f"| {row['planner']} | - | - | - | - | - | "
+                             f"infeasible: {row['error']} |")
             else:
-                lines.append(f"| {row['planner']} | {row['stages']} | {row['latency_ms']:.2f} |"
+                lines.append(f"| {row['planner']} | {row['stages']} | "
+                             f"{row.get('machine_count', row['stages'])} | "
+                             f"{row.get('layout', '-')} | {row['latency_ms']:.2f} |"
                              f" {row['throughput_per_s']:.2f} | {row['max_working_set_mib']:.1f} |")
         lines.append("")
     if verification is not None:
@@ -104,11 +114,12 @@ def render_plot(plan: Plan, node_ms: np.ndarray, live_bytes: np.ndarray, path: P
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     top.bar(positions, node_ms, width=1.0, color="#4477aa")
     top.set_ylabel("native ms per node")
-    top.set_title(f"{plan.model.name}: {len(plan.stages)} stage(s) by {plan.planner} "
+    top.set_title(f"{plan.model.name}: {len(plan.stages)} stage(s) on {plan.machine_count} "
+                  f"machine(s) by {plan.planner} "
                   f"({cm.preset}; enclave figures predicted)")
     bottom.plot(positions, live_bytes / MIB, color="#228833", label="live activations")
     for s in plan.stages:
-        colour = "#cc6677" if s.working_set_bytes > cm.usable_epc_bytes else "#ddcc77"
+        colour = "#ddcc77" if plan.fits_epc(s) else "#cc6677"
         bottom.hlines(s.working_set_mib, s.start, s.end - 1, colors=colour, linewidth=3,
                       label="stage working set (predicted)" if s.index == 0 else None)
         for axis in (top, bottom):

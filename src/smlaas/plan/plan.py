@@ -1,12 +1,15 @@
 """The Plan: which nodes go to which stage, and what that is predicted to cost (pure data).
 
 A Plan round-trips through JSON (``to_json`` / ``from_json``), reports every problem at once
-(``validate``), and renders as a text table (``to_table``).
+(``validate``), and renders as a text table (``to_table``). A stage may have several replicas
+(``dp-replicas``) and a machine class (``--machines-file``); plans written before either
+existed load unchanged, with one replica per stage on the cost model's machine.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -14,6 +17,7 @@ from smlaas.errors import PlanError
 from smlaas.graph.analysis import ModelGraph
 from smlaas.plan.cost_model import MIB, CostModel
 from smlaas.plan.costs import SegmentCosts
+from smlaas.plan.machines import MachineClass, MachinePool
 
 FORMAT_VERSION = 1
 
@@ -54,10 +58,24 @@ class StagePlan:
     peak_activation_bytes: int
     working_set_bytes: int
     measured_native_ms: float | None = None
+    replicas: int = 1
+    """Identical enclaves that share this stage's requests (``dp-replicas``)."""
+    machine_class: str | None = None
+    """The machines file's class all replicas run on; None for the cost model's machine."""
+    transfer_out_ms: float | None = None
+    """The output's transfer on this stage's outgoing link (None in older plans, where it
+    is the next stage's ``transfer_in_ms`` and does not bound the period on its own)."""
 
     @property
     def node_count(self) -> int:
         return self.end - self.start
+
+    @property
+    def period_ms(self) -> float:
+        """Time between two results of this stage: the busiest of a replica's CPU and links,
+        over the replicas (NOTE_REPLICA_PERIOD in :mod:`smlaas.plan.replicas`)."""
+        busiest = max(self.enclave_ms, self.transfer_in_ms, self.transfer_out_ms or 0.0)
+        return busiest / self.replicas
 
     @property
     def working_set_mib(self) -> float:
@@ -81,19 +99,48 @@ class Plan:
     output_transfer_ms: float
     format_version: int = FORMAT_VERSION
     notes: dict[str, Any] = field(default_factory=dict)
+    input_transfer_ms: float | None = None
+    """The request's transfer out of the gateway, at the cost model's network rate; replicas
+    of stage 0 do not share it (None in older plans, where stage 0's input link covers it)."""
+    machine_classes: tuple[MachineClass, ...] = ()
+    """The machines file's classes (empty: every stage is on the cost model's machine and
+    ``machines`` bounds their number)."""
 
     # -- predictions ---------------------------------------------------------------------
     @property
     def latency_ms(self) -> float:
-        """End to end: every stage's enclave time, every transfer including client links."""
+        """End to end: every stage's enclave time, every transfer including client links.
+        Replicas do not change it."""
         return sum(s.enclave_ms + s.transfer_in_ms for s in self.stages) + \
             self.output_transfer_ms
 
     @property
     def period_ms(self) -> float:
-        """Time between two results of the full pipeline: its slowest stage or link."""
-        return max([max(s.enclave_ms, s.transfer_in_ms) for s in self.stages]
-                   + [self.output_transfer_ms])
+        """Time between two results of the full pipeline: its slowest stage (over its
+        replicas) or the gateway's links."""
+        return max([s.period_ms for s in self.stages]
+                   + [self.output_transfer_ms, self.input_transfer_ms or 0.0])
+
+    @property
+    def machine_count(self) -> int:
+        """Enclaves the plan runs on: every replica of every stage."""
+        return sum(s.replicas for s in self.stages)
+
+    def usable_epc_bytes(self, stage: StagePlan) -> float:
+        """The usable EPC of the machines ``stage`` runs on."""
+        for machine_class in self.machine_classes:
+            if machine_class.name == stage.machine_class:
+                return machine_class.usable_epc_bytes
+        return self.cost_model.usable_epc_bytes
+
+    def fits_epc(self, stage: StagePlan) -> bool:
+        return stage.working_set_bytes <= self.usable_epc_bytes(stage)
+
+    @property
+    def layout_text(self) -> str:
+        """Replicas (and class) per stage: ``1, 2, 4``, or ``1 large, 2 small``."""
+        return ", ".join(f"{s.replicas}" + (f" {s.machine_class}" if s.machine_class else "")
+                          for s in self.stages)
 
     @property
     def throughput_per_s(self) -> float:
@@ -105,7 +152,7 @@ class Plan:
 
     @property
     def all_fit_epc(self) -> bool:
-        return self.max_working_set_bytes <= self.cost_model.usable_epc_bytes
+        return all(self.fits_epc(s) for s in self.stages)
 
     @property
     def cuts(self) -> list[int]:
@@ -144,15 +191,44 @@ class Plan:
         if sorted(self.stages[-1].outputs) != sorted(self.model.outputs):
             problems.append(f"the last stage's outputs {self.stages[-1].outputs} are not the "
                             f"model outputs {self.model.outputs}")
-        if self.machines is not None and len(self.stages) > self.machines:
-            problems.append(f"{len(self.stages)} stages for {self.machines} machines")
+        for stage in self.stages:
+            if isinstance(stage.replicas, bool) or not isinstance(stage.replicas, int) \
+                    or stage.replicas < 1:
+                problems.append(f"stage {stage.index} has {stage.replicas!r} replicas, "
+                                f"expected an integer >= 1")
+        problems.extend(self._machine_problems())
         if self.fit_epc:
             for stage in self.stages:
-                if stage.working_set_bytes > self.cost_model.usable_epc_bytes:
+                if not self.fits_epc(stage):
                     problems.append(f"stage {stage.index} working set "
                                     f"{stage.working_set_mib:.1f} MiB exceeds the usable EPC "
-                                    f"{self.cost_model.usable_epc_mib:g} MiB")
+                                    f"{self.usable_epc_bytes(stage) / MIB:g} MiB")
         problems.extend(f"cost model: {p}" for p in self.cost_model.validate())
+        return problems
+
+    def _machine_problems(self) -> list[str]:
+        """Stages and replicas against the machine budget: ``machines``, or the classes."""
+        if not self.machine_classes:
+            problems = [f"stage {s.index} names machine class {s.machine_class!r} but the "
+                        f"plan has no machine classes" for s in self.stages if s.machine_class]
+            used = self.machine_count
+            if self.machines is not None and used > self.machines:
+                problems.append(f"{len(self.stages)} stages for {self.machines} machines"
+                                if used == len(self.stages) else
+                                f"{used} enclaves ({len(self.stages)} stages with their "
+                                f"replicas) for {self.machines} machines")
+            return problems
+        problems = MachinePool(self.machine_classes).validate()
+        names = {c.name for c in self.machine_classes}
+        for stage in self.stages:
+            if stage.machine_class not in names:
+                problems.append(f"stage {stage.index} is on machine class "
+                                f"{stage.machine_class!r}, not one of {sorted(names)}")
+        for machine_class in self.machine_classes:
+            used = sum(s.replicas for s in self.stages if s.machine_class == machine_class.name)
+            if used > machine_class.count:
+                problems.append(f"{used} enclaves on machine class {machine_class.name!r}, "
+                                f"which has {machine_class.count}")
         return problems
 
     def check(self) -> None:
@@ -171,6 +247,7 @@ class Plan:
             "throughput_per_s": self.throughput_per_s,
             "max_working_set_bytes": self.max_working_set_bytes,
             "all_fit_epc": self.all_fit_epc,
+            "machine_count": self.machine_count,
         }
         return data
 
@@ -186,6 +263,8 @@ class Plan:
                 model=ModelRef(**data.pop("model")),
                 cost_model=CostModel(**data.pop("cost_model")),
                 stages=tuple(StagePlan(**s) for s in data.pop("stages")),
+                machine_classes=tuple(MachineClass(**c)
+                                      for c in data.pop("machine_classes", None) or ()),
                 **data,
             )
         except (TypeError, KeyError, ValueError) as err:
@@ -209,50 +288,91 @@ class Plan:
     def to_table(self) -> str:
         cm = self.cost_model
         label = "predicted" if cm.enclave else "predicted, no enclave"
+        classes = bool(self.machine_classes)
+        machines = (f"machines {MachinePool(self.machine_classes).describe()}" if classes
+                    else f"usable EPC {cm.usable_epc_mib:g} MiB")
         lines = [
-            f"plan for {self.model.name} by {self.planner} ({cm.preset} cost model, usable EPC "
-            f"{cm.usable_epc_mib:g} MiB)",
+            f"plan for {self.model.name} by {self.planner} ({cm.preset} cost model, "
+            f"{machines})",
             f"{'stage':>5} {'nodes':>11} {'native ms':>10} {'enclave ms':>10} "
-            f"{'in MiB':>7} {'xfer ms':>8} {'weights MiB':>11} {'ws MiB':>8}  fits",
+            f"{'in MiB':>7} {'xfer ms':>8} {'weights MiB':>11} {'ws MiB':>8}  fits "
+            f"{'replicas':>8}" + ("  class" if classes else ""),
         ]
         for s in self.stages:
             lines.append(
                 f"{s.index:>5} {f'{s.start}-{s.end - 1}':>11} {s.native_ms:>10.2f} "
                 f"{s.enclave_ms:>10.2f} {s.input_bytes / MIB:>7.2f} {s.transfer_in_ms:>8.2f} "
                 f"{s.weight_bytes / MIB:>11.1f} {s.working_set_mib:>8.1f}  "
-                f"{'yes' if s.working_set_bytes <= cm.usable_epc_bytes else 'NO'}"
+                f"{'yes' if self.fits_epc(s) else 'NO ':<4} {s.replicas:>8}"
+                + (f"  {s.machine_class}" if classes else "")
             )
         lines.append(
             f"{label}: latency {self.latency_ms:.2f} ms, throughput "
             f"{self.throughput_per_s:.2f}/s (period {self.period_ms:.2f} ms), "
-            f"{len(self.stages)} stage(s), largest working set "
-            f"{self.max_working_set_bytes / MIB:.1f} MiB"
+            f"{len(self.stages)} stage(s) on {self.machine_count} machine(s), largest working "
+            f"set {self.max_working_set_bytes / MIB:.1f} MiB"
         )
         return "\n".join(lines)
 
 
-def build_plan(cuts: list[int], *, costs: SegmentCosts, graph: ModelGraph, model: ModelRef,
-               planner: str, machines: int | None, fit_epc: bool) -> Plan:
-    """The Plan for stage boundaries ``cuts`` with figures read from ``costs``."""
+def build_plan(cuts: Sequence[int], *, costs: SegmentCosts, graph: ModelGraph,
+               model: ModelRef, planner: str, machines: int | None, fit_epc: bool,
+               replicas: Sequence[int] | None = None,
+               stage_classes: Sequence[str | None] | None = None,
+               pool: MachinePool | None = None) -> Plan:
+    """The Plan for stage boundaries ``cuts`` with figures read from ``costs``.
+
+    ``replicas`` and ``stage_classes`` (names of ``pool``'s classes) give each stage's
+    replicas and machine class; a stage on a class is priced for that class
+    (NOTE_MACHINE_CLASS in :mod:`smlaas.plan.machines`).
+    """
     memory = costs.memory
+    base = costs.cost_model
+    stage_count = len(cuts) - 1
+    replicas = list(replicas) if replicas is not None else [1] * stage_count
+    names = list(stage_classes) if stage_classes is not None else [None] * stage_count
+    if len(replicas) != stage_count or len(names) != stage_count:
+        raise PlanError(f"{stage_count} stages but {len(replicas)} replica counts and "
+                        f"{len(names)} machine classes")
     stages = []
     for index, (start, end) in enumerate(zip(cuts, cuts[1:])):
         inputs, outputs = graph.cut_tensors(start), graph.cut_tensors(end)
+        name = names[index]
+        if name is None:
+            enclave = float(costs.enclave_ms[start, end])
+            transfer_in, transfer_out = float(costs.transfer_ms[start]), float(
+                costs.transfer_ms[end])
+        else:
+            if pool is None:
+                raise PlanError(f"stage {index} is on machine class {name!r} but no machines "
+                                f"file was given")
+            try:
+                machine_class = pool.get(name)
+            except KeyError:
+                raise PlanError(f"stage {index} is on machine class {name!r}, which the "
+                                f"machines file does not have") from None
+            enclave = float(machine_class.enclave_time_ms(
+                base, costs.native_ms[start, end], costs.working_set_bytes[start, end]))
+            transfer_in = float(machine_class.transfer_ms(base, memory.cut_bytes[start]))
+            transfer_out = float(machine_class.transfer_ms(base, memory.cut_bytes[end]))
         stages.append(StagePlan(
             index=index, start=start, end=end,
             first_node=graph.nodes[start].name, last_node=graph.nodes[end - 1].name,
             inputs=inputs, outputs=outputs,
             input_bytes=int(memory.cut_bytes[start]), output_bytes=int(memory.cut_bytes[end]),
             native_ms=float(costs.native_ms[start, end]),
-            enclave_ms=float(costs.enclave_ms[start, end]),
-            transfer_in_ms=float(costs.transfer_ms[start]),
+            enclave_ms=enclave,
+            transfer_in_ms=transfer_in,
             weight_bytes=int(memory.weight_bytes[start, end]),
             touched_weight_bytes=int(memory.touched_weight_bytes[start, end]),
             peak_activation_bytes=int(memory.peak_activation_bytes[start, end]),
             working_set_bytes=int(costs.working_set_bytes[start, end]),
+            replicas=int(replicas[index]), machine_class=name, transfer_out_ms=transfer_out,
         ))
-    plan = Plan(model=model, planner=planner, cost_model=costs.cost_model,
+    plan = Plan(model=model, planner=planner, cost_model=base,
                 stages=tuple(stages), machines=machines, fit_epc=fit_epc,
-                output_transfer_ms=costs.output_transfer_ms)
+                output_transfer_ms=costs.output_transfer_ms,
+                input_transfer_ms=float(costs.transfer_ms[0]),
+                machine_classes=pool.classes if pool is not None else ())
     plan.check()
     return plan

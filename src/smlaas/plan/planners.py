@@ -1,27 +1,46 @@
 """Planners: where to cut, given the shared cost table (pure).
 
-Every planner returns the stage boundaries ``[0, c_1, ..., n]``; :func:`smlaas.plan.plan.
-build_plan` turns them into a :class:`Plan`, so plans from different planners are compared on
-identical costs.
+Every planner returns the stage boundaries ``[0, c_1, ..., n]`` (with ``dp-replicas`` or a
+machines file, a :class:`~smlaas.plan.replicas.StageLayout` that adds each stage's replicas
+and machine class); :func:`smlaas.plan.plan.build_plan` turns them into a :class:`Plan`, so
+plans from different planners are compared on identical costs.
 
 - ``dp-latency``: minimum end-to-end latency, ``f(j) = min_i f(i) + T_enc(i, j) + transfer(i)``,
   optionally with at most K stages (a layered DP) and every stage inside the EPC.
 - ``dp-throughput``: minimum pipeline period (the slowest stage or link) with at most K
   stages, ties broken by minimum latency among the plans that reach that period.
+- ``dp-replicas``: stages and a replica count per stage, at most K enclaves in all, for the
+  minimum period (a stage's period over its replicas), ties broken by latency; the exact
+  algorithm is in :mod:`smlaas.plan.replicas`.
 - ``seed-bruteforce``: the research prototype's rule; grow a stage block by block and cut only
   when ``L(s..e+1) > L(s..e) + transfer(e) + L(e..e+1)``.
 - ``greedy-epc``: fill each stage with nodes while its working set fits the EPC.
 - ``single``: no cut; the whole model in one enclave (the baseline every plan is compared to).
+
+With a machines file (:class:`~smlaas.plan.machines.MachinePool`) the three ``dp-*``
+planners also give each stage a machine class, at most ``count`` machines of each; they are
+solved by the exact DPs of :mod:`smlaas.plan.replicas` over machines used per class.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import replace
 
 import numpy as np
 
-from smlaas.errors import InfeasiblePlanError
+from smlaas.errors import InfeasiblePlanError, PlanError
 from smlaas.plan.costs import SegmentCosts
+from smlaas.plan.machines import MachinePool
+from smlaas.plan.replicas import (
+    MAX_STATES,
+    Objective,
+    StageLayout,
+    fits_machines,
+    plan_on_machines,
+    plan_replicas,
+    state_count,
+)
 
 MIB = 1024 * 1024
 
@@ -29,21 +48,47 @@ MIB = 1024 * 1024
 class Planner(enum.Enum):
     DP_LATENCY = "dp-latency"
     DP_THROUGHPUT = "dp-throughput"
+    DP_REPLICAS = "dp-replicas"
     SEED_BRUTEFORCE = "seed-bruteforce"
     GREEDY_EPC = "greedy-epc"
     SINGLE = "single"
 
 
+MACHINE_FILE_PLANNERS = (Planner.DP_LATENCY, Planner.DP_THROUGHPUT, Planner.DP_REPLICAS)
+"""The planners that assign machine classes from a machines file."""
+
+
 def choose_cuts(planner: Planner, costs: SegmentCosts, *, machines: int | None = None,
                 fit_epc: bool = False) -> list[int]:
-    """Stage boundaries chosen by ``planner``.
+    """Stage boundaries chosen by ``planner`` (see :func:`choose_layout`)."""
+    return list(choose_layout(planner, costs, machines=machines, fit_epc=fit_epc).cuts)
+
+
+def choose_layout(planner: Planner, costs: SegmentCosts, *, machines: int | None = None,
+                  pool: MachinePool | None = None, fit_epc: bool = False) -> StageLayout:
+    """Stages chosen by ``planner``, with their replicas and machine classes.
+
+    ``machines`` (a count of machines like the cost model's) and ``pool`` (a machines file)
+    are alternatives; ``dp-replicas`` needs one of them.
 
     Raises:
-        InfeasiblePlanError: no plan meets ``fit_epc`` / ``machines``; the message gives the
-            best that can be achieved.
+        InfeasiblePlanError: no plan meets ``fit_epc`` / ``machines`` / ``pool``; the message
+            gives the best that can be achieved.
+        PlanError: the options do not go together (both budgets, ``dp-replicas`` without a
+            budget, a machines file for a planner that does not assign machines).
     """
     if machines is not None and machines < 1:
         raise InfeasiblePlanError(f"--machines must be >= 1, got {machines}")
+    if pool is not None:
+        return _layout_on_pool(planner, costs, pool, machines=machines, fit_epc=fit_epc)
+    if planner is Planner.DP_REPLICAS:
+        if machines is None:
+            raise PlanError("dp-replicas needs a machine budget: pass --machines K (at most K "
+                            "enclaves in all) or --machines-file FILE")
+        layout = plan_replicas(costs, machines=machines, fit_epc=fit_epc)
+        if layout is None:
+            raise _infeasible(costs, max_stages=machines, fit_epc=fit_epc)
+        return layout
     if planner is Planner.DP_LATENCY:
         cuts = plan_min_latency(costs, max_stages=machines, fit_epc=fit_epc)
     elif planner is Planner.DP_THROUGHPUT:
@@ -55,7 +100,34 @@ def choose_cuts(planner: Planner, costs: SegmentCosts, *, machines: int | None =
     else:
         cuts = [0, costs.node_count]
     _check_constraints(planner, costs, cuts, machines=machines, fit_epc=fit_epc)
-    return cuts
+    return StageLayout.unreplicated(cuts)
+
+
+def _layout_on_pool(planner: Planner, costs: SegmentCosts, pool: MachinePool, *,
+                    machines: int | None, fit_epc: bool) -> StageLayout:
+    if machines is not None:
+        raise PlanError("--machines and --machines-file are alternatives; give one")
+    if planner not in MACHINE_FILE_PLANNERS:
+        raise PlanError(f"{planner.value} does not assign machine classes; with "
+                        f"--machines-file use one of "
+                        f"{', '.join(p.value for p in MACHINE_FILE_PLANNERS)}")
+    replicate = planner is Planner.DP_REPLICAS
+    _check_state_count(costs, pool, replicate=replicate)
+    objective = Objective.LATENCY if planner is Planner.DP_LATENCY else Objective.THROUGHPUT
+    layout = plan_on_machines(costs, pool, objective=objective, replicate=replicate,
+                              fit_epc=fit_epc)
+    if layout is None:
+        raise _pool_infeasible(costs, pool)
+    return layout
+
+
+def _check_state_count(costs: SegmentCosts, pool: MachinePool, *, replicate: bool) -> None:
+    states = state_count(pool, node_count=costs.node_count, replicate=replicate)
+    if states > MAX_STATES:
+        raise PlanError(
+            f"the machines file ({pool.describe()}) gives {states} combinations of machines "
+            f"used per class; the exact planners handle at most {MAX_STATES} (their work grows "
+            f"with the product of (count + 1) over classes): merge classes or lower counts")
 
 
 # -- dynamic programmes ----------------------------------------------------------------------
@@ -212,19 +284,25 @@ def plan_greedy_epc(costs: SegmentCosts) -> list[int]:
 
 
 # -- constraints -----------------------------------------------------------------------------
-def check_feasible(costs: SegmentCosts, *, machines: int | None, fit_epc: bool) -> None:
-    """Raises InfeasiblePlanError when no plan can meet ``fit_epc`` within ``machines``.
+def check_feasible(costs: SegmentCosts, *, machines: int | None, fit_epc: bool,
+                   pool: MachinePool | None = None) -> None:
+    """Raises InfeasiblePlanError when no plan can meet ``fit_epc`` within ``machines`` (or
+    on ``pool``).
 
     Only memory decides this, so it can run before any profiling: greedy filling gives the
     fewest stages that all fit, because a segment's working set only grows as it grows.
     """
     if not fit_epc:
         return
+    if pool is not None:
+        _check_state_count(costs, pool, replicate=False)
+        if not fits_machines(costs, pool, fit_epc=True):
+            raise _pool_infeasible(costs, pool)
+        return
     single = [costs.fits_epc[k, k + 1] for k in range(costs.node_count)]
     if not all(single) or (machines is not None
                            and len(plan_greedy_epc(costs)) - 1 > machines):
         raise _infeasible(costs, max_stages=machines, fit_epc=True)
-
 
 
 def _check_constraints(planner: Planner, costs: SegmentCosts, cuts: list[int], *,
@@ -233,7 +311,8 @@ def _check_constraints(planner: Planner, costs: SegmentCosts, cuts: list[int], *
     if machines is not None and stages > machines:
         raise InfeasiblePlanError(
             f"{planner.value} makes {stages} stages but only {machines} machines are "
-            f"available (--machines); use dp-latency or dp-throughput, which respect it"
+            f"available (--machines); use dp-latency, dp-throughput or dp-replicas, which "
+            f"respect it"
         )
     if fit_epc:
         worst = max(range(stages), key=lambda k: costs.working_set_bytes[cuts[k], cuts[k + 1]])
@@ -254,7 +333,7 @@ def _infeasible(costs: SegmentCosts, *, max_stages: int | None, fit_epc: bool,
         return InfeasiblePlanError(
             f"{planner.value} makes a stage larger than the usable EPC ({epc_mib:g} MiB), "
             f"although plans{limit} with every stage within {smallest:.1f} MiB exist; "
-            f"dp-latency and dp-throughput find them"
+            f"dp-latency, dp-throughput and dp-replicas find them"
         )
     n = costs.node_count
     single = [costs.working_set_bytes[k, k + 1] for k in range(n)]
@@ -273,3 +352,25 @@ def _infeasible(costs: SegmentCosts, *, max_stages: int | None, fit_epc: bool,
         f"alone needs {single[worst] / MIB:.1f} MiB); drop --fit-epc to accept paging, or "
         f"use a preset with a larger EPC"
     )
+
+
+def _pool_infeasible(costs: SegmentCosts, pool: MachinePool) -> InfeasiblePlanError:
+    """Without --fit-epc every pool has a plan (one stage on any class), so this is about
+    the EPC: either a node is too big for every class, or the machines are too few."""
+    largest = max(pool.classes, key=lambda c: c.usable_epc_mib)
+    single = [costs.working_set_bytes[k, k + 1] for k in range(costs.node_count)]
+    worst = int(np.argmax(single))
+    if single[worst] > largest.usable_epc_bytes:
+        worst_node = f"{costs.node_names[worst]!r}" if costs.node_names else f"#{worst}"
+        return InfeasiblePlanError(
+            f"no plan on the machines file's classes ({pool.describe()}) keeps every stage "
+            f"within its class's usable EPC: node {worst_node} alone needs "
+            f"{single[worst] / MIB:.1f} MiB, more than the largest class {largest.name!r} "
+            f"has ({largest.usable_epc_mib:g} MiB); drop --fit-epc to accept paging")
+    on_largest = replace(costs, cost_model=largest.cost_model(costs.cost_model))
+    needed = len(plan_greedy_epc(on_largest)) - 1
+    return InfeasiblePlanError(
+        f"no plan on the machines file's classes ({pool.describe()}) keeps every stage "
+        f"within its class's usable EPC: at least {needed} stages are needed even on "
+        f"{largest.name!r} ({largest.usable_epc_mib:g} MiB); add machines to the file or "
+        f"drop --fit-epc to accept paging")
