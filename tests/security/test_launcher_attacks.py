@@ -60,6 +60,24 @@ def test_a_stage_started_without_its_next_stage_refuses_to_answer(deployed) -> N
     assert result.returncode == 2 and "is the last stage" in result.stderr
 
 
+def test_the_host_cannot_add_replicas_the_manifest_does_not_name(deployed) -> None:
+    """The owner's manifest says how many replicas serve each stage; a host that hands a
+    stage more next-stage addresses (or the gateway more first-stage ones) is refused."""
+    assert deployed.manifest is not None and deployed.manifest.replicas_of(1) == 1
+    first = _stage(deployed, 0, next_stages=(("127.0.0.1", 9), ("127.0.0.1", 10)))
+    result = _run(first.to_argv())
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "the host gave 2 addresses for stage-1; the owner's manifest has 1" in result.stderr
+    assert_port_closed(first.listen[1])
+    gateway = GatewaySpec(backend="sim", coordinator_mrenclave=deployed.measurements[
+        "coordinator"], coordinator=coordinator_address(deployed),
+        first_stages=(_first_stage_address(deployed), ("127.0.0.1", 9)),
+        listen=("127.0.0.1", free_port()), model_name=deployed.model_name)
+    result = _run(gateway.to_argv())
+    assert result.returncode == 2 and "2 addresses for stage-0" in result.stderr, \
+        result.stderr[-1500:]
+
+
 def test_the_host_cannot_turn_on_batching_the_manifest_forbids(deployed) -> None:
     assert deployed.manifest is not None and deployed.manifest.max_batch_size == 0
     port = free_port()

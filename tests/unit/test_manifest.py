@@ -29,6 +29,7 @@ def manifest(**changes: object) -> Manifest:
     {"policy": {"allow_simulation_insecure": True, "max_collateral_age_days": 1, "roles": {
         "gateway": {"mrenclave": [MR]}, "stage-0": {"mrenclave": [MR]}}}},
     {"max_batch_size": 8},
+    {"replicas": {0: 2}},
     {"collateral": {"pccs_url": "https://pccs.example/sgx/certification/v4/"}},
 ])
 def test_the_digest_covers_every_field(change: dict) -> None:
@@ -53,8 +54,11 @@ def test_malformed_text_is_a_config_error(text: str, problem: str) -> None:
 
 
 def test_invalid_manifests_list_every_problem() -> None:
-    bad = manifest(version=0, topology=("gateway", "stage-1"), max_batch_size=-1)
+    bad = manifest(version=0, topology=("gateway", "stage-1"), max_batch_size=-1,
+                   replicas={0: 0, 5: 2})
     problems = bad.validate()
+    assert any("stage 0 replicas must be an integer >= 1" in p for p in problems)
+    assert any("replicas name stage 5" in p for p in problems)
     assert any("version" in p for p in problems)
     assert any("numbered 0..0" in p for p in problems)
     assert any("max_batch_size" in p for p in problems)

@@ -30,7 +30,7 @@ from smlaas.plan.costs import SegmentCosts
 from smlaas.profile import ProfileCache, ProfileSettings
 
 PRESETS = ("sgx1", "sgx2")
-MACHINES = (2, 4, 8)
+MACHINES = (2, 4, 8, 16)
 
 
 def planner_rows(model: str, settings: ProfileSettings, *,
@@ -87,6 +87,27 @@ def planners_benchmark(models: Sequence[str] | None, settings: ProfileSettings, 
     return rows
 
 
+def replicas_markdown(rows: list[dict[str, Any]]) -> str:
+    """dp-throughput against dp-replicas at each K (PREDICTED), one line per model and
+    preset: throughput, and the shape dp-replicas chose (stages x replicas)."""
+    by_key = {(r["model"], r["preset"], r["planner"]): r for r in rows}
+    head = " | ".join(f"K={m} dp-thr / dp-rep /s" for m in MACHINES)
+    lines = [f"| model | preset | {head} |", "|---|---|" + "---:|" * len(MACHINES)]
+    for (model, name, planner), row in by_key.items():
+        if planner != "dp-throughput":
+            continue
+        other = by_key.get((model, name, "dp-replicas"), {}).get("throughput_k", {})
+        cells = []
+        for m in map(str, MACHINES):
+            mine = row.get("throughput_k", {}).get(m)
+            theirs = other.get(m)
+            cells.append(f"{mine['throughput_per_s']:.1f} / " if mine else "- / ")
+            cells[-1] += (f"{theirs['throughput_per_s']:.1f} ({theirs['stages']} st, "
+                          f"{theirs['machine_count']} m)" if theirs else "-")
+        lines.append(f"| {model} | {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | preset | planner | stages | latency ms | K=2 /s | K=4 /s | K=8 /s | "
              "largest ws MiB | fits EPC | planning ms |",
@@ -94,6 +115,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         k = row.get("throughput_k", {})
         tput = [f"{k[m]['throughput_per_s']:.1f}" if m in k else "-" for m in ("2", "4", "8")]
+        # (K = 16 is in the JSON and in replicas_markdown)
         if "error" in row:
             # dp-replicas has no plan without a machine budget, only the K columns.
             what = "needs K" if row["planner"] == "dp-replicas" else "infeasible"

@@ -118,7 +118,7 @@ def gateway(model: str, threads: int, runs: int, out: str | None) -> int:
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 def planners(models: tuple[str, ...], threads: int, runs: int, out: str | None) -> int:
     """Every planner on every zoo model under sgx1 and sgx2 (PREDICTED figures)."""
-    from smlaas.bench.planners import markdown, planners_benchmark
+    from smlaas.bench.planners import markdown, planners_benchmark, replicas_markdown
     from smlaas.profile import ProfileCache, ProfileSettings
 
     settings = ProfileSettings(threads=threads, warmup_runs=3, measured_runs=runs)
@@ -126,6 +126,7 @@ def planners(models: tuple[str, ...], threads: int, runs: int, out: str | None) 
         rows = planners_benchmark(models, settings, cache=ProfileCache(), progress=progress)
     console.print("PREDICTED by the cost model (no enclave ran):")
     console.print(markdown(rows), markup=False, highlight=False)
+    console.print(replicas_markdown(rows), markup=False, highlight=False)
     _write(out, rows)
     return 0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -60,6 +60,11 @@ class Registration:
     max_batch_size: int
     labels_sha256: str
     stage: StageRelease | None
+    replicas: dict[int, int] = field(default_factory=dict)
+    """The manifest's replicas per stage (absent: 1)."""
+
+    def replicas_of(self, index: int) -> int:
+        return self.replicas.get(index, 1)
 
 
 @dataclass(frozen=True)
@@ -163,4 +168,12 @@ class CoordinatorClient:
                             ca_pem=str(reply["ca"]), manifest_digest=digest,
                             topology=tuple(reply["topology"]),
                             max_batch_size=int(reply["max_batch_size"]),
-                            labels_sha256=str(reply.get("labels_sha256", "")), stage=release)
+                            labels_sha256=str(reply.get("labels_sha256", "")), stage=release,
+                            replicas=_replicas(reply.get("replicas", {})))
+
+
+def _replicas(value: Any) -> dict[int, int]:
+    try:
+        return {int(k): int(n) for k, n in dict(value).items()}
+    except (TypeError, ValueError) as err:
+        raise refusal(Code.MALFORMED, f"the coordinator's replicas are malformed: {err}") from err

@@ -73,6 +73,9 @@ class Manifest:
     max_batch_size: int = 0
     """The largest dynamic batch the gateway may form (0: none); seal checked, on the
     plaintext, that the stages compute the same batched. The host may only lower it."""
+    replicas: Mapping[int, int] = field(default_factory=dict)
+    """Stage index -> how many replicas serve it (absent: 1). The role before a stage links
+    to at most that many; each replica registers and is attested on its own."""
     labels_sha256: str = ""
     """SHA-256 of the class labels file the gateway names classes with ('' = none); the
     gateway refuses a labels file the host changed."""
@@ -121,6 +124,12 @@ class Manifest:
                 or self.max_batch_size < 0:
             problems.append(f"max_batch_size must be an integer >= 0, got "
                             f"{self.max_batch_size!r}")
+        for index, count in self.replicas.items():
+            if index not in stage_numbers:
+                problems.append(f"replicas name stage {index}, which the topology lacks")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                problems.append(f"stage {index} replicas must be an integer >= 1, got "
+                                f"{count!r}")
         if self.labels_sha256 and not _HEX64.match(self.labels_sha256):
             problems.append("labels_sha256 is not 64 lower-case hex digits")
         problems += _collateral_problems(self.collateral)
@@ -133,7 +142,11 @@ class Manifest:
                 "stages": {str(k): {"key_commitment": s.key_commitment, "sha256": s.sha256}
                            for k, s in sorted(self.stages.items())},
                 "max_batch_size": self.max_batch_size, "labels_sha256": self.labels_sha256,
+                "replicas": {str(k): n for k, n in sorted(self.replicas.items())},
                 "collateral": dict(self.collateral)}
+
+    def replicas_of(self, index: int) -> int:
+        return int(self.replicas.get(index, 1))
 
     def to_json(self) -> str:
         """The canonical form: sorted keys, no whitespace."""
@@ -152,7 +165,7 @@ class Manifest:
                 raise TypeError("a manifest is a JSON object")
             unknown = sorted(set(data) - {"format", "version", "policy", "topology",
                                           "stages", "max_batch_size", "labels_sha256",
-                                          "collateral"})
+                                          "replicas", "collateral"})
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}")
             if data.get("format") != FORMAT:
@@ -166,6 +179,9 @@ class Manifest:
                     raise TypeError(f"stages.{key} is not a stage commitment")
                 stages[int(key)] = StageCommitment(str(value["key_commitment"]),
                                                    str(value["sha256"]))
+            replicas = data.get("replicas", {})
+            if not isinstance(replicas, dict) or not all(str(k).isdigit() for k in replicas):
+                raise TypeError("replicas must map stage numbers to counts")
             collateral = data.get("collateral", {})
             if not isinstance(collateral, dict):
                 raise TypeError("collateral must be an object")
@@ -173,6 +189,7 @@ class Manifest:
                            topology=tuple(data["topology"]), stages=stages,
                            max_batch_size=data.get("max_batch_size", 0),
                            labels_sha256=str(data.get("labels_sha256", "")),
+                           replicas={int(k): v for k, v in replicas.items()},
                            collateral=collateral)
         except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ConfigError(f"not a deployment manifest: {err}") from err

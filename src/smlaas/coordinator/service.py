@@ -229,6 +229,7 @@ class CoordinatorService:
             "ca": state.ca.cert_pem(), "manifest_digest": manifest.digest(),
             "topology": list(manifest.topology), "max_batch_size": manifest.max_batch_size,
             "labels_sha256": manifest.labels_sha256,
+            "replicas": {str(k): n for k, n in manifest.replicas.items()},
             "simulated": verdict.simulated}
         if role != GATEWAY_ROLE:
             index = stage_index(role)

@@ -340,6 +340,7 @@ class Deployment:
             stages={k: StageCommitment(key_commitment(k, key), self.keys.stage_sha256[k])
                     for k, key in self.keys.stage_keys.items()},
             max_batch_size=self.max_batch_size, collateral=dict(self.settings.collateral),
+            replicas={k: n for k, n in enumerate(self.replicas) if n > 1},
             labels_sha256=hashlib.sha256(Path(self.settings.labels_path).read_bytes()).hexdigest()
             if self.settings.labels_path else "")
 

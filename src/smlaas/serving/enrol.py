@@ -42,6 +42,14 @@ def parse_addresses(text: str, *, what: str = "address") -> tuple[tuple[str, int
     return addresses
 
 
+def check_replica_count(addresses: tuple[tuple[str, int], ...], role: str, allowed: int
+                        ) -> None:
+    """The host may give a role at most the manifest's replicas of the role it links to."""
+    if len(addresses) > allowed:
+        raise ConfigError(f"the host gave {len(addresses)} addresses for {role}; the owner's "
+                          f"manifest has {allowed} replica(s) of it")
+
+
 def create_backend(kind: str, role: str, config: dict[str, Any] | None = None
                    ) -> EnclaveBackend:
     """The enclave this process runs in; for ``sim``, measured over ``config``."""

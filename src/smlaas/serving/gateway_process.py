@@ -25,7 +25,7 @@ from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.errors import ConfigError
 from smlaas.serving.data_plane import DataPlane
-from smlaas.serving.enrol import create_backend, enrol
+from smlaas.serving.enrol import check_replica_count, create_backend, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
 from smlaas.serving.link import replica_set, run_event_loop
@@ -113,6 +113,7 @@ def run_gateway(spec: GatewaySpec) -> None:
                          coordinator_mrenclave=spec.coordinator_mrenclave,
                          hosts=certificate_hosts(listen[0]))
     attested_at = time.time()
+    check_replica_count(spec.first_stages, stage_role(0), registration.replicas_of(0))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     link = replica_set(stage_role(0), spec.first_stages, client_context(*identity),
                        manifest_digest=registration.manifest_digest)

@@ -34,7 +34,7 @@ from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
 from smlaas.plan.plan import Plan
-from smlaas.serving.enrol import create_backend, enrol
+from smlaas.serving.enrol import check_replica_count, create_backend, enrol
 from smlaas.serving.link import Hop, replica_set, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
 from smlaas.transport.framing import ProtocolError
@@ -251,6 +251,9 @@ def run_worker(spec: StageSpec) -> None:
         raise AttestationError(f"the coordinator released no key for {role}")
     attested_at = time.time()
     check_place_in_topology(spec, registration.topology)
+    if spec.next_stages:
+        check_replica_count(spec.next_stages, stage_role(index + 1),
+                            registration.replicas_of(index + 1))
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
     stats = StageStats(index, attested_at=attested_at, replica=spec.replica,
                        predicted=predicted_memory(Path(spec.sealed_dir), index))
