@@ -97,7 +97,8 @@ def test_a_killed_replica_loses_no_request_and_rejoins(served) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         now = _by_replica(running, "smlaas_stage_requests_total")
-        if now.get(("1", "1"), 0) > 0 and now.get(("1", "1"), 0) != served_by.get(("1", "1")):
+        if now.get(("1", "1"), 0) > 0 and now.get(("1", "1"), 0) != served_by.get(("1", "1")) \
+                and now.get(("1", "0"), 0) > 0:
             break
         with running.client() as client:
             client.infer({"x": x})

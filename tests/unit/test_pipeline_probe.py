@@ -15,6 +15,8 @@ class _Link:
     async def request(self, tensors: object, meta: dict, **_: object) -> TensorMessage:
         return TensorMessage("p", {}, {"stages": self.stages, "inputs": [], "outputs": []})
 
+    request_all = request
+
 
 def _probe(stages: list[int], stage_count: int) -> str | None:
     pipeline = Pipeline(_Link(stages), timeout_s=1, stage_count=stage_count)  # type: ignore[arg-type]

@@ -283,9 +283,12 @@ class Deployment:
         s = self.settings
         common: dict[str, Any] = {"backend": s.backend, "coordinator_mrenclave": coordinator_mr,
                                   "coordinator": coordinator.listen}
-        addresses = [tuple(self.launcher.reserve(stage_role(k)) for _ in range(count))
-                     for k, count in enumerate(self.replicas)]
         self._cpus, self._pinning = self._pin_plan()
+        names = [(k, r) for k, count in enumerate(self.replicas) for r in range(count)]
+        self.launcher.prepare([(_process_name(k, r), len(self._cpus.get((k, r), ())) or
+                                s.threads) for k, r in names])
+        addresses = [tuple(self.launcher.reserve(_process_name(k, r)) for r in range(count))
+                     for k, count in enumerate(self.replicas)]
         specs: list[RoleSpec] = [
             StageSpec(index=k, replica=r, listen=address,
                       sealed_dir=str(self.sealed_dir.resolve()),
@@ -386,6 +389,11 @@ class Deployment:
                 time.sleep(0.2)
             except AttestationError as err:
                 raise DeployError(f"the coordinator failed attestation: {err}") from err
+
+
+def _process_name(index: int, replica: int) -> str:
+    """The launcher's name for a stage replica (as ``StageSpec.process_name``)."""
+    return stage_role(index) + (f".r{replica}" if replica else "")
 
 
 def stage_replicas(plan: Plan, override: dict[int, int] | None) -> list[int]:

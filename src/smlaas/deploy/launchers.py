@@ -56,6 +56,11 @@ class Launcher(Protocol):
 
     def start(self, spec: ProcessSpec) -> None: ...
 
+    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
+        """Told, before any reserve, the stage processes to come and the cores each uses (a
+        placement-aware launcher books them at once)."""
+        ...
+
     def problems(self) -> list[str]:
         """Processes that exited for good, each with the end of its log."""
         ...
@@ -65,9 +70,18 @@ class Launcher(Protocol):
     def stop(self) -> None: ...
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """The child gets SIGKILL when the process that started it dies (Linux prctl)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class _Supervised:
-    def __init__(self, spec: ProcessSpec, log_path: Path) -> None:
+    def __init__(self, spec: ProcessSpec, log_path: Path, *,
+                 die_with_parent: bool = False) -> None:
         self.spec, self.log_path = spec, log_path
+        self.die_with_parent = die_with_parent
         self.env = {**os.environ, **spec.env}  # a restart runs exactly as the first start
         self.restarts = 0
         self.gave_up: str | None = None
@@ -79,7 +93,9 @@ class _Supervised:
             process = subprocess.Popen([sys.executable, "-m", "smlaas", *self.spec.argv],
                                        stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=self.env,
-                                       start_new_session=True)
+                                       start_new_session=True,
+                                       preexec_fn=_die_with_parent if self.die_with_parent
+                                       else None)
         finally:
             log.close()
         if self.spec.cpus:  # before it starts any thread (imports take far longer)
@@ -107,7 +123,10 @@ class LocalLauncher:
 
     name = "local"
 
-    def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", max_restarts: int = 5) -> None:
+    def __init__(self, log_dir: Path, *, host: str = "127.0.0.1", max_restarts: int = 5,
+                 die_with_parent: bool = False) -> None:
+        self.die_with_parent = die_with_parent
+        """Children die with this process (for a Ray actor, which Ray may restart)."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host, self.max_restarts = host, max_restarts
@@ -123,8 +142,12 @@ class LocalLauncher:
 
     def start(self, spec: ProcessSpec) -> None:
         with self._lock:
-            self._processes[spec.name] = _Supervised(spec, self.log_dir / f"{spec.name}.log")
+            self._processes[spec.name] = _Supervised(spec, self.log_dir / f"{spec.name}.log",
+                                                     die_with_parent=self.die_with_parent)
         logger.info("started %s (pid %d)", spec.name, self._processes[spec.name].process.pid)
+
+    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
+        """Nothing to book on one machine (``--pin`` is the deployment's)."""
 
     def pid(self, name: str) -> int:
         return self._processes[name].process.pid

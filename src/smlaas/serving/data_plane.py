@@ -140,8 +140,8 @@ class Pipeline:
         """None when every stage answers within PROBE_TIMEOUT_S, else why not."""
         if time.monotonic() - self._ready_at < READY_CACHE_S:
             return None
-        reply = await self.link.request({}, {"op": DESCRIBE,
-                                             "deadline": deadline_in(PROBE_TIMEOUT_S)})
+        reply = await self.link.request_all({}, {"op": DESCRIBE,
+                                                 "deadline": deadline_in(PROBE_TIMEOUT_S)})
         if "error" in reply.meta:
             return str(reply.meta["error"])
         stages = reply.meta.get("stages")

@@ -82,6 +82,11 @@ class Link:
         finally:
             self._pending.pop(request_id, None)
 
+    async def request_all(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
+                          request_id: str | None = None) -> TensorMessage:
+        """One link: the same as :meth:`request` (see :meth:`ReplicaSet.request_all`)."""
+        return await self.request(tensors, meta, request_id=request_id)
+
     async def _connect(self) -> MessageStream:
         async with self._connecting:
             if self._stream is not None and not self._stream.is_closing():
@@ -179,6 +184,25 @@ class ReplicaSet:
                 return reply
             logger.info("%s replica %d unavailable; sending %s to another", self.role, index,
                         request_id or "the request")
+
+    async def request_all(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
+                          request_id: str | None = None) -> TensorMessage:
+        """Sends to every replica at once (describe probes: each replica reports itself); the
+        first answer without an error, with every answering replica's ``stage_stats``, or
+        the first error when none answered."""
+        base = request_id or f"{self.role}-all"
+        replies = await asyncio.gather(*(
+            link.request(tensors, dict(meta), request_id=f"{base}.{index}")
+            for index, link in enumerate(self.links)))
+        for reply in replies:  # answered under the caller's id, as one request would be
+            reply.request_id = request_id or reply.request_id
+        answered = [r for r in replies if "error" not in r.meta]
+        if not answered:
+            return replies[0]
+        merged = answered[0]
+        merged.meta["stage_stats"] = [report for r in answered
+                                      for report in r.meta.get("stage_stats") or []]
+        return merged
 
     def _choose(self, tried: set[int]) -> int:
         now, turn = time.monotonic(), next(self._turn)

@@ -196,8 +196,8 @@ class StageWorker:
             reply = TensorMessage(message.request_id, {}, {"outputs": self._outputs,
                                                            "stages": []})
         else:
-            reply = await self._next.request({}, dict(message.meta),
-                                             request_id=message.request_id)
+            reply = await self._next.request_all({}, dict(message.meta),
+                                                 request_id=message.request_id)
         if "error" not in reply.meta:
             reply.meta["inputs"] = self._inputs
             reply.meta["stages"] = [self.index, *reply.meta.get("stages", [])]
