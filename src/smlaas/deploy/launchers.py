@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from smlaas.coordinator.server import free_port
+from smlaas.errors import DeployError
 
 logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
@@ -63,6 +64,28 @@ class Launcher(Protocol):
     def restarts(self) -> dict[str, int]: ...
 
     def stop(self) -> None: ...
+
+
+class ExternalLauncher:
+    """Processes that another system starts and restarts (Kubernetes): the owner's steps of
+    a deployment run against them, but nothing is started here."""
+
+    name = "external"
+
+    def reserve(self, name: str) -> tuple[str, int]:
+        raise DeployError(f"{name} is placed by the system that runs it, not reserved here")
+
+    def start(self, spec: ProcessSpec) -> None:
+        raise DeployError(f"{spec.name} is started by the system that runs it, not here")
+
+    def problems(self) -> list[str]:
+        return []
+
+    def restarts(self) -> dict[str, int]:
+        return {}
+
+    def stop(self) -> None:
+        pass
 
 
 class _Supervised:
