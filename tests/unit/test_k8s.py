@@ -425,7 +425,9 @@ def test_deploy_k8s_out_passes_its_options(build: tuple[Path, Path, Path],
         str(tmp_path / "k8s"), "--replicas", "1=2", "--threads", "3",
         "--k8s-image", "registry.example/smlaas:1"])
     assert result.exit_code == 0, result.output
-    stage1 = next(yaml.safe_load_all((tmp_path / "k8s" / "stage-1.yaml").read_text()))
+    text = (tmp_path / "k8s" / "stage-1.yaml").read_text()
+    assert any(line.startswith("#") and "PREDICTED" in line for line in text.splitlines())
+    stage1 = next(yaml.safe_load_all(text))
     assert stage1["kind"] == "StatefulSet" and stage1["spec"]["replicas"] == 2
     container = _container(stage1)
     assert container["image"] == "registry.example/smlaas:1"
