@@ -55,7 +55,8 @@ def test_manifests_fix_the_measured_configuration(sealed_build, tmp_path: Path) 
         assert argv[argv.index("--role") + 1] == f"stage-{stage.index}"
         # ...and the host may pass only placement, never the coordinator or the role.
         passthrough = {k for k, v in env.items() if v == {"passthrough": True}}
-        assert {"SMLAAS_LISTEN", "SMLAAS_COORDINATOR", "SMLAAS_THREADS"} <= passthrough
+        assert {"SMLAAS_LISTEN", "SMLAAS_COORDINATOR", "SMLAAS_THREADS",
+                "SMLAAS_REPLICA"} <= passthrough
         assert not passthrough & {"SMLAAS_COORDINATOR_MRENCLAVE", "SMLAAS_ROLE",
                                   "SMLAAS_OWNER_PUBLIC_KEY", "SMLAAS_BACKEND"}
         assert env["SMLAAS_BUILD"] == "/smlaas/sealed"

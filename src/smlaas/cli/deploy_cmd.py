@@ -56,7 +56,7 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Coordinator state, CA and logs (default: a new directory in the cache).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
-              "(default: all cores).")
+              "(default: all cores; with --k8s-out: 1, and as many CPUs).")
 @click.option("--max-batch-size", type=click.IntRange(min=0),
               help="Dynamic batching limit (default: what `smlaas seal` checked and "
                    "recorded; 0 off).")
@@ -69,6 +69,8 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--ray-address", help="Ray cluster to join (default: start a local one).")
 @click.option("--k8s-out", type=click.Path(file_okay=False),
               help="Write Kubernetes manifests for this build to DIR and exit.")
+@click.option("--k8s-image", default="smlaas:latest", show_default=True, metavar="IMAGE",
+              help="With --k8s-out: the image built from deploy/Dockerfile.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
 @click.option("--replicas", "replica_specs", multiple=True, metavar="STAGE=COUNT",
               help="Serve stage STAGE with COUNT replicas, over the plan's (repeatable).")
@@ -82,20 +84,33 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
-           k8s_out: str | None, ready_timeout: float, replica_specs: tuple[str, ...],
-           pin: bool) -> int:
+           k8s_out: str | None, k8s_image: str, ready_timeout: float,
+           replica_specs: tuple[str, ...], pin: bool) -> int:
     """Serve the sealed BUILD_DIR (the directory `smlaas seal` wrote, or the build holding
     it): coordinator, one worker per stage, gateway; Ctrl-C stops all."""
     owner_key = Path(owner_key_path) if owner_key_path else default_owner_key_path()
     if k8s_out:
         from smlaas.deploy.k8s import write_manifests
 
-        written = write_manifests(Path(build_dir), Path(k8s_out), backend=backend, port=port,
-                                  owner=OwnerKey.load(owner_key),
-                                  measurements=read_measurements(Path(measurements))
-                                  if measurements else None)
-        console.print(f"wrote {len(written)} Kubernetes manifests to {k8s_out}; apply with "
-                      f"`kubectl apply -f {k8s_out}` (needs the Intel SGX device plugin)")
+        written = write_manifests(
+            Path(build_dir), Path(k8s_out), backend=backend, port=port,
+            owner=OwnerKey.load(owner_key), image=k8s_image,
+            measurements=read_measurements(Path(measurements)) if measurements else None,
+            grpc_port=grpc_port or 0, threads=threads or 1,
+            replicas=_replicas(replica_specs) or None, pccs_url=pccs_url,
+            policy=Policy.from_toml(policy_path) if policy_path else None,
+            max_batch_size=max_batch_size)
+        console.print(f"wrote {len(written)} Kubernetes manifest files to {k8s_out}:")
+        for path in written:
+            console.print(f"  {path}")
+        console.print(f"build and push the images (deploy/Dockerfile, deploy/sealed.Dockerfile: "
+                      f"see build.yaml), `kubectl apply -f {k8s_out}`, then the owner's step "
+                      f"(owner/manifest-job.yaml, or `smlaas owner set-manifest` through a "
+                      f"port-forward); docs/DEPLOYING.md" + ("" if backend == "sim" else
+                      "; the stage pods need the Intel SGX device plugin"))
+        if backend != "sim" and not pccs_url:
+            console.print("[yellow]no --pccs: the quote provider configuration names Intel's "
+                          "default PCCS on localhost[/]")
         return 0
     if not keys_path:
         raise click.UsageError("--keys is required (the keyfile `smlaas seal` wrote)")

@@ -43,7 +43,13 @@ from smlaas.coordinator.manifest import (
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy.launchers import Launcher, ProcessSpec, pin_cpu_sets
-from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
+from smlaas.deploy.roles import (
+    CoordinatorSpec,
+    GatewaySpec,
+    RoleSpec,
+    StageSpec,
+    placed_elsewhere,
+)
 from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.sealing import OwnerKeys, read_header_of
 from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
@@ -170,10 +176,7 @@ class Deployment:
         s = self.settings
         self._check_sealed_dir()
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.simulated:  # create the simulation PKI before any process races to
-            from smlaas.enclave.backends.sim import SimBackend
-
-            self.trusted_roots = [INTEL_ROOT, SimBackend(COORDINATOR_ROLE).trusted_root]
+        self._trust_simulation_root()
         coordinator = CoordinatorSpec(
             backend=s.backend, owner_public_key=self.owner.public_key_hex,
             listen=self.launcher.reserve(COORDINATOR_ROLE),
@@ -225,6 +228,35 @@ class Deployment:
                 time.sleep(0.2)
         raise DeployError(f"the deployment was not ready within {timeout_s:.0f} s (last "
                           f"answer: {last}); logs are in {self.settings.state_dir / 'logs'}")
+
+    def set_manifest_at(self, coordinator: tuple[str, int]) -> Manifest:
+        """Steps 1 to 3 against a coordinator that another system runs (a Kubernetes
+        StatefulSet; `smlaas owner set-manifest`): check the sealed directory, attest the
+        coordinator, set this deployment's manifest (or find it already set), and write the
+        CA and the gateway policy to the state directory. Starts nothing: the roles register
+        on their own once the manifest is set. Returns the manifest the coordinator holds."""
+        self._check_sealed_dir()
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._trust_simulation_root()
+        coordinator_mr = self._measurement(CoordinatorSpec(
+            backend=self.settings.backend, owner_public_key=self.owner.public_key_hex))
+        client = self._attest_coordinator(coordinator, coordinator_mr)
+        # Placement is not measured, so specs with stand-in addresses give the measurements
+        # of the roles wherever the other system runs them.
+        self.measurements = {spec.role: self._measurement(spec) for spec in placed_elsewhere(
+            backend=self.settings.backend, coordinator_mrenclave=coordinator_mr,
+            stage_count=self.stage_count)}
+        self.measurements[COORDINATOR_ROLE] = coordinator_mr
+        self.manifest = self._set_manifest(client)
+        self.ca_path.write_text(client.status().ca_pem)
+        self.gateway_policy_path.write_text(self.role_policy(GATEWAY_ROLE).to_toml())
+        return self.manifest
+
+    def _trust_simulation_root(self) -> None:
+        if self.simulated:  # create the simulation PKI before any process races to
+            from smlaas.enclave.backends.sim import SimBackend
+
+            self.trusted_roots = [INTEL_ROOT, SimBackend(COORDINATOR_ROLE).trusted_root]
 
     def stop(self) -> None:
         self.launcher.stop()

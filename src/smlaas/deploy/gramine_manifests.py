@@ -54,7 +54,9 @@ def role_specs(plan: Plan, coordinator_mrenclave: str) -> list[RoleSpec]:
                               "coordinator": _ANY}
     specs: list[RoleSpec] = [GatewaySpec(first_stages=(_ANY,), listen=_ANY,
                                          model_name=plan.model.name, **common)]
-    specs += [StageSpec(index=k, listen=_ANY, sealed_dir=SEALED_MOUNT,
+    # replica=1 stands for any replica number: it is host-chosen (a Kubernetes StatefulSet
+    # pod sets SMLAAS_REPLICA from its ordinal), and replica 0 would leave it out.
+    specs += [StageSpec(index=k, listen=_ANY, sealed_dir=SEALED_MOUNT, replica=1,
                         next_stages=(_ANY,) if k + 1 < count else (), **common)
               for k in range(count)]
     return specs

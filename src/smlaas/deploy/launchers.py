@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from smlaas.coordinator.server import free_port
+from smlaas.errors import DeployError
 
 logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
@@ -75,6 +76,31 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class ExternalLauncher:
+    """Processes that another system starts and restarts (Kubernetes): the owner's steps of
+    a deployment run against them, but nothing is started here."""
+
+    name = "external"
+
+    def reserve(self, name: str) -> tuple[str, int]:
+        raise DeployError(f"{name} is placed by the system that runs it, not reserved here")
+
+    def start(self, spec: ProcessSpec) -> None:
+        raise DeployError(f"{spec.name} is started by the system that runs it, not here")
+
+    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
+        """Placement is the other system's."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def restarts(self) -> dict[str, int]:
+        return {}
+
+    def stop(self) -> None:
+        pass
 
 
 class _Supervised:

@@ -22,13 +22,15 @@ computes each role's expected measurement from the same spec. What is measured i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.enclave.measurement import measure
 
 Address = tuple[str, int]
+ANY_ADDRESS: Address = ("0.0.0.0", 0)
+"""Stands for any address in a spec whose placement is decided elsewhere (not measured)."""
 
 
 def address_text(address: Address) -> str:
@@ -188,3 +190,19 @@ class GatewaySpec(RoleSpec):
                 "--body-timeout": f"{self.body_timeout_s:g}",
                 "--grpc-port": str(self.grpc_port),
                 **({"--labels": self.labels_path} if self.labels_path else {})}
+
+
+def placed_elsewhere(*, backend: str, coordinator_mrenclave: str, stage_count: int,
+                     model_name: str = "") -> list[RoleSpec]:
+    """The gateway's and every stage's spec when another system places them (Kubernetes):
+    exact in what is measured (``measured_argv``), with stand-ins for every host option
+    (addresses, a non-zero replica number), so that they give each role's measurement and
+    the full list of its host options, but not where it runs."""
+    common: dict[str, Any] = {"backend": backend, "coordinator_mrenclave": coordinator_mrenclave,
+                              "coordinator": ANY_ADDRESS}
+    specs: list[RoleSpec] = [GatewaySpec(first_stages=(ANY_ADDRESS,), listen=ANY_ADDRESS,
+                                         model_name=model_name, **common)]
+    specs += [StageSpec(index=k, listen=ANY_ADDRESS, sealed_dir="", replica=1,
+                        next_stages=(ANY_ADDRESS,) if k + 1 < stage_count else (), **common)
+              for k in range(stage_count)]
+    return specs
