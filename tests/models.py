@@ -122,13 +122,15 @@ def exporter_style_model() -> onnx.ModelProto:
                   [conv_w, fc_w], opset=13)
 
 
-def huge_matmul_model(size: int = 6000) -> onnx.ModelProto:
-    """One MatMul whose weight alone (137 MiB at 6000) exceeds an SGX v1 EPC."""
-    weight = numpy_helper.from_array(np.full((size, size), 0.001, np.float32), "w")
+def huge_matmul_model(size: int = 6000, out_features: int | None = None) -> onnx.ModelProto:
+    """One MatMul whose weight alone (137 MiB at 6000) exceeds an SGX v1 EPC; a
+    ``size x out_features`` weight when ``out_features`` is given."""
+    out = size if out_features is None else out_features
+    weight = numpy_helper.from_array(np.full((size, out), 0.001, np.float32), "w")
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w"], ["y"], name="huge_matmul")]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out])],
                   [weight])
 
 

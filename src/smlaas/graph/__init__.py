@@ -16,11 +16,23 @@ from smlaas.graph.input_size import (
 from smlaas.graph.loading import check_model, load_model
 from smlaas.graph.memory import SegmentMemory, segment_memory
 from smlaas.graph.prepare import prepare_model
+from smlaas.graph.splitting import (
+    SPLIT_NOTE,
+    SplitAxis,
+    SplitBudget,
+    SplitOperator,
+    split_operator,
+    split_oversize_operators,
+)
 
 __all__ = [
+    "SPLIT_NOTE",
     "InputSizes",
     "ModelGraph",
     "SegmentMemory",
+    "SplitAxis",
+    "SplitBudget",
+    "SplitOperator",
     "TensorInfo",
     "UnknownShapesError",
     "check_model",
@@ -31,4 +43,6 @@ __all__ = [
     "prepare_model",
     "resolve_input_sizes",
     "segment_memory",
+    "split_operator",
+    "split_oversize_operators",
 ]
