@@ -10,7 +10,8 @@ from smlaas.errors import ZooError
 
 # torchvision's documented parameter counts (Hugging Face's for bert-base-uncased; Keras's
 # trainable count for MobileNet v1 1.0/224); inception_v3 without its auxiliary classifier
-# (27,161,264 - 3,326,696 aux parameters).
+# (27,161,264 - 3,326,696 aux parameters); gpt2_small4 is Hugging Face's gpt2 (124,439,808)
+# less 8 of its 12 blocks (7,087,872 parameters each), the head tied to the embedding.
 REFERENCE_PARAMETERS = {
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
@@ -24,6 +25,7 @@ REFERENCE_PARAMETERS = {
     "mobilenet_v1": 4_231_976,
     "mobilenet_v2": 3_504_872,
     "bert_base": 109_482_240,
+    "gpt2_small4": 124_439_808 - 8 * 7_087_872,
 }
 
 
@@ -49,6 +51,8 @@ def test_input_size_changes_image_side_and_sequence_length() -> None:
     assert dims == [3, 96, 96]
     bert = zoo.build_model("bert_base", (1, 16))
     assert bert.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 16
+    gpt2 = zoo.build_model("gpt2_small4", (1, 16))
+    assert gpt2.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 16
 
 
 @pytest.mark.parametrize("name, size, message", [

@@ -19,6 +19,7 @@ from smlaas.errors import ZooError
 from smlaas.zoo.bert import build_bert_base
 from smlaas.zoo.builder import count_parameters
 from smlaas.zoo.densenet import build_densenet
+from smlaas.zoo.gpt2 import build_gpt2
 from smlaas.zoo.inception import build_inception_v3
 from smlaas.zoo.mobilenet import build_mobilenet_v1, build_mobilenet_v2
 from smlaas.zoo.resnet import build_resnet
@@ -103,6 +104,8 @@ _register("mobilenet_v2", "MobileNet v2 (torchvision layout)",
           *_image(build_mobilenet_v2, "mobilenet_v2"))
 _register("bert_base", "BERT-base encoder: 12 layers, hidden 768, two int64 inputs",
           (1, 128), partial(build_bert_base, "bert_base"))
+_register("gpt2_small4", "GPT-2 small cut to 4 layers, LM head tied to the 50257x768 "
+          "embedding (one int64 input)", (1, 128), partial(build_gpt2, "gpt2_small4"))
 
 
 def list_models() -> list[ZooModel]:

@@ -70,6 +70,17 @@ class GraphBuilder:
         self._nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
         return name
 
+    def split(self, x: str, name: str, sizes: Sequence[int], *, axis: int) -> list[str]:
+        """Splits ``x`` into pieces of ``sizes`` along ``axis``; outputs ``name.0``, ...."""
+        if name in self._used_names:
+            raise ValueError(f"duplicate node name {name!r} in zoo model {self.model_name}")
+        self._used_names.add(name)
+        sizes_name = self.constant(f"{name}.sizes", np.array(list(sizes), dtype=np.int64))
+        outputs = [f"{name}.{index}" for index in range(len(sizes))]
+        self._nodes.append(helper.make_node("Split", [x, sizes_name], outputs, name=name,
+                                            axis=axis))
+        return outputs
+
     def conv(
         self,
         x: str,
