@@ -12,7 +12,7 @@ import statistics
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,12 @@ from smlaas.export import (
 )
 from smlaas.export.build_dir import PLAN_FILE
 from smlaas.graph import (
+    SPLIT_NOTE,
     InputSizes,
     ModelGraph,
     SegmentMemory,
+    SplitBudget,
+    SplitOperator,
     UnknownShapesError,
     check_model,
     load_model,
@@ -45,6 +48,7 @@ from smlaas.graph import (
     prepare_model,
     resolve_input_sizes,
     segment_memory,
+    split_oversize_operators,
 )
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
@@ -143,6 +147,8 @@ class Analysis:
     prepared: onnx.ModelProto
     graph: ModelGraph
     memory: SegmentMemory
+    splits: tuple[SplitOperator, ...] = ()
+    """Operators rewritten into pieces before planning (``graph`` holds the pieces)."""
 
     def model_ref(self) -> ModelRef:
         return ModelRef(name=self.source.name, source=self.source.source,
@@ -153,8 +159,10 @@ class Analysis:
                         node_count=self.graph.node_count)
 
 
-def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int) -> Analysis:
-    """Prepares and analyses the model; shapes static inference misses are measured."""
+def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
+            split: SplitBudget | None = None) -> Analysis:
+    """Prepares and analyses the model; shapes static inference misses are measured. With
+    ``split``, operators whose weights exceed it are split into pieces first."""
     prepared = prepare_model(source.model, input_shapes)
     try:
         graph = ModelGraph(prepared)
@@ -163,7 +171,22 @@ def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int) -> A
                     len(err.names))
         observed = observe_tensors(prepared, input_shapes, err.names, threads=threads)
         graph = ModelGraph(prepared, observed)
-    return Analysis(source, input_shapes, prepared, graph, segment_memory(graph))
+    splits: tuple[SplitOperator, ...] = ()
+    if split is not None:
+        graph, splits = split_oversize_operators(graph, split)
+        for record in splits:
+            logger.info("split %s", record.describe())
+    return Analysis(source, input_shapes, graph.model, graph, segment_memory(graph), splits)
+
+
+def split_budget(cost_model: CostModel, pool: MachinePool | None = None) -> SplitBudget:
+    """What one node may hold in an enclave of ``cost_model`` (of the largest class of
+    ``pool``, if given), for :func:`smlaas.graph.split_oversize_operators`."""
+    epc_bytes = max(c.usable_epc_bytes for c in pool.classes) if pool is not None \
+        else cost_model.usable_epc_bytes
+    return SplitBudget.for_enclave(usable_epc_bytes=epc_bytes,
+                                   runtime_overhead_bytes=cost_model.runtime_overhead_mib
+                                   * 2**20, weight_factor=cost_model.weight_factor)
 
 
 def measure_nodes(analysis: Analysis, settings: ProfileSettings, *,
@@ -224,16 +247,26 @@ class PlanOptions:
     fit_epc: bool = False
     pool: MachinePool | None = None
     """Machine classes from ``--machines-file`` (instead of ``machines``)."""
+    split_oversize: bool | None = None
+    """Split operators too large for an enclave before planning; None: with ``fit_epc``."""
+
+    @property
+    def splits_oversize(self) -> bool:
+        return self.fit_epc if self.split_oversize is None else self.split_oversize
 
 
 def make_plan(analysis: Analysis, costs: SegmentCosts, options: PlanOptions) -> Plan:
     layout = choose_layout(options.planner, costs, machines=options.machines,
                            pool=options.pool, fit_epc=options.fit_epc)
     machines = options.pool.total_count if options.pool is not None else options.machines
-    return build_plan(layout.cuts, costs=costs, graph=analysis.graph, model=analysis.model_ref(),
+    plan = build_plan(layout.cuts, costs=costs, graph=analysis.graph, model=analysis.model_ref(),
                       planner=options.planner.value, machines=machines,
                       fit_epc=options.fit_epc, replicas=layout.replicas,
                       stage_classes=layout.classes, pool=options.pool)
+    if not analysis.splits:
+        return plan
+    return replace(plan, notes={**plan.notes,
+                                SPLIT_NOTE: [s.to_dict() for s in analysis.splits]})
 
 
 def compare_planners(analysis: Analysis, costs: SegmentCosts, *, machines: int | None,
@@ -286,6 +319,8 @@ class PartitionResult:
     comparison: list[dict]
     planning_ms: float
     timings_s: dict[str, float] = field(default_factory=dict)
+    splits: tuple[SplitOperator, ...] = ()
+    """Operators split into pieces before planning (also in ``plan.notes``)."""
 
     @property
     def median_prediction_error(self) -> float | None:
@@ -315,7 +350,9 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     writer = BuildWriter(build_dir)  # fail on an unusable build dir before any work
     with writer:
         source, shapes = open_model(spec, input_size_specs)
-        analysis = analyse(source, shapes, threads=settings.threads)
+        analysis = analyse(source, shapes, threads=settings.threads,
+                           split=split_budget(cost_model, options.pool)
+                           if options.splits_oversize else None)
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
         check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
                                      cost_model,
@@ -357,7 +394,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
             # The build stays on disk for inspection; the caller reports the mismatch.
             logger.warning("verification failed: %s", verification.summary())
     return PartitionResult(plan=plan, build_dir=Path(build_dir), verification=verification,
-                           comparison=comparison, planning_ms=planning_ms, timings_s=timings)
+                           comparison=comparison, planning_ms=planning_ms, timings_s=timings,
+                           splits=analysis.splits)
 
 
 def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,

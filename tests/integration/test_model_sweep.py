@@ -12,26 +12,30 @@ from smlaas import zoo
 from tests.integration.test_cli import smlaas
 
 LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-# VGG's first classifier layer holds 392 MiB of weights: no enclave-sized stage can hold it.
-TOO_BIG_FOR_SGX1 = {"vgg16", "vgg19"}
+# One operator alone exceeds the EPC (VGG's first classifier layer holds 392 MiB, GPT-2's
+# tied head 147 MiB): --fit-epc splits it, --no-split-oversize refuses.
+SPLIT_FOR_SGX1 = {"vgg16": "classifier.0", "vgg19": "classifier.0", "gpt2_small4": "logits"}
+# The node the refusal names: for GPT-2 the Transpose that holds the table and its copy.
+REFUSED_AT = {**SPLIT_FOR_SGX1, "gpt2_small4": "lm_head.transpose_wte"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [m.name for m in zoo.list_models()])
 def test_zoo_model_partitions_to_the_epc_and_verifies(tmp_path: Path, name: str) -> None:
+    if name in SPLIT_FOR_SGX1:
+        refused = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
+                         "--fit-epc", "--no-split-oversize", "--runs", "2", cwd=tmp_path)
+        assert refused.returncode == 2
+        assert f"'{REFUSED_AT[name]}' alone needs" in refused.stderr
+        assert not (tmp_path / "B").exists()
     result = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
                     "--fit-epc", "--runs", "2", "--json", cwd=tmp_path)
-    if name in TOO_BIG_FOR_SGX1:
-        assert result.returncode == 2
-        assert "'classifier.0' alone needs" in result.stderr
-        assert not (tmp_path / "B").exists()
-        result = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
-                        "--runs", "2", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["verified"] is True
-    if name not in TOO_BIG_FOR_SGX1:
-        assert data["plan"]["predicted"]["all_fit_epc"] is True
+    assert data["plan"]["predicted"]["all_fit_epc"] is True
+    assert [s["node"] for s in data["split_operators"]] == (
+        [SPLIT_FOR_SGX1[name]] if name in SPLIT_FOR_SGX1 else [])
     assert smlaas("verify", "B", "--seeds", "1", cwd=tmp_path).returncode == 0
 
 

@@ -22,6 +22,7 @@ from smlaas.partition import (
     measure_nodes,
     open_model,
     read_machines_file,
+    split_budget,
     verify_build,
 )
 from smlaas.partition import (
@@ -56,6 +57,10 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "--machines."),
         click.option("--fit-epc", is_flag=True,
                      help="Every stage's working set must fit the usable EPC."),
+        click.option("--split-oversize/--no-split-oversize", "split_oversize", default=None,
+                     help="Before planning, split MatMul/Gemm/Conv operators whose weights "
+                          "alone exceed the usable EPC into pieces that fit (default: on "
+                          "with --fit-epc)."),
         click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
                      show_default=True, help="ONNX Runtime intra-op threads."),
         click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True,
@@ -108,8 +113,9 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
 @click.option("--no-verify", is_flag=True, help="Skip running the chain against the model.")
 def partition(model: str, input_sizes: tuple[str, ...], preset: str,
               cost_model_file: str | None, machines: int | None, machines_file: str | None,
-              fit_epc: bool, threads: int, runs: int, no_cache: bool, as_json: bool,
-              build_dir: str, planner: str, no_verify: bool) -> int:
+              fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
+              no_cache: bool, as_json: bool, build_dir: str, planner: str,
+              no_verify: bool) -> int:
     """Partition MODEL into enclave-sized stages and write BUILD_DIR.
 
     BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
@@ -120,7 +126,7 @@ def partition(model: str, input_sizes: tuple[str, ...], preset: str,
     cost_model = _cost_model(preset, cost_model_file)
     pool = _machine_pool(machines, machines_file, cost_model)
     _check_planner_budget(chosen, machines, pool)
-    options = PlanOptions(chosen, machines, fit_epc, pool)
+    options = PlanOptions(chosen, machines, fit_epc, pool, split_oversize)
     with progress_bar(enabled=not as_json) as progress:
         result = run_partition(model, Path(build_dir), input_size_specs=input_sizes,
                                cost_model=cost_model, options=options,
@@ -133,10 +139,13 @@ def partition(model: str, input_sizes: tuple[str, ...], preset: str,
         print_json({"build_dir": str(result.build_dir), "plan": plan.to_dict(),
                     "planning_ms": result.planning_ms,
                     "median_prediction_error": result.median_prediction_error,
+                    "split_operators": [s.to_dict() for s in result.splits],
                     "verified": None if verification is None else verification.ok,
                     "max_abs_error": None if verification is None
                     else verification.max_abs_error})
     else:
+        for record in result.splits:
+            console.print(f"split {record.describe()}", soft_wrap=True)
         console.print(plan.to_table())
         console.print(f"planning took {result.planning_ms:.1f} ms; median stage prediction "
                       f"error {100 * (result.median_prediction_error or 0):.1f}% (native)")
@@ -185,7 +194,8 @@ def plan() -> None:
 @model_options
 def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
                  cost_model_file: str | None, machines: int | None, machines_file: str | None,
-                 fit_epc: bool, threads: int, runs: int, no_cache: bool, as_json: bool) -> int:
+                 fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
+                 no_cache: bool, as_json: bool) -> int:
     """Every planner on the same predicted costs, side by side.
 
     dp-replicas runs only with --machines or --machines-file. With --machines-file, the
@@ -195,16 +205,21 @@ def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
     pool = _machine_pool(machines, machines_file, cost_model)
     with progress_bar(enabled=not as_json) as progress:
         source, shapes = open_model(model, input_sizes)
-        analysis = analyse(source, shapes, threads=threads)
+        splits = PlanOptions(fit_epc=fit_epc, split_oversize=split_oversize).splits_oversize
+        analysis = analyse(source, shapes, threads=threads,
+                           split=split_budget(cost_model, pool) if splits else None)
         profile = measure_nodes(analysis, _settings(threads, runs),
                                 cache=None if no_cache else ProfileCache(), progress=progress)
     costs = cost_table(analysis, profile, cost_model)
     rows = compare_planners(analysis, costs, machines=machines, fit_epc=fit_epc, pool=pool)
     if as_json:
         print_json({"model": source.name, "preset": cost_model.preset, "machines": machines,
+                    "split_operators": [s.to_dict() for s in analysis.splits],
                     "machine_classes": None if pool is None else
                     [asdict(c) for c in pool.classes], "fit_epc": fit_epc, "planners": rows})
         return 0
+    for record in analysis.splits:
+        console.print(f"split {record.describe()}", soft_wrap=True)
     label = "predicted" if cost_model.enclave else "predicted (no enclave)"
     on = f", machines {pool.describe()}" if pool is not None else ""
     console.print(table(

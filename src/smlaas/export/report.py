@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from smlaas.export.verify import VerificationReport
+from smlaas.graph.splitting import SPLIT_NOTE, SplitAxis, SplitOperator
 from smlaas.plan.cost_model import MIB
 from smlaas.plan.machines import MachinePool
 from smlaas.plan.plan import Plan
@@ -62,6 +63,7 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         f"{plan.max_working_set_bytes / MIB:.1f} MiB.",
         "",
     ]
+    lines += _split_lines(plan)
     errors = prediction_errors(plan)
     if errors:
         lines += [
@@ -99,6 +101,32 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                   "the last figure of the summary line.", ""]
     lines += ["![per-node time and memory, cuts and the EPC line](report.png)", ""]
     return "\n".join(lines)
+
+
+def split_operators(plan: Plan) -> list[SplitOperator]:
+    """The operators split into pieces before planning, as the plan records them."""
+    return [SplitOperator.from_dict(s) for s in plan.notes.get(SPLIT_NOTE) or ()]
+
+
+def _split_lines(plan: Plan) -> list[str]:
+    splits = split_operators(plan)
+    if not splits:
+        return []
+    lines = ["## Split operators", "",
+             "Operators whose weights alone exceed the usable EPC were rewritten into chains "
+             "of pieces before planning; the pieces are ordinary nodes to the planner, and the "
+             "transfers between them are charged like any other cut.", "",
+             "| operator | op | split along | pieces | weights MiB | largest piece MiB | "
+             "bytes between pieces (sum) | stages |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for split in splits:
+        along = "K (accumulator)" if split.axis is SplitAxis.REDUCTION else "N (Concat)"
+        stages = split.stages(plan.cuts)
+        lines.append(f"| `{split.node}` | {split.op_type} | {along} | {split.pieces} | "
+                     f"{split.weight_bytes / MIB:.1f} | "
+                     f"{split.largest_piece_weight_bytes / MIB:.1f} | "
+                     f"{split.transfer_bytes:,} | {', '.join(map(str, stages)) or '-'} |")
+    return lines + [""]
 
 
 def render_plot(plan: Plan, node_ms: np.ndarray, live_bytes: np.ndarray, path: Path) -> None:
