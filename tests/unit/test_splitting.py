@@ -71,9 +71,34 @@ def _node_working_sets(graph: ModelGraph, weight_factor: float = 1.0) -> dict[st
     return sets
 
 
-def _new_nodes(graph: ModelGraph, split: ModelGraph) -> list[str]:
-    old = {n.name for n in graph.nodes}
-    return [n.name for n in split.nodes if n.name not in old]
+def _segment_working_set(graph: ModelGraph, names: list[str], weight_factor: float) -> float:
+    """Working set of consecutive nodes ``names`` as one stage, as the cost model counts it:
+    each initializer once, plus the largest live activation set while they run."""
+    positions = [[n.name for n in graph.nodes].index(name) for name in names]
+    live = graph.live_bytes_by_step()
+    weights = {n: graph.touched_initializer_bytes(n, p) for p in positions
+               for n in graph.node_inputs[p] if n in graph.initializer_bytes}
+    return weight_factor * sum(weights.values()) + float(max(live[p] for p in positions))
+
+
+def _group_working_sets(graph: ModelGraph, nodes: tuple[str, ...], weight_factor: float,
+                        limit: float) -> list[float]:
+    """Working sets of the rewrite's groups: the Split alone, each product with its Add, the
+    last output piece with the Concat when the two fit the limit together."""
+    ops = {n.name: n.op_type for n in graph.nodes}
+    groups: list[list[str]] = []
+    for name in nodes:
+        if ops[name] == "Add":
+            groups[-1].append(name)
+        elif ops[name] == "Concat":
+            joined = groups[-1] + [name]
+            if _segment_working_set(graph, joined, weight_factor) <= limit:
+                groups[-1] = joined
+            else:
+                groups.append([name])
+        else:
+            groups.append([name])
+    return [_segment_working_set(graph, group, weight_factor) for group in groups]
 
 
 def _pieces(draw: st.DrawFn, size: int) -> int:
@@ -225,8 +250,9 @@ def test_opset_12_splits_with_the_split_attribute() -> None:
        st.floats(0.15, 0.9), st.sampled_from([1.0, 1.5]))
 def test_oversize_matmul_pieces_each_fit_and_the_estimate_is_exact(
         rows: int, k: int, n: int, share: float, weight_factor: float) -> None:
-    """A budget below the node's working set: every node of the rewrite fits it, and the
-    peak the choice predicted is the one the graph's own accounting gives."""
+    """A budget below the node's working set: every group of the rewrite (a product with its
+    Add, the last piece with the Concat) fits it, and the peak the choice predicted is the one
+    the graph's own accounting gives."""
     rng = np.random.default_rng(k * n)
     model = _model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
                     helper.make_node("MatMul", ["r", "w"], ["m"], name="mm"),
@@ -241,17 +267,37 @@ def test_oversize_matmul_pieces_each_fit_and_the_estimate_is_exact(
     if not records:  # activations alone leave no room at this budget: nothing to gain
         assert split is graph
         return
-    sets = _node_working_sets(split, weight_factor)
-    pieces = {name: sets[name] for name in records[0].nodes}
-    assert max(pieces.values()) <= budget.node_bytes
-    assert max(pieces.values()) == pytest.approx(records[0].peak_bytes, abs=1)
-    assert records[0].pieces >= math.ceil(weight_factor * k * n * 4 / budget.node_bytes)
-    if records[0].pieces > 2:  # the fewest pieces that fit: one fewer would not
-        fewer, _ = split_operator(graph, "mm", axis=records[0].axis,
-                                  pieces=records[0].pieces - 1)
-        assert max(_node_working_sets(fewer, weight_factor)[name]
-                   for name in _new_nodes(graph, fewer)) > budget.node_bytes
+    (record,) = records
+    groups = _group_working_sets(split, record.nodes, weight_factor, budget.node_bytes)
+    assert max(groups) <= budget.node_bytes
+    assert max(groups) == pytest.approx(record.peak_bytes, abs=1)
+    assert record.pieces >= math.ceil(weight_factor * k * n * 4 / budget.node_bytes)
+    if record.axis is SplitAxis.REDUCTION and record.pieces > 2:  # one fewer would not fit
+        fewer, other = split_operator(graph, "mm", axis=record.axis, pieces=record.pieces - 1)
+        assert max(_group_working_sets(fewer, other.nodes, weight_factor,
+                                       budget.node_bytes)) > budget.node_bytes
     _check_same(graph, split, {"x": _array(rng, (rows, k))})
+
+
+def test_a_concat_that_cannot_join_the_last_piece_stands_alone() -> None:
+    """Room for the Concat (the output twice) but not for it and a single column more: the
+    pieces fit alone, the Concat alone, and the whole output's crossing is counted."""
+    rng = np.random.default_rng(4)
+    model = _model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", FLOAT, [16, 64])],
+                   [helper.make_tensor_value_info("y", FLOAT, [16, 256])],
+                   [numpy_helper.from_array(_array(rng, (64, 256)), "w")])
+    graph = _graph(model)
+    output_bytes = 16 * 256 * 4
+    budget = SplitBudget(node_bytes=2 * output_bytes + 100)
+    split, (record,) = split_oversize_operators(graph, budget)
+    assert record.axis is SplitAxis.OUTPUT
+    groups = _group_working_sets(split, record.nodes, 1.0, budget.node_bytes)
+    assert len(groups) == record.pieces + 1 and max(groups) <= budget.node_bytes
+    assert max(groups) == pytest.approx(record.peak_bytes, abs=1)
+    assert record.transfer_bytes > output_bytes
+    _check_same(graph, split, {"x": _array(rng, (16, 64))})
 
 
 def test_a_graph_without_oversize_nodes_is_returned_as_it_is() -> None:

@@ -8,26 +8,32 @@ the planners may then place in different stages.
 
 NOTE_SPLIT_CHOICE: which split, and into how many pieces.
 
-- *Pieces*: for each axis the node allows, the fewest equal pieces (sizes differ by at most
-  one) whose every new node fits the budget, counted the way
-  :meth:`~smlaas.graph.analysis.ModelGraph.live_bytes_by_step` will count it after the
-  rewrite. A reduction piece holds ``k/K`` of the weights plus x's slices not yet consumed, the
-  accumulator coming in and its updated value (an Add also holds the piece's product); an
-  output piece holds ``n/N`` of the weights plus the whole x and the outputs of the pieces
-  before it, which wait for the Concat (the Concat holds the output twice).
-- *Axis*: the one that moves fewer bytes, counted at every boundary between two pieces (each
-  piece nearly fills an enclave, so most of those boundaries become cuts). A reduction
-  boundary carries the accumulator (the size of the output) and x's remaining slices; an
-  output boundary carries the whole x and the pieces' outputs so far. So a classifier with
-  a long input and a short output (VGG's 25088 x 4096) splits K, and an LM head with a short
-  input and a long output (768 x 50257 over 128 tokens) splits N. Ties go to fewer pieces,
-  then to the reduction split. A Conv splits by output channels only.
+- *What must fit*: every group of new nodes that has to share a stage fits the budget, each
+  counted the way :meth:`~smlaas.graph.analysis.ModelGraph.live_bytes_by_step` counts it after
+  the rewrite (so the estimate is exact, and tested as such). A reduction piece (its product
+  and, for MatMul, its Add) holds ``k/K`` of the weights, x's slices not yet consumed, the
+  accumulator coming in and its updated value; an output piece holds ``n/N`` of the weights,
+  the whole x and the outputs of the pieces so far, which wait for the Concat; the Concat
+  holds the output twice, and shares the last piece's group when the two fit together.
+- *Pieces*: along K, the fewest equal pieces (their activations are about the same). Along
+  N, the fewest pieces filled from the end: the last as wide as still fits with the Concat,
+  so that the whole output never crosses a cut, then each earlier one as wide as fits. That
+  puts every boundary as early as it can be, and a boundary carries the outputs so far.
+- *Axis*: the one that moves fewer bytes over the boundaries between groups (each piece
+  nearly fills an enclave, so most of them become cuts). A reduction boundary carries the
+  accumulator (the size of the output) and x's remaining slices; an output boundary carries
+  the whole x and the outputs so far (and the whole output before a Concat that stands
+  alone). So a classifier with a long input and a short output (VGG's 25088 x 4096) splits
+  K, and an LM head with a short input and a long output (768 x 50257 over 128 tokens) splits
+  N. Ties go to fewer pieces, then to the reduction split. A Conv splits by output channels
+  only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -188,10 +194,10 @@ def split_operator(graph: ModelGraph, node: str, *, axis: SplitAxis, pieces: int
     size = op.split_size(axis)
     if not 2 <= pieces <= size:
         raise ValueError(f"pieces must be in 2..{size} for {node!r}, got {pieces}")
-    live = graph.live_bytes_by_step()
+    footprint = _Footprint(graph, op, graph.live_bytes_by_step(), 1.0)
     bounds = _even_bounds(size, pieces)
-    peak = _peak_bytes(graph, op, axis, bounds, live, 1.0)
-    choice = _Choice(op, axis, bounds, peak, _transfer_bytes(graph, op, axis, bounds))
+    choice = _Choice(op, axis, bounds, footprint.peak(axis, bounds),
+                     footprint.transfer(axis, bounds))
     rewritten, records = splitter.rewrite([choice])
     return rewritten, records[0]
 
@@ -207,18 +213,15 @@ def _node_bytes(graph: ModelGraph, position: int, live: np.ndarray,
 
 def _choose(graph: ModelGraph, op: LinearNode, live: np.ndarray, budget: SplitBudget
             ) -> _Choice | None:
+    footprint = _Footprint(graph, op, live, budget.weight_factor)
+    limit = budget.node_bytes
     candidates = []
     for axis in op.axes():
-        size = op.split_size(axis)
-        weights = budget.weight_factor * (op.weight_bytes + op.bias_bytes)
-        fewest = max(2, math.ceil(weights / budget.node_bytes))
-        for pieces in range(fewest, min(size, budget.max_pieces) + 1):
-            bounds = _even_bounds(size, pieces)
-            peak = _peak_bytes(graph, op, axis, bounds, live, budget.weight_factor)
-            if peak <= budget.node_bytes:
-                candidates.append(_Choice(op, axis, bounds, peak,
-                                          _transfer_bytes(graph, op, axis, bounds)))
-                break
+        bounds = footprint.reduction_bounds(limit, budget.max_pieces) \
+            if axis is SplitAxis.REDUCTION else footprint.output_bounds(limit)
+        if bounds is not None and len(bounds) - 1 <= budget.max_pieces:
+            candidates.append(_Choice(op, axis, bounds, footprint.peak(axis, bounds, limit),
+                                      footprint.transfer(axis, bounds, limit)))
     if not candidates:
         return None
     return min(candidates, key=lambda c: (c.transfer_bytes, len(c.bounds),
@@ -229,60 +232,136 @@ def _even_bounds(size: int, pieces: int) -> list[int]:
     return [size * i // pieces for i in range(pieces + 1)]
 
 
-def _x_ends_here(graph: ModelGraph, op: LinearNode) -> bool:
-    return graph.last_use[op.x.name] == op.position
+class _Footprint:
+    """Working sets and transfers of a node's rewrite, as the graph will count them after it
+    (NOTE_SPLIT_CHOICE). A *group* is what must share a stage: the Split; a reduction piece's
+    product with its Add; an output piece; the last output piece with the Concat when they
+    fit together (else each alone)."""
 
+    def __init__(self, graph: ModelGraph, op: LinearNode, live: np.ndarray,
+                 weight_factor: float) -> None:
+        self.op, self.weight_factor = op, weight_factor
+        # Live bytes that are not the node's own stay live across all of its pieces: all but
+        # its output and the activation inputs it reads last (the Transpose output of a
+        # transposed weight goes with the rewrite).
+        own = op.y.nbytes
+        for name in {op.x.name, op.node.input[1]}:
+            if name in graph.tensors and graph.last_use[name] == op.position:
+                own += graph.tensors[name].nbytes
+        self.held = float(live[op.position]) - own
+        self.x_own = op.x.nbytes if graph.last_use[op.x.name] == op.position else 0
+        self.x, self.y = op.x.nbytes, op.y.nbytes
 
-def _held_bytes(graph: ModelGraph, op: LinearNode, live: np.ndarray) -> float:
-    """Bytes live while the node runs that are not its own: they stay live across all of its
-    pieces. The node's output, and the activation inputs it is the last to read, are its own
-    (the Transpose output of a transposed weight goes with the rewrite)."""
-    own = op.y.nbytes
-    for name in {op.x.name, op.node.input[1]}:
-        if name in graph.tensors and graph.last_use[name] == op.position:
-            own += graph.tensors[name].nbytes
-    return float(live[op.position]) - own
+    def _weights(self, axis: SplitAxis, bounds: list[int], index: int) -> float:
+        return self.weight_factor * self.op.piece_weight_bytes(axis, bounds[index],
+                                                               bounds[index + 1], index)
 
+    # -- reduction: equal pieces (each holds about the same activations) -----------------
+    def reduction_bounds(self, limit: float, max_pieces: int) -> list[int] | None:
+        size = self.op.split_size(SplitAxis.REDUCTION)
+        weights = self.weight_factor * (self.op.weight_bytes + self.op.bias_bytes)
+        for pieces in range(max(2, math.ceil(weights / limit)), min(size, max_pieces) + 1):
+            bounds = _even_bounds(size, pieces)
+            if self.peak(SplitAxis.REDUCTION, bounds, limit) <= limit:
+                return bounds
+        return None
 
-def _peak_bytes(graph: ModelGraph, op: LinearNode, axis: SplitAxis, bounds: list[int],
-                live: np.ndarray, weight_factor: float) -> float:
-    """The largest working set of any node of the rewrite (NOTE_SPLIT_CHOICE)."""
-    held = _held_bytes(graph, op, live)
-    x_own = op.x.nbytes if _x_ends_here(graph, op) else 0
-    y_bytes = op.y.nbytes
-    pieces = len(bounds) - 1
-    size = bounds[-1]
-    peaks = []
-    if axis is SplitAxis.REDUCTION:
-        sizes_bytes = weight_factor * 8 * pieces  # the Split's int64 sizes (opset >= 13)
-        peaks.append(held + sizes_bytes + x_own + op.x.nbytes)  # x and all of its slices
+    def _reduction_groups(self, bounds: list[int]) -> list[float]:
+        size, pieces = bounds[-1], len(bounds) - 1
+        y = self.y
+        sizes = self.weight_factor * 8 * pieces  # the Split's int64 sizes (opset >= 13)
+        groups = [self.held + sizes + self.x_own + self.x]  # x and all of its slices
         for i in range(pieces):
-            weights = weight_factor * op.piece_weight_bytes(axis, bounds[i], bounds[i + 1], i)
-            remaining = op.x.nbytes * (size - bounds[i]) / size
-            accumulators = y_bytes if i == 0 else 2 * y_bytes
-            peaks.append(held + weights + remaining + accumulators)
-            if i and op.op_type != "Gemm":  # the Add: accumulator in, product, sum
-                peaks.append(held + op.x.nbytes * (size - bounds[i + 1]) / size + 3 * y_bytes)
-    else:
-        for i in range(pieces):
-            weights = weight_factor * op.piece_weight_bytes(axis, bounds[i], bounds[i + 1], i)
-            peaks.append(held + weights + x_own + y_bytes * bounds[i + 1] / size)
-        peaks.append(held + 2 * y_bytes)  # the Concat
-    return max(peaks)
+            remaining = self.x * (size - bounds[i]) / size  # slices not yet consumed
+            after = self.x * (size - bounds[i + 1]) / size
+            if i == 0:
+                live = remaining + y
+            elif self.op.op_type == "Gemm":  # accumulator in as C, updated accumulator out
+                live = remaining + 2 * y
+            else:  # the product with the accumulator, then the Add's sum as well
+                live = max(remaining + 2 * y, after + 3 * y)
+            groups.append(self.held + self._weights(SplitAxis.REDUCTION, bounds, i) + live)
+        return groups
 
+    # -- output: filled from the last piece back ----------------------------------------
+    def output_bounds(self, limit: float) -> list[int] | None:
+        """The fewest output pieces, filled from the end: the last as wide as still shares a
+        stage with the Concat (so the whole output crosses no cut), when any width does,
+        then each earlier one as wide as fits next to the outputs that wait for the Concat.
+        Boundaries are then as early as they can be, which is what a boundary's bytes (x and
+        the outputs so far) grow with."""
+        size = self.op.split_size(SplitAxis.OUTPUT)
+        low = _smallest(lambda start: self._joined(start, size) <= limit, 0, size)
+        if low is None:  # the Concat stands alone
+            low = _smallest(functools.partial(self._piece_fits, high=size, limit=limit), 0,
+                            size)
+        reversed_bounds = [size]
+        while low is not None and low > 0:
+            reversed_bounds.append(low)
+            low = _smallest(functools.partial(self._piece_fits, high=low, limit=limit), 0, low)
+        if low is None:
+            return None
+        bounds = [0, *reversed(reversed_bounds)]
+        if len(bounds) < 3:  # the node fits whole (a Transpose made it oversize): halve it
+            bounds = _even_bounds(size, 2)
+        return bounds if self.peak(SplitAxis.OUTPUT, bounds, limit) <= limit else None
 
-def _transfer_bytes(graph: ModelGraph, op: LinearNode, axis: SplitAxis, bounds: list[int]
-                    ) -> int:
-    """Bytes of the rewrite's tensors on the boundaries between consecutive pieces."""
-    size = bounds[-1]
-    x_own = op.x.nbytes if _x_ends_here(graph, op) else 0
-    total = 0.0
-    for boundary in bounds[1:-1]:
-        if axis is SplitAxis.REDUCTION:
-            total += op.y.nbytes + op.x.nbytes * (size - boundary) / size
+    def _piece_fits(self, low: int, *, high: int, limit: float) -> bool:
+        return self._piece(low, high) <= limit
+
+    def _piece(self, low: int, high: int) -> float:
+        """An output piece ``[low, high)`` that is not last: its weights, x, and the outputs
+        of the pieces so far."""
+        return (self.held + self.weight_factor * self.op.piece_weight_bytes(
+            SplitAxis.OUTPUT, low, high, 0) + self.x_own + self.y * high / self.op.output_size)
+
+    def _joined(self, low: int, size: int) -> float:
+        """The last output piece ``[low, size)`` with the Concat (which holds the output
+        twice, the pieces' and its own)."""
+        return self.held + self.weight_factor * self.op.piece_weight_bytes(
+            SplitAxis.OUTPUT, low, size, 0) + max(self.x_own + self.y, 2 * self.y)
+
+    def concat_joins(self, bounds: list[int], limit: float) -> bool:
+        return self._joined(bounds[-2], bounds[-1]) <= limit
+
+    def _output_groups(self, bounds: list[int], limit: float) -> list[float]:
+        groups = [self._piece(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        if self.concat_joins(bounds, limit):
+            groups[-1] = self._joined(bounds[-2], bounds[-1])
         else:
-            total += x_own + op.y.nbytes * boundary / size
-    return round(total)
+            groups.append(self.held + 2 * self.y)
+        return groups
+
+    # -- both ----------------------------------------------------------------------------
+    def peak(self, axis: SplitAxis, bounds: list[int], limit: float = math.inf) -> float:
+        """The largest working set of a group of the rewrite."""
+        if axis is SplitAxis.REDUCTION:
+            return max(self._reduction_groups(bounds))
+        return max(self._output_groups(bounds, limit))
+
+    def transfer(self, axis: SplitAxis, bounds: list[int], limit: float = math.inf) -> int:
+        """Bytes of the rewrite's tensors on the boundaries between consecutive groups."""
+        size = bounds[-1]
+        if axis is SplitAxis.REDUCTION:  # the accumulator and the slices still to come
+            total = sum(self.y + self.x * (size - b) / size for b in bounds[1:-1])
+        else:  # x, and the outputs so far
+            total = sum(self.x_own + self.y * b / size for b in bounds[1:-1])
+            if not self.concat_joins(bounds, limit):
+                total += self.y
+        return round(total)
+
+
+def _smallest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+    """The smallest v in [low, high) with fits(v), for fits monotone (False then True)."""
+    if low >= high or not fits(high - 1):
+        return None
+    while low < high - 1:
+        middle = (low + high - 1) // 2
+        if fits(middle):
+            high = middle + 1
+        else:
+            low = middle + 1
+    return low
 
 
 # -- rewriting -------------------------------------------------------------------------------
