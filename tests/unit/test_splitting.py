@@ -364,6 +364,32 @@ def test_a_matmul_under_the_budget_is_split_when_its_transpose_is_over_it() -> N
     _check_same(graph, split, {"h": _array(rng, (1, 2, 16))})
 
 
+def test_measured_tensors_stay_measured_and_their_readers_unsplit() -> None:
+    """A tensor whose shape had to be measured (shape inference left it open) may change
+    shape with the input values: its reader keeps its node, and the rewritten graph gets
+    the measured shape again (only that one: the new tensors are declared)."""
+    rng = np.random.default_rng(5)
+    model = _model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w1"], ["m"], name="mm1"),
+                    helper.make_node("Tanh", ["m"], ["t"], name="tanh"),
+                    helper.make_node("MatMul", ["t", "w2"], ["y"], name="mm2")],
+                   [helper.make_tensor_value_info("x", FLOAT, [2, 64])],
+                   [helper.make_tensor_value_info("y", FLOAT, [2, 64])],
+                   [numpy_helper.from_array(_array(rng, (64, 64)), "w1"),
+                    numpy_helper.from_array(_array(rng, (64, 64)), "w2")])
+    prepared = prepare_model(model, {})
+    known = ModelGraph(prepared).tensors
+    without = [v for v in prepared.graph.value_info if v.name != "r"]
+    del prepared.graph.value_info[:]
+    prepared.graph.value_info.extend(without)
+    graph = ModelGraph(prepared, {"r": known["r"]})
+    split, records = split_oversize_operators(graph, SplitBudget(node_bytes=12_000))
+    assert [r.node for r in records] == ["mm2"]
+    assert "mm1" in [n.name for n in split.nodes]
+    assert split.tensors["r"] == known["r"]
+    assert getattr(split, "data_dependent", {"r"}) == getattr(graph, "data_dependent", {"r"})
+
+
 def test_nodes_that_cannot_be_split_are_left_alone() -> None:
     rng = np.random.default_rng(2)
     grouped = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="grouped", group=2,

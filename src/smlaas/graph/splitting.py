@@ -236,6 +236,7 @@ class _Splitter:
         self._initializers = {t.name: t for t in graph.model.graph.initializer}
         self._producers = {o: n for n in graph.nodes for o in n.output if o}
         self._positions = {n.name: position for position, n in enumerate(graph.nodes)}
+        self._measured = _measured_tensors(graph)
         self._consumers: dict[str, list[int]] = {}
         for position, names in enumerate(graph.node_inputs):
             for name in names:
@@ -255,6 +256,11 @@ class _Splitter:
                    for p in positions)
 
     def linear_node(self, position: int) -> LinearNode | None:
+        """The node as a splittable one, unless an activation it reads or writes had to be
+        measured: a measured shape may depend on input values, a split's sizes may not."""
+        node = self._graph.nodes[position]
+        if self._measured & {*node.input, *node.output}:
+            return None
         return linear_node(self._graph, position, self._initializers, self._producers,
                            self._consumers)
 
@@ -295,7 +301,8 @@ class _Splitter:
         position_of = {node.name: position for position, node in enumerate(nodes)}
         records = [replace(r, start=position_of[r.nodes[0]], end=position_of[r.nodes[-1]] + 1)
                    for r in records]
-        observed = {**graph.tensors, **new_tensors}
+        # The new tensors are declared in value_info; what was measured stays measured.
+        observed = {name: graph.tensors[name] for name in self._measured}
         return ModelGraph(model, observed), tuple(records)
 
     def _record(self, choice: _Choice, replacement: Replacement) -> SplitOperator:
@@ -308,6 +315,20 @@ class _Splitter:
                              transfer_bytes=choice.transfer_bytes,
                              peak_bytes=round(choice.peak_bytes),
                              nodes=tuple(n.name for n in replacement.nodes))
+
+
+def _measured_tensors(graph: ModelGraph) -> set[str]:
+    """Activations the model does not declare with a static shape: the analysis measured
+    them (ModelGraph's ``observed``), and the rewritten graph must get them the same way."""
+    types = {v.name: v.type for v in list(graph.model.graph.input)
+             + list(graph.model.graph.value_info) + list(graph.model.graph.output)}
+    measured = set()
+    for name in graph.tensors:
+        tensor_type = types[name].tensor_type if name in types else None
+        if tensor_type is None or not tensor_type.elem_type or not tensor_type.HasField(
+                "shape") or not all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            measured.add(name)
+    return measured
 
 
 def _drop_unused(model: onnx.ModelProto, gone_tensors: set[str]) -> None:
