@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from smlaas.errors import GraphError
+from smlaas.graph.dims import static_shape
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
@@ -98,7 +99,7 @@ class ModelGraph:
                     f"sequence/map/optional values are not supported by smlaas yet"
                 )
             elem_type = type_proto.tensor_type.elem_type if type_proto is not None else 0
-            shape = _static_shape(type_proto)
+            shape = static_shape(type_proto)
             if shape is None or not elem_type:
                 missing.append(name)
                 continue
@@ -227,11 +228,3 @@ class UnknownShapesError(GraphError):
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         super().__init__(f"no static shape for {shown}{more}")
 
-
-def _static_shape(type_proto: onnx.TypeProto | None) -> tuple[int, ...] | None:
-    if type_proto is None or not type_proto.tensor_type.HasField("shape"):
-        return None
-    dims = type_proto.tensor_type.shape.dim
-    if not all(d.HasField("dim_value") for d in dims):
-        return None
-    return tuple(d.dim_value for d in dims)

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from smlaas.errors import GraphError, ModelError
+from smlaas.graph.dims import clear_negative_dims, static_shape
 from smlaas.graph.folding import fold_shape_computations
 from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
 from smlaas.graph.subgraphs import node_input_names
@@ -37,6 +38,7 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
     shapes = resolve_input_sizes(model, input_sizes)
     prepared = fix_input_sizes(model, shapes)
     graph = prepared.graph
+    clear_negative_dims(graph)
     _fold_constant_nodes(graph)
     _name_nodes(graph)
     _sort_topologically(graph)
@@ -67,10 +69,9 @@ def _produce_constant_outputs(graph: onnx.GraphProto) -> bool:
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for value in list(model.graph.input) + list(model.graph.value_info):
-        tensor_type = value.type.tensor_type
-        if value.type.HasField("tensor_type") and tensor_type.HasField("shape") and all(
-                d.HasField("dim_value") for d in tensor_type.shape.dim):
-            shapes[value.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+        shape = static_shape(value.type)
+        if shape is not None:
+            shapes[value.name] = shape
     return shapes
 
 

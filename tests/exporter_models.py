@@ -1,0 +1,47 @@
+"""Small models with the constructs real exporters write, built with onnx.helper where the
+exporter itself is heavy (PaddlePaddle, torch, transformers), or with a light exporter
+(onnxruntime.quantization) where there is one."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, initializers=(), *, opset: int = OPSET, value_info=(),
+           extra_opsets=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "exported", inputs, outputs, list(initializers),
+                              value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    *extra_opsets])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _weight(name: str, shape: tuple[int, ...], seed: int = 0, dtype=np.float32
+            ) -> onnx.TensorProto:
+    rng = np.random.default_rng(seed)
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(dtype), name)
+
+
+def paddle_style_model() -> onnx.ModelProto:
+    """What paddle2onnx writes (rapidocr's text direction classifier): ``dim_value: -1`` for
+    the dynamic batch on the input, the output and intermediate value_info, and a Reshape to
+    ``[0, -1]``."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], name="conv2d_0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu_0"),
+        helper.make_node("Reshape", ["r", "flat_shape"], ["flat"], name="reshape_0"),
+        helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="linear_0"),
+        helper.make_node("Softmax", ["logits"], ["softmax_0.tmp_0"], name="softmax_0", axis=1),
+    ]
+    inits = [_weight("conv_w", (4, 3, 3, 3), 1), _weight("fc_w", (4 * 6 * 8, 2), 2),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 6, 8])],
+                  [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT, [-1, 2])],
+                  inits, value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT,
+                                                                   [-1, 4, 6, 8])])
