@@ -45,3 +45,27 @@ def paddle_style_model() -> onnx.ModelProto:
                   [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT, [-1, 2])],
                   inits, value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT,
                                                                    [-1, 4, 6, 8])])
+
+
+def zipmap_classifier_model() -> onnx.ModelProto:
+    """What skl2onnx writes for a classifier by default: ai.onnx.ml LinearClassifier, then a
+    ZipMap that turns probabilities into a sequence of maps (unsupported by design: stages
+    exchange tensors only)."""
+    ml = helper.make_opsetid("ai.onnx.ml", 1)
+    nodes = [
+        helper.make_node("Scaler", ["input"], ["scaled"], name="Scaler", domain="ai.onnx.ml",
+                         offset=[0.1, 0.2, 0.3, 0.4], scale=[1.0, 2.0, 0.5, 1.5]),
+        helper.make_node("LinearClassifier", ["scaled"], ["label", "probability_tensor"],
+                         name="LinearClassifier", domain="ai.onnx.ml", classlabels_ints=[0, 1, 2],
+                         coefficients=[float(v) for v in np.linspace(-1, 1, 12)],
+                         intercepts=[0.1, -0.2, 0.05], post_transform="SOFTMAX"),
+        helper.make_node("ZipMap", ["probability_tensor"], ["probabilities"], name="ZipMap",
+                         domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    seq_of_maps = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64,
+                                   helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    return _model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+                  [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                   helper.make_value_info("probabilities", seq_of_maps)],
+                  extra_opsets=[ml])
