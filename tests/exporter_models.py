@@ -22,10 +22,11 @@ def _model(nodes, inputs, outputs, initializers=(), *, opset: int = OPSET, value
     return model
 
 
-def _weight(name: str, shape: tuple[int, ...], seed: int = 0, dtype=np.float32
-            ) -> onnx.TensorProto:
+def _weight(name: str, shape: tuple[int, ...], seed: int = 0, dtype=np.float32,
+            scale: float = 1.0) -> onnx.TensorProto:
     rng = np.random.default_rng(seed)
-    return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(dtype), name)
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.5 * scale).astype(dtype),
+                                   name)
 
 
 def paddle_style_model() -> onnx.ModelProto:
@@ -69,3 +70,36 @@ def zipmap_classifier_model() -> onnx.ModelProto:
                   [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
                    helper.make_value_info("probabilities", seq_of_maps)],
                   extra_opsets=[ml])
+
+
+def fp16_model(*, fp32_io: bool, width: int = 64, depth: int = 6) -> onnx.ModelProto:
+    """A float16 MLP as onnxconverter-common's float16 converter writes it: float16 weights
+    and activations, with float32 graph I/O and Cast nodes at both ends (``keep_io_types``)
+    when ``fp32_io``, else float16 I/O. Wide sums (MatMul, ReduceSum) are where ONNX
+    Runtime's CPU kernels keep float32 inside a session and round only at a stage's edge."""
+    nodes, inits = [], []
+    x = "x16"
+    if fp32_io:
+        nodes.append(helper.make_node("Cast", ["x"], ["x16"], name="graph_input_cast0",
+                                      to=TensorProto.FLOAT16))
+    else:
+        x = "x"
+    for layer in range(depth):
+        # Weights of std 1.5/sqrt(width): every layer keeps the activations' scale.
+        inits += [_weight(f"w{layer}", (width, width), 10 + layer, np.float16, 3 / width**0.5),
+                  _weight(f"b{layer}", (width,), 20 + layer, np.float16)]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{layer}"], [f"m{layer}"], name=f"mm{layer}"),
+            helper.make_node("Add", [f"m{layer}", f"b{layer}"], [f"a{layer}"], name=f"add{layer}"),
+            helper.make_node("Tanh", [f"a{layer}"], [f"t{layer}"], name=f"tanh{layer}"),
+        ]
+        x = f"t{layer}"
+    nodes.append(helper.make_node("Softmax", [x], ["p16"], name="softmax", axis=-1))
+    elem = TensorProto.FLOAT if fp32_io else TensorProto.FLOAT16
+    if fp32_io:
+        nodes.append(helper.make_node("Cast", ["p16"], ["probs"], name="graph_output_cast0",
+                                      to=TensorProto.FLOAT))
+    else:
+        nodes.append(helper.make_node("Identity", ["p16"], ["probs"], name="out"))
+    return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", width])],
+                  [helper.make_tensor_value_info("probs", elem, ["N", width])], inits)

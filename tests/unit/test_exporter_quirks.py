@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from smlaas.errors import GraphError, InputError, UnsupportedModelError
+from smlaas.export.tolerance import Tolerance
 from smlaas.graph import ModelGraph, model_inputs, prepare_model, resolve_input_sizes
 from smlaas.graph.input_size import input_dims
-from tests.exporter_models import paddle_style_model, zipmap_classifier_model
+from tests.exporter_models import fp16_model, paddle_style_model, zipmap_classifier_model
 from tests.models import chain_model
 
 
@@ -37,3 +38,30 @@ def test_graph_inconsistencies_are_bad_input() -> None:
     model.graph.node[0].input[0] = "nowhere"
     with pytest.raises(InputError, match="'nowhere'"):
         prepare_model(model, {"": (1, 8)})
+
+
+def _two_stages(model, sizes, cut):
+    from smlaas.export import StageExtractor
+
+    prepared = prepare_model(model, sizes)
+    graph = ModelGraph(prepared)
+    extractor = StageExtractor(prepared, graph)
+    return [extractor.extract(0, cut, name="s0"),
+            extractor.extract(cut, graph.node_count, name="s1")]
+
+
+def test_tolerance_follows_the_output_and_the_cut_tensors_it_depends_on() -> None:
+    from smlaas.export.tolerance import output_tolerances
+
+    fp32 = output_tolerances(_two_stages(chain_model(), {"": (1, 8)}, 3), rtol=1e-4,
+                             atol=1e-5)
+    assert fp32["y"] == Tolerance(1e-4, 1e-5)
+    # float32 output, but the cut carries float16: held to float16's tolerance.
+    mixed = output_tolerances(_two_stages(fp16_model(fp32_io=True), {"": (2, 64)}, 4),
+                              rtol=1e-4, atol=1e-5)
+    assert mixed["probs"].precision == "float16" and mixed["probs"].scaled_atol
+    assert mixed["probs"].rtol == pytest.approx(10 * 2**-10)
+    # A cut before the input Cast carries float32 only.
+    before_cast = output_tolerances(_two_stages(fp16_model(fp32_io=True), {"": (2, 64)}, 0),
+                                    rtol=1e-4, atol=1e-5)
+    assert before_cast["probs"].precision == "float32"
