@@ -103,3 +103,68 @@ def fp16_model(*, fp32_io: bool, width: int = 64, depth: int = 6) -> onnx.ModelP
         nodes.append(helper.make_node("Identity", ["p16"], ["probs"], name="out"))
     return _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", width])],
                   [helper.make_tensor_value_info("probs", elem, ["N", width])], inits)
+
+
+def value_switched_lstm_model(hidden: int = 6) -> onnx.ModelProto:
+    """silero-vad's shape: an If on a scalar input ``sr`` (16000 or 8000) whose branches run
+    an LSTM on the audio ``input`` [batch, channels, samples], each behind TorchScript's
+    guarded squeeze ``If(Equal(Shape(x)[1], 1)) Squeeze else Identity`` (branches of
+    different ranks). Only sr 16000 and 8000 are valid: any other value fails at run time
+    (the 8 kHz branch indexes a table with sr - 8000)."""
+    def lstm_branch(tag: str, samples: int, seed: int) -> onnx.GraphProto:
+        guard = helper.make_graph(
+            [helper.make_node("Squeeze", ["input", "one"], [f"{tag}_squeezed"],
+                              name=f"{tag}_squeeze")], f"{tag}_squeeze_branch", [],
+            [helper.make_tensor_value_info(f"{tag}_squeezed", TensorProto.FLOAT,
+                                           [f"{tag}_b", f"{tag}_t"])])
+        keep = helper.make_graph(
+            [helper.make_node("Identity", ["input"], [f"{tag}_kept"], name=f"{tag}_keep")],
+            f"{tag}_keep_branch", [],
+            [helper.make_tensor_value_info(f"{tag}_kept", TensorProto.FLOAT,
+                                           [f"{tag}_b", f"{tag}_c", f"{tag}_t"])])
+        nodes = [
+            helper.make_node("Shape", ["input"], [f"{tag}_shape"], name=f"{tag}_shape_of"),
+            helper.make_node("Gather", [f"{tag}_shape", "one"], [f"{tag}_channels"],
+                             name=f"{tag}_gather", axis=0),
+            helper.make_node("Equal", [f"{tag}_channels", "one"], [f"{tag}_mono"],
+                             name=f"{tag}_is_mono"),
+            helper.make_node("If", [f"{tag}_mono"], [f"{tag}_frames"], name=f"{tag}_guard",
+                             then_branch=guard, else_branch=keep),
+            # Frames of `samples`: [1, batch, samples] (seq 1), as the LSTM wants rank 3.
+            helper.make_node("Unsqueeze", [f"{tag}_frames", "zero"], [f"{tag}_x"],
+                             name=f"{tag}_unsqueeze"),
+            helper.make_node("LSTM", [f"{tag}_x", f"{tag}_W", f"{tag}_R"],
+                             ["", f"{tag}_h"], name=f"{tag}_LSTM", hidden_size=hidden),
+            helper.make_node("Squeeze", [f"{tag}_h", "zero"], [f"{tag}_h2"],
+                             name=f"{tag}_h2"),
+            helper.make_node("Sub", ["sr", "sr8k"], [f"{tag}_index"], name=f"{tag}_index"),
+            helper.make_node("Gather", [f"{tag}_table", f"{tag}_index"], [f"{tag}_row"],
+                             name=f"{tag}_row", axis=0),
+            helper.make_node("Add", [f"{tag}_h2", f"{tag}_row"], [f"{tag}_out"],
+                             name=f"{tag}_out"),
+        ]
+        if tag == "then":  # the 16 kHz branch takes no row from the table
+            nodes[-3:] = [helper.make_node("Identity", [f"{tag}_h2"], [f"{tag}_out"],
+                                           name=f"{tag}_out")]
+        inits = [_weight(f"{tag}_W", (1, 4 * hidden, samples), seed),
+                 _weight(f"{tag}_R", (1, 4 * hidden, hidden), seed + 1),
+                 *([_weight(f"{tag}_table", (1, hidden), seed + 2)] if tag == "else" else [])]
+        return helper.make_graph(nodes, f"{tag}_branch", [], [
+            helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT, ["b", hidden])],
+            inits)
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr16k"], ["is_16k"], name="Equal_0"),
+        helper.make_node("If", ["is_16k"], ["h"], name="If_0",
+                         then_branch=lstm_branch("then", 8, 1),
+                         else_branch=lstm_branch("else", 8, 3)),
+        helper.make_node("Sigmoid", ["h"], ["output"], name="sigmoid"),
+    ]
+    inits = [numpy_helper.from_array(np.array(16000, np.int64), "sr16k"),
+             numpy_helper.from_array(np.array(8000, np.int64), "sr8k"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    return _model(nodes, [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "channels", 8]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", hidden])], inits)

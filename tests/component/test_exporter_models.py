@@ -10,23 +10,29 @@ import onnx
 import pytest
 
 from smlaas.cli.main import EXIT_BAD_INPUT, main
-from smlaas.export import StageExtractor, verify_chain
+from smlaas.export import StageExtractor, read_plan, verify_chain
 from smlaas.partition import ModelSource, PlanOptions, analyse, partition, verify_build
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
-from tests.exporter_models import fp16_model, paddle_style_model, zipmap_classifier_model
+from smlaas.profile.samples import SAMPLES_FILE
+from tests.exporter_models import (
+    fp16_model,
+    paddle_style_model,
+    value_switched_lstm_model,
+    zipmap_classifier_model,
+)
 
 FAST = ProfileSettings(threads=1, warmup_runs=1, measured_runs=1)
 
 
 def _partition(model: onnx.ModelProto, tmp_path: Path, sizes=(), *, build: str = "build",
-               **options):
+               input_values=(), **options):
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     plan_options = PlanOptions(**{"planner": Planner.DP_THROUGHPUT, "machines": 2, **options})
     return partition(str(path), tmp_path / build, input_size_specs=list(sizes),
                      cost_model=preset("sgx1"), options=plan_options, settings=FAST,
-                     cache=ProfileCache(tmp_path / "cache"))
+                     cache=ProfileCache(tmp_path / "cache"), input_values=input_values)
 
 
 def test_paddle_export_with_minus_one_dims_partitions_and_verifies(tmp_path: Path) -> None:
@@ -81,3 +87,49 @@ def test_fp16_build_states_its_tolerances_in_the_report(tmp_path: Path) -> None:
     report = (tmp_path / "build" / "report.md").read_text()
     assert "| tolerance |" in report
     assert "float16: rtol 0.00977, atol 0.000977 x max|expected|" in report
+
+
+def test_value_switched_model_needs_sample_values_and_then_verifies(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = value_switched_lstm_model()
+    # Random int64 inputs give sr 0 or 1, which the model refuses: say what to give instead.
+    assert _cli_partition(model, tmp_path, "--input-size", "input:2,1,8") == EXIT_BAD_INPUT
+    assert "--input-value NAME=VALUE" in capsys.readouterr().err
+    for sr in (16000, 8000):
+        result = _partition(model, tmp_path, ["input:2,1,8"], build=f"b{sr}",
+                            input_values=[f"sr={sr}"])
+        assert result.verification is not None and result.verification.ok
+        assert verify_build(tmp_path / f"b{sr}", threads=1).ok  # with the kept samples
+        kept = np.load(tmp_path / f"b{sr}" / SAMPLES_FILE)
+        assert int(kept["sr"]) == sr
+
+
+def test_every_cut_of_a_value_switched_model_verifies_on_sample_inputs(tmp_path: Path) -> None:
+    model = value_switched_lstm_model()
+    shapes = {"input": (2, 1, 8), "sr": ()}
+    samples = {"sr": np.array(16000, np.int64)}
+    analysis = analyse(ModelSource("vad", "test", "-", model), shapes, threads=1,
+                       samples=samples)
+    extractor = StageExtractor(analysis.prepared, analysis.graph)
+    n = analysis.graph.node_count
+    for cut in range(1, n):
+        stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+        holding_if = next(s for s in stages if any(x.op_type == "If" for x in s.graph.node))
+        # The stage that runs the If is typed as loosely as the exporter typed it.
+        assert all(not d.HasField("dim_value") for i in holding_if.graph.input
+                   for d in i.type.tensor_type.shape.dim)
+        report = verify_chain(model, stages, shapes, threads=1, samples=samples)
+        assert report.ok, f"cut {cut}: {report.summary()}"
+
+
+def test_sample_inputs_file_gives_sizes_and_values(tmp_path: Path) -> None:
+    samples = tmp_path / "samples.npz"
+    rng = np.random.default_rng(5)
+    np.savez(samples, input=rng.standard_normal((3, 1, 8)).astype(np.float32),
+             sr=np.array(16000))
+    assert _cli_partition(value_switched_lstm_model(), tmp_path, "--sample-inputs",
+                          str(samples)) == 0
+    plan = read_plan(tmp_path / "build")
+    assert plan.model.input_shapes == {"input": [3, 1, 8], "sr": []}
+    kept = np.load(tmp_path / "build" / SAMPLES_FILE)
+    np.testing.assert_array_equal(kept["input"], np.load(samples)["input"])

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from smlaas.graph.analysis import ModelGraph, TensorInfo
+from smlaas.graph.dims import loosen_for_control_flow
 
 
 class StageExtractor:
@@ -45,7 +46,8 @@ class StageExtractor:
                                                  f"{self._model.graph.name}")
         sub_model.ir_version = self._model.ir_version
         sub_model.functions.extend(self._model.functions)
-        return sub_model
+        # A stage with an If/Loop/Scan keeps its inputs' rank only (see the function).
+        return loosen_for_control_flow(sub_model)
 
 
 def _value_info(info: TensorInfo) -> onnx.ValueInfoProto:

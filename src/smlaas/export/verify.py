@@ -124,16 +124,18 @@ def verify_chain(whole_model: onnx.ModelProto | str | Path,
                  stage_models: Sequence[onnx.ModelProto | str | Path],
                  input_shapes: Mapping[str, tuple[int, ...]], *, threads: int,
                  seeds: Sequence[int] = (0, 1), rtol: float = DEFAULT_RTOL,
-                 atol: float = DEFAULT_ATOL, served: bool = True) -> VerificationReport:
-    """Runs the whole model and the chain on the same seeded inputs and compares outputs
-    (see the module docstring for the two execution modes)."""
+                 atol: float = DEFAULT_ATOL, served: bool = True,
+                 samples: Mapping[str, np.ndarray] | None = None) -> VerificationReport:
+    """Runs the whole model and the chain on the same seeded inputs (``samples`` where
+    given) and compares outputs (see the module docstring for the two execution modes)."""
     proto = _structure(whole_model)
     tolerances = output_tolerances([_structure(m) for m in stage_models], rtol=rtol, atol=atol)
     reference = _compare(whole_model, stage_models, proto, input_shapes, threads=threads,
-                         seeds=seeds, tolerances=tolerances, optimization=Optimization.NONE)
+                         seeds=seeds, tolerances=tolerances, optimization=Optimization.NONE,
+                         samples=samples)
     optimized = _compare(whole_model, stage_models, proto, input_shapes, threads=threads,
                          seeds=seeds[:1], tolerances=tolerances,
-                         optimization=Optimization.ALL) if served else []
+                         optimization=Optimization.ALL, samples=samples) if served else []
     return VerificationReport(outputs=reference, seeds=list(seeds), rtol=rtol, atol=atol,
                               stage_count=len(stage_models), served=optimized,
                               tolerances=tolerances)
@@ -148,13 +150,14 @@ def _compare(whole_model: onnx.ModelProto | str | Path,
              stage_models: Sequence[onnx.ModelProto | str | Path], proto: onnx.ModelProto,
              input_shapes: Mapping[str, tuple[int, ...]], *, threads: int,
              seeds: Sequence[int], tolerances: Mapping[str, Tolerance],
-             optimization: Optimization) -> list[OutputComparison]:
+             optimization: Optimization, samples: Mapping[str, np.ndarray] | None
+             ) -> list[OutputComparison]:
     whole = StageRunner(whole_model, threads=threads, optimization=optimization,
                         label="whole model")
     chain = Chain(stage_models, threads=threads, optimization=optimization)
     merged: dict[str, OutputComparison] = {}
     for seed in seeds:
-        feeds = random_inputs(proto, input_shapes, seed=seed)
+        feeds = random_inputs(proto, input_shapes, seed=seed, samples=samples)
         for item in compare_outputs(whole.run(feeds), chain.run(feeds), rtol=DEFAULT_RTOL,
                                     atol=DEFAULT_ATOL, tolerances=tolerances):
             previous = merged.get(item.name)

@@ -62,3 +62,32 @@ def _clear_type(type_proto: onnx.TypeProto) -> int:
     if kind == "map_type":
         return _clear_type(type_proto.map_type.value_type)
     return 0
+
+
+def loosen_for_control_flow(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ONNX Runtime should load it: when it has If/Loop/Scan nodes, a copy whose
+    inputs keep their rank but not their sizes and whose value_info is dropped; otherwise the
+    model itself.
+
+    ONNX Runtime type-checks every branch of an If against the types of what it reads from
+    the outer scope, the branch not taken included. Exporters guard squeezes and unsqueezes
+    with Ifs on shapes whose branches have different ranks (silero-vad); with symbolic sizes
+    ORT types them loosely and the model loads, with fixed sizes it types a later LSTM's input
+    with the wrong rank and refuses the model. Sizes are fixed for smlaas's analysis only; the
+    sessions get them from the tensors they are fed.
+    """
+    if not any(_has_subgraph(node) for node in model.graph.node):
+        return model
+    loose = onnx.ModelProto()
+    loose.CopyFrom(model)
+    for value in loose.graph.input:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            for dim in value.type.tensor_type.shape.dim:
+                dim.Clear()
+    del loose.graph.value_info[:]
+    return loose
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)

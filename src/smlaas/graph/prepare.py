@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from smlaas.errors import GraphError, ModelError
 from smlaas.graph.dims import clear_negative_dims, static_shape
-from smlaas.graph.folding import fold_shape_computations
+from smlaas.graph.folding import fold_shape_computations, inline_constant_branches
 from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
 from smlaas.graph.subgraphs import node_input_names
 
@@ -23,7 +23,7 @@ from smlaas.graph.subgraphs import node_input_names
 # shape computations (Reshape targets, Slice bounds) read their values; larger ones are weights.
 _SHAPE_DATA_MAX_ELEMENTS = 1024
 # Each round folds what the previous round's shape inference made static.
-_MAX_FOLDING_ROUNDS = 4
+_MAX_FOLDING_ROUNDS = 8
 
 
 def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]]
@@ -42,11 +42,13 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
     _fold_constant_nodes(graph)
     _name_nodes(graph)
     _sort_topologically(graph)
-    _infer_shapes(prepared)
+    static = _infer_shapes(prepared)
     for _ in range(_MAX_FOLDING_ROUNDS):
-        if not fold_shape_computations(prepared, _static_shapes(prepared)):
+        changed = fold_shape_computations(prepared, static) + inline_constant_branches(graph)
+        if not changed:
             break
-        _infer_shapes(prepared)
+        _name_nodes(graph)
+        static = _infer_shapes(prepared)
     if _produce_constant_outputs(graph):
         _infer_shapes(prepared)
     return prepared
@@ -66,9 +68,9 @@ def _produce_constant_outputs(graph: onnx.GraphProto) -> bool:
     return bool(constant_outputs)
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     shapes = {}
-    for value in list(model.graph.input) + list(model.graph.value_info):
+    for value in list(graph.input) + list(graph.value_info):
         shape = static_shape(value.type)
         if shape is not None:
             shapes[value.name] = shape
@@ -161,9 +163,9 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
-def _infer_shapes(model: onnx.ModelProto) -> None:
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """ONNX shape inference on a copy without the large weights (so models of any size work);
-    the inferred value_info is copied back."""
+    the inferred top-level value_info is copied back. Returns the static shapes inferred."""
     light = onnx.ModelProto()
     light.CopyFrom(model)
     graph = light.graph
@@ -191,3 +193,4 @@ def _infer_shapes(model: onnx.ModelProto) -> None:
         if output.name in inferred_outputs and inferred_outputs[output.name].type.HasField(
                 "tensor_type") and inferred_outputs[output.name].type.tensor_type.HasField("shape"):
             output.type.CopyFrom(inferred_outputs[output.name].type)
+    return _static_shapes(inferred.graph)

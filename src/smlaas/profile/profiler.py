@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from smlaas.errors import ModelError, ProfileError
+from smlaas.graph.dims import loosen_for_control_flow
 from smlaas.profile.attribution import kernel_owners, owner_by_name
 from smlaas.profile.inputs import random_inputs
 from smlaas.profile.session import Optimization, create_session, run_session
@@ -100,10 +101,13 @@ class NodeProfile:
 
 
 def profile_nodes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], *,
-                  settings: ProfileSettings, progress: ProgressCallback | None = None
-                  ) -> NodeProfile:
-    """Profiles every node of ``model`` (see the module docstring for the method)."""
-    feeds = random_inputs(model, input_shapes)
+                  settings: ProfileSettings, progress: ProgressCallback | None = None,
+                  feeds: Mapping[str, np.ndarray] | None = None) -> NodeProfile:
+    """Profiles every node of ``model`` (see the module docstring for the method) on
+    ``feeds`` (default: seeded random inputs)."""
+    if feeds is None:
+        feeds = random_inputs(model, input_shapes)
+    model = loosen_for_control_flow(model)
     # Time the whole model first: for about half a second after a profiling session ends,
     # runs of a new session were measured ~50% slower (ResNet-18, 2 cores).
     try:
