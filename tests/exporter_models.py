@@ -168,3 +168,56 @@ def value_switched_lstm_model(hidden: int = 6) -> onnx.ModelProto:
         helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "channels", 8]),
         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", hidden])], inits)
+
+
+def small_cnn_model(channels: int = 16, layers: int = 4, size: int = 16) -> onnx.ModelProto:
+    """A float32 CNN (Conv+Relu blocks, global pool, Gemm head) for the quantiser to work on."""
+    nodes, inits, x, c_in = [], [], "input", 3
+    for layer in range(layers):
+        inits += [_weight(f"conv{layer}.weight", (channels, c_in, 3, 3), layer, scale=0.5),
+                  _weight(f"conv{layer}.bias", (channels,), 50 + layer)]
+        nodes += [helper.make_node("Conv", [x, f"conv{layer}.weight", f"conv{layer}.bias"],
+                                   [f"c{layer}"], name=f"/layer{layer}/Conv", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{layer}"], [f"r{layer}"],
+                                   name=f"/layer{layer}/Relu")]
+        x, c_in = f"r{layer}", channels
+    inits += [_weight("fc.weight", (10, channels), 99), _weight("fc.bias", (10,), 98)]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"], name="/pool"),
+              helper.make_node("Flatten", ["pooled"], ["flat"], name="/flatten"),
+              helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"],
+                               name="/fc/Gemm", transB=1)]
+    return _model(nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                        [1, 3, size, size])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits,
+                  opset=13)
+
+
+def qdq_cnn_model(directory) -> onnx.ModelProto:
+    """:func:`small_cnn_model` quantised to int8 QDQ by onnxruntime.quantization's
+    quantize_static (calibrated on seeded random data), as a quantiser ships it: every
+    weight's DequantizeLinear first in the file, far from its Conv."""
+    from pathlib import Path
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class RandomReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self._batches = iter([{"input": rng.standard_normal((1, 3, 16, 16)).astype(
+                np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    source, target = Path(directory) / "cnn_fp32.onnx", Path(directory) / "cnn_qdq.onnx"
+    onnx.save(small_cnn_model(), str(source))
+    quantize_static(str(source), str(target), RandomReader(), quant_format=QuantFormat.QDQ)
+    model = onnx.load(str(target))
+    # Put the weights' DequantizeLinear nodes first, as quantisers of big models do.
+    weights = {t.name for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    first = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    rest = [n for n in nodes if not any(n is f for f in first)]
+    del model.graph.node[:]
+    model.graph.node.extend(first + rest)
+    return model

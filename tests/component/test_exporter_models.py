@@ -18,6 +18,7 @@ from smlaas.profile.samples import SAMPLES_FILE
 from tests.exporter_models import (
     fp16_model,
     paddle_style_model,
+    qdq_cnn_model,
     value_switched_lstm_model,
     zipmap_classifier_model,
 )
@@ -133,3 +134,15 @@ def test_sample_inputs_file_gives_sizes_and_values(tmp_path: Path) -> None:
     assert plan.model.input_shapes == {"input": [3, 1, 8], "sr": []}
     kept = np.load(tmp_path / "build" / SAMPLES_FILE)
     np.testing.assert_array_equal(kept["input"], np.load(samples)["input"])
+
+
+def test_qdq_model_partitions_and_verifies(tmp_path: Path) -> None:
+    result = _partition(qdq_cnn_model(tmp_path), tmp_path, machines=3)
+    assert result.verification is not None and result.verification.ok
+    weights = {t.name for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    for stage in result.plan.stages[1:]:
+        model = onnx.load(str(tmp_path / "build" / stage.file_name))
+        crossing = {i.name for i in model.graph.input}
+        produced_by_dq = {n.output[0] for n in model.graph.node
+                          if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+        assert not crossing & produced_by_dq

@@ -8,7 +8,12 @@ from smlaas.errors import GraphError, InputError, UnsupportedModelError
 from smlaas.export.tolerance import Tolerance
 from smlaas.graph import ModelGraph, model_inputs, prepare_model, resolve_input_sizes
 from smlaas.graph.input_size import input_dims
-from tests.exporter_models import fp16_model, paddle_style_model, zipmap_classifier_model
+from tests.exporter_models import (
+    fp16_model,
+    paddle_style_model,
+    qdq_cnn_model,
+    zipmap_classifier_model,
+)
 from tests.models import chain_model
 
 
@@ -65,3 +70,19 @@ def test_tolerance_follows_the_output_and_the_cut_tensors_it_depends_on() -> Non
     before_cast = output_tolerances(_two_stages(fp16_model(fp32_io=True), {"": (2, 64)}, 0),
                                     rtol=1e-4, atol=1e-5)
     assert before_cast["probs"].precision == "float32"
+
+
+def test_weight_dequantization_is_scheduled_next_to_its_consumer(tmp_path) -> None:
+    model = qdq_cnn_model(tmp_path)
+    weights = {t.name for t in model.graph.initializer}
+    graph = ModelGraph(prepare_model(model, {}))
+    dequantized = [n.output[0] for n in graph.nodes
+                   if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    assert len(dequantized) >= 4
+    for name in dequantized:
+        # Live from its DequantizeLinear to its consumer only: weight, bias and input DQs.
+        assert graph.last_use[name] - graph.producer[name] <= 3, name
+    first_conv = next(p for p, n in enumerate(graph.nodes) if n.op_type == "Conv")
+    # No dequantized weight of a later layer is alive at the first Conv.
+    later = [t for t in graph.cut_tensors(first_conv + 1) if t in dequantized]
+    assert later == []

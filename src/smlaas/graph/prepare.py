@@ -17,11 +17,13 @@ from smlaas.errors import GraphError, ModelError
 from smlaas.graph.dims import clear_negative_dims, static_shape
 from smlaas.graph.folding import fold_shape_computations, inline_constant_branches
 from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
-from smlaas.graph.subgraphs import node_input_names
+from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
 # Initializers up to this many elements stay in the shape-inference copy of the model, because
 # shape computations (Reshape targets, Slice bounds) read their values; larger ones are weights.
 _SHAPE_DATA_MAX_ELEMENTS = 1024
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                         "RandomUniformLike", "Multinomial", "Bernoulli"})
 # Each round folds what the previous round's shape inference made static.
 _MAX_FOLDING_ROUNDS = 8
 
@@ -51,6 +53,7 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
         static = _infer_shapes(prepared)
     if _produce_constant_outputs(graph):
         _infer_shapes(prepared)
+    _schedule_weight_nodes(graph)
     return prepared
 
 
@@ -161,6 +164,50 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
     if order != list(range(len(nodes))):
         del graph.node[:]
         graph.node.extend(nodes[i] for i in order)
+
+
+def _schedule_weight_nodes(graph: onnx.GraphProto) -> None:
+    """Moves every node that computes from initializers only (a weight's DequantizeLinear
+    in a QDQ model, a Transpose of a weight) to just before its first consumer.
+
+    Quantisers write all weight DequantizeLinear nodes first; kept there, their float32
+    outputs would be activations live from the top of the graph to their Conv, counted in
+    every stage's working set and carried across every cut (a QDQ ResNet-50: 97 MiB).
+    Scheduled next to its consumer a dequantized weight lives for one step, as it does in
+    ONNX Runtime, which fuses or runs it right before the node that reads it.
+    """
+    available = {t.name for t in graph.initializer}
+    weight_nodes: dict[str, onnx.NodeProto] = {}  # output name -> weight-only node
+    for node in graph.node:
+        names = node_input_names(node)
+        if names and not has_subgraph(node) and node.op_type not in _RANDOM_OPS and all(
+                name in available or name in weight_nodes for name in names):
+            for output in node.output:
+                if output:
+                    weight_nodes[output] = node
+    if not weight_nodes:
+        return
+    emitted: set[int] = set()
+    order: list[onnx.NodeProto] = []
+
+    def emit_producers(names: list[str]) -> None:
+        for name in names:
+            producer = weight_nodes.get(name)
+            if producer is not None and id(producer) not in emitted:
+                emit_producers(node_input_names(producer))
+                emitted.add(id(producer))
+                order.append(producer)
+
+    weight_ids = {id(n) for n in weight_nodes.values()}
+    for node in graph.node:
+        if id(node) in weight_ids:
+            continue
+        emit_producers(node_input_names(node))
+        order.append(node)
+    order.extend(n for n in graph.node if id(n) in weight_ids and id(n) not in emitted)
+    if [id(n) for n in order] != [id(n) for n in graph.node]:
+        del graph.node[:]
+        graph.node.extend(order)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
