@@ -221,3 +221,26 @@ def qdq_cnn_model(directory) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(first + rest)
     return model
+
+
+def nonzero_model() -> onnx.ModelProto:
+    """A data-dependent shape in the middle of the graph, as detectors have (NonZero,
+    NonMaxSuppression, TopK with a computed k): the positive entries of x are gathered
+    ([k] with k depending on x's values) and summed back into the main path."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Greater", ["h", "zero"], ["positive"], name="is_positive"),
+        helper.make_node("NonZero", ["positive"], ["where"], name="nonzero"),
+        helper.make_node("Transpose", ["where"], ["indices"], name="indices", perm=[1, 0]),
+        helper.make_node("GatherND", ["h", "indices"], ["picked"], name="pick"),
+        helper.make_node("Sigmoid", ["picked"], ["detections"], name="detections"),
+        helper.make_node("ReduceSum", ["picked"], ["total"], name="total", keepdims=1),
+        helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+        helper.make_node("Add", ["t", "total"], ["y"], name="add"),
+    ]
+    inits = [_weight("w", (8, 8), 4), numpy_helper.from_array(np.array(0.0, np.float32),
+                                                              "zero")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8]),
+                   helper.make_tensor_value_info("detections", TensorProto.FLOAT, [None])],
+                  inits)

@@ -17,6 +17,7 @@ from smlaas.profile import ProfileCache, ProfileSettings
 from smlaas.profile.samples import SAMPLES_FILE
 from tests.exporter_models import (
     fp16_model,
+    nonzero_model,
     paddle_style_model,
     qdq_cnn_model,
     value_switched_lstm_model,
@@ -146,3 +147,22 @@ def test_qdq_model_partitions_and_verifies(tmp_path: Path) -> None:
         produced_by_dq = {n.output[0] for n in model.graph.node
                           if n.op_type == "DequantizeLinear" and n.input[0] in weights}
         assert not crossing & produced_by_dq
+
+
+def test_data_dependent_shapes_cross_cuts_without_fixed_sizes() -> None:
+    model = nonzero_model()
+    shapes = {"x": (4, 8)}
+    analysis = analyse(ModelSource("nz", "test", "-", model), shapes, threads=1)
+    graph = analysis.graph
+    assert {"where", "indices", "picked", "detections"} == set(graph.data_dependent)
+    extractor = StageExtractor(analysis.prepared, graph)
+    n = graph.node_count
+    for cut in range(1, n):
+        stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+        for value in [*stages[1].graph.input, *stages[1].graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            fixed = all(d.HasField("dim_value") for d in dims)
+            assert fixed == (value.name not in graph.data_dependent), (cut, value.name)
+        # Seeds give different numbers of positive entries: no shape may be frozen.
+        report = verify_chain(model, stages, shapes, threads=1, seeds=(0, 1, 2, 3))
+        assert report.ok, f"cut {cut}: {report.summary()}"

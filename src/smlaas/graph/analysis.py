@@ -78,6 +78,12 @@ class ModelGraph:
         self.output_names = [o.name for o in graph.output]
         self.node_inputs = [node_input_names(n) for n in self.nodes]
         self.tensors = self._collect_tensors(observed or {})
+        self.data_dependent: frozenset[str] = frozenset(observed or {}) & self.tensors.keys()
+        """Tensors whose shape the declared input sizes do not fix (shape inference left it
+        open; it was measured on one input, e.g. downstream of NonZero, NonMaxSuppression or
+        a TopK with a computed k). Where one crosses a cut, both stages declare it with its
+        rank only, since the next input may give it another shape; its bytes in the memory
+        and transfer estimates are those measured."""
         self.producer, self.last_use = self._liveness()
 
     # -- construction --------------------------------------------------------------------
@@ -187,9 +193,10 @@ class ModelGraph:
         return np.cumsum(delta)[: self.node_count]
 
     def valid_cut_positions(self) -> np.ndarray:
-        """Boolean mask over positions 0..n. Every position is valid today: nodes with
-        subgraphs are atomic, so no cut can fall inside one. Kept as a mask so that planners
-        honour future restrictions."""
+        """Boolean mask over positions 0..n. Every position is valid: nodes with subgraphs
+        are atomic, so no cut can fall inside one, and a data-dependent tensor may cross a
+        cut because stages declare it with its rank only (see ``data_dependent``). Kept as
+        a mask so that planners honour future restrictions."""
         return np.ones(self.node_count + 1, dtype=bool)
 
     def subgraph_nodes(self) -> list[str]:
