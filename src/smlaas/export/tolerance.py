@@ -64,7 +64,7 @@ def tolerance_for(elem_type: int, *, rtol: float, atol: float) -> Tolerance:
     low = _LOW_PRECISION.get(elem_type)
     if low is None:
         return Tolerance(rtol, atol)
-    eps = float(np.finfo(low).eps)
+    eps = float(ml_dtypes.finfo(low).eps)
     name = helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type != \
         onnx.TensorProto.BFLOAT16 else "bfloat16"
     return Tolerance(max(rtol, ULPS_PER_ELEMENT * eps), ULPS_OF_LARGEST * eps,
@@ -97,7 +97,7 @@ def output_tolerances(stage_models: Sequence[onnx.ModelProto], *, rtol: float, a
 def _coarser(a: int, b: int) -> int:
     def rank(t: int) -> float:
         low = _LOW_PRECISION.get(t)
-        return float(np.finfo(low).eps) if low is not None else 0.0
+        return float(ml_dtypes.finfo(low).eps) if low is not None else 0.0
     return a if rank(a) >= rank(b) else b
 
 
