@@ -4,12 +4,13 @@
 
     SmlaasError                      every error smlaas raises on purpose
      ├─ InputError                   the user gave something unusable (CLI exit code 2)
-     │   ├─ ModelError               not an ONNX model, truncated, unsupported construct
+     │   ├─ ModelError               not an ONNX model, truncated, does not run in ONNX Runtime
+     │   │   └─ UnsupportedModelError  a construct unsupported by design (names node, op, why)
      │   ├─ InputSizeError           --input-size does not fit the model's inputs
      │   ├─ ZooError                 unknown zoo model or bad zoo option
      │   ├─ ConfigError              bad TOML override / preset name
-     │   └─ BuildDirError            build directory cannot be written or read
-     ├─ GraphError                   graph analysis found an inconsistency
+     │   ├─ BuildDirError            build directory cannot be written or read
+     │   └─ GraphError               graph analysis found an inconsistency in the model
      ├─ ProfileError                 ONNX Runtime failed while measuring
      ├─ PlanError                    no plan satisfies the constraints, or a plan is invalid
      │   └─ InfeasiblePlanError      a hard constraint (--fit-epc, --machines) cannot be met
@@ -49,6 +50,11 @@ class InputSizeError(InputError):
     """An --input-size does not fit the model's inputs."""
 
 
+class UnsupportedModelError(ModelError):
+    """The model uses a construct smlaas does not support by design; the message is one line
+    naming the node, its op and why."""
+
+
 class ZooError(InputError):
     """Unknown zoo model or bad zoo option."""
 
@@ -61,8 +67,9 @@ class BuildDirError(InputError):
     """A build directory cannot be written or does not hold a build."""
 
 
-class GraphError(SmlaasError):
-    """Graph analysis found an inconsistency in the model."""
+class GraphError(InputError):
+    """Graph analysis found an inconsistency in the model (a cycle, a tensor nothing
+    produces): the model is unusable as given."""
 
 
 class ProfileError(SmlaasError):

@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,14 @@ from smlaas.profile import (
     random_inputs,
     time_session,
 )
+from smlaas.profile.samples import (
+    SAMPLES_FILE,
+    load_sample_file,
+    parse_input_values,
+    sample_feeds,
+    samples_digest,
+    save_sample_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +103,15 @@ class ModelSource:
     model: onnx.ModelProto
 
 
-def open_model(spec: str, input_size_specs: Sequence[str] = ()) -> tuple[ModelSource, InputSizes]:
+def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
+               sample_shapes: Mapping[str, tuple[int, ...]] | None = None
+               ) -> tuple[ModelSource, InputSizes]:
     """Opens ``spec`` (a file path, or a zoo name when no such file exists) and resolves the
-    ``--input-size`` specs against its inputs."""
+    ``--input-size`` specs against its inputs; an input without one takes the shape of its
+    sample (``sample_shapes``), if any."""
     sizes = parse_input_sizes(input_size_specs)
+    if sample_shapes and "" not in sizes:
+        sizes = {**{k: tuple(v) for k, v in sample_shapes.items()}, **sizes}
     path = Path(spec)
     if path.exists() or spec.endswith(".onnx") or os.sep in spec:
         model = load_model(path)
@@ -147,8 +160,13 @@ class Analysis:
     prepared: onnx.ModelProto
     graph: ModelGraph
     memory: SegmentMemory
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    """Inputs the user gave values for (used instead of random ones wherever it runs)."""
     splits: tuple[SplitOperator, ...] = ()
     """Operators rewritten into pieces before planning (``graph`` holds the pieces)."""
+
+    def feeds(self, *, seed: int = 0) -> dict[str, np.ndarray]:
+        return random_inputs(self.prepared, self.input_shapes, seed=seed, samples=self.samples)
 
     def model_ref(self) -> ModelRef:
         return ModelRef(name=self.source.name, source=self.source.source,
@@ -160,23 +178,28 @@ class Analysis:
 
 
 def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
+            samples: Mapping[str, np.ndarray] | None = None,
             split: SplitBudget | None = None) -> Analysis:
-    """Prepares and analyses the model; shapes static inference misses are measured. With
-    ``split``, operators whose weights exceed it are split into pieces first."""
+    """Prepares and analyses the model; shapes static inference misses are measured (on the
+    ``samples`` the user gave, random values for the other inputs). With ``split``,
+    operators whose weights exceed it are split into pieces first."""
     prepared = prepare_model(source.model, input_shapes)
+    given = dict(samples or {})
     try:
         graph = ModelGraph(prepared)
     except UnknownShapesError as err:
         logger.info("measuring %d tensor shape(s) that shape inference left open",
                     len(err.names))
-        observed = observe_tensors(prepared, input_shapes, err.names, threads=threads)
+        observed = observe_tensors(prepared, input_shapes, err.names, threads=threads,
+                                   feeds=random_inputs(prepared, input_shapes, samples=given))
         graph = ModelGraph(prepared, observed)
     splits: tuple[SplitOperator, ...] = ()
     if split is not None:
         graph, splits = split_oversize_operators(graph, split)
         for record in splits:
             logger.info("split %s", record.describe())
-    return Analysis(source, input_shapes, graph.model, graph, segment_memory(graph), splits)
+    return Analysis(source, input_shapes, graph.model, graph, segment_memory(graph),
+                    samples=given, splits=splits)
 
 
 def split_budget(cost_model: CostModel, pool: MachinePool | None = None) -> SplitBudget:
@@ -193,14 +216,16 @@ def measure_nodes(analysis: Analysis, settings: ProfileSettings, *,
                   cache: ProfileCache | None = None,
                   progress: ProgressCallback | None = None) -> NodeProfile:
     """The node profile of the prepared model, from the cache when it has one."""
-    key = profile_key(model_digest(analysis.prepared), analysis.input_shapes, settings)
+    key = profile_key(model_digest(analysis.prepared) + (
+        f"|samples {samples_digest(analysis.samples)}" if analysis.samples else ""),
+        analysis.input_shapes, settings)
     if cache is not None:
         cached = cache.get(key)
         if cached is not None:
             logger.info("node profile taken from the cache (%s)", key)
             return cached
     profile = profile_nodes(analysis.prepared, analysis.input_shapes, settings=settings,
-                            progress=progress)
+                            progress=progress, feeds=analysis.feeds())
     if cache is not None:
         cache.put(key, profile)
     return profile
@@ -331,8 +356,13 @@ class PartitionResult:
 def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (),
               cost_model: CostModel, options: PlanOptions, settings: ProfileSettings,
               cache: ProfileCache | None = None, verify: bool = True,
-              progress: ProgressCallback | None = None) -> PartitionResult:
-    """Runs the partition job and writes the build directory (all of it, or nothing)."""
+              progress: ProgressCallback | None = None,
+              sample_arrays: Mapping[str, np.ndarray] | None = None,
+              input_values: Sequence[str] = ()) -> PartitionResult:
+    """Runs the partition job and writes the build directory (all of it, or nothing).
+
+    ``sample_arrays`` (``--sample-inputs``) and ``input_values`` (``--input-value``) are
+    used instead of random values wherever the model runs; the build keeps them."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -349,8 +379,11 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
 
     writer = BuildWriter(build_dir)  # fail on an unusable build dir before any work
     with writer:
-        source, shapes = open_model(spec, input_size_specs)
-        analysis = analyse(source, shapes, threads=settings.threads,
+        source, shapes = open_model(spec, input_size_specs, sample_shapes={
+            k: tuple(v.shape) for k, v in (sample_arrays or {}).items()})
+        samples = sample_feeds(source.model, shapes, arrays=sample_arrays,
+                               values=parse_input_values(input_values))
+        analysis = analyse(source, shapes, threads=settings.threads, samples=samples,
                            split=split_budget(cost_model, options.pool)
                            if options.splits_oversize else None)
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
@@ -382,8 +415,10 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         verification = None
         if verify:
             verification = verify_chain(source.model, stage_models, shapes,
-                                        threads=settings.threads)
+                                        threads=settings.threads, samples=samples)
             phase("verified chain")
+        if samples:
+            save_sample_file(writer.directory / SAMPLES_FILE, samples)
         writer.write_text(PLAN_FILE, plan.to_json())
         writer.write_text("report.md", render_markdown(plan, verification=verification,
                                                        comparison=comparison,
@@ -402,7 +437,7 @@ def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,
                    settings: ProfileSettings, progress: ProgressCallback | None = None
                    ) -> list[float]:
     """Median native time of each exported stage, fed with the tensors the chain produces."""
-    feeds = random_inputs(analysis.prepared, analysis.input_shapes)
+    feeds = analysis.feeds()
     chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
     tensors: dict[str, np.ndarray] = dict(feeds)
     measured = []
@@ -425,8 +460,10 @@ def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1,
     paths = stage_paths(build_dir, plan)
     whole = reopen_model(plan.model)
     shapes = {k: tuple(v) for k, v in plan.model.input_shapes.items()}
+    samples_path = Path(build_dir) / SAMPLES_FILE
+    samples = load_sample_file(samples_path) if samples_path.is_file() else None
     report = verify_chain(whole, paths, shapes, threads=threads, seeds=seeds, rtol=rtol,
-                          atol=atol)
+                          atol=atol, samples=samples)
     if not report.ok:
         raise VerificationError(report.summary())
     return report

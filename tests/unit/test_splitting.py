@@ -387,7 +387,7 @@ def test_measured_tensors_stay_measured_and_their_readers_unsplit() -> None:
     assert [r.node for r in records] == ["mm2"]
     assert "mm1" in [n.name for n in split.nodes]
     assert split.tensors["r"] == known["r"]
-    assert getattr(split, "data_dependent", {"r"}) == getattr(graph, "data_dependent", {"r"})
+    assert split.data_dependent == graph.data_dependent == {"r"}
 
 
 def test_nodes_that_cannot_be_split_are_left_alone() -> None:

@@ -196,7 +196,7 @@ def test_compressed_bodies_are_bounded() -> None:
     import gzip
     import zlib
 
-    from smlaas.transport.v2 import decode_content, encode_content
+    from smlaas.transport.compression import decode_content, encode_content
 
     body = b'{"inputs": []}' * 100
     assert decode_content(gzip.compress(body), "gzip", limit=len(body)) == body

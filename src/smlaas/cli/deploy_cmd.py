@@ -18,11 +18,12 @@ from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS
 
 
-def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | None) -> Launcher:
+def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | None,
+                  placement: str | None = None) -> Launcher:
     if kind == "ray":
         from smlaas.deploy.ray_launcher import RayLauncher
 
-        return RayLauncher(log_dir, address=ray_address)
+        return RayLauncher(log_dir, address=ray_address, placement=placement)
     return LocalLauncher(log_dir, host=host)
 
 
@@ -67,6 +68,9 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
               help="JSON role -> MRENCLAVE (gramine backend).")
 @click.option("--ray-address", help="Ray cluster to join (default: start a local one).")
+@click.option("--placement", type=click.Choice(["spread", "pack"]),
+              help="Ray: one stage enclave per node (spread, STRICT_SPREAD) or packed "
+                   "(default: spread on a joined cluster, pack on a local one).")
 @click.option("--k8s-out", type=click.Path(file_okay=False),
               help="Write Kubernetes manifests for this build to DIR and exit.")
 @click.option("--k8s-image", default="smlaas:latest", show_default=True, metavar="IMAGE",
@@ -84,6 +88,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
+           placement: str | None,
            k8s_out: str | None, k8s_image: str, ready_timeout: float,
            replica_specs: tuple[str, ...], pin: bool) -> int:
     """Serve the sealed BUILD_DIR (the directory `smlaas seal` wrote, or the build holding
@@ -132,7 +137,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
                       "protection; for development and tests)")
     stop_on_ctrl_c_and_sigterm()
     deployment = Deployment(settings, make_launcher(launcher, state / "logs", host=host,
-                                                    ray_address=ray_address),
+                                                    ray_address=ray_address,
+                                                    placement=placement),
                             progress=lambda line: console.print(f"  {line}"))
     with deployment:
         console.print(f"[bold green]serving {deployment.model_name}[/] "

@@ -1,7 +1,8 @@
 """Entry point: ``main(argv) -> int`` maps smlaas errors to exit codes.
 
 Exit codes: 0 success; 1 a check said no (verification mismatch) or a runtime failure;
-2 bad input (usage, model, input size, zoo name, build dir, infeasible constraints).
+2 bad input (usage, model, input size, zoo name, build dir, infeasible constraints, a construct
+unsupported by design, a request the inference service refused as malformed).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from rich.markup import escape
 
 from smlaas import __version__
 from smlaas.cli.console import errors
-from smlaas.errors import CheckFailed, InputError, PlanError, SmlaasError
+from smlaas.errors import CheckFailed, InputError, PlanError, ServingError, SmlaasError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+# Answers of the inference service that say the request itself is unusable (bad tensor name,
+# shape, dtype, size, body; unknown model), as opposed to the service failing.
+_BAD_REQUEST_STATUSES = frozenset({400, 404, 413, 415, 422})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckFailed as err:
         _error(err)
         return EXIT_FAILED
+    except ServingError as err:
+        _error(err)
+        return EXIT_BAD_INPUT if err.status in _BAD_REQUEST_STATUSES else EXIT_FAILED
     except SmlaasError as err:
         _error(err)
         return EXIT_FAILED

@@ -30,6 +30,7 @@ from smlaas.partition import (
 )
 from smlaas.plan import MACHINE_FILE_PLANNERS, PRESETS, CostModel, MachinePool, Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
+from smlaas.profile.samples import load_sample_file, parse_input_values, sample_feeds
 
 PLANNER_NAMES = [p.value for p in Planner]
 
@@ -42,6 +43,13 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--input-size", "--input_size", "input_sizes", multiple=True,
                      help="Input shape, e.g. 1,3,224,224; per input as NAME:1,128 "
                           "(repeatable)."),
+        click.option("--sample-inputs", "sample_inputs", type=click.Path(dir_okay=False),
+                     help="An .npz file of input arrays (numpy.savez, by input name) to "
+                          "profile and verify on instead of random values; inputs it holds "
+                          "need no --input-size."),
+        click.option("--input-value", "input_values", multiple=True,
+                     help="NAME=VALUE: a value for an input (filled into its shape), e.g. "
+                          "sr=16000 for a model that branches on it (repeatable)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default="sgx1",
                      show_default=True, help="Cost model preset."),
         click.option("--cost-model", "cost_model_file", type=click.Path(dir_okay=False),
@@ -111,7 +119,8 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
 @click.option("--planner", type=click.Choice(PLANNER_NAMES), default="dp-latency",
               show_default=True, help="How to choose the cuts.")
 @click.option("--no-verify", is_flag=True, help="Skip running the chain against the model.")
-def partition(model: str, input_sizes: tuple[str, ...], preset: str,
+def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | None,
+              input_values: tuple[str, ...], preset: str,
               cost_model_file: str | None, machines: int | None, machines_file: str | None,
               fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
               no_cache: bool, as_json: bool, build_dir: str, planner: str,
@@ -132,7 +141,9 @@ def partition(model: str, input_sizes: tuple[str, ...], preset: str,
                                cost_model=cost_model, options=options,
                                settings=_settings(threads, runs),
                                cache=None if no_cache else ProfileCache(),
-                               verify=not no_verify, progress=progress)
+                               verify=not no_verify, progress=progress,
+                               sample_arrays=load_sample_file(sample_inputs)
+                               if sample_inputs else None, input_values=input_values)
     plan = result.plan
     verification = result.verification
     if as_json:
@@ -192,7 +203,8 @@ def plan() -> None:
 
 @plan.command("compare")
 @model_options
-def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
+def plan_compare(model: str, input_sizes: tuple[str, ...], sample_inputs: str | None,
+                 input_values: tuple[str, ...], preset: str,
                  cost_model_file: str | None, machines: int | None, machines_file: str | None,
                  fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
                  no_cache: bool, as_json: bool) -> int:
@@ -204,9 +216,13 @@ def plan_compare(model: str, input_sizes: tuple[str, ...], preset: str,
     cost_model = _cost_model(preset, cost_model_file)
     pool = _machine_pool(machines, machines_file, cost_model)
     with progress_bar(enabled=not as_json) as progress:
-        source, shapes = open_model(model, input_sizes)
+        arrays = load_sample_file(sample_inputs) if sample_inputs else {}
+        source, shapes = open_model(model, input_sizes, sample_shapes={
+            k: tuple(v.shape) for k, v in arrays.items()})
+        samples = sample_feeds(source.model, shapes, arrays=arrays,
+                               values=parse_input_values(input_values))
         splits = PlanOptions(fit_epc=fit_epc, split_oversize=split_oversize).splits_oversize
-        analysis = analyse(source, shapes, threads=threads,
+        analysis = analyse(source, shapes, threads=threads, samples=samples,
                            split=split_budget(cost_model, pool) if splits else None)
         profile = measure_nodes(analysis, _settings(threads, runs),
                                 cache=None if no_cache else ProfileCache(), progress=progress)

@@ -28,6 +28,7 @@ KNOWN_LIMITS = (
                "sequence, map and optional values are not supported between or inside stages "
                "(smlaas partitions tensor graphs; stage messages carry tensors only)",
                ("sequence/map/optional values are not supported",
+                "stages exchange tensors only",
                 "sequence, map and optional inputs are not supported")),
     KnownLimit("fp16 rounding at every cut",
                "with a cut after every node, each fp16 intermediate is rounded to fp16 at the "

@@ -34,7 +34,7 @@ class StageRunner:
                 raise ProfileError(f"{self.label} needs input {name!r}, which the previous "
                                    f"stage did not produce")
             value = tensors[name]
-            expected = [d if isinstance(d, int) else None for d in meta.shape]
+            expected = [d if isinstance(d, int) and d >= 0 else None for d in meta.shape]
             if len(value.shape) != len(expected) or any(
                     e is not None and e != v for e, v in zip(expected, value.shape)):
                 raise ProfileError(f"{self.label} input {name!r} has shape {value.shape}, "

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from smlaas.graph.analysis import ModelGraph, TensorInfo
+from smlaas.graph.dims import loosen_for_control_flow
 
 
 class StageExtractor:
@@ -29,8 +30,10 @@ class StageExtractor:
         outputs ``cut_tensors(end)``, each with its fixed type and shape."""
         graph = self._graph
         nodes = graph.nodes[start:end]
-        inputs = [_value_info(graph.tensors[t]) for t in graph.cut_tensors(start)]
-        outputs = [_value_info(graph.tensors[t]) for t in graph.cut_tensors(end)]
+        inputs = [_value_info(graph.tensors[t], t in graph.data_dependent)
+                  for t in graph.cut_tensors(start)]
+        outputs = [_value_info(graph.tensors[t], t in graph.data_dependent)
+                   for t in graph.cut_tensors(end)]
         used = {n for names in graph.node_inputs[start:end] for n in names}
         initializers = [self._initializers[n] for n in sorted(used & self._initializers.keys())]
         produced = {o for node in nodes for o in node.output}
@@ -45,8 +48,12 @@ class StageExtractor:
                                                  f"{self._model.graph.name}")
         sub_model.ir_version = self._model.ir_version
         sub_model.functions.extend(self._model.functions)
-        return sub_model
+        # A stage with an If/Loop/Scan keeps its inputs' rank only (see the function).
+        return loosen_for_control_flow(sub_model)
 
 
-def _value_info(info: TensorInfo) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(info.name, info.elem_type, list(info.shape))
+def _value_info(info: TensorInfo, data_dependent: bool = False) -> onnx.ValueInfoProto:
+    """Fixed type and shape; a data-dependent tensor keeps its rank only (its sizes vary
+    with the input values)."""
+    shape: list[int | None] = [None] * len(info.shape) if data_dependent else list(info.shape)
+    return helper.make_tensor_value_info(info.name, info.elem_type, shape)

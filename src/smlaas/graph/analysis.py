@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from smlaas.errors import GraphError
+from smlaas.errors import GraphError, UnsupportedModelError
+from smlaas.graph.dims import static_shape
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
@@ -77,6 +78,12 @@ class ModelGraph:
         self.output_names = [o.name for o in graph.output]
         self.node_inputs = [node_input_names(n) for n in self.nodes]
         self.tensors = self._collect_tensors(observed or {})
+        self.data_dependent: frozenset[str] = frozenset(observed or {}) & self.tensors.keys()
+        """Tensors whose shape the declared input sizes do not fix (shape inference left it
+        open; it was measured on one input, e.g. downstream of NonZero, NonMaxSuppression or
+        a TopK with a computed k). Where one crosses a cut, both stages declare it with its
+        rank only, since the next input may give it another shape; its bytes in the memory
+        and transfer estimates are those measured."""
         self.producer, self.last_use = self._liveness()
 
     # -- construction --------------------------------------------------------------------
@@ -93,12 +100,9 @@ class ModelGraph:
                 continue
             type_proto = types.get(name)
             if type_proto is not None and not type_proto.HasField("tensor_type"):
-                raise GraphError(
-                    f"tensor {name!r} is a {type_proto.WhichOneof('value')}, not a tensor; "
-                    f"sequence/map/optional values are not supported by smlaas yet"
-                )
+                raise self._non_tensor_refusal(name, type_proto)
             elem_type = type_proto.tensor_type.elem_type if type_proto is not None else 0
-            shape = _static_shape(type_proto)
+            shape = static_shape(type_proto)
             if shape is None or not elem_type:
                 missing.append(name)
                 continue
@@ -106,6 +110,18 @@ class ModelGraph:
         if missing:
             raise UnknownShapesError(missing)
         return tensors
+
+    def _non_tensor_refusal(self, name: str, type_proto: onnx.TypeProto
+                            ) -> UnsupportedModelError:
+        node = next((n for n in self.nodes if name in n.output), None)
+        what = f"{name!r}, {describe_type(type_proto)}"
+        where = f"input {what}" if node is None else (
+            f"node {node.name!r} ({_op_name(node)}) outputs {what}")
+        hint = (" (skl2onnx: convert with options={'zipmap': False})"
+                if node is not None and node.op_type == "ZipMap" else "")
+        return UnsupportedModelError(
+            f"{where}: unsupported by design, stages exchange tensors only, not "
+            f"sequences, maps or optionals; make the model output tensors{hint}")
 
     def activation_names(self) -> list[str]:
         """Every non-initializer tensor: inputs, node outputs, in order of appearance."""
@@ -131,8 +147,9 @@ class ModelGraph:
                     last_use[name] = position
         for name in self.output_names:
             if name in self.initializer_bytes:
-                raise GraphError(f"graph output {name!r} is an initializer; constant outputs "
-                                 f"are not supported")
+                raise UnsupportedModelError(
+                    f"graph output {name!r} is an initializer: unsupported by design, every "
+                    f"output must come from a node of some stage")
             last_use[name] = len(self.nodes)
         return producer, last_use
 
@@ -176,9 +193,10 @@ class ModelGraph:
         return np.cumsum(delta)[: self.node_count]
 
     def valid_cut_positions(self) -> np.ndarray:
-        """Boolean mask over positions 0..n. Every position is valid today: nodes with
-        subgraphs are atomic, so no cut can fall inside one. Kept as a mask so that planners
-        honour future restrictions."""
+        """Boolean mask over positions 0..n. Every position is valid: nodes with subgraphs
+        are atomic, so no cut can fall inside one, and a data-dependent tensor may cross a
+        cut because stages declare it with its rank only (see ``data_dependent``). Kept as
+        a mask so that planners honour future restrictions."""
         return np.ones(self.node_count + 1, dtype=bool)
 
     def subgraph_nodes(self) -> list[str]:
@@ -228,10 +246,22 @@ class UnknownShapesError(GraphError):
         super().__init__(f"no static shape for {shown}{more}")
 
 
-def _static_shape(type_proto: onnx.TypeProto | None) -> tuple[int, ...] | None:
-    if type_proto is None or not type_proto.tensor_type.HasField("shape"):
-        return None
-    dims = type_proto.tensor_type.shape.dim
-    if not all(d.HasField("dim_value") for d in dims):
-        return None
-    return tuple(d.dim_value for d in dims)
+
+def describe_type(type_proto: onnx.TypeProto) -> str:
+    """``a sequence of maps``, ``an optional tensor``...: a value type in words."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "sequence_type":
+        return "a sequence of " + describe_type(type_proto.sequence_type.elem_type)[2:] + "s" \
+            if type_proto.sequence_type.elem_type.WhichOneof("value") else "a sequence"
+    if kind == "optional_type":
+        return "an optional " + describe_type(type_proto.optional_type.elem_type)[2:]
+    if kind == "map_type":
+        return "a map"
+    if kind == "sparse_tensor_type":
+        return "a sparse tensor"
+    return "a tensor" if kind == "tensor_type" else f"a {kind or 'value of no type'}"
+
+
+def _op_name(node: onnx.NodeProto) -> str:
+    return f"{node.domain}.{node.op_type}" if node.domain and node.domain != "ai.onnx" \
+        else node.op_type

@@ -4,6 +4,11 @@ Exporters write ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` chains so 
 dimension can vary. With the inputs fixed those chains are constants; folding them (as
 onnx-simplifier does) keeps tiny int64 tensors from crossing every cut and lets shape
 inference see through the Reshape. Nodes are evaluated with onnx's reference evaluator.
+
+An If whose condition folding made constant (an exporter's guard on a static shape) is
+replaced by the branch it takes, as onnx-simplifier does. Branches themselves are not folded:
+ONNX Runtime type-checks the branch not taken too, and folding it with shapes it never runs
+at can make it ill-typed (silero-vad's 8 kHz branch at 16 kHz sizes).
 """
 
 from __future__ import annotations
@@ -50,15 +55,61 @@ def fold_shape_computations(model: onnx.ModelProto,
             constants[name] = value
             folded.append(numpy_helper.from_array(value, name))
     if folded:
-        del graph.node[:]
-        graph.node.extend(kept)
-        graph.initializer.extend(folded)
-        # Folded tensors are initializers now; stale value_info for them would conflict.
-        names = {t.name for t in folded}
-        kept_info = [v for v in graph.value_info if v.name not in names]
-        del graph.value_info[:]
-        graph.value_info.extend(kept_info)
+        _replace_nodes(graph, kept, folded)
     return len(folded)
+
+
+def _replace_nodes(graph: onnx.GraphProto, kept: list[onnx.NodeProto],
+                   folded: list[onnx.TensorProto]) -> None:
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(folded)
+    # Folded tensors are initializers now; stale value_info for them would conflict.
+    names = {t.name for t in folded}
+    kept_info = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+
+
+def inline_constant_branches(graph: onnx.GraphProto) -> int:
+    """Replaces, in place, every top-level If whose condition is an initializer by the nodes
+    of the branch it takes, so that they can be profiled and cut like any others.
+
+    Returns:
+        The number of If nodes inlined.
+    """
+    constants = {t.name: t for t in graph.initializer}
+    count = 0
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        taken = _taken_branch(node, constants)
+        if taken is None:
+            nodes.append(node)
+            continue
+        count += 1
+        nodes.extend(taken.node)
+        graph.initializer.extend(taken.initializer)
+        constants.update((t.name, t) for t in taken.initializer)
+        for inner, output in zip(taken.output, node.output):
+            if output:
+                nodes.append(helper.make_node("Identity", [inner.name], [output],
+                                              name=f"{output}__inlined"))
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _taken_branch(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]
+                  ) -> onnx.GraphProto | None:
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx") or \
+            node.input[0] not in constants:
+        return None
+    condition = numpy_helper.to_array(constants[node.input[0]])
+    if condition.size != 1:
+        return None
+    wanted = "then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"
+    return next((a.g for a in node.attribute if a.name == wanted), None)
 
 
 def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray],
@@ -74,7 +125,8 @@ def _evaluate(node: onnx.NodeProto, constants: dict[str, np.ndarray],
         end = next((a.i for a in node.attribute if a.name == "end"), None)
         return [np.array(shape[start:end], dtype=np.int64)]
     inputs = [name for name in node.input if name]
-    if not inputs or any(name not in constants for name in inputs):
+    if (not inputs and node.op_type != "Constant") or any(name not in constants
+                                                          for name in inputs):
         return None
     try:
         single = helper.make_model(

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from smlaas.errors import InputSizeError
+from smlaas.graph.dims import fixed_dim
 
 InputSizes = dict[str, tuple[int, ...]]
 UNNAMED = ""
@@ -44,16 +45,15 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def input_dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    """Dimensions of a tensor input: ints where fixed, names (or "?") where symbolic."""
+    """Dimensions of a tensor input: ints where fixed, names (or "?") where symbolic (a
+    negative ``dim_value``, PaddlePaddle's dynamic axis, is symbolic: see graph.dims)."""
     if not value.type.HasField("tensor_type"):
         raise InputSizeError(f"input {value.name!r} is not a tensor; only tensor inputs are "
                              f"supported")
     dims: list[int | str] = []
     for d in value.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(d.dim_value)
-        else:
-            dims.append(d.dim_param or "?")
+        size = fixed_dim(d)
+        dims.append(d.dim_param or "?" if size is None else size)
     return dims
 
 

@@ -14,15 +14,18 @@ import onnx
 from onnx import helper, numpy_helper
 
 from smlaas.errors import GraphError, ModelError
-from smlaas.graph.folding import fold_shape_computations
+from smlaas.graph.dims import clear_negative_dims, static_shape
+from smlaas.graph.folding import fold_shape_computations, inline_constant_branches
 from smlaas.graph.input_size import fix_input_sizes, resolve_input_sizes
-from smlaas.graph.subgraphs import node_input_names
+from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
 # Initializers up to this many elements stay in the shape-inference copy of the model, because
 # shape computations (Reshape targets, Slice bounds) read their values; larger ones are weights.
 _SHAPE_DATA_MAX_ELEMENTS = 1024
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                         "RandomUniformLike", "Multinomial", "Bernoulli"})
 # Each round folds what the previous round's shape inference made static.
-_MAX_FOLDING_ROUNDS = 4
+_MAX_FOLDING_ROUNDS = 8
 
 
 def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]]
@@ -37,16 +40,20 @@ def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, .
     shapes = resolve_input_sizes(model, input_sizes)
     prepared = fix_input_sizes(model, shapes)
     graph = prepared.graph
+    clear_negative_dims(graph)
     _fold_constant_nodes(graph)
     _name_nodes(graph)
     _sort_topologically(graph)
-    _infer_shapes(prepared)
+    static = _infer_shapes(prepared)
     for _ in range(_MAX_FOLDING_ROUNDS):
-        if not fold_shape_computations(prepared, _static_shapes(prepared)):
+        changed = fold_shape_computations(prepared, static) + inline_constant_branches(graph)
+        if not changed:
             break
-        _infer_shapes(prepared)
+        _name_nodes(graph)
+        static = _infer_shapes(prepared)
     if _produce_constant_outputs(graph):
         _infer_shapes(prepared)
+    _schedule_weight_nodes(graph)
     return prepared
 
 
@@ -64,13 +71,12 @@ def _produce_constant_outputs(graph: onnx.GraphProto) -> bool:
     return bool(constant_outputs)
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     shapes = {}
-    for value in list(model.graph.input) + list(model.graph.value_info):
-        tensor_type = value.type.tensor_type
-        if value.type.HasField("tensor_type") and tensor_type.HasField("shape") and all(
-                d.HasField("dim_value") for d in tensor_type.shape.dim):
-            shapes[value.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+    for value in list(graph.input) + list(graph.value_info):
+        shape = static_shape(value.type)
+        if shape is not None:
+            shapes[value.name] = shape
     return shapes
 
 
@@ -160,9 +166,53 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
-def _infer_shapes(model: onnx.ModelProto) -> None:
+def _schedule_weight_nodes(graph: onnx.GraphProto) -> None:
+    """Moves every node that computes from initializers only (a weight's DequantizeLinear
+    in a QDQ model, a Transpose of a weight) to just before its first consumer.
+
+    Quantisers write all weight DequantizeLinear nodes first; kept there, their float32
+    outputs would be activations live from the top of the graph to their Conv, counted in
+    every stage's working set and carried across every cut (a QDQ ResNet-50: 97 MiB).
+    Scheduled next to its consumer a dequantized weight lives for one step, as it does in
+    ONNX Runtime, which fuses or runs it right before the node that reads it.
+    """
+    available = {t.name for t in graph.initializer}
+    weight_nodes: dict[str, onnx.NodeProto] = {}  # output name -> weight-only node
+    for node in graph.node:
+        names = node_input_names(node)
+        if names and not has_subgraph(node) and node.op_type not in _RANDOM_OPS and all(
+                name in available or name in weight_nodes for name in names):
+            for output in node.output:
+                if output:
+                    weight_nodes[output] = node
+    if not weight_nodes:
+        return
+    emitted: set[int] = set()
+    order: list[onnx.NodeProto] = []
+
+    def emit_producers(names: list[str]) -> None:
+        for name in names:
+            producer = weight_nodes.get(name)
+            if producer is not None and id(producer) not in emitted:
+                emit_producers(node_input_names(producer))
+                emitted.add(id(producer))
+                order.append(producer)
+
+    weight_ids = {id(n) for n in weight_nodes.values()}
+    for node in graph.node:
+        if id(node) in weight_ids:
+            continue
+        emit_producers(node_input_names(node))
+        order.append(node)
+    order.extend(n for n in graph.node if id(n) in weight_ids and id(n) not in emitted)
+    if [id(n) for n in order] != [id(n) for n in graph.node]:
+        del graph.node[:]
+        graph.node.extend(order)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """ONNX shape inference on a copy without the large weights (so models of any size work);
-    the inferred value_info is copied back."""
+    the inferred top-level value_info is copied back. Returns the static shapes inferred."""
     light = onnx.ModelProto()
     light.CopyFrom(model)
     graph = light.graph
@@ -190,3 +240,4 @@ def _infer_shapes(model: onnx.ModelProto) -> None:
         if output.name in inferred_outputs and inferred_outputs[output.name].type.HasField(
                 "tensor_type") and inferred_outputs[output.name].type.tensor_type.HasField("shape"):
             output.type.CopyFrom(inferred_outputs[output.name].type)
+    return _static_shapes(inferred.graph)

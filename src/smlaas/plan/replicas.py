@@ -100,6 +100,10 @@ class StageLayout:
         return sum(self.replicas)
 
 
+TIE_RELATIVE = 1e-12
+"""Periods closer than this (relative) are equal for the latency tie-break."""
+
+
 class Objective(enum.Enum):
     LATENCY = "latency"
     THROUGHPUT = "throughput"
@@ -190,7 +194,9 @@ class _LayoutSearch:
         if objective is Objective.LATENCY:
             return self.min_latency(math.inf)
         target = self.min_period(floor_ms)
-        return None if target is None else self.min_latency(target)
+        # Periods equal but for rounding (the same stage times summed in another order) are
+        # ties, which latency breaks.
+        return None if target is None else self.min_latency(target * (1 + TIE_RELATIVE))
 
     def needed(self, target_ms: float) -> list[np.ndarray]:
         return [replicas_needed(c.period_ms, target_ms, replicate=self.replicate, limit=limit)

@@ -14,14 +14,19 @@ DEFAULT_SEED = 0
 
 
 def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], *,
-                  seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
+                  seed: int = DEFAULT_SEED, samples: Mapping[str, np.ndarray] | None = None
+                  ) -> dict[str, np.ndarray]:
     """Standard-normal floats; integers that are valid indices for every Gather they feed
-    (0/1 otherwise, which every index-like use accepts); booleans at random."""
+    (0/1 otherwise, which every index-like use accepts); booleans at random. Inputs in
+    ``samples`` (given by the user, see :mod:`smlaas.profile.samples`) take those values."""
     rng = np.random.default_rng(seed)
     bounds = _gather_bounds(model)
     feeds: dict[str, np.ndarray] = {}
     for value in model_inputs(model):
         shape = tuple(shapes[value.name])
+        if samples and value.name in samples:
+            feeds[value.name] = samples[value.name]
+            continue
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
         if dtype == np.dtype(object):  # string tensors: short ASCII words
             words = np.empty(shape, dtype=object)

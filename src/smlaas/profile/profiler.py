@@ -29,7 +29,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from smlaas.errors import ProfileError
+from smlaas.errors import ModelError, ProfileError
+from smlaas.graph.dims import loosen_for_control_flow
 from smlaas.profile.attribution import kernel_owners, owner_by_name
 from smlaas.profile.inputs import random_inputs
 from smlaas.profile.session import Optimization, create_session, run_session
@@ -38,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 # Bump when the measuring method changes, so cached profiles made the old way are not reused.
 METHOD_VERSION = 5
+
+RUN_FAILURE_HINT = ("; if it needs particular input values (a branch or a shape chosen by "
+                    "an input), give them with --sample-inputs FILE.npz or --input-value "
+                    "NAME=VALUE")
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called as ``progress(phase, done, total)`` while long work runs."""
@@ -96,17 +101,26 @@ class NodeProfile:
 
 
 def profile_nodes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], *,
-                  settings: ProfileSettings, progress: ProgressCallback | None = None
-                  ) -> NodeProfile:
-    """Profiles every node of ``model`` (see the module docstring for the method)."""
-    feeds = random_inputs(model, input_shapes)
+                  settings: ProfileSettings, progress: ProgressCallback | None = None,
+                  feeds: Mapping[str, np.ndarray] | None = None) -> NodeProfile:
+    """Profiles every node of ``model`` (see the module docstring for the method) on
+    ``feeds`` (default: seeded random inputs)."""
+    if feeds is None:
+        feeds = random_inputs(model, input_shapes)
+    model = loosen_for_control_flow(model)
     # Time the whole model first: for about half a second after a profiling session ends,
     # runs of a new session were measured ~50% slower (ResNet-18, 2 cores).
-    whole_ms = time_model(model, feeds, threads=settings.threads,
-                          optimization=settings.optimization, warmup_runs=settings.warmup_runs,
-                          measured_runs=settings.measured_runs,
-                          progress=(lambda d, t: progress("timing whole model", d, t))
-                          if progress else None)
+    try:
+        whole_ms = time_model(model, feeds, threads=settings.threads,
+                              optimization=settings.optimization,
+                              warmup_runs=settings.warmup_runs,
+                              measured_runs=settings.measured_runs,
+                              progress=(lambda d, t: progress("timing whole model", d, t))
+                              if progress else None)
+    except ProfileError as err:
+        # The model as given does not load or does not run on these inputs: bad input.
+        raise ModelError(f"the model does not run on its profiling inputs: {err}"
+                         f"{RUN_FAILURE_HINT}") from err
     total_steps = settings.warmup_runs + settings.measured_runs
     with tempfile.TemporaryDirectory(prefix="smlaas-profile-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"

@@ -10,7 +10,9 @@ from onnx import helper
 
 from smlaas.errors import ModelError, ProfileError
 from smlaas.graph.analysis import TensorInfo
+from smlaas.graph.dims import loosen_for_control_flow
 from smlaas.profile.inputs import random_inputs
+from smlaas.profile.profiler import RUN_FAILURE_HINT
 from smlaas.profile.session import Optimization, create_session, run_session
 
 
@@ -25,7 +27,7 @@ def observe_tensors(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int
         ModelError: the model cannot run with those input shapes.
     """
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe.CopyFrom(loosen_for_control_flow(model))
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -37,7 +39,7 @@ def observe_tensors(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int
                               random_inputs(model, input_shapes), list(names))
     except ProfileError as err:
         raise ModelError(f"the model does not run with input shapes {dict(input_shapes)}: "
-                         f"{err}") from err
+                         f"{err}{RUN_FAILURE_HINT}") from err
     observed = {}
     for name, value in zip(names, results):
         array = np.asarray(value)

@@ -43,11 +43,10 @@ from smlaas.serving.data_plane import (
     error_codes,
 )
 from smlaas.serving.link import Hop
+from smlaas.transport.compression import decode_content, encode_content
 from smlaas.transport.v2 import (
     HEADER_LENGTH,
     BadRequest,
-    decode_content,
-    encode_content,
     encode_infer_response,
     parse_infer_request,
 )

@@ -33,6 +33,7 @@ from smlaas.errors import AttestationError, ConfigError, ProfileError, SmlaasErr
 from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
+from smlaas.graph.dims import fixed_dim
 from smlaas.plan.plan import Plan
 from smlaas.serving.enrol import check_replica_count, create_backend, enrol
 from smlaas.serving.link import Hop, replica_set, run_event_loop
@@ -60,7 +61,7 @@ def tensor_specs(values: Any) -> list[dict[str, Any]]:
     specs = []
     for value in values:
         tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dims = [fixed_dim(d) for d in tensor_type.shape.dim]
         dtype = wire_dtype(np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
         specs.append(TensorSpec(value.name, dtype, dims).to_dict())
     return specs

@@ -9,11 +9,9 @@ size in ``parameters.binary_data_size``. Outputs are returned in binary when the
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import re
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,55 +76,6 @@ class RequestLimits:
                            else np.dtype(spec.dtype).itemsize)
         per_value = max(itemsize, JSON_BYTES_PER_VALUE)
         return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
-
-
-CONTENT_ENCODINGS = ("gzip", "deflate")
-
-
-def decode_content(body: bytes, encoding: str | None, *, limit: int) -> bytes:
-    """The body a ``Content-Encoding`` (gzip or deflate) stands for, never expanded past
-    ``limit`` bytes (a compressed bomb is refused, not inflated)."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in CONTENT_ENCODINGS:
-        raise BadRequest(f"unsupported Content-Encoding {encoding!r} (supported: gzip, "
-                         f"deflate)")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise BadRequest(f"the {encoding} body does not decompress: {err}") from err
-    if len(plain) > limit or inflater.unconsumed_tail:
-        raise BadRequest(f"the {encoding} body expands past the {limit} bytes this model's "
-                         f"inputs can take")
-    if not inflater.eof:
-        raise BadRequest(f"the {encoding} body is truncated")
-    return plain
-
-
-COMPRESSIBILITY_SAMPLE_BYTES = 16 * 1024
-COMPRESSIBLE_RATIO = 0.9
-
-
-def worth_compressing(body: bytes) -> bool:
-    """Whether a sample of ``body`` shrinks by 10% at the fastest level: raw float tensors do
-    not, and compressing a 600 KB one cost the gateway ~5 ms per request for nothing."""
-    sample = body[:COMPRESSIBILITY_SAMPLE_BYTES]
-    return len(zlib.compress(sample, 1)) < COMPRESSIBLE_RATIO * len(sample)
-
-
-def encode_content(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """The body compressed as the client accepts (gzip preferred), and its encoding; as is
-    when it would not shrink (:func:`worth_compressing`)."""
-    accepted = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
-    if not accepted & {"gzip", "deflate"} or not worth_compressing(body):
-        return body, None
-    if "gzip" in accepted:
-        return gzip.compress(body, compresslevel=1), "gzip"
-    if "deflate" in accepted:
-        return zlib.compress(body, 1), "deflate"
-    return body, None
 
 
 def check_json_bounds(text: bytes, limits: RequestLimits) -> None:
@@ -304,52 +253,51 @@ def encode_infer_response(model_name: str, request: InferRequest,
                           outputs: Mapping[str, np.ndarray], *,
                           labels: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (binary outputs after the JSON)."""
-    entries, chunks = [], []
-    for name, value in response_outputs(request, outputs, labels).items():
-        value = np.asarray(value, order="C")
-        entry: dict[str, Any] = {"name": name, "datatype": datatype(wire_dtype(value.dtype)),
-                                 "shape": list(value.shape)}
-        if request.wants_binary(name):
-            data = tensor_bytes(value)
-            entry["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        else:
-            entry["data"] = json_values(value)
-        entries.append(entry)
+    chosen = response_outputs(request, outputs, labels)
+    entries, chunks = _tensor_entries(chosen, {name: request.wants_binary(name)
+                                               for name in chosen})
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1",
                                 "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response, separators=(",", ":")).encode()
-    if not chunks:
-        return head, {"Content-Type": "application/json"}
-    return b"".join([head, *chunks]), {"Content-Type": "application/octet-stream",
-                                       HEADER_LENGTH: str(len(head))}
+    return _body(response, chunks)
 
 
-def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = True,
-                         outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
-    """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
+def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool]
+                    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Each tensor's JSON entry, and the binary data of those sent in binary, in order."""
     entries, chunks = [], []
-    for name, value in inputs.items():
+    for name, value in tensors.items():
         array = np.asarray(value, order="C")
         entry: dict[str, Any] = {"name": name, "datatype": datatype(wire_dtype(array.dtype)),
                                  "shape": list(array.shape)}
-        if binary:
+        if binary[name]:
             data = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
             entry["data"] = json_values(array)
         entries.append(entry)
+    return entries, chunks
+
+
+def _body(head: dict[str, Any], chunks: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """JSON alone, or JSON then binary tensors with the header length the extension uses."""
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if not chunks:
+        return text, {"Content-Type": "application/json"}
+    return b"".join([text, *chunks]), {"Content-Type": "application/octet-stream",
+                                       HEADER_LENGTH: str(len(text))}
+
+
+def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = True,
+                         outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
+    entries, chunks = _tensor_entries(inputs, dict.fromkeys(inputs, binary))
     request: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": binary}}
     if outputs is not None:
         request["outputs"] = [{"name": n} for n in outputs]
-    head = json.dumps(request).encode()
-    if not binary:
-        return head, {"Content-Type": "application/json"}
-    return b"".join([head, *chunks]), {"Content-Type": "application/octet-stream",
-                                       HEADER_LENGTH: str(len(head))}
+    return _body(request, chunks)
 
 
 def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
