@@ -46,6 +46,7 @@ from smlaas.graph import (
     resolve_input_sizes,
     segment_memory,
 )
+from smlaas.graph.dynamic_axes import parse_dynamic_axes, prepare_symbolic, symbolic_axes
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
     CostModel,
@@ -172,19 +173,29 @@ class Analysis:
 
 
 def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
-            samples: Mapping[str, np.ndarray] | None = None) -> Analysis:
+            samples: Mapping[str, np.ndarray] | None = None,
+            dynamic_axes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
     """Prepares and analyses the model; shapes static inference misses are measured (on the
-    ``samples`` the user gave, random values for the other inputs)."""
-    prepared = prepare_model(source.model, input_shapes)
+    ``samples`` the user gave, random values for the other inputs).
+
+    The batch axis (axis 0 of inputs the model declares symbolic there) and the
+    ``dynamic_axes`` (input name -> axes, ``--dynamic-axis``) stay symbolic in the prepared
+    model and so in the stages (see :mod:`smlaas.graph.dynamic_axes`)."""
+    axes = symbolic_axes(source.model, dynamic_axes)
+    concrete = None
+    if axes:
+        prepared, concrete = prepare_symbolic(source.model, input_shapes, axes)
+    else:
+        prepared = prepare_model(source.model, input_shapes)
     given = dict(samples or {})
     try:
-        graph = ModelGraph(prepared)
+        graph = ModelGraph(prepared, concrete=concrete)
     except UnknownShapesError as err:
         logger.info("measuring %d tensor shape(s) that shape inference left open",
                     len(err.names))
         observed = observe_tensors(prepared, input_shapes, err.names, threads=threads,
                                    feeds=random_inputs(prepared, input_shapes, samples=given))
-        graph = ModelGraph(prepared, observed)
+        graph = ModelGraph(prepared, observed, concrete=concrete)
     return Analysis(source, input_shapes, prepared, graph, segment_memory(graph), given)
 
 
@@ -322,11 +333,14 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
               cache: ProfileCache | None = None, verify: bool = True,
               progress: ProgressCallback | None = None,
               sample_arrays: Mapping[str, np.ndarray] | None = None,
-              input_values: Sequence[str] = ()) -> PartitionResult:
+              input_values: Sequence[str] = (),
+              dynamic_axes: Sequence[str] = ()) -> PartitionResult:
     """Runs the partition job and writes the build directory (all of it, or nothing).
 
     ``sample_arrays`` (``--sample-inputs``) and ``input_values`` (``--input-value``) are
-    used instead of random values wherever the model runs; the build keeps them."""
+    used instead of random values wherever the model runs; the build keeps them.
+    ``dynamic_axes`` (``--dynamic-axis NAME:AXIS``) stay symbolic in the stages, as the
+    batch axis does."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -347,7 +361,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
             k: tuple(v.shape) for k, v in (sample_arrays or {}).items()})
         samples = sample_feeds(source.model, shapes, arrays=sample_arrays,
                                values=parse_input_values(input_values))
-        analysis = analyse(source, shapes, threads=settings.threads, samples=samples)
+        analysis = analyse(source, shapes, threads=settings.threads, samples=samples,
+                           dynamic_axes=parse_dynamic_axes(dynamic_axes))
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
         check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
                                      cost_model,
