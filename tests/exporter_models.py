@@ -244,3 +244,83 @@ def nonzero_model() -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8]),
                    helper.make_tensor_value_info("detections", TensorProto.FLOAT, [None])],
                   inits)
+
+
+def dynamic_attention_model(hidden: int = 16, heads: int = 2) -> onnx.ModelProto:
+    """A transformer block as torch and Hugging Face exporters write it: inputs ``hidden``
+    [batch, sequence, hidden] and ``attention_mask`` [batch, sequence] with dynamic axes, the
+    head split and merge reshaped to ``Concat(Unsqueeze(Gather(Shape(x), 0)), ...)`` (batch
+    and sequence read at run time), the mask Expanded to a shape computed the same way, then
+    scaled scores, Softmax, the context MatMul, the output projection and a residual Add."""
+    head_dim = hidden // heads
+    i64 = np.int64
+
+    def const(name: str, values) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, i64), name)
+
+    nodes = [
+        helper.make_node("Shape", ["hidden"], ["shape"], name="/attn/Shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], name="/attn/Gather_batch",
+                         axis=0),
+        helper.make_node("Gather", ["shape", "one"], ["seq"], name="/attn/Gather_seq", axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axis0"], ["batch_1d"],
+                         name="/attn/Unsqueeze_batch"),
+        helper.make_node("Unsqueeze", ["seq", "axis0"], ["seq_1d"], name="/attn/Unsqueeze_seq"),
+        helper.make_node("Concat", ["batch_1d", "seq_1d", "heads", "head_dim"], ["split_shape"],
+                         name="/attn/Concat_split", axis=0),
+        helper.make_node("Concat", ["batch_1d", "seq_1d", "hidden_dim"], ["merge_shape"],
+                         name="/attn/Concat_merge", axis=0),
+        helper.make_node("Concat", ["batch_1d", "heads", "seq_1d", "seq_1d"], ["mask_shape"],
+                         name="/attn/Concat_mask", axis=0),
+    ]
+    for tag, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            helper.make_node("MatMul", ["hidden", f"w_{tag}"], [f"{tag}_mm"],
+                             name=f"/attn/{tag}/MatMul"),
+            helper.make_node("Add", [f"{tag}_mm", f"b_{tag}"], [f"{tag}_proj"],
+                             name=f"/attn/{tag}/Add"),
+            helper.make_node("Reshape", [f"{tag}_proj", "split_shape"], [f"{tag}_split"],
+                             name=f"/attn/{tag}/Reshape"),
+            helper.make_node("Transpose", [f"{tag}_split"], [f"{tag}_heads"],
+                             name=f"/attn/{tag}/Transpose", perm=perm),
+        ]
+    nodes += [
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], name="/mask/Cast",
+                         to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one_f", "mask_f"], ["mask_inv"], name="/mask/Sub"),
+        helper.make_node("Mul", ["mask_inv", "mask_value"], ["mask_bias"], name="/mask/Mul"),
+        helper.make_node("Unsqueeze", ["mask_bias", "axes12"], ["mask_4d"],
+                         name="/mask/Unsqueeze"),
+        helper.make_node("Expand", ["mask_4d", "mask_shape"], ["mask_full"],
+                         name="/mask/Expand"),
+        helper.make_node("MatMul", ["q_heads", "k_heads"], ["scores"], name="/attn/MatMul_qk"),
+        helper.make_node("Div", ["scores", "scale"], ["scaled"], name="/attn/Div"),
+        helper.make_node("Add", ["scaled", "mask_full"], ["masked"], name="/attn/Add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="/attn/Softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v_heads"], ["context"], name="/attn/MatMul_v"),
+        helper.make_node("Transpose", ["context"], ["context_t"], name="/attn/Transpose_merge",
+                         perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["context_t", "merge_shape"], ["merged"],
+                         name="/attn/Reshape_merge"),
+        helper.make_node("MatMul", ["merged", "w_o"], ["out_mm"], name="/attn/o/MatMul"),
+        helper.make_node("Add", ["out_mm", "b_o"], ["out_proj"], name="/attn/o/Add"),
+        helper.make_node("Add", ["out_proj", "hidden"], ["residual"], name="/attn/Add_residual"),
+        helper.make_node("Tanh", ["residual"], ["output"], name="/out/Tanh"),
+    ]
+    inits = [
+        const("zero", 0), const("one", 1), const("axis0", [0]), const("axes12", [1, 2]),
+        const("heads", [heads]), const("head_dim", [head_dim]), const("hidden_dim", [hidden]),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one_f"),
+        numpy_helper.from_array(np.array(-10000.0, np.float32), "mask_value"),
+        numpy_helper.from_array(np.array(head_dim ** 0.5, np.float32), "scale"),
+    ]
+    for seed, tag in enumerate(("q", "k", "v", "o")):
+        inits += [_weight(f"w_{tag}", (hidden, hidden), 30 + seed, scale=0.5),
+                  _weight(f"b_{tag}", (hidden,), 40 + seed)]
+    return _model(nodes, [
+        helper.make_tensor_value_info("hidden", TensorProto.FLOAT,
+                                      ["batch_size", "sequence_length", hidden]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                      ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT,
+                                       ["batch_size", "sequence_length", hidden])], inits)

@@ -50,6 +50,7 @@ from smlaas.graph import (
     segment_memory,
     split_oversize_operators,
 )
+from smlaas.graph.dynamic_axes import parse_dynamic_axes, prepare_symbolic, symbolic_axes
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
     CostModel,
@@ -179,20 +180,30 @@ class Analysis:
 
 def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
             samples: Mapping[str, np.ndarray] | None = None,
+            dynamic_axes: Mapping[str, Sequence[int]] | None = None,
             split: SplitBudget | None = None) -> Analysis:
     """Prepares and analyses the model; shapes static inference misses are measured (on the
     ``samples`` the user gave, random values for the other inputs). With ``split``,
-    operators whose weights exceed it are split into pieces first."""
-    prepared = prepare_model(source.model, input_shapes)
+    operators whose weights exceed it are split into pieces first.
+
+    The batch axis (axis 0 of inputs the model declares symbolic there) and the
+    ``dynamic_axes`` (input name -> axes, ``--dynamic-axis``) stay symbolic in the prepared
+    model and so in the stages (see :mod:`smlaas.graph.dynamic_axes`)."""
+    axes = symbolic_axes(source.model, dynamic_axes)
+    concrete = None
+    if axes:
+        prepared, concrete = prepare_symbolic(source.model, input_shapes, axes)
+    else:
+        prepared = prepare_model(source.model, input_shapes)
     given = dict(samples or {})
     try:
-        graph = ModelGraph(prepared)
+        graph = ModelGraph(prepared, concrete=concrete)
     except UnknownShapesError as err:
         logger.info("measuring %d tensor shape(s) that shape inference left open",
                     len(err.names))
         observed = observe_tensors(prepared, input_shapes, err.names, threads=threads,
                                    feeds=random_inputs(prepared, input_shapes, samples=given))
-        graph = ModelGraph(prepared, observed)
+        graph = ModelGraph(prepared, observed, concrete=concrete)
     splits: tuple[SplitOperator, ...] = ()
     if split is not None:
         graph, splits = split_oversize_operators(graph, split)
@@ -358,11 +369,14 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
               cache: ProfileCache | None = None, verify: bool = True,
               progress: ProgressCallback | None = None,
               sample_arrays: Mapping[str, np.ndarray] | None = None,
-              input_values: Sequence[str] = ()) -> PartitionResult:
+              input_values: Sequence[str] = (),
+              dynamic_axes: Sequence[str] = ()) -> PartitionResult:
     """Runs the partition job and writes the build directory (all of it, or nothing).
 
     ``sample_arrays`` (``--sample-inputs``) and ``input_values`` (``--input-value``) are
-    used instead of random values wherever the model runs; the build keeps them."""
+    used instead of random values wherever the model runs; the build keeps them.
+    ``dynamic_axes`` (``--dynamic-axis NAME:AXIS``) stay symbolic in the stages, as the
+    batch axis does."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -384,6 +398,7 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         samples = sample_feeds(source.model, shapes, arrays=sample_arrays,
                                values=parse_input_values(input_values))
         analysis = analyse(source, shapes, threads=settings.threads, samples=samples,
+                           dynamic_axes=parse_dynamic_axes(dynamic_axes),
                            split=split_budget(cost_model, options.pool)
                            if options.splits_oversize else None)
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.

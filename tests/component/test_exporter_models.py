@@ -11,11 +11,15 @@ import pytest
 
 from smlaas.cli.main import EXIT_BAD_INPUT, main
 from smlaas.export import StageExtractor, read_plan, verify_chain
+from smlaas.export.batching import batching_problem
+from smlaas.export.sealed_build import ServingNote, seal_build
 from smlaas.partition import ModelSource, PlanOptions, analyse, partition, verify_build
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
+from smlaas.profile.inputs import random_inputs
 from smlaas.profile.samples import SAMPLES_FILE
 from tests.exporter_models import (
+    dynamic_attention_model,
     fp16_model,
     nonzero_model,
     paddle_style_model,
@@ -166,3 +170,63 @@ def test_data_dependent_shapes_cross_cuts_without_fixed_sizes() -> None:
         # Seeds give different numbers of positive entries: no shape may be frozen.
         report = verify_chain(model, stages, shapes, threads=1, seeds=(0, 1, 2, 3))
         assert report.ok, f"cut {cut}: {report.summary()}"
+
+
+def _attention_shapes(batch: int, sequence: int = 5) -> dict[str, tuple[int, ...]]:
+    return {"hidden": (batch, sequence, 16), "attention_mask": (batch, sequence)}
+
+
+def test_dynamic_batch_stays_symbolic_and_every_cut_runs_at_batch_1_and_4() -> None:
+    model = dynamic_attention_model()
+    analysis = analyse(ModelSource("attn", "test", "-", model), _attention_shapes(1),
+                       threads=1)
+    graph = analysis.graph
+    # The batch-dependent shape chain is computed at run time, not folded to [1, 5, 2, 8].
+    assert {"Shape", "Concat", "Reshape", "Expand"} <= {n.op_type for n in graph.nodes}
+    extractor = StageExtractor(analysis.prepared, graph)
+    n = graph.node_count
+    for cut in range(1, n):
+        stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+        for value in [*stages[1].graph.input, *stages[1].graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+                assert dims[0].dim_param == "batch", (cut, value.name)
+                assert all(d.HasField("dim_value") for d in dims[1:]), (cut, value.name)
+        for batch in (1, 4):
+            report = verify_chain(model, stages, _attention_shapes(batch), threads=1,
+                                  seeds=(0, 1))
+            assert report.ok, f"cut {cut}, batch {batch}: {report.summary()}"
+        assert batching_problem(stages, random_inputs(model, _attention_shapes(1))) is None
+
+
+def test_dynamic_batch_transformer_partitions_and_seals_with_batching(tmp_path: Path) -> None:
+    result = _partition(dynamic_attention_model(), tmp_path,
+                        ["hidden:1,5,16", "attention_mask:1,5"], machines=3)
+    assert result.verification is not None and result.verification.ok
+    assert len(result.plan.stages) > 1
+    build = tmp_path / "build"
+    stages = [onnx.load(str(build / s.file_name)) for s in result.plan.stages]
+    whole = onnx.load(str(tmp_path / "model.onnx"))
+    for batch in (1, 4):
+        report = verify_chain(whole, stages, _attention_shapes(batch), threads=1)
+        assert report.ok, f"batch {batch}: {report.summary()}"
+    assert batching_problem(stages, random_inputs(whole, _attention_shapes(1))) is None
+    seal_build(build, tmp_path / "owner-keys.json")
+    note = ServingNote.of(read_plan(build / "sealed"))
+    assert note.max_batch_size == 8, note.batching
+
+
+def test_dynamic_sequence_axis_stays_symbolic_when_asked(tmp_path: Path) -> None:
+    model = dynamic_attention_model()
+    analysis = analyse(ModelSource("attn", "test", "-", model), _attention_shapes(1),
+                       threads=1, dynamic_axes={"hidden": (1,), "attention_mask": (1,)})
+    extractor = StageExtractor(analysis.prepared, analysis.graph)
+    n = analysis.graph.node_count
+    cut = next(p for p in range(1, n) if "probs" in analysis.graph.cut_tensors(p))
+    stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+    probs = next(v for v in stages[1].graph.input if v.name == "probs")
+    assert [d.dim_param or d.dim_value for d in probs.type.tensor_type.shape.dim] == \
+        ["batch", 2, "sequence_length", "sequence_length"]
+    for batch, sequence in ((1, 5), (4, 5), (3, 9)):
+        report = verify_chain(model, stages, _attention_shapes(batch, sequence), threads=1)
+        assert report.ok, f"batch {batch}, sequence {sequence}: {report.summary()}"

@@ -11,7 +11,7 @@ import pytest
 
 from smlaas.cli.main import main
 from smlaas.errors import InfeasiblePlanError
-from smlaas.export import read_plan
+from smlaas.export import read_plan, verify_chain
 from smlaas.graph import SPLIT_NOTE, SplitAxis
 from smlaas.partition import PlanOptions, partition, verify_build
 from smlaas.plan import CostModel, Planner
@@ -59,6 +59,12 @@ def test_oversize_matmul_is_split_and_every_stage_fits(tmp_path: Path, tiny_epc:
         assert stage.input_bytes > 1024 + 4096 / 3
         assert stage.transfer_in_ms == pytest.approx(
             plan.cost_model.transfer_ms(stage.input_bytes))
+    # The model's batch axis stays symbolic through the split: every stage serves batch 4.
+    stages = [tmp_path / "build" / s.file_name for s in plan.stages]
+    for path in stages:
+        for value in [*onnx.load(str(path)).graph.input, *onnx.load(str(path)).graph.output]:
+            assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+    assert verify_chain(tmp_path / "model.onnx", stages, {"x": (4, 1024)}, threads=1).ok
     # Recorded in the plan, its JSON and the report.
     saved = read_plan(tmp_path / "build")
     assert saved.notes[SPLIT_NOTE][0]["pieces"] == 3

@@ -22,6 +22,7 @@ from smlaas.graph import (
     split_operator,
     split_oversize_operators,
 )
+from smlaas.graph.dynamic_axes import prepare_symbolic, symbolic_axes
 from tests.models import huge_matmul_model
 
 RTOL, ATOL = 1e-4, 1e-5  # fp32: the chain's verification tolerances
@@ -362,6 +363,30 @@ def test_a_matmul_under_the_budget_is_split_when_its_transpose_is_over_it() -> N
     split, (record,) = split_oversize_operators(graph, budget)
     assert max(_node_working_sets(split).values()) <= budget.node_bytes
     _check_same(graph, split, {"h": _array(rng, (1, 2, 16))})
+
+
+@pytest.mark.parametrize("axis", list(SplitAxis))
+def test_a_symbolic_batch_axis_stays_symbolic_in_the_pieces(axis: SplitAxis) -> None:
+    """The batch the model keeps symbolic (the prepared model says so, a concrete copy gives
+    the sizes): the pieces' tensors declare it symbolic too and run at any batch."""
+    rng = np.random.default_rng(6)
+    model = _model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", FLOAT, ["N", 7, 24])],
+                   [helper.make_tensor_value_info("y", FLOAT, ["N", 7, 40])],
+                   [numpy_helper.from_array(_array(rng, (24, 40)), "w")])
+    sizes = {"x": (1, 7, 24)}
+    symbolic, concrete = prepare_symbolic(model, sizes, symbolic_axes(model))
+    graph = ModelGraph(symbolic, concrete=concrete)
+    split, record = split_operator(graph, "mm", axis=axis, pieces=3)
+    new = [o for n in split.nodes if n.name in record.nodes for o in n.output if o != "y"]
+    assert new and all(split.symbolic_dims[name][0] == "batch" for name in new)
+    assert all(split.tensors[name].shape[0] == 1 for name in new)
+    declared = {v.name: v for v in split.model.graph.value_info}
+    assert all(declared[name].type.tensor_type.shape.dim[0].dim_param == "batch"
+               for name in new)
+    for batch in (1, 3):
+        _check_same(graph, split, {"x": _array(rng, (batch, 7, 24))})
 
 
 def test_measured_tensors_stay_measured_and_their_readers_unsplit() -> None:

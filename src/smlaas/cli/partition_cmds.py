@@ -119,12 +119,15 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
 @click.option("--planner", type=click.Choice(PLANNER_NAMES), default="dp-latency",
               show_default=True, help="How to choose the cuts.")
 @click.option("--no-verify", is_flag=True, help="Skip running the chain against the model.")
+@click.option("--dynamic-axis", "dynamic_axes", multiple=True, metavar="NAME:AXIS",
+              help="Keep this symbolic axis of an input symbolic in the stages (e.g. a "
+                   "sequence axis, input_ids:1); the batch axis always is.")
 def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | None,
               input_values: tuple[str, ...], preset: str,
               cost_model_file: str | None, machines: int | None, machines_file: str | None,
               fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
-              no_cache: bool, as_json: bool, build_dir: str, planner: str,
-              no_verify: bool) -> int:
+              no_cache: bool, as_json: bool, build_dir: str, planner: str, no_verify: bool,
+              dynamic_axes: tuple[str, ...]) -> int:
     """Partition MODEL into enclave-sized stages and write BUILD_DIR.
 
     BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
@@ -143,7 +146,8 @@ def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | Non
                                cache=None if no_cache else ProfileCache(),
                                verify=not no_verify, progress=progress,
                                sample_arrays=load_sample_file(sample_inputs)
-                               if sample_inputs else None, input_values=input_values)
+                               if sample_inputs else None, input_values=input_values,
+                               dynamic_axes=dynamic_axes)
     plan = result.plan
     verification = result.verification
     if as_json:

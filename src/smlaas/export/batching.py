@@ -1,10 +1,12 @@
 """Serving stages at any batch size.
 
-Stages are exported at the input size they were planned for (batch 1 for the zoo). To batch
-requests, a stage's first dimension becomes symbolic on its inputs and outputs and the fixed
-intermediate shapes are dropped (ONNX Runtime infers them again). Whether the stages then
-compute, at batch n, what they compute for n separate requests depends on the model: a Reshape
-to a constant ``[1, ...]`` does not. :func:`batching_problem` finds out by running the chain.
+Stages keep the batch axis symbolic where the model declares it so, shape computations on it
+included (see :mod:`smlaas.graph.dynamic_axes`); for stages of other models, a stage's first
+dimension becomes symbolic on its inputs and outputs and the fixed intermediate shapes are
+dropped (ONNX Runtime infers them again). Whether the stages then compute, at batch n, what
+they compute for n separate requests depends on the model: a Reshape to a constant
+``[1, ...]`` (written so in the model) does not. :func:`batching_problem` finds out by
+running the chain.
 """
 
 from __future__ import annotations

@@ -30,10 +30,8 @@ class StageExtractor:
         outputs ``cut_tensors(end)``, each with its fixed type and shape."""
         graph = self._graph
         nodes = graph.nodes[start:end]
-        inputs = [_value_info(graph.tensors[t], t in graph.data_dependent)
-                  for t in graph.cut_tensors(start)]
-        outputs = [_value_info(graph.tensors[t], t in graph.data_dependent)
-                   for t in graph.cut_tensors(end)]
+        inputs = [self._boundary_value(t) for t in graph.cut_tensors(start)]
+        outputs = [self._boundary_value(t) for t in graph.cut_tensors(end)]
         used = {n for names in graph.node_inputs[start:end] for n in names}
         initializers = [self._initializers[n] for n in sorted(used & self._initializers.keys())]
         produced = {o for node in nodes for o in node.output}
@@ -51,9 +49,15 @@ class StageExtractor:
         # A stage with an If/Loop/Scan keeps its inputs' rank only (see the function).
         return loosen_for_control_flow(sub_model)
 
-
-def _value_info(info: TensorInfo, data_dependent: bool = False) -> onnx.ValueInfoProto:
-    """Fixed type and shape; a data-dependent tensor keeps its rank only (its sizes vary
-    with the input values)."""
-    shape: list[int | None] = [None] * len(info.shape) if data_dependent else list(info.shape)
-    return helper.make_tensor_value_info(info.name, info.elem_type, shape)
+    def _boundary_value(self, name: str) -> onnx.ValueInfoProto:
+        """A stage input or output: its type and fixed shape, except that a data-dependent
+        tensor keeps its rank only (its sizes vary with the input values) and the axes the
+        model keeps symbolic (the batch) stay symbolic."""
+        graph = self._graph
+        info: TensorInfo = graph.tensors[name]
+        shape: list[int | str | None]
+        if name in graph.data_dependent:
+            shape = [None] * len(info.shape)
+        else:
+            shape = list(graph.symbolic_dims.get(name, info.shape))
+        return helper.make_tensor_value_info(info.name, info.elem_type, shape)

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from smlaas.errors import GraphError, UnsupportedModelError
-from smlaas.graph.dims import static_shape
+from smlaas.graph.dims import fixed_dim, static_shape
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
@@ -58,13 +58,17 @@ class ModelGraph:
         model: the prepared model.
         observed: tensors measured by running the model, for those whose type or shape ONNX
             shape inference could not determine.
+        concrete: when ``model`` was prepared with symbolic axes, the same model prepared
+            with every input size fixed (see :mod:`smlaas.graph.dynamic_axes`): it gives the
+            static shapes, and ``model``'s own types say which axes stay symbolic.
 
     Raises:
         GraphError: some activation still has no static shape.
     """
 
     def __init__(self, model: onnx.ModelProto,
-                 observed: Mapping[str, TensorInfo] | None = None) -> None:
+                 observed: Mapping[str, TensorInfo] | None = None, *,
+                 concrete: onnx.ModelProto | None = None) -> None:
         self.model = model
         graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
@@ -77,7 +81,12 @@ class ModelGraph:
         self.input_names = [i.name for i in model_inputs(model)]
         self.output_names = [o.name for o in graph.output]
         self.node_inputs = [node_input_names(n) for n in self.nodes]
-        self.tensors = self._collect_tensors(observed or {})
+        self.tensors = self._collect_tensors(observed or {}, concrete)
+        self.symbolic_dims: dict[str, tuple[int | str | None, ...]] = (
+            self._symbolic_dims() if concrete is not None else {})
+        """Tensors with an axis the model keeps symbolic (the batch, a requested sequence
+        axis): their dimensions as stages declare them, ints where fixed and a dim_param (or
+        None, unknown) where symbolic. ``tensors`` has their sizes at the given input size."""
         self.data_dependent: frozenset[str] = frozenset(observed or {}) & self.tensors.keys()
         """Tensors whose shape the declared input sizes do not fix (shape inference left it
         open; it was measured on one input, e.g. downstream of NonZero, NonMaxSuppression or
@@ -87,11 +96,17 @@ class ModelGraph:
         self.producer, self.last_use = self._liveness()
 
     # -- construction --------------------------------------------------------------------
-    def _collect_tensors(self, observed: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
-        graph = self.model.graph
-        types: dict[str, onnx.TypeProto] = {}
-        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-            types[value.name] = value.type
+    def _collect_tensors(self, observed: Mapping[str, TensorInfo],
+                         concrete: onnx.ModelProto | None) -> dict[str, TensorInfo]:
+        types = _value_types(self.model.graph)
+        if concrete is not None:
+            # The concrete preparation's static types, and the dims of what it folded.
+            symbolic_types, types = types, _value_types(concrete.graph)
+            for tensor in concrete.graph.initializer:
+                types.setdefault(tensor.name, helper.make_tensor_type_proto(
+                    tensor.data_type, list(tensor.dims)))
+            for name, symbolic_type in symbolic_types.items():
+                types.setdefault(name, symbolic_type)
         tensors: dict[str, TensorInfo] = {}
         missing: list[str] = []
         for name in self.activation_names():
@@ -110,6 +125,24 @@ class ModelGraph:
         if missing:
             raise UnknownShapesError(missing)
         return tensors
+
+    def _symbolic_dims(self) -> dict[str, tuple[int | str | None, ...]]:
+        types = _value_types(self.model.graph)
+        symbolic: dict[str, tuple[int | str | None, ...]] = {}
+        for name, info in self.tensors.items():
+            type_proto = types.get(name)
+            if static_shape(type_proto) is not None:
+                continue
+            dims = (type_proto.tensor_type.shape.dim
+                    if type_proto is not None and type_proto.tensor_type.HasField("shape")
+                    else [])
+            if len(dims) != len(info.shape):  # inference lost the tensor: rank only
+                symbolic[name] = (None,) * len(info.shape)
+                continue
+            symbolic[name] = tuple(
+                size if (size := fixed_dim(d)) is not None else (d.dim_param or None)
+                for d in dims)
+        return symbolic
 
     def _non_tensor_refusal(self, name: str, type_proto: onnx.TypeProto
                             ) -> UnsupportedModelError:
@@ -245,6 +278,11 @@ class UnknownShapesError(GraphError):
         more = f" and {len(names) - 5} more" if len(names) > 5 else ""
         super().__init__(f"no static shape for {shown}{more}")
 
+
+
+def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    return {value.name: value.type
+            for value in [*graph.input, *graph.value_info, *graph.output]}
 
 
 def describe_type(type_proto: onnx.TypeProto) -> str:

@@ -111,15 +111,21 @@ def resolve_input_sizes(model: onnx.ModelProto, sizes: Mapping[str, tuple[int, .
     return resolved
 
 
-def fix_input_sizes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
+def fix_input_sizes(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], *,
+                    symbolic_axes: Mapping[str, Mapping[int, str]] | None = None
                     ) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs have the concrete ``shapes`` (see resolve_input_sizes)."""
+    """A copy of ``model`` whose inputs have the concrete ``shapes`` (see resolve_input_sizes),
+    except on ``symbolic_axes`` (input name -> {axis: dim_param}), which get that dim_param."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for value in model_inputs(fixed):
         shape = shapes[value.name]
+        symbolic = (symbolic_axes or {}).get(value.name, {})
         dims = value.type.tensor_type.shape.dim
         del dims[:]
-        for size in shape:
-            dims.add().dim_value = size
+        for axis, size in enumerate(shape):
+            if axis in symbolic:
+                dims.add().dim_param = symbolic[axis]
+            else:
+                dims.add().dim_value = size
     return fixed

@@ -11,6 +11,7 @@ either chain produces the original output name, so consumers are unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,13 +31,19 @@ class SplitAxis(enum.Enum):
     """The output dimension N (output channels of a Conv); pieces are concatenated."""
 
 
+Dims = tuple[int | str | None, ...]
+"""A tensor's dimensions as the model declares them: a dim_param (or None) where symbolic."""
+
+
 @dataclass
 class Replacement:
-    """What replaces one node: new nodes in order, new initializers and new tensors."""
+    """What replaces one node: new nodes in order, new initializers and new tensors (sizes at
+    the given input size, and the declared dims of those with a symbolic axis)."""
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     tensors: list[TensorInfo] = field(default_factory=list)
+    symbolic_dims: dict[str, Dims] = field(default_factory=dict)
 
 
 class Names:
@@ -83,6 +90,10 @@ class LinearNode:
     need a run-time slice of it, so the output split is not offered."""
     transpose_node: str | None = None
     """A Transpose node that only turns an initializer into this MatMul's B; it goes too."""
+    x_dims: Dims = ()
+    y_dims: Dims = ()
+    """x's and y's declared dims where an axis is symbolic (the batch), else empty. K and N
+    are weight dimensions, so they are always fixed and the pieces keep the other axes."""
 
     @property
     def name(self) -> str:
@@ -244,9 +255,14 @@ class LinearNode:
     def _tensor(self, out: Replacement, name: str, like: TensorInfo, axis: int | None = None,
                 size: int = 0) -> str:
         shape = list(like.shape)
+        declared = list(self.x_dims if like is self.x else self.y_dims)
         if axis is not None:
             shape[axis] = size
+            if declared:
+                declared[axis] = size
         out.tensors.append(TensorInfo(name, like.elem_type, tuple(shape)))
+        if declared:
+            out.symbolic_dims[name] = tuple(declared)
         return name
 
     def _attributes(self) -> dict[str, Any]:
@@ -270,13 +286,17 @@ def linear_node(graph: ModelGraph, position: int,
     if x_name not in graph.tensors or node.output[0] not in graph.tensors:
         return None
     x, y = graph.tensors[x_name], graph.tensors[node.output[0]]
+    op = None
     if node.op_type == "MatMul":
-        return _matmul(graph, position, x, y, initializers, producers, consumers)
-    if node.op_type == "Gemm":
-        return _gemm(graph, position, x, y, initializers)
-    if node.op_type == "Conv":
-        return _conv(graph, position, x, y, initializers)
-    return None
+        op = _matmul(graph, position, x, y, initializers, producers, consumers)
+    elif node.op_type == "Gemm":
+        op = _gemm(graph, position, x, y, initializers)
+    elif node.op_type == "Conv":
+        op = _conv(graph, position, x, y, initializers)
+    if op is None:
+        return None
+    return dataclasses.replace(op, x_dims=graph.symbolic_dims.get(x.name, ()),
+                               y_dims=graph.symbolic_dims.get(y.name, ()))
 
 
 def _matmul(graph: ModelGraph, position: int, x: TensorInfo, y: TensorInfo,

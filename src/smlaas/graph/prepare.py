@@ -28,17 +28,21 @@ _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
 _MAX_FOLDING_ROUNDS = 8
 
 
-def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]]
+def prepare_model(model: onnx.ModelProto, input_sizes: Mapping[str, tuple[int, ...]], *,
+                  symbolic_axes: Mapping[str, Mapping[int, str]] | None = None
                   ) -> onnx.ModelProto:
     """Fixes input sizes, folds Constant nodes into initializers, names every node uniquely,
     orders nodes topologically and runs ONNX shape inference.
+
+    ``symbolic_axes`` (input name -> {axis: dim_param}) stay symbolic, so that no shape
+    computation depending on them is folded (see :mod:`smlaas.graph.dynamic_axes`).
 
     Raises:
         InputSizeError: ``input_sizes`` does not fit the model's inputs.
         GraphError: the graph has a cycle or uses a tensor nothing produces.
     """
     shapes = resolve_input_sizes(model, input_sizes)
-    prepared = fix_input_sizes(model, shapes)
+    prepared = fix_input_sizes(model, shapes, symbolic_axes=symbolic_axes)
     graph = prepared.graph
     clear_negative_dims(graph)
     _fold_constant_nodes(graph)

@@ -236,7 +236,7 @@ class _Splitter:
         self._initializers = {t.name: t for t in graph.model.graph.initializer}
         self._producers = {o: n for n in graph.nodes for o in n.output if o}
         self._positions = {n.name: position for position, n in enumerate(graph.nodes)}
-        self._measured = _measured_tensors(graph)
+        self._measured = set(graph.data_dependent)
         self._consumers: dict[str, list[int]] = {}
         for position, names in enumerate(graph.node_inputs):
             for name in names:
@@ -281,6 +281,7 @@ class _Splitter:
             records.append(self._record(choice, replacement))
         nodes: list[onnx.NodeProto] = []
         new_tensors: dict[str, TensorInfo] = {}
+        declared: dict[str, tuple[int | str | None, ...]] = {}
         for position, node in enumerate(graph.nodes):
             if node.name in dropped:
                 continue
@@ -291,19 +292,24 @@ class _Splitter:
             nodes.extend(replacement.nodes)
             model.graph.initializer.extend(replacement.initializers)
             new_tensors.update({t.name: t for t in replacement.tensors})
+            declared.update(replacement.symbolic_dims)
         gone = {o for n in graph.nodes if n.name in dropped for o in n.output}
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         _drop_unused(model, gone)
         model.graph.value_info.extend(
-            helper.make_tensor_value_info(t.name, t.elem_type, list(t.shape))
+            helper.make_tensor_value_info(t.name, t.elem_type, list(declared.get(t.name, t.shape)))
             for t in new_tensors.values())
         position_of = {node.name: position for position, node in enumerate(nodes)}
         records = [replace(r, start=position_of[r.nodes[0]], end=position_of[r.nodes[-1]] + 1)
                    for r in records]
-        # The new tensors are declared in value_info; what was measured stays measured.
+        # The new tensors are declared in value_info; what was measured stays measured. With
+        # symbolic axes the sizes come from a concrete copy: here, types of every tensor at
+        # the given input size (nothing else of it is read).
         observed = {name: graph.tensors[name] for name in self._measured}
-        return ModelGraph(model, observed), tuple(records)
+        concrete = _static_types([*graph.tensors.values(), *new_tensors.values()], gone) \
+            if graph.symbolic_dims else None
+        return ModelGraph(model, observed, concrete=concrete), tuple(records)
 
     def _record(self, choice: _Choice, replacement: Replacement) -> SplitOperator:
         op, bounds = choice.op, choice.bounds
@@ -317,18 +323,14 @@ class _Splitter:
                              nodes=tuple(n.name for n in replacement.nodes))
 
 
-def _measured_tensors(graph: ModelGraph) -> set[str]:
-    """Activations the model does not declare with a static shape: the analysis measured
-    them (ModelGraph's ``observed``), and the rewritten graph must get them the same way."""
-    types = {v.name: v.type for v in list(graph.model.graph.input)
-             + list(graph.model.graph.value_info) + list(graph.model.graph.output)}
-    measured = set()
-    for name in graph.tensors:
-        tensor_type = types[name].tensor_type if name in types else None
-        if tensor_type is None or not tensor_type.elem_type or not tensor_type.HasField(
-                "shape") or not all(d.HasField("dim_value") for d in tensor_type.shape.dim):
-            measured.add(name)
-    return measured
+def _static_types(tensors: Sequence[TensorInfo], gone: set[str]) -> onnx.ModelProto:
+    """A weightless model whose value_info gives each tensor's size at the given input size:
+    what :class:`ModelGraph` reads from a ``concrete`` preparation."""
+    static = onnx.ModelProto()
+    static.graph.value_info.extend(
+        helper.make_tensor_value_info(t.name, t.elem_type, list(t.shape))
+        for t in tensors if t.name not in gone)
+    return static
 
 
 def _drop_unused(model: onnx.ModelProto, gone_tensors: set[str]) -> None:
