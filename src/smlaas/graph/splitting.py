@@ -40,7 +40,14 @@ import onnx
 from onnx import helper
 
 from smlaas.graph.analysis import ModelGraph, TensorInfo
-from smlaas.graph.linear_ops import LinearNode, Names, Replacement, SplitAxis, linear_node
+from smlaas.graph.linear_ops import (
+    Dims,
+    LinearNode,
+    Names,
+    Replacement,
+    SplitAxis,
+    linear_node,
+)
 from smlaas.graph.split_footprint import Footprint, even_bounds
 from smlaas.graph.subgraphs import node_input_names
 
@@ -257,7 +264,8 @@ class _Splitter:
 
     def linear_node(self, position: int) -> LinearNode | None:
         """The node as a splittable one, unless an activation it reads or writes had to be
-        measured: a measured shape may depend on input values, a split's sizes may not."""
+        measured (``ModelGraph.data_dependent``): a measured shape may depend on input
+        values, a split's sizes may not."""
         node = self._graph.nodes[position]
         if self._measured & {*node.input, *node.output}:
             return None
@@ -281,7 +289,7 @@ class _Splitter:
             records.append(self._record(choice, replacement))
         nodes: list[onnx.NodeProto] = []
         new_tensors: dict[str, TensorInfo] = {}
-        declared: dict[str, tuple[int | str | None, ...]] = {}
+        declared: dict[str, Dims] = {}
         for position, node in enumerate(graph.nodes):
             if node.name in dropped:
                 continue
