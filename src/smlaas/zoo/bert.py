@@ -38,10 +38,7 @@ class _Bert:
         self.mask_value = c("const.mask_value", np.array(-10000.0, np.float32))
 
     def dense(self, x: str, prefix: str, in_features: int, out_features: int) -> str:
-        weight = self.b.normal(f"{prefix}.weight", (in_features, out_features), std=0.02)
-        bias = self.b.normal(f"{prefix}.bias", (out_features,), std=0.02)
-        return self.b.node("Add", [self.b.node("MatMul", [x, weight], f"{prefix}.matmul"), bias],
-                           f"{prefix}.add_bias")
+        return self.b.dense(x, prefix, in_features, out_features)
 
     def layer_norm(self, x: str, prefix: str) -> str:
         scale = self.b.uniform(f"{prefix}.weight", (HIDDEN,), 0.9, 1.1)

@@ -70,6 +70,14 @@ class GraphBuilder:
         self._nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
         return name
 
+    def dense(self, x: str, prefix: str, in_features: int, out_features: int, *,
+              std: float = 0.02) -> str:
+        """``x @ W + b``, a transformer's linear layer as exporters write it (MatMul, Add)."""
+        weight = self.normal(f"{prefix}.weight", (in_features, out_features), std=std)
+        bias = self.normal(f"{prefix}.bias", (out_features,), std=std)
+        return self.node("Add", [self.node("MatMul", [x, weight], f"{prefix}.matmul"), bias],
+                         f"{prefix}.add_bias")
+
     def split(self, x: str, name: str, sizes: Sequence[int], *, axis: int) -> list[str]:
         """Splits ``x`` into pieces of ``sizes`` along ``axis``; outputs ``name.0``, ...."""
         if name in self._used_names:

@@ -60,10 +60,7 @@ class _GPT2:
         self.gelu_scale = c("const.gelu_scale", np.array(math.sqrt(2.0 / math.pi), np.float32))
 
     def dense(self, x: str, prefix: str, in_features: int, out_features: int) -> str:
-        weight = self.b.normal(f"{prefix}.weight", (in_features, out_features), std=0.02)
-        bias = self.b.normal(f"{prefix}.bias", (out_features,), std=0.02)
-        return self.b.node("Add", [self.b.node("MatMul", [x, weight], f"{prefix}.matmul"), bias],
-                           f"{prefix}.add_bias")
+        return self.b.dense(x, prefix, in_features, out_features)
 
     def layer_norm(self, x: str, prefix: str) -> str:
         d = self.config.d_model
