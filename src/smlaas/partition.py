@@ -75,7 +75,7 @@ from smlaas.profile import (
     profile_key,
     profile_nodes,
     random_inputs,
-    time_session,
+    run_times_ms,
 )
 from smlaas.profile.samples import (
     SAMPLES_FILE,
@@ -87,6 +87,9 @@ from smlaas.profile.samples import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Interleaved rounds in which the exported stages are timed (see measure_stages).
+MEASURE_ROUNDS = 3
 
 
 def default_threads() -> int:
@@ -165,6 +168,8 @@ class Analysis:
     """Inputs the user gave values for (used instead of random ones wherever it runs)."""
     splits: tuple[SplitOperator, ...] = ()
     """Operators rewritten into pieces before planning (``graph`` holds the pieces)."""
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    """Input axes kept symbolic in the prepared model and the stages."""
 
     def feeds(self, *, seed: int = 0) -> dict[str, np.ndarray]:
         return random_inputs(self.prepared, self.input_shapes, seed=seed, samples=self.samples)
@@ -175,7 +180,8 @@ class Analysis:
                         input_shapes={k: list(v) for k, v in self.input_shapes.items()},
                         inputs=list(self.graph.input_names),
                         outputs=list(self.graph.output_names),
-                        node_count=self.graph.node_count)
+                        node_count=self.graph.node_count,
+                        dynamic_axes={k: list(v) for k, v in self.dynamic_axes.items()})
 
 
 def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
@@ -210,7 +216,8 @@ def analyse(source: ModelSource, input_shapes: InputSizes, *, threads: int,
         for record in splits:
             logger.info("split %s", record.describe())
     return Analysis(source, input_shapes, graph.model, graph, segment_memory(graph),
-                    samples=given, splits=splits)
+                    samples=given, splits=splits,
+                    dynamic_axes={name: sorted(by_axis) for name, by_axis in axes.items()})
 
 
 def split_budget(cost_model: CostModel, pool: MachinePool | None = None) -> SplitBudget:
@@ -451,21 +458,33 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
 def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,
                    settings: ProfileSettings, progress: ProgressCallback | None = None
                    ) -> list[float]:
-    """Median native time of each exported stage, fed with the tensors the chain produces."""
+    """Median native time of each exported stage, fed with the tensors the chain produces.
+
+    The measured runs are taken in interleaved rounds (every stage a few runs, then again),
+    so that a slow period of the machine, which on a shared VM lasts seconds, slows every
+    stage alike instead of one stage wholly: measured one stage after another, two identical
+    ResNet-50 stages once differed by 1.7x.
+    """
     feeds = analysis.feeds()
     chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
     tensors: dict[str, np.ndarray] = dict(feeds)
-    measured = []
-    for index, runner in enumerate(chain.stages):
-        stage_feeds = {name: tensors[name] for name in runner.inputs}
-        # The chain's own session, so each stage is loaded into ONNX Runtime once.
-        measured.append(time_session(runner.session, stage_feeds,
-                                     warmup_runs=settings.warmup_runs,
-                                     measured_runs=settings.measured_runs))
+    stage_feeds = []
+    for runner in chain.stages:
+        stage_feeds.append({name: tensors[name] for name in runner.inputs})
         tensors = runner.run(tensors)
+    rounds = min(MEASURE_ROUNDS, settings.measured_runs)
+    per_round = [settings.measured_runs // rounds + (r < settings.measured_runs % rounds)
+                 for r in range(rounds)]
+    times: list[list[float]] = [[] for _ in chain.stages]
+    for round_index, runs in enumerate(per_round):
+        for index, runner in enumerate(chain.stages):
+            # The chain's own session, so each stage is loaded into ONNX Runtime once.
+            times[index] += run_times_ms(runner.session, stage_feeds[index],
+                                         warmup_runs=settings.warmup_runs if round_index == 0
+                                         else 1, measured_runs=runs)
         if progress:
-            progress("measuring stages", index + 1, len(stage_models))
-    return measured
+            progress("measuring stages", round_index + 1, rounds)
+    return [statistics.median(t) for t in times]
 
 
 def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1, 2),

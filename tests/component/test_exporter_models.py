@@ -214,6 +214,8 @@ def test_dynamic_batch_transformer_partitions_and_seals_with_batching(tmp_path: 
     seal_build(build, tmp_path / "owner-keys.json")
     note = ServingNote.of(read_plan(build / "sealed"))
     assert note.max_batch_size == 8, note.batching
+    assert read_plan(build).model.dynamic_axes == {"hidden": [0], "attention_mask": [0]}
+    assert "symbolic in the stages: hidden axis 0" in (build / "report.md").read_text()
 
 
 def test_dynamic_sequence_axis_stays_symbolic_when_asked(tmp_path: Path) -> None:
@@ -230,3 +232,4 @@ def test_dynamic_sequence_axis_stays_symbolic_when_asked(tmp_path: Path) -> None
     for batch, sequence in ((1, 5), (4, 5), (3, 9)):
         report = verify_chain(model, stages, _attention_shapes(batch, sequence), threads=1)
         assert report.ok, f"batch {batch}, sequence {sequence}: {report.summary()}"
+    assert analysis.model_ref().dynamic_axes == {"hidden": [0, 1], "attention_mask": [0, 1]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -11,27 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smlaas.errors import InfeasiblePlanError
-from smlaas.graph.memory import SegmentMemory
-from smlaas.plan import Planner, choose_cuts, preset, segment_costs
-from smlaas.plan.costs import SegmentCosts
+from smlaas.plan import Planner, choose_cuts, preset
+from smlaas.plan.costs import SegmentCosts, synthetic_costs
 
 MIB = 1024 * 1024
 
 
 def make_costs(node_ms, node_weight_mib, live_mib, cut_mib, model_name="sgx1"
                ) -> SegmentCosts:
-    n = len(node_ms)
-    weight_prefix = np.concatenate([[0], np.cumsum(node_weight_mib)]) * MIB
-    weights = np.triu(weight_prefix[None, :] - weight_prefix[:, None], 1).astype(np.int64)
-    live = np.asarray(live_mib, dtype=float) * MIB
-    peak = np.zeros((n + 1, n + 1), dtype=np.int64)
-    for i in range(n):
-        peak[i, i + 1:] = np.maximum.accumulate(live[i:])
-    memory = SegmentMemory(weight_bytes=weights, touched_weight_bytes=weights,
-                           peak_activation_bytes=peak,
-                           cut_bytes=(np.asarray(cut_mib) * MIB).astype(np.int64),
-                           cut_tensor_count=np.ones(n + 1, dtype=np.int64))
-    return segment_costs(memory, np.asarray(node_ms, float), preset(model_name))
+    return synthetic_costs(node_ms, node_weight_mib, live_mib, cut_mib, preset(model_name))
 
 
 @st.composite
@@ -153,14 +140,16 @@ def test_paging_makes_dp_latency_cut_a_model_bigger_than_the_epc() -> None:
     assert choose_cuts(Planner.SINGLE, costs) == [0, 2]
 
 
-def test_planning_a_700_node_table_is_fast() -> None:
+def test_every_planner_plans_a_700_node_table() -> None:
+    """Its planning time is a benchmark row (smlaas bench accuracy), not a timed test."""
     rng = np.random.default_rng(0)
     n = 700
     costs = make_costs(rng.uniform(0.01, 2, n), rng.uniform(0, 2, n), rng.uniform(0, 5, n),
                        rng.uniform(0, 2, n + 1))
-    start = time.perf_counter()
     for planner in (Planner.DP_LATENCY, Planner.DP_THROUGHPUT, Planner.SEED_BRUTEFORCE,
                     Planner.GREEDY_EPC):
-        choose_cuts(planner, costs, fit_epc=True)
-    choose_cuts(Planner.DP_THROUGHPUT, costs, machines=16, fit_epc=True)
-    assert time.perf_counter() - start < 5.0  # generous: CI machines vary
+        cuts = choose_cuts(planner, costs, fit_epc=True)
+        assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(set(cuts))
+    assert len(choose_cuts(Planner.DP_THROUGHPUT, costs, machines=16, fit_epc=True)) <= 17
+
+

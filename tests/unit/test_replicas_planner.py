@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -232,16 +231,15 @@ def test_predicted_throughput_of_the_plan_counts_replicas() -> None:
     assert replicated.latency_ms == pytest.approx(latency(costs, replicated.cuts))
 
 
-def test_planning_resnet152_sized_table_with_64_machines_is_fast() -> None:
+def test_dp_replicas_plans_a_resnet152_sized_table_with_64_machines() -> None:
+    """Its planning time is a benchmark row (smlaas bench accuracy), not a timed test."""
     rng = np.random.default_rng(1)
     n = 515
     costs = make_costs(rng.uniform(0.01, 2, n), rng.uniform(0, 2, n), rng.uniform(0, 5, n),
                        rng.uniform(0, 0.05, n + 1))
-    start = time.perf_counter()
     layout = choose_layout(Planner.DP_REPLICAS, costs, machines=64, fit_epc=True)
-    elapsed = time.perf_counter() - start
     assert layout.machine_count <= 64
-    assert elapsed < 5.0  # about 0.1-0.3 s here; generous because CI machines vary
+    assert layout.machine_count > len(layout.cuts) - 1  # cheap links: replicas pay off
 
 
 def test_every_layout_of_a_small_table_is_enumerated() -> None:

@@ -16,7 +16,11 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from smlaas import zoo
 from smlaas.errors import SmlaasError
@@ -30,7 +34,8 @@ from smlaas.partition import (
     open_model,
     partition,
 )
-from smlaas.plan import Planner, preset
+from smlaas.plan import Planner, choose_cuts, choose_layout, preset
+from smlaas.plan.costs import synthetic_costs
 from smlaas.profile import ProfileCache, ProfileSettings, machine_id
 
 
@@ -56,6 +61,43 @@ def planning_time_ms(name: str, settings: ProfileSettings, repeats: int = 5) -> 
             "segment_memory_ms": statistics.median(memory_ms),
             "dp_latency_ms": statistics.median(latency_ms),
             "dp_throughput_k8_ms": statistics.median(throughput_ms)}
+
+
+def synthetic_planning_ms(repeats: int = 5) -> list[dict]:
+    """Median planner time on random cost tables of zoo sizes (no model, no profiling): the
+    700-node table every planner plans, and dp-replicas on a ResNet-152-sized table for 64
+    machines."""
+    rows = []
+    rng = np.random.default_rng(0)
+    n = 700
+    table = synthetic_costs(rng.uniform(0.01, 2, n), rng.uniform(0, 2, n), rng.uniform(0, 5, n),
+                            rng.uniform(0, 2, n + 1), preset("sgx1"))
+    runs: list[tuple[str, Callable[[], object]]] = [
+        (p.value, partial(choose_cuts, p, table, fit_epc=True))
+        for p in (Planner.DP_LATENCY, Planner.DP_THROUGHPUT, Planner.SEED_BRUTEFORCE,
+                      Planner.GREEDY_EPC)]
+    runs.append(("dp-throughput K=16", partial(choose_cuts, Planner.DP_THROUGHPUT, table,
+                                               machines=16, fit_epc=True)))
+    for label, plan in runs:
+        rows.append({"table": "random, 700 nodes", "planner": label, "ms": _median_ms(plan,
+                                                                                     repeats)})
+    rng = np.random.default_rng(1)
+    n = 515
+    table152 = synthetic_costs(rng.uniform(0.01, 2, n), rng.uniform(0, 2, n),
+                               rng.uniform(0, 5, n), rng.uniform(0, 0.05, n + 1), preset("sgx1"))
+    rows.append({"table": "random, 515 nodes (ResNet-152 size)", "planner": "dp-replicas K=64",
+                 "ms": _median_ms(lambda: choose_layout(Planner.DP_REPLICAS, table152,
+                                                        machines=64, fit_epc=True), repeats)})
+    return rows
+
+
+def _median_ms(work: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,10 +139,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{100 * rows[-1]['median_error']:.1f}%", flush=True)
     planning = [planning_time_ms(name, settings) for name in ("resnet152", "densenet201",
                                                               "bert_base")]
+    synthetic = synthetic_planning_ms()
     summary = {"machine": machine_id(), "python": platform.python_version(),
                "threads": args.threads, "runs": args.runs, "machines": args.machines,
                "median_error_all_stages": statistics.median(all_errors) if all_errors else None,
-               "stage_count": len(all_errors), "models": rows, "planning": planning}
+               "stage_count": len(all_errors), "models": rows, "planning": planning,
+               "planning_synthetic": synthetic}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     print("\n| model | stages | median error | max error | verified |")
@@ -119,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     for p in planning:
         print(f"| {p['model']} | {p['nodes']} | {p['segment_memory_ms']:.1f} | "
               f"{p['dp_latency_ms']:.1f} | {p['dp_throughput_k8_ms']:.1f} |")
+    print("\n| cost table | planner | ms |")
+    print("|---|---|---:|")
+    for row in synthetic:
+        print(f"| {row['table']} | {row['planner']} | {row['ms']:.1f} |")
 
 
 if __name__ == "__main__":

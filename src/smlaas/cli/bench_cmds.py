@@ -159,3 +159,14 @@ def accuracy(args: tuple[str, ...]) -> int:
 
     main(list(args))
     return 0
+
+
+@bench.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def exporters(args: tuple[str, ...]) -> int:
+    """Real exporters' models (wheels, skl2onnx, quantisers, fp16): partitioned and verified
+    under two planners, with prediction errors (options: --help)."""
+    from smlaas.bench.exporters import main
+
+    main(list(args))
+    return 0

@@ -31,7 +31,10 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         f"# smlaas build: {plan.model.name}",
         "",
         f"- source: `{plan.model.source}` (sha256 `{plan.model.sha256[:16]}...`)",
-        f"- input shapes: {', '.join(f'{k} {v}' for k, v in plan.model.input_shapes.items())}",
+        f"- input shapes: {', '.join(f'{k} {v}' for k, v in plan.model.input_shapes.items())}"
+        + (f" (symbolic in the stages: "
+           f"{', '.join(f'{k} axis {a}' for k, v in plan.model.dynamic_axes.items() for a in v)})"
+           if plan.model.dynamic_axes else ""),
         f"- planner: **{plan.planner}**, cost model **{cm.preset}** (usable EPC "
         f"{cm.usable_epc_mib:g} MiB), fit-epc: {plan.fit_epc}, machines: {budget}",
         f"- nodes: {plan.model.node_count}, stages: {len(plan.stages)}, enclaves (stages times "

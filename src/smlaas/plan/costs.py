@@ -81,3 +81,23 @@ def segment_costs(memory: SegmentMemory, node_ms: np.ndarray, cost_model: CostMo
     return SegmentCosts(native_ms=native, working_set_bytes=working_set, enclave_ms=enclave,
                         transfer_ms=transfer, valid_cut=cuts, cost_model=cost_model,
                         memory=memory, node_names=tuple(node_names))
+
+
+def synthetic_costs(node_ms: np.ndarray, node_weight_mib: np.ndarray, live_mib: np.ndarray,
+                    cut_mib: np.ndarray, cost_model: CostModel) -> SegmentCosts:
+    """A cost table for a chain of nodes described directly (per node: time, weight MiB and
+    live activation MiB; per cut position: MiB crossing it), for planner tests and
+    benchmarks that need tables of any size without a model."""
+    mib = 1024 * 1024
+    n = len(node_ms)
+    weight_prefix = np.concatenate([[0], np.cumsum(node_weight_mib)]) * mib
+    weights = np.triu(weight_prefix[None, :] - weight_prefix[:, None], 1).astype(np.int64)
+    live = np.asarray(live_mib, dtype=float) * mib
+    peak = np.zeros((n + 1, n + 1), dtype=np.int64)
+    for i in range(n):
+        peak[i, i + 1:] = np.maximum.accumulate(live[i:])
+    memory = SegmentMemory(weight_bytes=weights, touched_weight_bytes=weights,
+                           peak_activation_bytes=peak,
+                           cut_bytes=(np.asarray(cut_mib) * mib).astype(np.int64),
+                           cut_tensor_count=np.ones(n + 1, dtype=np.int64))
+    return segment_costs(memory, np.asarray(node_ms, float), cost_model)

@@ -35,6 +35,9 @@ class ModelRef:
     inputs: list[str]
     outputs: list[str]
     node_count: int
+    dynamic_axes: dict[str, list[int]] = field(default_factory=dict)
+    """Input axes that stay symbolic in the stages (the batch axis, ``--dynamic-axis``): the
+    stages take any size there; ``input_shapes`` is the size they were planned at."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from smlaas.profile.profiler import (
     ProfileSettings,
     ProgressCallback,
     profile_nodes,
+    run_times_ms,
     session_overhead_ms,
     time_model,
     time_session,
@@ -31,6 +32,7 @@ __all__ = [
     "random_inputs",
     "run_session",
     "session_overhead_ms",
+    "run_times_ms",
     "time_model",
     "time_session",
 ]

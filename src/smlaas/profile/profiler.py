@@ -197,6 +197,14 @@ def time_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
                  warmup_runs: int, measured_runs: int,
                  progress: Callable[[int, int], None] | None = None) -> float:
     """Median wall time in ms of one run of an existing ``session`` on ``feeds``."""
+    return statistics.median(run_times_ms(session, feeds, warmup_runs=warmup_runs,
+                                          measured_runs=measured_runs, progress=progress))
+
+
+def run_times_ms(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *,
+                 warmup_runs: int, measured_runs: int,
+                 progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Wall time in ms of each of ``measured_runs`` runs after ``warmup_runs`` discarded."""
     total = warmup_runs + measured_runs
     times = []
     for step in range(total):
@@ -207,7 +215,7 @@ def time_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
             times.append(elapsed)
         if progress:
             progress(step + 1, total)
-    return statistics.median(times)
+    return times
 
 
 def session_overhead_ms(*, threads: int) -> float:
