@@ -4,7 +4,9 @@ Per model and preset: for each planner its predicted latency, pipeline throughpu
 and 8 machines (for dp-replicas: K enclaves in all, stages times replicas), stage count and
 largest working set; the unpartitioned single enclave (paging included); and planning time.
 Node times come from one ONNX Runtime profile per model (cached), so every planner sees the
-same costs.
+same costs. A model that no plan fits into the EPC because one operator alone is too big
+(VGG's classifier.0, GPT-2's LM head) gets a second set of rows, ``NAME (split)``, with that
+operator split as ``smlaas partition --fit-epc`` does; the first set is the paging figure.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from smlaas.partition import (
     make_plan,
     measure_nodes,
     open_model,
+    split_budget,
 )
 from smlaas.plan import Planner, preset
 from smlaas.plan.costs import SegmentCosts
@@ -35,6 +38,9 @@ MACHINES = (2, 4, 8, 16)
 
 def planner_rows(model: str, settings: ProfileSettings, *,
                  cache: ProfileCache | None) -> list[dict[str, Any]]:
+    """Rows for ``model`` under each preset; where no plan fits the EPC because one operator
+    is too big, also rows for the model with that operator split (``model (split)``), as
+    ``smlaas partition --fit-epc`` plans it."""
     source, shapes = open_model(model)
     analysis = analyse(source, shapes, threads=settings.threads)
     profile = measure_nodes(analysis, settings, cache=cache)
@@ -42,24 +48,43 @@ def planner_rows(model: str, settings: ProfileSettings, *,
     for name in PRESETS:
         costs = cost_table(analysis, profile, preset(name))
         fits = _fits_epc(analysis, costs)
-        for row in compare_planners(analysis, costs, machines=None, fit_epc=fits):
-            row.update(model=model, preset=name, fit_epc=fits and row["planner"] != "single",
-                       nodes=analysis.graph.node_count)
-            row["throughput_k"] = {}
-            if row["planner"] in ("dp-throughput", "dp-replicas", "dp-latency", "greedy-epc",
-                                  "seed-bruteforce"):
-                for machines in MACHINES:
-                    started = time.perf_counter()
-                    try:
-                        plan = make_plan(analysis, costs, PlanOptions(
-                            Planner(row["planner"]), machines, fits))
-                    except PlanError:
-                        continue
-                    row["throughput_k"][str(machines)] = {
-                        "throughput_per_s": plan.throughput_per_s, "stages": len(plan.stages),
-                        "machine_count": plan.machine_count,
-                        "planning_ms": (time.perf_counter() - started) * 1e3}
-            rows.append(row)
+        rows += _preset_rows(model, name, analysis, costs, fits)
+        if fits:
+            continue
+        split = analyse(source, shapes, threads=settings.threads,
+                        split=split_budget(preset(name)))
+        if not split.splits:
+            continue
+        split_costs = cost_table(split, measure_nodes(split, settings, cache=cache),
+                                 preset(name))
+        if _fits_epc(split, split_costs):
+            for row in _preset_rows(f"{model} (split)", name, split, split_costs, True):
+                row["split"] = [record.describe() for record in split.splits]
+                rows.append(row)
+    return rows
+
+
+def _preset_rows(model: str, name: str, analysis: Analysis, costs: SegmentCosts,
+                 fits: bool) -> list[dict[str, Any]]:
+    rows = []
+    for row in compare_planners(analysis, costs, machines=None, fit_epc=fits):
+        row.update(model=model, preset=name, fit_epc=fits and row["planner"] != "single",
+                   nodes=analysis.graph.node_count)
+        row["throughput_k"] = {}
+        if row["planner"] in ("dp-throughput", "dp-replicas", "dp-latency", "greedy-epc",
+                              "seed-bruteforce"):
+            for machines in MACHINES:
+                started = time.perf_counter()
+                try:
+                    plan = make_plan(analysis, costs, PlanOptions(
+                        Planner(row["planner"]), machines, fits))
+                except PlanError:
+                    continue
+                row["throughput_k"][str(machines)] = {
+                    "throughput_per_s": plan.throughput_per_s, "stages": len(plan.stages),
+                    "machine_count": plan.machine_count,
+                    "planning_ms": (time.perf_counter() - started) * 1e3}
+        rows.append(row)
     return rows
 
 
