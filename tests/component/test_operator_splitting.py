@@ -103,3 +103,22 @@ def test_no_split_oversize_keeps_the_refusal(tmp_path: Path, tiny_epc: Path,
     assert main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["verified"] is True and data["split_operators"][0]["pieces"] == 3
+
+
+def test_planners_benchmark_adds_split_rows_beside_the_paging_ones(tmp_path: Path) -> None:
+    from smlaas.bench.planners import planner_rows
+
+    model = huge_matmul_model(5000)  # a 95 MiB weight: over sgx1's EPC, inside sgx2's
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    name = str(tmp_path / "huge.onnx")
+    onnx.save(model, name)
+    rows = planner_rows(name, FAST, cache=None)
+    by = {(r["model"], r["preset"], r["planner"]): r for r in rows}
+    paging = by[(name, "sgx1", "dp-latency")]
+    split = by[(f"{name} (split)", "sgx1", "dp-latency")]
+    assert not paging["all_fit_epc"] and split["all_fit_epc"]
+    assert split["stages"] > 1 and split["split"] and "huge_matmul" in split["split"][0]
+    assert split["latency_ms"] < paging["latency_ms"]
+    assert not any(model == f"{name} (split)" and preset == "sgx2"
+                   for model, preset, _ in by)
