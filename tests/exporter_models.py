@@ -192,26 +192,34 @@ def small_cnn_model(channels: int = 16, layers: int = 4, size: int = 16) -> onnx
                   opset=13)
 
 
+def random_calibration(shapes: dict[str, tuple[int, ...]], batches: int = 4):
+    """An onnxruntime.quantization calibration reader of seeded random float32 batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class RandomReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self._batches = iter([{name: rng.standard_normal(shape).astype(np.float32)
+                                   for name, shape in shapes.items()} for _ in range(batches)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    return RandomReader()
+
+
 def qdq_cnn_model(directory) -> onnx.ModelProto:
     """:func:`small_cnn_model` quantised to int8 QDQ by onnxruntime.quantization's
     quantize_static (calibrated on seeded random data), as a quantiser ships it: every
     weight's DequantizeLinear first in the file, far from its Conv."""
     from pathlib import Path
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class RandomReader(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            self._batches = iter([{"input": rng.standard_normal((1, 3, 16, 16)).astype(
-                np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self._batches, None)
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
     source, target = Path(directory) / "cnn_fp32.onnx", Path(directory) / "cnn_qdq.onnx"
     onnx.save(small_cnn_model(), str(source))
-    quantize_static(str(source), str(target), RandomReader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(source), str(target), random_calibration({"input": (1, 3, 16, 16)}),
+                    quant_format=QuantFormat.QDQ)
     model = onnx.load(str(target))
     # Put the weights' DequantizeLinear nodes first, as quantisers of big models do.
     weights = {t.name for t in model.graph.initializer}

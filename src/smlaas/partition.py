@@ -23,7 +23,6 @@ from smlaas import zoo
 from smlaas.errors import ConfigError, ModelError, PlanError, VerificationError
 from smlaas.export import (
     BuildWriter,
-    Chain,
     StageExtractor,
     VerificationReport,
     prediction_errors,
@@ -34,6 +33,7 @@ from smlaas.export import (
     verify_chain,
 )
 from smlaas.export.build_dir import PLAN_FILE
+from smlaas.export.stage_timing import measure_stages
 from smlaas.graph import (
     SPLIT_NOTE,
     InputSizes,
@@ -75,7 +75,6 @@ from smlaas.profile import (
     profile_key,
     profile_nodes,
     random_inputs,
-    run_times_ms,
 )
 from smlaas.profile.samples import (
     SAMPLES_FILE,
@@ -87,9 +86,6 @@ from smlaas.profile.samples import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Interleaved rounds in which the exported stages are timed (see measure_stages).
-MEASURE_ROUNDS = 3
 
 
 def default_threads() -> int:
@@ -432,7 +428,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
             if progress:
                 progress("exporting stages", stage.index + 1, len(plan.stages))
         phase("exported stages")
-        plan = plan.with_measured(measure_stages(stage_models, analysis, settings, progress))
+        plan = plan.with_measured(measure_stages(stage_models, analysis.feeds(), settings,
+                                                 progress))
         phase("measured stages")
         verification = None
         if verify:
@@ -453,38 +450,6 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     return PartitionResult(plan=plan, build_dir=Path(build_dir), verification=verification,
                            comparison=comparison, planning_ms=planning_ms, timings_s=timings,
                            splits=analysis.splits)
-
-
-def measure_stages(stage_models: Sequence[onnx.ModelProto], analysis: Analysis,
-                   settings: ProfileSettings, progress: ProgressCallback | None = None
-                   ) -> list[float]:
-    """Median native time of each exported stage, fed with the tensors the chain produces.
-
-    The measured runs are taken in interleaved rounds (every stage a few runs, then again),
-    so that a slow period of the machine, which on a shared VM lasts seconds, slows every
-    stage alike instead of one stage wholly: measured one stage after another, two identical
-    ResNet-50 stages once differed by 1.7x.
-    """
-    feeds = analysis.feeds()
-    chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
-    tensors: dict[str, np.ndarray] = dict(feeds)
-    stage_feeds = []
-    for runner in chain.stages:
-        stage_feeds.append({name: tensors[name] for name in runner.inputs})
-        tensors = runner.run(tensors)
-    rounds = min(MEASURE_ROUNDS, settings.measured_runs)
-    per_round = [settings.measured_runs // rounds + (r < settings.measured_runs % rounds)
-                 for r in range(rounds)]
-    times: list[list[float]] = [[] for _ in chain.stages]
-    for round_index, runs in enumerate(per_round):
-        for index, runner in enumerate(chain.stages):
-            # The chain's own session, so each stage is loaded into ONNX Runtime once.
-            times[index] += run_times_ms(runner.session, stage_feeds[index],
-                                         warmup_runs=settings.warmup_runs if round_index == 0
-                                         else 1, measured_runs=runs)
-        if progress:
-            progress("measuring stages", round_index + 1, rounds)
-    return [statistics.median(t) for t in times]
 
 
 def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1, 2),

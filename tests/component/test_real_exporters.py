@@ -17,7 +17,7 @@ from smlaas.cli.main import EXIT_BAD_INPUT, main
 from smlaas.partition import PlanOptions, partition, verify_build
 from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings
-from tests.exporter_models import small_cnn_model
+from tests.exporter_models import random_calibration, small_cnn_model
 from tests.models import chain_model
 
 FAST = ProfileSettings(threads=1, warmup_runs=1, measured_runs=1)
@@ -103,17 +103,7 @@ def test_onnxruntime_quantized_models_partition_and_verify(fmt: str, tmp_path: P
         sizes = ["x:2,64"]
     else:  # QLinearConv and friends
         onnx.save(small_cnn_model(), str(source))
-
-        class Reader(q.CalibrationDataReader):
-            def __init__(self) -> None:
-                rng = np.random.default_rng(0)
-                self.batches = iter([{"input": rng.standard_normal((1, 3, 16, 16)).astype(
-                    np.float32)} for _ in range(3)])
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        q.quantize_static(str(source), str(target), Reader(),
+        q.quantize_static(str(source), str(target), random_calibration({"input": (1, 3, 16, 16)}),
                           quant_format=q.QuantFormat.QOperator)
         sizes = ["input:1,3,16,16"]
     ops = {node.op_type for node in onnx.load(str(target)).graph.node}
