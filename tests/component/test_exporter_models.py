@@ -153,16 +153,21 @@ def test_qdq_model_partitions_and_verifies(tmp_path: Path) -> None:
         assert not crossing & produced_by_dq
 
 
+def _two_stages_at_every_cut(analysis):
+    """(cut, [stage 0, stage 1]) for every cut position inside the analysed model."""
+    extractor = StageExtractor(analysis.prepared, analysis.graph)
+    n = analysis.graph.node_count
+    for cut in range(1, n):
+        yield cut, [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+
+
 def test_data_dependent_shapes_cross_cuts_without_fixed_sizes() -> None:
     model = nonzero_model()
     shapes = {"x": (4, 8)}
     analysis = analyse(ModelSource("nz", "test", "-", model), shapes, threads=1)
     graph = analysis.graph
     assert {"where", "indices", "picked", "detections"} == set(graph.data_dependent)
-    extractor = StageExtractor(analysis.prepared, graph)
-    n = graph.node_count
-    for cut in range(1, n):
-        stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+    for cut, stages in _two_stages_at_every_cut(analysis):
         for value in [*stages[1].graph.input, *stages[1].graph.output]:
             dims = value.type.tensor_type.shape.dim
             fixed = all(d.HasField("dim_value") for d in dims)
@@ -183,10 +188,7 @@ def test_dynamic_batch_stays_symbolic_and_every_cut_runs_at_batch_1_and_4() -> N
     graph = analysis.graph
     # The batch-dependent shape chain is computed at run time, not folded to [1, 5, 2, 8].
     assert {"Shape", "Concat", "Reshape", "Expand"} <= {n.op_type for n in graph.nodes}
-    extractor = StageExtractor(analysis.prepared, graph)
-    n = graph.node_count
-    for cut in range(1, n):
-        stages = [extractor.extract(0, cut, name="s0"), extractor.extract(cut, n, name="s1")]
+    for cut, stages in _two_stages_at_every_cut(analysis):
         for value in [*stages[1].graph.input, *stages[1].graph.output]:
             dims = value.type.tensor_type.shape.dim
             if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:

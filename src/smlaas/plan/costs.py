@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smlaas.graph.memory import SegmentMemory
-from smlaas.plan.cost_model import CostModel
+from smlaas.plan.cost_model import MIB, CostModel
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,15 @@ def synthetic_costs(node_ms: np.ndarray, node_weight_mib: np.ndarray, live_mib: 
     """A cost table for a chain of nodes described directly (per node: time, weight MiB and
     live activation MiB; per cut position: MiB crossing it), for planner tests and
     benchmarks that need tables of any size without a model."""
-    mib = 1024 * 1024
     n = len(node_ms)
-    weight_prefix = np.concatenate([[0], np.cumsum(node_weight_mib)]) * mib
+    weight_prefix = np.concatenate([[0], np.cumsum(node_weight_mib)]) * MIB
     weights = np.triu(weight_prefix[None, :] - weight_prefix[:, None], 1).astype(np.int64)
-    live = np.asarray(live_mib, dtype=float) * mib
+    live = np.asarray(live_mib, dtype=float) * MIB
     peak = np.zeros((n + 1, n + 1), dtype=np.int64)
     for i in range(n):
         peak[i, i + 1:] = np.maximum.accumulate(live[i:])
     memory = SegmentMemory(weight_bytes=weights, touched_weight_bytes=weights,
                            peak_activation_bytes=peak,
-                           cut_bytes=(np.asarray(cut_mib) * mib).astype(np.int64),
+                           cut_bytes=(np.asarray(cut_mib) * MIB).astype(np.int64),
                            cut_tensor_count=np.ones(n + 1, dtype=np.int64))
     return segment_costs(memory, np.asarray(node_ms, float), cost_model)
