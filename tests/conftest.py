@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# What the owner's CLI and clients remember (versions signed, releases seen) never goes to the
+# user's state directory; module fixtures (which run before the per-test one below) use this.
+os.environ["SMLAAS_STATE_DIR"] = tempfile.mkdtemp(prefix="smlaas-test-state-")
 
 
 @pytest.fixture(autouse=True)
@@ -12,6 +17,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Each test session profiles into its own cache, never the user's."""
     cache = tmp_path_factory.getbasetemp() / "smlaas-cache"
     monkeypatch.setenv("SMLAAS_CACHE_DIR", str(cache))
+    monkeypatch.setenv("SMLAAS_STATE_DIR", str(tmp_path_factory.mktemp("smlaas-state")))
 
 
 @pytest.fixture

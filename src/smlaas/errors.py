@@ -26,7 +26,8 @@
          ├─ SealError                a sealed file is tampered, swapped, or the key is wrong
          ├─ CoordinatorRefused       the coordinator answered a request with a refusal (a code)
          └─ AttestationError         a quote, report or collateral failed verification
-             └─ PolicyError          verified evidence that the policy does not accept
+             ├─ PolicyError          verified evidence that the policy does not accept
+             └─ ReleaseError         no current owner release (unsigned, expired, older, other)
 
 Messages say what failed, what was expected against what was found, and how to fix it.
 """
@@ -130,6 +131,11 @@ class AttestationError(CheckFailed):
 
 class PolicyError(AttestationError):
     """Evidence verified, but the attestation policy does not accept it."""
+
+
+class ReleaseError(AttestationError):
+    """The owner's release is missing, malformed, not the owner's, expired, for another
+    manifest, or older than one already seen."""
 
 
 class SealError(CheckFailed):

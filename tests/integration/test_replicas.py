@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from smlaas.client import InferenceClient
-from smlaas.deploy.launchers import LocalLauncher, pin_cpu_sets
+from smlaas.deploy.launchers import LocalLauncher
+from smlaas.deploy.topology import pin_cpu_sets
 from smlaas.errors import SmlaasError
 from smlaas.profile.session import create_session, run_session
 from tests.builds import sealed_chain_build

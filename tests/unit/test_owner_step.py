@@ -1,5 +1,6 @@
-"""The owner's step against a coordinator that runs elsewhere (Kubernetes): it sets the same
-manifest as the local deploy, and `smlaas owner set-manifest` is that step."""
+"""The owner's step against a coordinator that runs elsewhere (Kubernetes, `smlaas operator
+up`): it sets the same manifest as the local deploy, `smlaas owner set-manifest` is that step,
+and it remembers the versions it signed per coordinator instance."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from smlaas.coordinator.client import CoordinatorStatus
 from smlaas.coordinator.manifest import Manifest
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
-from smlaas.deploy.deployment import Deployment, DeploySettings
-from smlaas.deploy.launchers import ExternalLauncher, ProcessSpec
+from smlaas.coordinator.release import SignedRelease
+from smlaas.deploy.launchers import ProcessSpec
+from smlaas.deploy.owner_plane import OwnerPlane
 from smlaas.deploy.roles import CoordinatorSpec, StageSpec, placed_elsewhere
+from smlaas.deploy.settings import DeploySettings
+from smlaas.deploy.topology import ServingLayout, role_specs
 from smlaas.errors import DeployError
 from smlaas.export.sealed_build import sealed_directory
 from smlaas.serving.enrol import coordinator_policy
@@ -29,6 +33,7 @@ class FakeCoordinator:
     held: Manifest | None = None
     stage_keys: dict[int, bytes] = {}
     signed = 0
+    release: SignedRelease | None = None
 
     def __init__(self, host: str, port: int, *, roots: list[Any], policy: Any) -> None:
         self.address, self.policy = (host, port), policy
@@ -42,13 +47,18 @@ class FakeCoordinator:
         return CoordinatorStatus(
             instance="ab" * 32, owner=self.owner_fingerprint, ca_pem="CA PEM\n",
             manifest_digest=held.digest() if held else None,
-            manifest_version=held.version if held else None, topology=())
+            manifest_version=held.version if held else None, topology=(),
+            release=FakeCoordinator.release)
 
     def set_manifest(self, manifest: Manifest, *, owner: OwnerKey,
-                     stage_keys: dict[int, bytes]) -> str:
+                     stage_keys: dict[int, bytes], release: Any = None) -> str:
         FakeCoordinator.held, FakeCoordinator.stage_keys = manifest, dict(stage_keys)
+        FakeCoordinator.release = release(bytes.fromhex("ab" * 32)) if release else None
         FakeCoordinator.signed += 1
         return manifest.digest()
+
+    def set_release(self, release: SignedRelease) -> None:
+        FakeCoordinator.release = release
 
 
 class Ports:
@@ -84,7 +94,8 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 @pytest.fixture
 def coordinator(monkeypatch: pytest.MonkeyPatch) -> type[FakeCoordinator]:
     FakeCoordinator.made, FakeCoordinator.held, FakeCoordinator.signed = [], None, 0
-    monkeypatch.setattr("smlaas.deploy.deployment.CoordinatorClient", FakeCoordinator)
+    FakeCoordinator.release = None
+    monkeypatch.setattr("smlaas.deploy.owner_plane.CoordinatorClient", FakeCoordinator)
     return FakeCoordinator
 
 
@@ -111,7 +122,7 @@ def test_set_manifest_at_sets_what_the_local_deploy_sets(
         coordinator: type[FakeCoordinator]) -> None:
     owner = OwnerKey.load(build[2])
     coordinator.owner_fingerprint = owner.fingerprint
-    remote = Deployment(_settings(build, tmp_path, replicas={1: 2}), ExternalLauncher())
+    remote = OwnerPlane(_settings(build, tmp_path, replicas={1: 2}))
     manifest = remote.set_manifest_at(("smlaas-coordinator", 7443))
     (client,) = coordinator.made
     assert client.address == ("smlaas-coordinator", 7443)
@@ -122,38 +133,52 @@ def test_set_manifest_at_sets_what_the_local_deploy_sets(
     assert set(coordinator.stage_keys) == set(remote.keys.stage_keys)
     assert (tmp_path / "state" / "ca.pem").read_text() == "CA PEM\n"
     assert (tmp_path / "state" / "gateway-policy.toml").is_file()
+    assert (tmp_path / "state" / "owner.pub").read_text().strip() == owner.public_key_hex
+    first = coordinator.release
+    assert first is not None and first.release.manifest_digest == manifest.digest()
+    assert first.release.version == 1 and first.release.coordinator_instance == "ab" * 32
+    first.verify(owner.private_key.public_key())
     # The local deploy computes its measurements from the specs it places itself.
-    local = Deployment(_settings(build, tmp_path / "local", replicas={1: 2}), Ports())
-    placed = CoordinatorSpec(backend="sim", owner_public_key=owner.public_key_hex,
-                             listen=("127.0.0.1", 7443))
-    local.measurements = {spec.role: spec.sim_mrenclave()
-                          for spec in local._role_specs(placed, mrenclave)}
-    local.measurements[COORDINATOR_ROLE] = mrenclave
+    local = OwnerPlane(_settings(build, tmp_path / "local", replicas={1: 2}))
+    specs = role_specs(Ports(), model_name=local.plan.model.name, replicas=local.replicas,
+                       layout=ServingLayout(), coordinator=("127.0.0.1", 7443),
+                       coordinator_mrenclave=mrenclave, sealed_dir=local.sealed_dir, cpus={})
+    local.measure_roles(specs, mrenclave)
     assert local.build_manifest().digest() == manifest.digest()
-    # Run again (a Job retried): the coordinator holds it already; nothing is signed anew.
-    again = Deployment(_settings(build, tmp_path, replicas={1: 2}), ExternalLauncher())
+    # Run again (a Job retried): the coordinator holds it already; nothing is signed anew,
+    # but the release is renewed.
+    again = OwnerPlane(_settings(build, tmp_path, replicas={1: 2}))
     assert again.set_manifest_at(("smlaas-coordinator", 7443)) == manifest
-    assert coordinator.signed == 1
+    assert coordinator.signed == 1 and coordinator.release is not first
+
+
+def test_a_rolled_back_coordinator_never_gets_a_second_version_of_one_number(
+        build: tuple[Path, Path, Path], tmp_path: Path,
+        coordinator: type[FakeCoordinator]) -> None:
+    owner = OwnerKey.load(build[2])
+    coordinator.owner_fingerprint = owner.fingerprint
+    OwnerPlane(_settings(build, tmp_path)).set_manifest_at(("c", 1))
+    v2 = OwnerPlane(_settings(build, tmp_path, replicas={1: 2}, replace_manifest=True))
+    assert v2.set_manifest_at(("c", 1)).version == 2
+    # The host restores the sealed state from before v2: the coordinator holds v1 again.
+    restored = OwnerPlane(_settings(build, tmp_path))
+    restored.measure_placed_elsewhere(CoordinatorSpec(
+        backend="sim", owner_public_key=owner.public_key_hex).sim_mrenclave())
+    coordinator.held = restored.build_manifest(version=1)
+    with pytest.raises(DeployError, match="rolled back by the host"):
+        OwnerPlane(_settings(build, tmp_path)).set_manifest_at(("c", 1))
+    replaced = OwnerPlane(_settings(build, tmp_path, replace_manifest=True))
+    assert replaced.set_manifest_at(("c", 1)).version == 3  # never a second, different v2
 
 
 def test_gramine_needs_every_role_measured(build: tuple[Path, Path, Path], tmp_path: Path,
                                            coordinator: type[FakeCoordinator]) -> None:
     from smlaas.errors import ConfigError
 
-    remote = Deployment(_settings(build, tmp_path, backend="gramine",
-                                  measurements={COORDINATOR_ROLE: "ab" * 32}),
-                        ExternalLauncher())
+    remote = OwnerPlane(_settings(build, tmp_path, backend="gramine",
+                                  measurements={COORDINATOR_ROLE: "ab" * 32}))
     with pytest.raises(ConfigError, match="MRENCLAVE of role 'gateway'"):
         remote.set_manifest_at(("smlaas-coordinator", 7443))
-
-
-def test_external_launcher_starts_nothing() -> None:
-    launcher = ExternalLauncher()
-    assert launcher.problems() == [] and launcher.restarts() == {}
-    with pytest.raises(DeployError, match="placed by the system that runs it"):
-        launcher.reserve("stage-0")
-    with pytest.raises(DeployError, match="started by the system that runs it"):
-        launcher.start(ProcessSpec("stage-0", []))
 
 
 def test_owner_set_manifest_command(build: tuple[Path, Path, Path], tmp_path: Path,
@@ -164,15 +189,15 @@ def test_owner_set_manifest_command(build: tuple[Path, Path, Path], tmp_path: Pa
 
     seen: dict[str, Any] = {}
 
-    def set_manifest_at(self: Deployment, address: tuple[str, int]) -> Manifest:
-        seen.update(settings=self.settings, address=address, launcher=self.launcher)
+    def set_manifest_at(self: OwnerPlane, address: tuple[str, int]) -> Manifest:
+        seen.update(settings=self.settings, address=address)
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.ca_path.write_text("CA PEM\n")
         self.measurements = {spec.role: spec.sim_mrenclave() for spec in placed_elsewhere(
             backend="sim", coordinator_mrenclave="cd" * 32, stage_count=self.stage_count)}
         return self.build_manifest()
 
-    monkeypatch.setattr(Deployment, "set_manifest_at", set_manifest_at)
+    monkeypatch.setattr(OwnerPlane, "set_manifest_at", set_manifest_at)
     build_dir, keys, owner = build
     sealed = sealed_directory(build_dir)
     result = CliRunner().invoke(cli, [
@@ -181,6 +206,5 @@ def test_owner_set_manifest_command(build: tuple[Path, Path, Path], tmp_path: Pa
         "--state-dir", str(tmp_path / "s"), "--print-ca"])
     assert result.exit_code == 0, result.output
     assert seen["address"] == ("127.0.0.1", 7443)
-    assert isinstance(seen["launcher"], ExternalLauncher)
     assert seen["settings"].collateral == {"pccs_url": "https://pccs.example:8081/sgx/"}
     assert "CA PEM" in result.output and "manifest v1" in result.output

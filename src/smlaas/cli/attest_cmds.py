@@ -6,6 +6,8 @@ import datetime as dt
 from pathlib import Path
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from smlaas.cli.console import console, print_json
 from smlaas.enclave import DEFAULT_POLICY, Policy, load_collateral, verify_quote
@@ -166,4 +168,22 @@ def attest_sim_quote(role: str, report_data: str, debug: bool, output: str,
     Path(output).write_bytes(quote)
     Path(collateral_out).write_text(pki.collateral().to_json())
     console.print(f"wrote SIMULATED (insecure) quote {output} and collateral {collateral_out}")
+    return 0
+
+
+@attest.command("sim-root")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the PEM here (default: print it).")
+def attest_sim_root(output: str | None) -> int:
+    """Print this machine's (or this image's) SIMULATION root CA certificate, for an owner to
+    trust exactly it (`smlaas owner set-manifest --sim-root FILE`). INSECURE by nature: any
+    holder of the simulation PKI can make quotes."""
+    pki = SimulationPKI.load_or_create(default_pki_dir())
+    pem = x509.load_der_x509_certificate(pki.root_der).public_bytes(
+        serialization.Encoding.PEM).decode()
+    if output:
+        Path(output).write_text(pem)
+        console.print(f"wrote the SIMULATION root (insecure) to {output}")
+    else:
+        click.echo(pem, nl=False)
     return 0

@@ -1,7 +1,14 @@
-"""``smlaas deploy``: run a sealed build as an attested inference service."""
+"""``smlaas deploy``: run a sealed build as an attested inference service on one machine.
+
+This process is the owner plane (it loads the keys, attests, signs); the launcher runs in a
+child process, the operator plane, with a minimal environment and no keys
+(:class:`~smlaas.deploy.operator.OperatorProcess`). With ``--launcher ray`` that child is the
+Ray driver: this process never imports Ray.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -9,22 +16,14 @@ from typing import Any
 import click
 
 from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
+from smlaas.cli.owner_cmds import parse_duration
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
+from smlaas.coordinator.release import DEFAULT_VALIDITY_S
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
-from smlaas.deploy.launchers import Launcher, LocalLauncher
+from smlaas.deploy.operator import OperatorProcess, wait_forever
 from smlaas.enclave.policy import Policy
-from smlaas.errors import DeployError
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS
-
-
-def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | None,
-                  placement: str | None = None) -> Launcher:
-    if kind == "ray":
-        from smlaas.deploy.ray_launcher import RayLauncher
-
-        return RayLauncher(log_dir, address=ray_address, placement=placement)
-    return LocalLauncher(log_dir, host=host)
 
 
 @click.command()
@@ -81,6 +80,14 @@ def make_launcher(kind: str, log_dir: Path, *, host: str, ray_address: str | Non
 @click.option("--pin", is_flag=True,
               help="Give each stage replica its own cores (and as many ONNX Runtime threads): "
                    "one machine per enclave, in miniature.")
+@click.option("--gateway-host", "gateway_hosts", multiple=True, metavar="NAME",
+              help="A further host name the gateway's certificate may carry (repeatable; "
+                   "localhost, 127.0.0.1 and a non-wildcard --host always): the owner names "
+                   "them in the manifest, the host cannot add any.")
+@click.option("--release-validity", default=f"{DEFAULT_VALIDITY_S // 3600}h",
+              show_default=True, callback=lambda _c, _p, v: parse_duration(v),
+              help="How long the owner's release is valid (at most 24h; renew with `smlaas "
+                   "owner release --refresh`).")
 def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            policy_path: str | None, pccs_url: str | None, replace_manifest: bool,
            launcher: str, backend: str, host: str, port: int, grpc_port: int | None,
@@ -90,7 +97,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            max_inflight: int | None, measurements: str | None, ray_address: str | None,
            placement: str | None,
            k8s_out: str | None, k8s_image: str, ready_timeout: float,
-           replica_specs: tuple[str, ...], pin: bool) -> int:
+           replica_specs: tuple[str, ...], pin: bool, gateway_hosts: tuple[str, ...],
+           release_validity: int) -> int:
     """Serve the sealed BUILD_DIR (the directory `smlaas seal` wrote, or the build holding
     it): coordinator, one worker per stage, gateway; Ctrl-C stops all."""
     owner_key = Path(owner_key_path) if owner_key_path else default_owner_key_path()
@@ -102,7 +110,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
             owner=OwnerKey.load(owner_key), image=k8s_image,
             measurements=read_measurements(Path(measurements)) if measurements else None,
             grpc_port=grpc_port or 0, threads=threads or 1,
-            replicas=_replicas(replica_specs) or None, pccs_url=pccs_url,
+            replicas=parse_replicas(replica_specs) or None, pccs_url=pccs_url,
             policy=Policy.from_toml(policy_path) if policy_path else None,
             max_batch_size=max_batch_size)
         console.print(f"wrote {len(written)} Kubernetes manifest files to {k8s_out}:")
@@ -130,16 +138,23 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         measurements=read_measurements(Path(measurements)) if measurements else None,
         policy=Policy.from_toml(policy_path).to_dict() if policy_path else None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
-        replace_manifest=replace_manifest, replicas=_replicas(replica_specs) or None, pin=pin,
+        replace_manifest=replace_manifest, replicas=parse_replicas(replica_specs) or None,
+        pin=pin, gateway_hosts=gateway_hosts, release_validity_s=release_validity,
         **_threads(threads))
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
     stop_on_ctrl_c_and_sigterm()
-    deployment = Deployment(settings, make_launcher(launcher, state / "logs", host=host,
-                                                    ray_address=ray_address,
-                                                    placement=placement),
-                            progress=lambda line: console.print(f"  {line}"))
+    operator = OperatorProcess(launcher, state / "logs", host=host, ray_address=ray_address,
+                               placement=placement)
+    console.print(f"  owner plane: this process (pid {os.getpid()}); operator plane "
+                  f"({launcher} launcher, no keys): pid {operator.operator_pid}")
+    try:
+        deployment = Deployment(settings, operator,
+                                progress=lambda line: console.print(f"  {line}"))
+    except BaseException:
+        operator.stop()
+        raise
     with deployment:
         console.print(f"[bold green]serving {deployment.model_name}[/] "
                       f"({deployment.stage_count} stages, replicas "
@@ -151,21 +166,19 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
                       + f"  CA   {deployment.ca_path}\n"
                       f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
                       f"--input x.npy (attests the gateway with "
-                      f"{deployment.gateway_policy_path.name})\n  Ctrl-C to stop")
+                      f"{deployment.gateway_policy_path.name} and accepts only the owner's "
+                      f"current release, checked with {deployment.owner_public_key_path.name})\n"
+                      f"  Ctrl-C to stop")
         console.file.flush()  # whoever reads a pipe needs the URL now, not at exit
         try:
-            while True:
-                time.sleep(1.0)
-                problems = deployment.launcher.problems()
-                if problems:
-                    raise DeployError("a process failed for good:\n" + "\n".join(problems))
+            wait_forever(deployment.launcher)
         except KeyboardInterrupt:
             console.print("stopping...")
     console.print("stopped")
     return 0
 
 
-def _replicas(specs: tuple[str, ...]) -> dict[int, int]:
+def parse_replicas(specs: tuple[str, ...]) -> dict[int, int]:
     replicas = {}
     for spec in specs:
         stage, sep, count = spec.partition("=")

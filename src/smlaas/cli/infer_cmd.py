@@ -9,7 +9,7 @@ import numpy as np
 
 from smlaas.cli.console import console, errors, table
 from smlaas.client import InferenceClient
-from smlaas.deploy.deployment import GATEWAY_POLICY_FILE
+from smlaas.deploy.owner_plane import GATEWAY_POLICY_FILE, OWNER_PUBLIC_KEY_FILE
 from smlaas.enclave.policy import Policy
 from smlaas.errors import ConfigError
 
@@ -49,6 +49,13 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
                    "--ca, written by `smlaas deploy`).")
 @click.option("--manifest-digest", help="Also require the gateway to be admitted under this "
                                         "manifest.")
+@click.option("--owner-public-key", metavar="HEX|FILE",
+              help="The owner's public key: accept the gateway only under the owner's "
+                   "current, unexpired release (default: owner.pub beside --ca, written by "
+                   "`smlaas deploy`).")
+@click.option("--no-release-check", is_flag=True,
+              help="Accept any deployment of the pinned code, stale or rolled back ones "
+                   "included (INSECURE: the owner's current release is not checked).")
 @click.option("--no-attest", is_flag=True,
               help="Do not check the gateway's quote (INSECURE: trust whatever the CA vouches "
                    "for).")
@@ -56,7 +63,8 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
               show_default=True, help="Seconds to wait for the answer.")
 def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
           model: str | None, as_json: bool, policy_path: str | None,
-          manifest_digest: str | None, no_attest: bool, timeout_s: float) -> int:
+          manifest_digest: str | None, owner_public_key: str | None, no_release_check: bool,
+          no_attest: bool, timeout_s: float) -> int:
     """Run the deployed model on tensors from .npy files (after attesting the gateway)."""
     policy = None
     if no_attest:
@@ -68,14 +76,28 @@ def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
             raise click.UsageError(f"no policy to attest the gateway with ({path} does not "
                                    f"exist): give --policy FILE, or --no-attest")
         policy = Policy.from_toml(path)
+    owner = None
+    if no_release_check and not no_attest:
+        errors.print("[bold yellow]warning:[/] --no-release-check: a stale or rolled-back "
+                     "deployment of the same code would be accepted")
+    elif not no_attest:
+        owner = owner_public_key or str(Path(ca).with_name(OWNER_PUBLIC_KEY_FILE))
+        if owner_public_key is None and not Path(owner).is_file():
+            raise click.UsageError(f"no owner public key to check the release with ({owner} "
+                                   f"does not exist): give --owner-public-key, or "
+                                   f"--no-release-check")
     with InferenceClient(url, ca=ca, model=model, policy=policy, attest=not no_attest,
-                         manifest_digest=manifest_digest, timeout_s=timeout_s) as client:
+                         manifest_digest=manifest_digest, timeout_s=timeout_s,
+                         owner_public_key=owner,
+                         check_release=not no_release_check) as client:
         names = [i["name"] for i in client.metadata()["inputs"]]
         inputs = load_inputs(list(input_specs), names)
         outputs = client.infer(inputs, binary=not as_json)
         if client.verdict is not None:
             console.print(f"gateway attested: MRENCLAVE {client.verdict.mrenclave[:16]}... "
-                          + ("(SIMULATED)" if client.verdict.simulated else "(hardware)"))
+                          + ("(SIMULATED)" if client.verdict.simulated else "(hardware)")
+                          + (f", under the owner's release v{client.release.version}"
+                             if client.release else ""))
     rows = [[name, str(list(v.shape)), v.dtype.name,
              f"{int(np.argmax(v.reshape(v.shape[0], -1)[0]))}" if v.ndim >= 2 else "-"]
             for name, v in outputs.items()]

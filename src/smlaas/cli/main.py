@@ -7,6 +7,7 @@ unsupported by design, a request the inference service refused as malformed).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,7 +27,37 @@ EXIT_BAD_INPUT = 2
 _BAD_REQUEST_STATUSES = frozenset({400, 404, 413, 415, 422})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Subcommand -> "module:attribute". A command's module is imported only when that command
+# runs (or help lists it): `smlaas owner ...`, the owner plane, then never imports the
+# launchers (operator plane), and every command starts faster.
+COMMANDS = {
+    "zoo": "zoo_cmds:zoo_group", "partition": "partition_cmds:partition",
+    "verify": "partition_cmds:verify", "plan": "partition_cmds:plan",
+    "calibrate": "calibrate_cmd:calibrate", "demo": "demo_cmd:demo",
+    "attest": "attest_cmds:attest", "owner": "owner_cmds:owner", "seal": "seal_cmd:seal",
+    "measure": "measure_cmd:measure", "coordinator": "coordinator_cmd:coordinator",
+    "gramine": "gramine_cmd:gramine", "worker": "serve_cmds:worker",
+    "gateway": "serve_cmds:gateway", "deploy": "deploy_cmd:deploy",
+    "operator": "operator_cmd:operator", "infer": "infer_cmd:infer",
+    "bench": "bench_cmds:bench",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        command = getattr(importlib.import_module(f"smlaas.cli.{module}"), attribute)
+        assert isinstance(command, click.Command)  # every COMMANDS entry names one
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smlaas")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -34,46 +65,6 @@ def cli(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-
-
-def _register_commands() -> None:
-    from smlaas.cli import (
-        attest_cmds,
-        bench_cmds,
-        calibrate_cmd,
-        coordinator_cmd,
-        demo_cmd,
-        deploy_cmd,
-        gramine_cmd,
-        infer_cmd,
-        measure_cmd,
-        owner_cmds,
-        partition_cmds,
-        seal_cmd,
-        serve_cmds,
-        zoo_cmds,
-    )
-
-    cli.add_command(zoo_cmds.zoo_group)
-    cli.add_command(partition_cmds.partition)
-    cli.add_command(partition_cmds.verify)
-    cli.add_command(partition_cmds.plan)
-    cli.add_command(calibrate_cmd.calibrate)
-    cli.add_command(demo_cmd.demo)
-    cli.add_command(attest_cmds.attest)
-    cli.add_command(owner_cmds.owner)
-    cli.add_command(seal_cmd.seal)
-    cli.add_command(measure_cmd.measure)
-    cli.add_command(coordinator_cmd.coordinator)
-    cli.add_command(gramine_cmd.gramine)
-    cli.add_command(serve_cmds.worker)
-    cli.add_command(serve_cmds.gateway)
-    cli.add_command(deploy_cmd.deploy)
-    cli.add_command(infer_cmd.infer)
-    cli.add_command(bench_cmds.bench)
-
-
-_register_commands()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

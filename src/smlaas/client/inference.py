@@ -2,9 +2,12 @@
 
 Before its first request a client attests the gateway (:meth:`InferenceClient.attest`): the
 gateway's quote must pass the policy for role ``gateway`` and bind the key of the certificate
-serving the connection (optionally also the manifest the gateway was admitted under), and from
-then on every response must come from that same certificate. ``attest=False`` skips this (the
-client then trusts whoever the pinned CA vouches for).
+serving the connection, the owner's release the gateway staples must be the owner's current
+one for the manifest the gateway was admitted under (:mod:`smlaas.client.release_check`; the
+client is configured with the owner's public key for this), and from then on every response
+must come from that same certificate. ``attest=False`` skips all of this (the client then
+trusts whoever the pinned CA vouches for); ``check_release=False`` skips the release check
+only (the client then accepts any deployment of the pinned code, stale ones included).
 
 Errors (one tree, :mod:`smlaas.errors`): ServingError (the gateway answered an error, with its
 HTTP status), TlsError (the server's certificate is not from the pinned CA, or the handshake
@@ -27,6 +30,8 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from smlaas.client.release_check import ReleaseCheck
+from smlaas.coordinator.release import Release
 from smlaas.enclave.backends.sim import known_roots
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
@@ -47,6 +52,7 @@ from smlaas.errors import (
 )
 from smlaas.transport.tls import certificate_manifest
 from smlaas.transport.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
+from smlaas.version_memory import VersionMemory
 
 ATTESTATION_PATH = "/v2/smlaas/attestation"
 
@@ -56,7 +62,8 @@ class _ClientCore:
 
     def __init__(self, url: str, *, ca: str | Path, policy: Policy | None,
                  roots: list[TrustedRoot] | None, attest: bool, manifest_digest: str | None,
-                 model: str | None, timeout_s: float) -> None:
+                 model: str | None, timeout_s: float, owner_public_key: str | Path | None,
+                 check_release: bool, releases: VersionMemory | None) -> None:
         if not url.startswith("https://"):
             raise ConfigError(f"the gateway URL must be https:// (got {url!r}): smlaas serves "
                               f"only over TLS with the deployment CA")
@@ -69,8 +76,18 @@ class _ClientCore:
             self._context = ssl.create_default_context(cafile=str(ca))
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"cannot load the CA {ca}: {err}") from err
+        if attest and check_release and owner_public_key is None:
+            raise ConfigError("attesting the gateway needs the owner's public key, to accept "
+                              "only the owner's current release (owner.pub beside the CA "
+                              "`smlaas deploy` wrote, or `smlaas owner show`); or pass "
+                              "check_release=False")
         self.policy, self.manifest_digest = policy, manifest_digest
         self.roots = roots if roots is not None else known_roots()
+        self.release_check = ReleaseCheck(str(owner_public_key), roots=self.roots,
+                                          memory=releases) \
+            if attest and check_release and owner_public_key is not None else None
+        self.release: Release | None = None
+        """The owner's release the attested gateway is under (after attestation)."""
         self.attest_first = attest
         self.timeout_s = timeout_s
         self._model = model
@@ -93,6 +110,8 @@ class _ClientCore:
             raise AttestationError("the evidence names another certificate than the one "
                                    "serving this connection")
         admitted = certificate_manifest(served)
+        if admitted is None:
+            raise AttestationError("the gateway's certificate names no manifest")
         if manifest_digest is not None and admitted != manifest_digest:
             raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
                                    f"{manifest_digest}")
@@ -103,6 +122,10 @@ class _ClientCore:
         if not verdict.verified:
             raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
         policy.check(verdict, role="gateway", expected_report_data=hashlib.sha256(spki).digest())
+        if self.release_check is not None:
+            self.release = self.release_check.check(evidence.get("release"),
+                                                    admitted_manifest=admitted,
+                                                    simulated=verdict.simulated)
         self._attested, self.verdict = served_der, verdict
         return verdict
 
@@ -146,9 +169,12 @@ class InferenceClient(_ClientCore):
     def __init__(self, url: str, *, ca: str | Path, policy: Policy | None = None,
                  roots: list[TrustedRoot] | None = None, attest: bool = True,
                  manifest_digest: str | None = None, model: str | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, owner_public_key: str | Path | None = None,
+                 check_release: bool = True, releases: VersionMemory | None = None) -> None:
         super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
-                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s)
+                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s,
+                         owner_public_key=owner_public_key, check_release=check_release,
+                         releases=releases)
         self._http = httpx.Client(base_url=self.url, verify=self._context, timeout=timeout_s)
 
     def __enter__(self) -> InferenceClient:
@@ -207,9 +233,12 @@ class AsyncInferenceClient(_ClientCore):
     def __init__(self, url: str, *, ca: str | Path, policy: Policy | None = None,
                  roots: list[TrustedRoot] | None = None, attest: bool = True,
                  manifest_digest: str | None = None, model: str | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, owner_public_key: str | Path | None = None,
+                 check_release: bool = True, releases: VersionMemory | None = None) -> None:
         super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
-                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s)
+                         manifest_digest=manifest_digest, model=model, timeout_s=timeout_s,
+                         owner_public_key=owner_public_key, check_release=check_release,
+                         releases=releases)
         self._http = httpx.AsyncClient(base_url=self.url, verify=self._context,
                                        timeout=timeout_s)
 

@@ -24,8 +24,8 @@ from smlaas.enclave.verification import load_collateral
 from smlaas.errors import ConfigError, InputError
 
 GATEWAY_ROLE = "gateway"
-FORMAT = 2
-_DIGEST_LABEL = b"smlaas manifest v2"
+FORMAT = 3
+_DIGEST_LABEL = b"smlaas manifest v3"
 _COMMITMENT_LABEL = b"smlaas stage key commitment v1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _STAGE_ROLE = re.compile(r"^stage-(0|[1-9][0-9]{0,5})$")
@@ -79,6 +79,12 @@ class Manifest:
     labels_sha256: str = ""
     """SHA-256 of the class labels file the gateway names classes with ('' = none); the
     gateway refuses a labels file the host changed."""
+    plan_sha256: str = ""
+    """SHA-256 of the plan.json bytes the owner read (once) and took the batching limit, the
+    replicas and the topology from; a role uses a plan.json only if it has this hash."""
+    gateway_hosts: tuple[str, ...] = ()
+    """The host names and addresses the owner lets the gateway's certificate carry (the host
+    may ask for fewer, never others)."""
     collateral: Mapping[str, Any] = field(default_factory=dict)
     """Where the coordinator gets collateral for registrants' quotes: ``{}`` (its own
     source: the simulation PCS for sim, its PCCS for gramine), ``{"pccs_url": URL}``, or
@@ -132,6 +138,11 @@ class Manifest:
                                 f"{count!r}")
         if self.labels_sha256 and not _HEX64.match(self.labels_sha256):
             problems.append("labels_sha256 is not 64 lower-case hex digits")
+        if self.plan_sha256 and not _HEX64.match(self.plan_sha256):
+            problems.append("plan_sha256 is not 64 lower-case hex digits")
+        if not all(isinstance(h, str) and h for h in self.gateway_hosts) or \
+                len(set(self.gateway_hosts)) != len(self.gateway_hosts):
+            problems.append("gateway_hosts must be distinct, non-empty host names")
         problems += _collateral_problems(self.collateral)
         return problems
 
@@ -143,6 +154,7 @@ class Manifest:
                            for k, s in sorted(self.stages.items())},
                 "max_batch_size": self.max_batch_size, "labels_sha256": self.labels_sha256,
                 "replicas": {str(k): n for k, n in sorted(self.replicas.items())},
+                "plan_sha256": self.plan_sha256, "gateway_hosts": list(self.gateway_hosts),
                 "collateral": dict(self.collateral)}
 
     def replicas_of(self, index: int) -> int:
@@ -165,7 +177,8 @@ class Manifest:
                 raise TypeError("a manifest is a JSON object")
             unknown = sorted(set(data) - {"format", "version", "policy", "topology",
                                           "stages", "max_batch_size", "labels_sha256",
-                                          "replicas", "collateral"})
+                                          "replicas", "collateral", "plan_sha256",
+                                          "gateway_hosts"})
             if unknown:
                 raise ValueError(f"unknown field(s) {', '.join(unknown)}")
             if data.get("format") != FORMAT:
@@ -185,12 +198,16 @@ class Manifest:
             collateral = data.get("collateral", {})
             if not isinstance(collateral, dict):
                 raise TypeError("collateral must be an object")
+            hosts = data.get("gateway_hosts", [])
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise TypeError("gateway_hosts must be a list of host names")
             manifest = cls(version=data["version"], policy=data["policy"],
                            topology=tuple(data["topology"]), stages=stages,
                            max_batch_size=data.get("max_batch_size", 0),
                            labels_sha256=str(data.get("labels_sha256", "")),
                            replicas={int(k): v for k, v in replicas.items()},
-                           collateral=collateral)
+                           plan_sha256=str(data.get("plan_sha256", "")),
+                           gateway_hosts=tuple(hosts), collateral=collateral)
         except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ConfigError(f"not a deployment manifest: {err}") from err
         problems = manifest.validate()

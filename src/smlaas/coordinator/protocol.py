@@ -38,6 +38,9 @@ class Op(StrEnum):
     SET_MANIFEST = "set_manifest"
     NONCE = "nonce"
     REGISTER = "register"
+    RELEASE = "release"
+    SET_RELEASE = "set_release"
+    HEARTBEAT = "heartbeat"
 
 
 class Code(StrEnum):
@@ -60,12 +63,20 @@ class Code(StrEnum):
     """The role is not in the manifest's topology."""
     NOT_ACCEPTED = "not_accepted"
     """The quote does not verify, or the manifest's policy does not accept it."""
+    NO_SLOT = "no_slot"
+    """The manifest has fewer replicas of the role than the slot asked for."""
+    SLOT_TAKEN = "slot_taken"
+    """A live replica holds that slot (retry: a restart waits for the old lease to end)."""
+    SLOT_REVOKED = "slot_revoked"
+    """The lease ended: the manifest it was held under was replaced."""
+    BAD_RELEASE = "bad_release"
+    """The release is not the owner's, not for this coordinator and manifest, or older."""
     INTERNAL = "internal"
 
 
-RETRYABLE = frozenset({Code.NO_MANIFEST, Code.BAD_NONCE})
+RETRYABLE = frozenset({Code.NO_MANIFEST, Code.BAD_NONCE, Code.SLOT_TAKEN})
 """Refusals that a registrant waits out (the owner has not set the manifest yet; its nonce
-expired while it waited)."""
+expired while it waited; its slot's previous holder has not let go yet)."""
 
 
 def refusal(code: Code, message: str) -> CoordinatorRefused:

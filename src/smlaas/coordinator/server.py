@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from smlaas.coordinator.owner import public_key_fingerprint
-from smlaas.coordinator.protocol import COORDINATOR_ROLE, Code
-from smlaas.coordinator.service import CoordinatorService
+from smlaas.coordinator.protocol import COORDINATOR_ROLE, Code, Op
+from smlaas.coordinator.service import LEASE_FIELD, CoordinatorService
+from smlaas.coordinator.slots import LEASE_S, Lease
 from smlaas.coordinator.state import SealedStateStore
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.ratls import RaTlsIdentity, create_identity, load_identity
@@ -130,22 +131,65 @@ class CoordinatorServer:
             writer.close()
             return
         self._open += 1
+        counted = True
+        lease: Lease | None = None
         try:
             async with asyncio.timeout(CONNECTION_DEADLINE_S):
                 await writer.start_tls(self._context,
                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
                 reply = await self._answer(reader)
+                lease = reply.pop(LEASE_FIELD, None)  # type: ignore[assignment]
                 writer.write(encode_frame(reply))
                 await writer.drain()
+            if lease is not None:  # bounded by the manifest's slots, not max_connections
+                self._open -= 1
+                counted = False
+                await self._hold(reader, writer, lease)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError,
                 OSError) as err:
             logger.info("connection from %s ended without a reply: %s", peer,
                         str(err) or type(err).__name__)
         finally:
-            self._open -= 1
+            if lease is not None:
+                self.service.slots.free(lease)
+            if counted:
+                self._open -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    lease: Lease) -> None:
+        """Keeps a stage's registration connection as its lease (:mod:`slots`): a heartbeat
+        at least every LEASE_S, answered until the lease is revoked; it ends (and the slot is
+        freed by the caller) when the connection closes, stalls or sends anything else."""
+        reason = "revoked"
+        try:
+            while not lease.revoked.is_set():
+                async with asyncio.timeout(LEASE_S):
+                    length = frame_length(await reader.readexactly(4), max_bytes=4096)
+                    request = decode_frame_body(await reader.readexactly(length))
+                if lease.revoked.is_set():
+                    break
+                if not isinstance(request, dict) or request.get("op") != Op.HEARTBEAT.value:
+                    reason = "not a heartbeat"
+                    writer.write(encode_frame({"ok": False, "code": Code.MALFORMED.value,
+                                               "error": "only heartbeats on a lease"}))
+                    await writer.drain()
+                    return
+                writer.write(encode_frame({"ok": True, "lease_s": LEASE_S}))
+                await writer.drain()
+            writer.write(encode_frame({"ok": False, "code": Code.SLOT_REVOKED.value,
+                                       "error": "the manifest this lease was held under was "
+                                                "replaced; stop serving"}))
+            await writer.drain()
+        except TimeoutError:
+            reason = f"no heartbeat for {LEASE_S:g} s"
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError,
+                ProtocolError) as err:
+            reason = f"connection ended ({str(err) or type(err).__name__})"
+        finally:
+            logger.info("lease of %s slot %d ended: %s", lease.role, lease.slot, reason)
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, object]:
         try:

@@ -13,12 +13,17 @@ the request held (:meth:`CoordinatorService.handle` never raises):
                        with; the stage keys must match the manifest's commitments. Replaces a
                        held manifest only with a higher version.
 - ``nonce``         -> a fresh single-use nonce, valid for NONCE_TTL_S
-- ``register``      -> {role, nonce, quote, public_key, hosts}: verifies the quote against
-                       collateral the coordinator obtains itself, the manifest's rules for the
-                       role and the binding of role, key and nonce in report_data; issues a
-                       certificate naming the role and the manifest digest in its extensions,
-                       the topology and the batching limit, and, for a stage, its key
+- ``register``      -> {role, nonce, quote, public_key, hosts, slot}: verifies the quote
+                       against collateral the coordinator obtains itself, the manifest's rules
+                       for the role and the binding of role, key and nonce in report_data;
+                       issues a certificate naming the role and the manifest digest in its
+                       extensions (and, for the gateway, only host names the manifest names),
+                       the topology and the batching limit, and, for a stage, claims one of
+                       the manifest's replica slots (:mod:`slots`) and releases its key
                        HPKE-encrypted to the attested public key.
+- ``release``       -> the owner's latest signed release of the held manifest (or null)
+- ``set_release``   -> {release}: a newer release of the held manifest, signed by the owner
+                       for this instance (``set_manifest`` may carry the first one too)
 """
 
 from __future__ import annotations
@@ -53,14 +58,24 @@ from smlaas.coordinator.protocol import (
     registration_binding,
     seal_stage_key,
 )
+from smlaas.coordinator.release import SignedRelease
+from smlaas.coordinator.slots import HEARTBEAT_S, LEASE_S, SlotTable
 from smlaas.coordinator.state import CoordinatorState, SealedStateStore
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.verification import TrustedRoot, select_root, verify_quote
-from smlaas.errors import AttestationError, CoordinatorRefused, InputError, SmlaasError
+from smlaas.errors import (
+    AttestationError,
+    CoordinatorRefused,
+    InputError,
+    ReleaseError,
+    SmlaasError,
+)
 
 logger = logging.getLogger(__name__)
 NONCE_TTL_S = 60.0
 MAX_NONCES = 4096
+LEASE_FIELD = "_lease"
+"""The key under which a register answer hands its Lease to the server (never sent)."""
 
 
 class NonceTable:
@@ -104,6 +119,7 @@ class CoordinatorService:
         self._owner_fingerprint = public_key_fingerprint(owner_public_key)
         self._lock = threading.Lock()
         self.nonces = NonceTable()
+        self.slots = SlotTable()
         state = store.load()
         if state is None:
             state = CoordinatorState.create()
@@ -148,7 +164,10 @@ class CoordinatorService:
                 Op.STATUS: lambda _: self._status(),
                 Op.SET_MANIFEST: self._set_manifest,
                 Op.NONCE: lambda _: {"nonce": self.nonces.issue().hex()},
-                Op.REGISTER: self._register}
+                Op.REGISTER: self._register,
+                Op.RELEASE: lambda _: {"release": self._release_dict()},
+                Op.SET_RELEASE: self._set_release,
+                Op.HEARTBEAT: self._stray_heartbeat}
 
     @staticmethod
     def _refused(op: Any, code: str, message: str) -> dict[str, Any]:
@@ -161,7 +180,17 @@ class CoordinatorService:
         return {"instance": state.instance_id.hex(), "owner": self._owner_fingerprint,
                 "ca": state.ca.cert_pem(), "manifest": None if manifest is None else {
                     "digest": manifest.digest(), "version": manifest.version,
-                    "topology": list(manifest.topology)}}
+                    "topology": list(manifest.topology)},
+                "release": self._release_dict(), "slots": self.slots.held()}
+
+    def _release_dict(self) -> dict[str, str] | None:
+        release = self.state.release
+        return release.to_dict() if release is not None else None
+
+    @staticmethod
+    def _stray_heartbeat(_: dict[str, Any]) -> dict[str, Any]:
+        raise refusal(Code.MALFORMED, "a heartbeat is sent only on the connection a stage "
+                      "registered on (its lease)")
 
     # -- the owner's manifest ------------------------------------------------------------
     def _set_manifest(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -177,20 +206,71 @@ class CoordinatorService:
         verify_manifest_signature(self._owner_key, signature, manifest_digest=manifest.digest(),
                                   coordinator_key_sha256=self.state.instance_id)
         keys = _stage_keys(request.get("stage_keys"), manifest)
+        release = self._checked_release(request.get("release"), manifest) \
+            if request.get("release") is not None else None
         with self._lock:
             held = self.state.manifest
             if held is not None and held.digest() == manifest.digest():
+                if release is not None and self._newer(release):
+                    self._save(replace(self.state, release=release))
                 return {"digest": manifest.digest(), "version": manifest.version}
             if held is not None and manifest.version <= held.version:
                 raise refusal(Code.STALE_VERSION, f"this coordinator holds manifest version "
                               f"{held.version} ({held.digest()[:16]}); only a signed manifest "
                               f"with a higher version replaces it, got {manifest.version}")
-            updated = replace(self.state, manifest=manifest, manifest_signature=signature,
-                              stage_keys=keys)
-            self._store.save(updated)  # saved first: a failed save changes nothing
-            self.state = updated
-        logger.info("%s set by the owner (%s)", manifest.describe(), self._owner_fingerprint)
+            self._save(replace(self.state, manifest=manifest, manifest_signature=signature,
+                               stage_keys=keys, release=release))
+        revoked = self.slots.revoke_all_but(manifest.digest())
+        logger.info("%s set by the owner (%s)%s", manifest.describe(), self._owner_fingerprint,
+                    f"; {revoked} lease(s) of the previous manifest revoked" if revoked else "")
         return {"digest": manifest.digest(), "version": manifest.version}
+
+    def _save(self, updated: CoordinatorState) -> None:
+        """Saves first, then uses: a failed save changes nothing (call under the lock)."""
+        self._store.save(updated)
+        self.state = updated
+
+    # -- the owner's release -------------------------------------------------------------
+    def _checked_release(self, raw: Any, manifest: Manifest) -> SignedRelease:
+        """The owner's release of ``manifest`` for this instance, or a bad_release refusal."""
+        try:
+            signed = SignedRelease.from_dict(raw)
+            release = signed.verify(self._owner_key)
+        except ReleaseError as err:
+            raise refusal(Code.BAD_RELEASE, str(err)) from err
+        expected = {"owner": self._owner_fingerprint,
+                    "coordinator_instance": self.state.instance_id.hex(),
+                    "manifest_digest": manifest.digest(), "version": manifest.version}
+        for name, value in expected.items():
+            if getattr(release, name) != value:
+                raise refusal(Code.BAD_RELEASE, f"the release's {name} is "
+                              f"{getattr(release, name)!r}, this coordinator's is {value!r}")
+        if release.expired(time.time()):
+            raise refusal(Code.BAD_RELEASE, f"the release expired at {release.expires_at}")
+        return signed
+
+    def _newer(self, signed: SignedRelease) -> bool:
+        held = self.state.release
+        return held is None or signed.release.issued_at > held.release.issued_at or (
+            signed.release.issued_at == held.release.issued_at and
+            signed.release.expires_at > held.release.expires_at)
+
+    def _set_release(self, request: dict[str, Any]) -> dict[str, Any]:
+        manifest = self.state.manifest
+        if manifest is None:
+            raise refusal(Code.NO_MANIFEST, "no manifest is set, so there is nothing to "
+                          "release")
+        signed = self._checked_release(request.get("release"), manifest)
+        with self._lock:
+            if self.state.manifest is not manifest:
+                raise refusal(Code.BAD_RELEASE, "the manifest changed while the release was "
+                              "checked; sign a release of the current one")
+            if not self._newer(signed):
+                raise refusal(Code.BAD_RELEASE, "this coordinator holds a release issued at "
+                              "the same time or later")
+            self._save(replace(self.state, release=signed))
+        logger.info("%s set by the owner", signed.release.describe())
+        return {"release": signed.to_dict()}
 
     # -- registration --------------------------------------------------------------------
     def _register(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +293,7 @@ class CoordinatorService:
         if role not in manifest.topology:
             raise refusal(Code.UNKNOWN_ROLE, f"role {role!r} is not in the manifest's "
                           f"topology ({', '.join(manifest.topology)})")
-        hosts = validated_hosts(role, request.get("hosts", []))
+        hosts = owner_named_hosts(validated_hosts(role, request.get("hosts", [])), manifest)
         self.nonces.take(nonce)
         collateral = collateral_for(quote, manifest.collateral, self._backend)
         verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
@@ -222,24 +302,51 @@ class CoordinatorService:
             raise AttestationError(f"quote of {role} does not verify: {verdict.error}")
         manifest.parsed_policy().check(verdict, role=role, expected_report_data=(
             registration_binding(role, public_der, nonce)))
-        certificate = state.ca.issue(role, public_key, manifest_digest=manifest.digest(),
-                                     hosts=hosts)
-        response: dict[str, Any] = {
-            "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
-            "ca": state.ca.cert_pem(), "manifest_digest": manifest.digest(),
-            "topology": list(manifest.topology), "max_batch_size": manifest.max_batch_size,
-            "labels_sha256": manifest.labels_sha256,
-            "replicas": {str(k): n for k, n in manifest.replicas.items()},
-            "simulated": verdict.simulated}
-        if role != GATEWAY_ROLE:
+        lease = None
+        if role != GATEWAY_ROLE:  # a slot before a key: at most the manifest's replicas
             index = stage_index(role)
-            sealed_key = seal_stage_key(state.stage_keys[index], public_key, role=role,
-                                        manifest_digest=manifest.digest(), nonce=nonce)
-            response["stage"] = {"index": index, "sha256": manifest.stages[index].sha256,
-                                 "sealed_key": base64.b64encode(sealed_key).decode()}
+            lease = self.slots.claim(role, request.get("slot", 0),
+                                     capacity=manifest.replicas_of(index),
+                                     manifest_digest=manifest.digest())
+        try:
+            certificate = state.ca.issue(role, public_key, manifest_digest=manifest.digest(),
+                                         hosts=hosts)
+            response: dict[str, Any] = {
+                "certificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+                "ca": state.ca.cert_pem(), "manifest_digest": manifest.digest(),
+                "topology": list(manifest.topology), "max_batch_size": manifest.max_batch_size,
+                "labels_sha256": manifest.labels_sha256,
+                "replicas": {str(k): n for k, n in manifest.replicas.items()},
+                "plan_sha256": manifest.plan_sha256, "simulated": verdict.simulated,
+                "release": None if state.release is None else state.release.to_dict()}
+            if role != GATEWAY_ROLE:
+                index = stage_index(role)
+                sealed_key = seal_stage_key(state.stage_keys[index], public_key, role=role,
+                                            manifest_digest=manifest.digest(), nonce=nonce)
+                response["stage"] = {"index": index, "sha256": manifest.stages[index].sha256,
+                                     "sealed_key": base64.b64encode(sealed_key).decode()}
+                response["lease"] = {"slot": lease.slot if lease else 0, "lease_s": LEASE_S,
+                                     "heartbeat_s": HEARTBEAT_S}
+                response[LEASE_FIELD] = lease  # the server keeps this connection as the lease
+        except BaseException:
+            if lease is not None:
+                self.slots.free(lease)
+            raise
         logger.info("registered %s (MRENCLAVE %s..., %s)", role, verdict.mrenclave[:16],
                     "SIMULATED" if verdict.simulated else "hardware")
         return response
+
+
+def owner_named_hosts(asked: list[str], manifest: Manifest) -> list[str]:
+    """The asked-for host names that the owner's manifest names for the gateway; the others
+    are dropped (logged), so a name the host made up is in no certificate."""
+    named = {host.lower().rstrip(".") for host in manifest.gateway_hosts}
+    kept = [host for host in asked if host.lower().rstrip(".") in named]
+    dropped = sorted(set(asked) - set(kept))
+    if dropped:
+        logger.warning("gateway asked for host name(s) %s that the owner's manifest does not "
+                       "name; left out of its certificate", ", ".join(dropped))
+    return kept
 
 
 def _base64(request: dict[str, Any], field: str) -> bytes:

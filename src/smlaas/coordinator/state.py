@@ -1,9 +1,11 @@
 """The coordinator's state, sealed to its own measurement so a restart loses nothing.
 
 It holds the deployment CA, the coordinator's instance key (its RA-TLS key: an owner's
-manifest signature is bound to it), the signed manifest, its signature and the stage keys.
+manifest signature is bound to it), the signed manifest, its signature, the stage keys and the
+owner's latest release of that manifest.
 Without a monotonic counter the host can put back an earlier sealed file (rollback): the
-coordinator then holds an earlier manifest version, which the owner sees in ``status``
+coordinator then holds an earlier manifest version and release, which the owner sees in
+``status`` and clients refuse once they have seen a later release or the old one expired
 (docs/SECURITY.md).
 """
 
@@ -21,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.coordinator.ca import DeploymentCA
 from smlaas.coordinator.manifest import Manifest
 from smlaas.coordinator.protocol import spki_der
+from smlaas.coordinator.release import SignedRelease
 from smlaas.enclave.sealing import seal, unseal
-from smlaas.errors import SealError
+from smlaas.errors import SealError, SmlaasError
 from smlaas.private_files import write_private
 
 _STATE_STAGE = 0  # the sealed-file header's stage field; the state is one object
@@ -38,6 +41,8 @@ class CoordinatorState:
     manifest: Manifest | None = None
     manifest_signature: bytes = b""
     stage_keys: dict[int, bytes] = field(default_factory=dict)
+    release: SignedRelease | None = None
+    """The owner's latest release of ``manifest`` (None: none yet)."""
 
     @classmethod
     def create(cls) -> CoordinatorState:
@@ -59,7 +64,8 @@ class CoordinatorState:
             "manifest": self.manifest.to_json() if self.manifest else None,
             "manifest_signature": base64.b64encode(self.manifest_signature).decode(),
             "stage_keys": {str(k): base64.b64encode(v).decode()
-                           for k, v in self.stage_keys.items()}}).encode()
+                           for k, v in self.stage_keys.items()},
+            "release": self.release.to_dict() if self.release else None}).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CoordinatorState:
@@ -71,8 +77,9 @@ class CoordinatorState:
             return cls(DeploymentCA.from_pem(raw["ca_key"].encode(), raw["ca_cert"].encode()),
                        key, Manifest.from_json(raw["manifest"]) if raw["manifest"] else None,
                        base64.b64decode(raw["manifest_signature"]),
-                       {int(k): base64.b64decode(v) for k, v in raw["stage_keys"].items()})
-        except (ValueError, KeyError, TypeError) as err:
+                       {int(k): base64.b64decode(v) for k, v in raw["stage_keys"].items()},
+                       SignedRelease.from_dict(raw["release"]) if raw.get("release") else None)
+        except (ValueError, KeyError, TypeError, SmlaasError) as err:
             raise SealError(f"the coordinator's sealed state is of another format: {err}; "
                             f"start with a new --state file") from err
 

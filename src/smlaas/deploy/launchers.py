@@ -20,11 +20,27 @@ from pathlib import Path
 from typing import Protocol
 
 from smlaas.coordinator.server import free_port
-from smlaas.errors import DeployError
 
 logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
+PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+              "PYTHONPATH", "VIRTUAL_ENV", "SMLAAS_CACHE_DIR", "XDG_CACHE_HOME",
+              "SMLAAS_PCCS_URL", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+              "COVERAGE_PROCESS_START")
+"""The variables a launched process inherits: what Python, ONNX Runtime and the smlaas cache
+need, and nothing else (no owner key path, no credentials of whoever started it)."""
+PASSED_ENV_PREFIXES = ("RAY_",)
+"""... and the host's own engine settings (Ray's address and token: the operator's, not the
+owner's)."""
+
+
+def minimal_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment cut down to PASSED_ENV (and PASSED_ENV_PREFIXES), plus
+    ``extra``."""
+    kept = {name: value for name, value in os.environ.items()
+            if name in PASSED_ENV or name.startswith(PASSED_ENV_PREFIXES)}
+    return {**kept, **(extra or {})}
 
 
 @dataclass(frozen=True)
@@ -35,17 +51,6 @@ class ProcessSpec:
     env: dict[str, str] = field(default_factory=dict)
     cpus: tuple[int, ...] = ()
     """Cores the process (and every thread it starts) may run on; () = any."""
-
-
-def pin_cpu_sets(count: int, *, available: tuple[int, ...] | None = None
-                 ) -> list[tuple[int, ...]] | None:
-    """``count`` disjoint, equal CPU sets from the cores this process may use (contiguous
-    blocks, the remainder unused), or None when there are fewer cores than sets."""
-    cores = tuple(sorted(available if available is not None else os.sched_getaffinity(0)))
-    if count < 1 or len(cores) < count:
-        return None
-    size = len(cores) // count
-    return [cores[k * size:(k + 1) * size] for k in range(count)]
 
 
 class Launcher(Protocol):
@@ -78,37 +83,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-class ExternalLauncher:
-    """Processes that another system starts and restarts (Kubernetes): the owner's steps of
-    a deployment run against them, but nothing is started here."""
-
-    name = "external"
-
-    def reserve(self, name: str) -> tuple[str, int]:
-        raise DeployError(f"{name} is placed by the system that runs it, not reserved here")
-
-    def start(self, spec: ProcessSpec) -> None:
-        raise DeployError(f"{spec.name} is started by the system that runs it, not here")
-
-    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
-        """Placement is the other system's."""
-
-    def problems(self) -> list[str]:
-        return []
-
-    def restarts(self) -> dict[str, int]:
-        return {}
-
-    def stop(self) -> None:
-        pass
-
-
 class _Supervised:
     def __init__(self, spec: ProcessSpec, log_path: Path, *,
                  die_with_parent: bool = False) -> None:
         self.spec, self.log_path = spec, log_path
         self.die_with_parent = die_with_parent
-        self.env = {**os.environ, **spec.env}  # a restart runs exactly as the first start
+        self.env = minimal_env(spec.env)  # a restart runs exactly as the first start
         self.restarts = 0
         self.gave_up: str | None = None
         self.process = self._spawn()

@@ -71,17 +71,20 @@ def coordinator_policy(coordinator_mrenclave: str, *, simulated: bool) -> Policy
 
 
 def enrol(coordinator: tuple[str, int], *, role: str, backend: EnclaveBackend,
-          coordinator_mrenclave: str, hosts: list[str], deadline_s: float = 60.0
-          ) -> Registration:
+          coordinator_mrenclave: str, hosts: list[str], slot: int = 0, hold: bool = False,
+          deadline_s: float = 60.0) -> Registration:
     """Registers with the coordinator, waiting (until ``deadline_s``) while it is not up, has
-    no manifest yet, or our nonce expired; any other refusal is raised at once."""
+    no manifest yet, our nonce expired, or our replica slot is still held by a predecessor;
+    any other refusal is raised at once. A stage claims replica slot ``slot`` and, with
+    ``hold``, keeps its registration connection as the lease (``Registration.lease``)."""
     roots = [INTEL_ROOT, backend.trusted_root] if backend.simulated else [INTEL_ROOT]
     client = CoordinatorClient(*coordinator, roots=roots, policy=coordinator_policy(
         coordinator_mrenclave, simulated=backend.simulated))
     end = time.monotonic() + deadline_s
     while True:
         try:
-            registration = client.register(backend, role=role, hosts=hosts)
+            registration = client.register(backend, role=role, hosts=hosts, slot=slot,
+                                           hold=hold)
             logger.info("%s registered with the coordinator at %s:%d", role, *coordinator)
             return registration
         except CoordinatorRefused as err:

@@ -20,15 +20,24 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from smlaas.coordinator.client import CoordinatorClient
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
+from smlaas.coordinator.release import SignedRelease
 from smlaas.deploy.roles import GatewaySpec
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.errors import ConfigError
+from smlaas.enclave.verification import INTEL_ROOT
+from smlaas.errors import ConfigError, SmlaasError
 from smlaas.serving.data_plane import DataPlane
-from smlaas.serving.enrol import check_replica_count, create_backend, enrol
+from smlaas.serving.enrol import (
+    check_replica_count,
+    coordinator_policy,
+    create_backend,
+    enrol,
+)
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
 from smlaas.serving.link import replica_set, run_event_loop
+from smlaas.transport.framing import ProtocolError
 from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -36,6 +45,11 @@ WILDCARDS = {"0.0.0.0", "::", ""}
 # The default policy accepts collateral up to 7 days old; sim and PCCS collateral is about a
 # day old when fetched.
 EVIDENCE_REFRESH_S = 6 * 3600.0
+RELEASE_POLL_S = 30.0
+"""How often the gateway asks the coordinator for the owner's latest release (a refreshed
+release reaches clients within this; releases live for hours)."""
+RELEASE_RETRY_S = 1.0
+"""... and how often while it has none yet."""
 
 
 def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -72,6 +86,37 @@ class GatewayEvidence:
             if self._clock() - self._made >= EVIDENCE_REFRESH_S:
                 self._evidence, self._made = self._make(), self._clock()
             return self._evidence
+
+
+class ReleaseWatcher:
+    """The owner's latest release as the coordinator holds it, fetched over RA-TLS in a
+    daemon thread (every RELEASE_POLL_S; every RELEASE_RETRY_S while there is none). The
+    gateway staples it to its evidence as it is: clients verify it (owner signature, expiry,
+    this gateway's manifest, version), so the gateway need not."""
+
+    def __init__(self, fetch: Callable[[], SignedRelease | None],
+                 first: SignedRelease | None) -> None:
+        self._fetch, self._current = fetch, first
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="release-watch").start()
+
+    def current(self) -> dict[str, str] | None:
+        release = self._current
+        return release.to_dict() if release is not None else None
+
+    def _run(self) -> None:
+        while not self._stop.wait(RELEASE_POLL_S if self._current else RELEASE_RETRY_S):
+            try:
+                fetched = self._fetch()
+            except (SmlaasError, OSError, ProtocolError) as err:
+                logger.info("could not fetch the owner's release: %s", err)
+                continue
+            if fetched is not None and fetched != self._current:
+                logger.info("stapling the owner's %s", fetched.release.describe())
+                self._current = fetched
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def read_labels(path: str, expected_sha256: str) -> tuple[str, ...] | None:
@@ -112,6 +157,10 @@ def run_gateway(spec: GatewaySpec) -> None:
     registration = enrol(spec.coordinator, role=GATEWAY_ROLE, backend=enclave,
                          coordinator_mrenclave=spec.coordinator_mrenclave,
                          hosts=certificate_hosts(listen[0]))
+    roots = [INTEL_ROOT, enclave.trusted_root] if enclave.simulated else [INTEL_ROOT]
+    coordinator = CoordinatorClient(*spec.coordinator, roots=roots, policy=coordinator_policy(
+        spec.coordinator_mrenclave, simulated=enclave.simulated))
+    releases = ReleaseWatcher(coordinator.release, registration.release)
     attested_at = time.time()
     check_replica_count(spec.first_stages, stage_role(0), registration.replicas_of(0))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
@@ -127,9 +176,12 @@ def run_gateway(spec: GatewaySpec) -> None:
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
         request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
-    plane = DataPlane(settings, link, evidence=GatewayEvidence(lambda: attestation_evidence(
+    quoted = GatewayEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
-        registration.manifest_digest)), attested_at=attested_at)
+        registration.manifest_digest))
+    plane = DataPlane(settings, link, evidence=lambda: {**quoted(),
+                                                        "release": releases.current()},
+                      attested_at=attested_at)
     app = create_app(settings, link, plane=plane)
     key_pem = registration.key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import signal
@@ -29,7 +30,7 @@ from onnx import helper
 from smlaas.coordinator.client import StageRelease
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
 from smlaas.deploy.roles import StageSpec
-from smlaas.errors import AttestationError, ConfigError, ProfileError, SmlaasError
+from smlaas.errors import AttestationError, ConfigError, DeployError, ProfileError, SmlaasError
 from smlaas.export.batching import relax_batch_dim
 from smlaas.export.chain import StageRunner
 from smlaas.export.sealed_build import unseal_stage
@@ -88,13 +89,19 @@ class StageStats:
         return {**asdict(self), "queue_depth": queue_depth}
 
 
-def predicted_memory(sealed_dir: Path, index: int) -> dict[str, int]:
-    """The plan's prediction for stage ``index`` (the host's plan.json: for metrics only)."""
+def predicted_memory(sealed_dir: Path, index: int, plan_sha256: str) -> dict[str, int]:
+    """The plan's prediction for stage ``index``, from the plan.json the owner's manifest
+    binds (a host's other plan.json is ignored; for metrics only)."""
     try:
-        plan = Plan.from_json((sealed_dir / "plan.json").read_text())
+        data = (sealed_dir / "plan.json").read_bytes()
+        if hashlib.sha256(data).hexdigest() != plan_sha256:
+            logger.warning("plan.json is not the plan the owner's manifest binds (SHA-256 "
+                           "differs); no predicted working set")
+            return {}
+        plan = Plan.from_json(data.decode())
         return {"working_set_bytes": plan.stages[index].working_set_bytes,
                 "usable_epc_bytes": int(plan.cost_model.usable_epc_bytes)}
-    except (OSError, IndexError, SmlaasError) as err:
+    except (OSError, IndexError, UnicodeDecodeError, SmlaasError) as err:
         logger.info("no predicted working set for stage %d: %s", index, err)
         return {}
 
@@ -246,10 +253,11 @@ def run_worker(spec: StageSpec) -> None:
     index, role = spec.index, spec.role
     enclave = create_backend(spec.backend, role, spec.measured_config())
     registration = enrol(spec.coordinator, role=role, backend=enclave,
-                         coordinator_mrenclave=spec.coordinator_mrenclave, hosts=[])
-    release = registration.stage
-    if release is None or release.index != index:
-        raise AttestationError(f"the coordinator released no key for {role}")
+                         coordinator_mrenclave=spec.coordinator_mrenclave, hosts=[],
+                         slot=spec.replica, hold=True)
+    release, lease = registration.stage, registration.lease
+    if release is None or release.index != index or lease is None:
+        raise AttestationError(f"the coordinator released no key (or no slot) for {role}")
     attested_at = time.time()
     check_place_in_topology(spec, registration.topology)
     if spec.next_stages:
@@ -257,14 +265,22 @@ def run_worker(spec: StageSpec) -> None:
                             registration.replicas_of(index + 1))
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
     stats = StageStats(index, attested_at=attested_at, replica=spec.replica,
-                       predicted=predicted_memory(Path(spec.sealed_dir), index))
+                       predicted=predicted_memory(Path(spec.sealed_dir), index,
+                                                  registration.plan_sha256))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
+    lost: list[str] = []
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+
+        def on_lost(reason: str) -> None:  # the lease thread: stop serving at once
+            lost.append(reason)
+            loop.call_soon_threadsafe(stop.set)
+
+        lease.keep(on_lost)
         next_link = replica_set(stage_role(index + 1), spec.next_stages,
                                 client_context(*identity),
                                 manifest_digest=registration.manifest_digest) \
@@ -276,4 +292,10 @@ def run_worker(spec: StageSpec) -> None:
                              next_link=next_link, queue_size=spec.queue_size, stats=stats)
         await worker.serve(*spec.listen, stop=stop)
 
-    run_event_loop(main())
+    try:
+        run_event_loop(main())
+    finally:
+        lease.close()
+    if lost:
+        raise DeployError(f"{spec.process_name} lost its replica slot {lease.slot} and "
+                          f"stopped serving: {lost[0]}")

@@ -155,6 +155,24 @@ def simulation_root(pki: SimulationPKI) -> TrustedRoot:
                        simulated=True, tcb_signer=SIM_TCB_SIGNER)
 
 
+def simulation_root_from_pem(path: Path) -> TrustedRoot:
+    """The simulation root in the PEM file ``path`` (e.g. the one baked into a Kubernetes
+    image: ``smlaas attest sim-root``), to trust exactly that root and no other."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from smlaas.errors import ConfigError
+
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not a PEM certificate (the simulation root): {err}") \
+            from err
+    return TrustedRoot(name="smlaas SIMULATION root (INSECURE)",
+                       der=certificate.public_bytes(serialization.Encoding.DER),
+                       simulated=True, tcb_signer=SIM_TCB_SIGNER)
+
+
 def known_roots() -> list[TrustedRoot]:
     """Intel's root, and this machine's simulation root if one was ever created (a policy
     must still allow simulation explicitly for it to count)."""
