@@ -10,3 +10,5 @@
 # owner) and plan.json (the model's structure and sizes, in plaintext).
 FROM busybox:1.36
 COPY . /sealed/
+# Non-root, like the Job that runs it (its securityContext names the same uid/gid).
+USER 10001:10001

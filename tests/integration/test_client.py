@@ -55,11 +55,14 @@ def test_the_client_attests_before_its_first_request(served) -> None:
     wrong = Policy(allow_simulation_insecure=True,
                    roles={"gateway": RolePolicy(mrenclave=("00" * 32,))})
     with InferenceClient(running.url, ca=running.ca_path, policy=wrong,
-                         roots=running.trusted_roots) as client, \
+                         roots=running.trusted_roots,
+                         owner_public_key=running.owner_public_key_path) as client, \
             pytest.raises(PolicyError, match="measurement"):
         client.infer({"input": x})
     with pytest.raises(ConfigError, match="needs a policy"):
         InferenceClient(running.url, ca=running.ca_path)
+    with pytest.raises(ConfigError, match="needs the owner's public key"):
+        InferenceClient(running.url, ca=running.ca_path, policy=running.role_policy("gateway"))
     with InferenceClient(running.url, ca=running.ca_path, attest=False) as client:
         assert client.ready() and client.verdict is None
 
@@ -71,8 +74,8 @@ def test_the_async_client_has_the_same_surface(served) -> None:
     async def main() -> tuple[dict, bool]:
         async with AsyncInferenceClient(
                 running.url, ca=running.ca_path, policy=running.role_policy("gateway"),
-                roots=running.trusted_roots,
-                manifest_digest=running.manifest.digest()) as client:
+                roots=running.trusted_roots, manifest_digest=running.manifest.digest(),
+                owner_public_key=running.owner_public_key_path) as client:
             results = await asyncio.gather(*(client.infer({"input": x}) for _ in range(4)))
             return results[0], await client.ready()
 
@@ -122,6 +125,7 @@ def test_smlaas_infer_attests_by_default_and_fails_in_one_line(served, tmp_path:
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_text(DeploymentCA.create().cert_pem())
     (tmp_path / "gateway-policy.toml").write_text(running.gateway_policy_path.read_text())
+    (tmp_path / "owner.pub").write_text(running.owner_public_key_path.read_text())
     wrong_ca = _infer_cli(cache, tmp_path, *common, "--ca", str(other_ca))
     assert wrong_ca.returncode == 1
     assert "Traceback" not in wrong_ca.stderr and len(wrong_ca.stderr.strip().splitlines()) == 1

@@ -22,7 +22,19 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 
-def test_ray_launcher_serves_and_restarts(tmp_path) -> None:
+@pytest.fixture
+def loopback_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local cluster RayLauncher starts, on 127.0.0.1 only and without a token file.
+
+    Ray advertises a local cluster on the machine's routable address unless it believes
+    multi-node clusters are off (as on macOS), and the ``ray.init()`` of Ray 2.60 turns
+    token authentication on and writes ``~/.ray/auth_token``, which then turns it on for every
+    later ``ray start --head`` of this user. Neither belongs in a test."""
+    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+
+
+def test_ray_launcher_serves_and_restarts(tmp_path, loopback_ray) -> None:
     from smlaas.deploy.ray_launcher import RayLauncher
 
     with cache_env(tmp_path / "cache"):
@@ -30,6 +42,7 @@ def test_ray_launcher_serves_and_restarts(tmp_path) -> None:
         launcher = RayLauncher(tmp_path / "ray-logs")
         try:
             assert ray.cluster_resources().get("sgx", 0) >= 1
+            assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
             with deployment(tmp_path, build, keys, launcher=launcher) as running:
                 x = random_image(11)
                 with running.client() as client:

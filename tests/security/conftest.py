@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,6 +100,23 @@ def coordinator_address(deployment: object) -> tuple[str, int]:
     """Where a local deployment's coordinator listens (from its launcher's command line)."""
     argv = deployment.launcher._processes["coordinator"].spec.argv  # type: ignore[attr-defined]
     return "127.0.0.1", int(argv[argv.index("--port") + 1])
+
+
+@contextlib.contextmanager
+def vacated(deployment: Any, name: str) -> Iterator[None]:
+    """The host stops the genuine process ``name``, so that its replica slot is free for the
+    host's own copy of that stage (while the genuine one lives, a copy is refused
+    ``slot_taken`` and never gets the key); the genuine one is started again after."""
+    from smlaas.deploy.launchers import LocalLauncher
+
+    launcher = deployment.launcher
+    assert isinstance(launcher, LocalLauncher)
+    spec = launcher.stop_process(name)
+    try:
+        yield
+    finally:
+        launcher.start(spec)
+        deployment.wait_ready(timeout_s=60)
 
 
 def assert_port_closed(port: int) -> None:

@@ -23,7 +23,7 @@ from smlaas.export.sealed_build import sealed_directory, sealed_path
 from smlaas.profile.cache import cache_dir
 from tests.conftest import cli_env
 from tests.integration.test_cli import smlaas
-from tests.security.conftest import assert_port_closed, coordinator_address
+from tests.security.conftest import assert_port_closed, coordinator_address, vacated
 
 
 def _altered_stage(build: Path, index: int) -> bytes:
@@ -65,9 +65,10 @@ def test_a_resealed_altered_stage_is_never_served(tmp_path: Path, sealed_build) 
                           coordinator=coordinator_address(deployment),
                           listen=("127.0.0.1", port), sealed_dir=str(tampered),
                           next_stages=(("127.0.0.1", free_port()),))
-        result = subprocess.run([sys.executable, "-m", "smlaas", *rogue.to_argv()],
-                                capture_output=True, text=True, timeout=60,
-                                env=cli_env(cache_dir()))
+        with vacated(deployment, "stage-1"):
+            result = subprocess.run([sys.executable, "-m", "smlaas", *rogue.to_argv()],
+                                    capture_output=True, text=True, timeout=60,
+                                    env=cli_env(cache_dir()))
         assert result.returncode == 1
         assert "wrong key for this sealed stage 1" in result.stderr, result.stderr[-1500:]
         assert_port_closed(port)

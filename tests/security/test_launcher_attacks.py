@@ -18,7 +18,7 @@ from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.deploy.roles import GatewaySpec, StageSpec
 from tests.integration.serving_setup import cache_env
-from tests.security.conftest import assert_port_closed, coordinator_address
+from tests.security.conftest import assert_port_closed, coordinator_address, vacated
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,14 @@ def _stage(deployment: Deployment, index: int, **placement: object) -> StageSpec
 def test_a_stage_started_without_its_next_stage_refuses_to_answer(deployed) -> None:
     assert deployed.stage_count == 3
     first = _stage(deployed, 0)  # no --next: it would answer with its own activations
-    result = _run(first.to_argv())
+    with vacated(deployed, "stage-0"):
+        result = _run(first.to_argv())
     assert result.returncode == 2, result.stderr[-1500:]
     assert "stage-0 of a 3-stage manifest must forward to the next stage" in result.stderr
     assert_port_closed(first.listen[1])
     last = _stage(deployed, 2, next_stages=(("127.0.0.1", 9),))
-    result = _run(last.to_argv())
+    with vacated(deployed, "stage-2"):
+        result = _run(last.to_argv())
     assert result.returncode == 2 and "is the last stage" in result.stderr
 
 
@@ -65,7 +67,8 @@ def test_the_host_cannot_add_replicas_the_manifest_does_not_name(deployed) -> No
     stage more next-stage addresses (or the gateway more first-stage ones) is refused."""
     assert deployed.manifest is not None and deployed.manifest.replicas_of(1) == 1
     first = _stage(deployed, 0, next_stages=(("127.0.0.1", 9), ("127.0.0.1", 10)))
-    result = _run(first.to_argv())
+    with vacated(deployed, "stage-0"):
+        result = _run(first.to_argv())
     assert result.returncode == 2, result.stderr[-1500:]
     assert "the host gave 2 addresses for stage-1; the owner's manifest has 1" in result.stderr
     assert_port_closed(first.listen[1])

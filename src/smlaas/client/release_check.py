@@ -73,7 +73,8 @@ class ReleaseCheck:
                                "not the owner's current one)")
         release = self._verified(SignedRelease.from_dict(stapled), "the gateway's")
         current = self._coordinator_release(release, simulated=simulated) or release
-        floor = max(self.memory.highest(self.fingerprint), current.version)
+        # Remembered even if this gateway is refused: a verified newer release stays seen.
+        floor = self.memory.record(self.fingerprint, current.version)
         if release.version < floor:
             raise ReleaseError(f"the gateway is under the owner's release v{release.version}, "
                                f"but v{floor} is current: a stale deployment the owner "
@@ -83,7 +84,6 @@ class ReleaseCheck:
                                f"{admitted_manifest[:16]}..., the owner's release "
                                f"v{release.version} names {release.manifest_digest[:16]}...: "
                                f"this gateway is not the owner's current deployment")
-        self.memory.record(self.fingerprint, floor)
         return release
 
     def _verified(self, signed: SignedRelease, whose: str) -> Release:

@@ -61,7 +61,15 @@ it once from an image of the sealed directory (``deploy/sealed.Dockerfile``; the
 start of plan.json's SHA-256, and the Job checks that hash), mounting the claim writable:
 the storage class must allow that (NFS, CephFS and most file stores do; a GCE persistent disk
 must be filled through a ReadWriteOnce claim first). Nothing on the volume is trusted: each
-worker checks its stage's SHA-256 against the signed manifest.
+worker checks its stage's SHA-256 against the signed manifest. The Job runs non-root (the
+image's uid/gid, as every pod here) and writes the volume through ``fsGroup``; a store that
+ignores fsGroup (NFS) must export a directory that uid or gid 10001 can write.
+
+Note "pod security". Every pod meets the "restricted" Pod Security Standard (non-root with a
+fixed uid/gid, seccomp RuntimeDefault, no privilege escalation, every capability dropped,
+only configMap/secret/emptyDir/PVC volumes), so that a namespace can enforce it; except, with
+gramine, the SGX roles' hostPath of the node's aesmd socket, which even "baseline" forbids.
+The Kubernetes tests check every pod spec against the profile.
 
 Note "owner step". The owner sets the manifest on the in-cluster coordinator with
 ``smlaas owner set-manifest`` (:meth:`smlaas.deploy.deployment.Deployment.set_manifest_at`).
@@ -74,10 +82,12 @@ both keys where the cluster's administrators and nodes can read them, which the 
 (Kubernetes is not trusted) does not allow for real deployments.
 
 Note "image". ``deploy/Dockerfile`` builds the image for the sim backend (with its simulation
-PKI baked in, so that every pod trusts the same simulated root). For gramine the image must
-also hold Gramine and each role's signed manifest (``<role>.manifest.sgx`` and ``.sig`` in its
-working directory), rendered by ``smlaas gramine manifest /build --state-dir /state``: the
-paths these pods mount, since a Gramine manifest names the host paths it maps.
+PKI baked in, so that every pod trusts the same simulated root; the owner, who attests from
+its own machine, trusts exactly that root: ``docker run --rm IMAGE attest sim-root >
+sim-root.pem``, then ``smlaas owner set-manifest ... --sim-root sim-root.pem``). For gramine
+the image must also hold Gramine and each role's signed manifest (``<role>.manifest.sgx`` and
+``.sig`` in its working directory), rendered by ``smlaas gramine manifest /build --state-dir
+/state``: the paths these pods mount, since a Gramine manifest names the host paths it maps.
 
 The manifests are validated against the Kubernetes API's schemas in the tests; no cluster
 has run them.
@@ -351,21 +361,38 @@ class _Manifests:
         image = sealed_image(self.settings.image, self.plan_sha256)
         script = ("set -eu\n"
                   "rm -f /build/plan.json /build/stage_*.sealed\n"
-                  "cp -R /sealed/. /build/\n"
+                  "cp -R /sealed/* /build/\n"  # entries only: /build is not ours to chmod
                   f"echo '{self.plan_sha256}  /build/plan.json' | sha256sum -c -\n")
         container = {"name": "load", "image": image, "command": ["sh", "-c", script],
-                     "securityContext": {"allowPrivilegeEscalation": False,
-                                         "capabilities": {"drop": ["ALL"]}},
+                     "securityContext": objects.container_security(),
                      "resources": objects.resources(cpu="100m", memory_mib=64),
                      "volumeMounts": [{"name": "build", "mountPath": BUILD_MOUNT}]}
+        # Non-root like every pod here: the volume is made writable for the image's group by
+        # fsGroup (the kubelet chowns a new volume's root to it, setgid, group-writable); the
+        # sealed image's files are world-readable.
         job = objects.job("smlaas-build-load", "build", containers=[container], volumes=[
-            {"name": "build", "persistentVolumeClaim": {"claimName": BUILD_CLAIM}}])
+            {"name": "build", "persistentVolumeClaim": {"claimName": BUILD_CLAIM}}],
+            security={**objects.pod_security(), "fsGroup": USER_ID,
+                      "fsGroupChangePolicy": "OnRootMismatch"})
         return [(f"The sealed directory ({self.sealed_bytes} bytes: sealed stages and plan.json, "
-                 f"never the owner's keys), read-only to the stages.", claim),
+                 f"never the owner's keys),\nread-only to the stages.", claim),
                 (f"Fills the volume once from the image of the sealed directory: build it with\n"
                  f"  docker build -f deploy/sealed.Dockerfile -t {image} build/sealed\n"
-                 f"It mounts the claim writable, which the storage class must allow. Runs as the "
-                 f"image's user (root in busybox): a new volume belongs to root.", job)]
+                 f"It mounts the claim writable, which the storage class must allow. It runs as "
+                 f"uid/gid {USER_ID}, like\nevery pod here; fsGroup {USER_ID} makes the volume "
+                 f"writable to it where the volume type applies fsGroup\n(block volumes, most "
+                 f"CSI drivers). A store that ignores fsGroup (NFS) must export a directory that"
+                 f"\nuid or gid {USER_ID} can write. {self._pod_security_note()}", job)]
+
+    def _pod_security_note(self) -> str:
+        if not self.sgx:
+            return ("Every pod of these files meets the 'restricted' Pod Security Standard:\n"
+                    "  kubectl label namespace NAMESPACE "
+                    "pod-security.kubernetes.io/enforce=restricted")
+        return (f"Every pod of these files meets the 'restricted' Pod Security Standard but for "
+                f"the SGX roles'\nhostPath volume {AESMD_DIR} (the node's aesmd socket, for "
+                f"out-of-process quotes), which even\n'baseline' forbids: such a namespace "
+                f"cannot enforce either (warn=restricted shows the rest)")
 
     def _qcnl_config_map(self) -> Document:
         qcnl = {"pccs_url": self.settings.pccs_url or DEFAULT_PCCS_URL, **QCNL_CONFIG}
@@ -425,7 +452,11 @@ class _Manifests:
             f" --from-file={OWNER_KEYS_FILE}=KEYFILE\n"
             f"That gives the owner's signing key and every stage key to whoever administers the\n"
             f"cluster. Safer: run the same command from the owner's machine through\n"
-            f"  kubectl port-forward svc/{_name(COORDINATOR_ROLE)} {COORDINATOR_PORT}", job))
+            f"  kubectl port-forward svc/{_name(COORDINATOR_ROLE)} {COORDINATOR_PORT}"
+            + ("" if self.sgx else
+               f"\nand, with the sim backend, trusting exactly the simulation root baked in the "
+               f"image:\n  docker run --rm {settings.image} attest sim-root > sim-root.pem\n"
+               f"  smlaas owner set-manifest ... --sim-root sim-root.pem"), job))
         return documents
 
     # -- pieces ----------------------------------------------------------------------------

@@ -167,6 +167,20 @@ class LocalLauncher:
         with self._lock:
             return {name: p.restarts for name, p in self._processes.items()}
 
+    def stop_process(self, name: str) -> ProcessSpec:
+        """Stops supervising ``name`` and stops it (SIGTERM, then SIGKILL); returns its spec,
+        which :meth:`start` takes to run it again."""
+        with self._lock:
+            supervised = self._processes.pop(name)
+        if supervised.process.poll() is None:
+            supervised.process.send_signal(signal.SIGTERM)
+            try:
+                supervised.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                supervised.process.kill()
+                supervised.process.wait(timeout=5)
+        return supervised.spec
+
     def pids(self) -> dict[str, int]:
         """Each process's current pid (a restarted one has a new pid)."""
         with self._lock:

@@ -4,18 +4,31 @@ Each actor runs a :class:`LocalLauncher` for its one process on its node, so sta
 logging and restarting work exactly as with ``local``; Ray only places and keeps the actors.
 Tensors never pass through Ray: the processes talk over their own mutual-TLS links.
 
-Placement: the stage processes are booked at once in one placement group, a bundle per
-enclave (``sgx: 1`` plus the CPUs its ONNX Runtime threads use), ``STRICT_SPREAD`` when every
-enclave must have its own machine (``placement="spread"``, the design's one machine per
-enclave) or ``PACK`` otherwise; a cluster that cannot hold it is refused with what is missing.
-The coordinator and the gateway are actors of their own (``sgx: 1``, one CPU). Actors are
-restartable: an actor that dies (its raylet killed it, or it was killed) is started again by
-Ray in its bundle, reads the process it ran from Ray's key-value store and starts it again with
-the same command (same port), so it registers again and its upstream reconnects. A process dies
-with its actor (``PR_SET_PDEATHSIG``), so a restarted actor never finds its port taken. If a
-whole node is lost, its bundle is placed on another node: the process then listens on another
-address, which its upstream does not learn (it dials the address it was given) — that case is
-not handled.
+Placement: every process is booked in one placement group before it starts: one bundle for
+the coordinator and the gateway together (``sgx: 2``, a CPU each) and one per stage process
+(``sgx: 1`` and the CPUs of its ONNX Runtime threads); ``placement="spread"`` (one machine per
+enclave) is ``STRICT_SPREAD``, each stage process and the control bundle on nodes of their
+own; ``"pack"`` is ``PACK``. The request is first checked against the cluster's nodes
+(:func:`placement_problem`): a cluster that can never hold it is refused at once, naming what
+is missing, instead of pending in Ray. The Launcher protocol calls ``prepare`` before any
+``reserve``; when the coordinator is reserved first, its bundle is booked then, in a group of
+its own that the gateway joins, and the stages' group is checked against what is left.
+
+Restarts: an actor that dies (its raylet killed it, or it was killed) is started again by Ray
+in its bundle, reads the process it ran from Ray's key-value store and starts the same command
+(same port), so it registers again and its upstream reconnects. That store is the host's: a
+host that rewrites an entry starts another command, which the coordinator and the roles refuse
+like any command the host chooses (tests/security/test_ray_kv_attack.py). A process dies with
+its actor (``PR_SET_PDEATHSIG``), so a restarted actor never finds its port taken. A bundle
+of a lost node is placed on another node, where its process listens on an address its
+upstream does not learn: not handled.
+
+Token authentication: a head started with ``RAY_AUTH_MODE=token`` (or that found a token in
+``~/.ray/auth_token`` when it started) refuses drivers that do not send its token, and Ray
+never turns token mode on by itself for a driver given an address: the process running this
+launcher needs ``RAY_AUTH_MODE=token`` and the token in ``RAY_AUTH_TOKEN`` (or a file named by
+``RAY_AUTH_TOKEN_PATH``, by default ``~/.ray/auth_token``); a refusal is a ConfigError saying
+so (:func:`auth_refusal_message`).
 
 Nodes advertise SGX with ``ray start --resources='{"sgx": N}'``. Without ``--ray-address`` a
 local single-node cluster is started that advertises ``sgx`` itself (for development: with the
@@ -25,16 +38,31 @@ sim backend nothing here is protected).
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smlaas.coordinator.manifest import GATEWAY_ROLE
+from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy.launchers import LocalLauncher, ProcessSpec
 from smlaas.errors import ConfigError, DeployError
 
+logger = logging.getLogger(__name__)
 SGX_RESOURCE = "sgx"
+CPU_RESOURCE = "CPU"
 LOCAL_SGX_SLOTS = 64
 CALL_TIMEOUT_S = 120.0
+CONTROL_ROLES = (COORDINATOR_ROLE, GATEWAY_ROLE)
+"""The processes that share the control bundle: one sgx slot and one CPU each."""
+CONTROL_BUNDLE = "+".join(CONTROL_ROLES)
+AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+AUTH_TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
+"""Where Ray looks for the token when neither variable is set (ray get-auth-token)."""
 
 
 def _kv_key(name: str, owner: str) -> bytes:
@@ -98,8 +126,186 @@ class _ProcessHost:
         self.launcher.stop()
 
 
+# -- placement: pure checks ------------------------------------------------------------------
 PLACEMENTS = ("spread", "pack")
+RAY_STRATEGIES = {"spread": "STRICT_SPREAD", "pack": "PACK"}
 PLACEMENT_TIMEOUT_S = 60.0
+_SEARCH_LIMIT = 100_000  # packing steps before the check gives up and lets Ray decide
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One bundle of the placement group: what it hosts and what it books."""
+
+    name: str
+    sgx: int
+    cpus: int
+
+    def resources(self) -> dict[str, float]:
+        return {SGX_RESOURCE: float(self.sgx), CPU_RESOURCE: float(self.cpus)}
+
+    def describe(self) -> str:
+        return f"{self.name} ({_amount(self.sgx, SGX_RESOURCE)}, {_amount(self.cpus, 'CPU')})"
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """A node's resources (totals, less what this deployment already holds there)."""
+
+    name: str
+    sgx: float
+    cpus: float
+
+    def holds(self, bundle: Bundle) -> bool:
+        return self.sgx >= bundle.sgx and self.cpus >= bundle.cpus
+
+    def describe(self) -> str:
+        return f"{self.name}: {_amount(self.sgx, SGX_RESOURCE)}, {_amount(self.cpus, 'CPU')}"
+
+
+def _amount(value: float, unit: str) -> str:
+    return f"{value:g} {unit}"
+
+
+def placement_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity], *,
+                      placement: str) -> str | None:
+    """Why ``bundles`` can never be placed on ``nodes`` with ``placement`` ("spread": each on
+    a node of its own; "pack": anywhere, several to a node), or None when they can. Pure."""
+    if placement == "spread":
+        problem = _spread_problem(bundles, nodes)
+    elif placement == "pack":
+        problem = _pack_problem(bundles, nodes)
+    else:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if problem is None:
+        return None
+    have = "; ".join(node.describe() for node in nodes) or "no live node"
+    text = (f"the Ray cluster cannot hold this deployment with placement {placement!r} "
+            f"({RAY_STRATEGIES[placement]}): {problem}. It asks for "
+            f"{', '.join(b.describe() for b in bundles)}; the cluster has {have}")
+    if placement == "spread" and _pack_problem(bundles, nodes) is None:
+        text += ". Placement 'pack' would fit (enclaves then share nodes)"
+    return text + "."
+
+
+def _totals(items: Sequence[Bundle] | Sequence[NodeCapacity]) -> tuple[float, float]:
+    return sum(i.sgx for i in items), sum(i.cpus for i in items)
+
+
+def _spread_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> str | None:
+    placed = _max_one_per_node(bundles, nodes)
+    if placed == len(bundles):
+        return None
+    return (f"each bundle needs a node of its own that holds it, {len(bundles)} nodes in all, "
+            f"and this cluster has such nodes for {placed} of them: "
+            f"{len(bundles) - placed} more node(s) needed")
+
+
+def _max_one_per_node(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> int:
+    """The most bundles placed on distinct nodes that hold them (bipartite matching)."""
+    owner: dict[int, int] = {}  # node -> bundle
+
+    def augment(bundle: int, seen: set[int]) -> bool:
+        for node, capacity in enumerate(nodes):
+            if node in seen or not capacity.holds(bundles[bundle]):
+                continue
+            seen.add(node)
+            if node not in owner or augment(owner[node], seen):
+                owner[node] = bundle
+                return True
+        return False
+
+    return sum(augment(index, set()) for index in range(len(bundles)))
+
+
+def _pack_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> str | None:
+    need_sgx, need_cpus = _totals(bundles)
+    have_sgx, have_cpus = _totals(nodes)
+    short = [f"{need - have:g} {unit} more ({need:g} needed in all, {have:g} in the cluster)"
+             for unit, need, have in ((SGX_RESOURCE, need_sgx, have_sgx),
+                                      ("CPU", need_cpus, have_cpus)) if need > have]
+    if short:
+        return "it needs " + " and ".join(short)
+    for bundle in bundles:
+        if not any(node.holds(bundle) for node in nodes):
+            return f"no node can hold the bundle {bundle.describe()}"
+    if _packs(bundles, nodes) is False:
+        return "the cluster has enough in all, but its nodes' sizes do not fit the bundles"
+    return None
+
+
+def _packs(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> bool | None:
+    """Whether the bundles fit the nodes (several to a node); None when the search ran too
+    long to tell (Ray then decides)."""
+    order = sorted(bundles, key=lambda b: (b.cpus, b.sgx), reverse=True)
+    free = [[node.sgx, node.cpus] for node in nodes]
+    steps = 0
+
+    def place(index: int) -> bool | None:
+        nonlocal steps
+        if index == len(order):
+            return True
+        bundle, tried = order[index], set()
+        for room in free:
+            key = tuple(room)
+            if key in tried or room[0] < bundle.sgx or room[1] < bundle.cpus:
+                continue
+            tried.add(key)  # nodes with the same room left are interchangeable
+            steps += 1
+            if steps > _SEARCH_LIMIT:
+                return None
+            room[0] -= bundle.sgx
+            room[1] -= bundle.cpus
+            found = place(index + 1)
+            room[0] += bundle.sgx
+            room[1] += bundle.cpus
+            if found is not False:
+                return found
+        return False
+
+    return place(0)
+
+
+# -- joining a cluster: token authentication -------------------------------------------------
+def token_source(environ: Mapping[str, str], *, home: Path) -> str | None:
+    """Where Ray would read this process's cluster token from, or None when nowhere."""
+    if environ.get(AUTH_TOKEN_VARIABLE):
+        return AUTH_TOKEN_VARIABLE
+    if environ.get(AUTH_TOKEN_PATH_VARIABLE):
+        return f"{AUTH_TOKEN_PATH_VARIABLE} ({environ[AUTH_TOKEN_PATH_VARIABLE]})"
+    default = home / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def auth_refusal_message(address: str, *, auth_mode: str | None, token: str | None) -> str:
+    """What to set when the cluster at ``address`` refused this driver for want of its token
+    (``auth_mode``: this process's RAY_AUTH_MODE; ``token``: :func:`token_source`)."""
+    if (auth_mode or "").lower() != "token":
+        why = (f"{AUTH_MODE_VARIABLE} is {auth_mode!r} here" if auth_mode else
+               f"{AUTH_MODE_VARIABLE} is not set here") + \
+            (", so no token was sent (Ray turns token mode on by itself only for a cluster it "
+             "starts, never for a driver given an address" +
+             (f"; {token} was not used)" if token else ")"))
+    elif token is None:
+        why = (f"{AUTH_MODE_VARIABLE}=token, but no token was found ({AUTH_TOKEN_VARIABLE}, "
+               f"{AUTH_TOKEN_PATH_VARIABLE} and {DEFAULT_TOKEN_FILE} are all unset or empty)")
+    else:
+        why = f"the token from {token} is not this cluster's"
+    return (f"the Ray cluster at {address} refused this driver: it requires token "
+            f"authentication and {why}. Set {AUTH_MODE_VARIABLE}=token and the cluster's token "
+            f"in {AUTH_TOKEN_VARIABLE} (or in a file named by {AUTH_TOKEN_PATH_VARIABLE}, by "
+            f"default {DEFAULT_TOKEN_FILE}); `ray get-auth-token` on the head node prints it")
+
+
+def _refused_for_auth(error: BaseException) -> bool:
+    """Ray raises its AuthenticationError, or a ConnectionError whose causes carry the
+    GCS's InvalidAuthToken refusal as text."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class RayLauncher:
@@ -121,7 +327,8 @@ class RayLauncher:
         except ImportError:
             raise ConfigError("the ray launcher needs Ray: pip install 'smlaas[ray]'") from None
         self._ray = ray
-        self.log_dir = Path(log_dir)
+        # Absolute: the actors run with another working directory, on other nodes.
+        self.log_dir = Path(log_dir).resolve()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
@@ -131,52 +338,119 @@ class RayLauncher:
                 ray.init(resources={SGX_RESOURCE: LOCAL_SGX_SLOTS}, num_cpus=LOCAL_SGX_SLOTS,
                          include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(address=address, log_to_driver=False)
+                self._join(address)
         if ray.cluster_resources().get(SGX_RESOURCE, 0) < 1:
             raise ConfigError(f"no node of the Ray cluster advertises the {SGX_RESOURCE!r} "
                               f"resource (ray start --resources='{{\"{SGX_RESOURCE}\": 1}}')")
         self._actor_class = ray.remote(max_restarts=-1)(_ProcessHost)
         self._actors: dict[str, Any] = {}  # name -> actor handle (ray's types are dynamic)
-        self._bundles: dict[str, tuple[int, int]] = {}  # stage process -> (bundle, cpus)
-        self._group: Any = None
+        self._places: dict[str, tuple[Any, int, int]] = {}  # name -> (group, bundle, cpus)
+        self._control: tuple[Any, int] | None = None  # the control bundle: (group, index)
+        self._groups: list[Any] = []
         self._owner = f"{os.getpid()}-{id(self)}"
 
-    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
-        """Books a bundle per stage process (``sgx`` and its CPUs) in one placement group."""
-        from ray.util.placement_group import placement_group
+    def _join(self, address: str) -> None:
+        ray = self._ray
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError or its own
+            if _refused_for_auth(err):
+                raise ConfigError(auth_refusal_message(
+                    address, auth_mode=os.environ.get(AUTH_MODE_VARIABLE),
+                    token=token_source(os.environ, home=Path.home()))) from None
+            raise DeployError(f"cannot join the Ray cluster at {address}: {err}") from err
 
-        bundles = [{SGX_RESOURCE: 1, "CPU": max(1, cpus)} for _, cpus in enclaves]
-        strategy = "STRICT_SPREAD" if self.placement == "spread" else "PACK"
-        group = placement_group(bundles, strategy=strategy, name=f"smlaas-{self._owner}")
+    # -- placement -----------------------------------------------------------------------
+    def prepare(self, enclaves: list[tuple[str, int]]) -> None:
+        """Books, in one placement group, a bundle per stage process (``sgx`` and its CPUs)
+        and, unless the coordinator's is booked already, the control bundle."""
+        stages = [Bundle(name, 1, max(1, cpus)) for name, cpus in enclaves]
+        books_control = self._control is None
+        bundles = ([self._control_bundle()] if books_control else []) + stages
+        group = self._book(bundles)
+        first = 1 if books_control else 0
+        if books_control:
+            self._control = (group, 0)
+        self._places.update({bundle.name: (group, first + k, bundle.cpus)
+                             for k, bundle in enumerate(stages)})
+
+    @staticmethod
+    def _control_bundle() -> Bundle:
+        return Bundle(CONTROL_BUNDLE, len(CONTROL_ROLES), len(CONTROL_ROLES))
+
+    def _book(self, bundles: list[Bundle]) -> Any:
+        """A ready placement group of ``bundles``; DeployError naming what is missing."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        problem = placement_problem(bundles, self._capacities(), placement=self.placement)
+        if problem:
+            raise DeployError(problem)
+        group = placement_group([b.resources() for b in bundles],
+                                strategy=RAY_STRATEGIES[self.placement],
+                                name=f"smlaas-{self._owner}-{len(self._groups)}")
         try:
             self._ray.get(group.ready(), timeout=self.placement_timeout_s)
         except self._ray.exceptions.GetTimeoutError as err:
-            from ray.util.placement_group import remove_placement_group
-
             remove_placement_group(group)
-            nodes = sum(1 for n in self._ray.nodes() if n.get("Alive") and
-                        n.get("Resources", {}).get(SGX_RESOURCE, 0) >= 1)
+            free = self._ray.available_resources()
             raise DeployError(
-                f"the Ray cluster cannot place {len(bundles)} enclave(s) "
-                f"({strategy}: {'one per node' if strategy == 'STRICT_SPREAD' else 'packed'}, "
-                f"each sgx: 1 and its CPUs); it has {nodes} node(s) with the "
-                f"{SGX_RESOURCE!r} resource (use placement 'pack' to share nodes)") from err
-        self._group = group
-        self._bundles = {name: (index, max(1, cpus))
-                         for index, (name, cpus) in enumerate(enclaves)}
+                f"the Ray cluster could hold {', '.join(b.describe() for b in bundles)} "
+                f"(placement {self.placement!r}) but did not place them within "
+                f"{self.placement_timeout_s:.0f} s: other work holds its resources (free now: "
+                f"{_amount(free.get(SGX_RESOURCE, 0), SGX_RESOURCE)}, "
+                f"{_amount(free.get(CPU_RESOURCE, 0), 'CPU')} in all)") from err
+        self._groups.append(group)
+        return group
+
+    def _capacities(self) -> list[NodeCapacity]:
+        """The live nodes' resources, less the bundles this launcher already holds."""
+        from ray.util.placement_group import placement_group_table
+
+        held: dict[str, list[float]] = {}
+        for group in self._groups:
+            table = placement_group_table(group)
+            for index, node_id in table.get("bundles_to_node_id", {}).items():
+                bundle = table["bundles"][index]
+                used = held.setdefault(str(node_id), [0.0, 0.0])
+                used[0] += bundle.get(SGX_RESOURCE, 0)
+                used[1] += bundle.get(CPU_RESOURCE, 0)
+        nodes = []
+        for node in self._ray.nodes():
+            if not node.get("Alive"):
+                continue
+            resources, node_id = node.get("Resources", {}), str(node.get("NodeID", ""))
+            used = held.get(node_id, [0.0, 0.0])
+            nodes.append(NodeCapacity(
+                f"node {node.get('NodeManagerAddress', '?')} ({node_id[:8]})",
+                resources.get(SGX_RESOURCE, 0) - used[0],
+                resources.get(CPU_RESOURCE, 0) - used[1]))
+        return nodes
+
+    def _place(self, name: str) -> tuple[Any, int, int] | None:
+        """(group, bundle index, CPUs) for ``name``'s actor; the coordinator and the gateway
+        share the control bundle, booked here when they come before ``prepare``."""
+        if name in self._places:
+            return self._places[name]
+        if name in CONTROL_ROLES:
+            if self._control is None:
+                self._control = (self._book([self._control_bundle()]), 0)
+            return (*self._control, 1)
+        return None  # not announced by prepare: an actor of its own, outside any group
 
     def _new_actor(self, name: str) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         options: dict[str, Any] = {"name": f"smlaas-{name}-{self._owner}",
                                    "resources": {SGX_RESOURCE: 1}, "num_cpus": 1}
-        if name in self._bundles and self._group is not None:
-            index, cpus = self._bundles[name]
+        place = self._place(name)
+        if place is not None:
+            group, index, cpus = place
             options.update(num_cpus=cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._group, placement_group_bundle_index=index))
+                group, placement_group_bundle_index=index))
         return self._actor_class.options(**options).remote(str(self.log_dir), name,
                                                            self._owner)
 
+    # -- the Launcher protocol -----------------------------------------------------------
     def _call(self, ref: Any) -> Any:
         try:
             return self._ray.get(ref, timeout=CALL_TIMEOUT_S)
@@ -225,17 +499,26 @@ class RayLauncher:
         """The Ray actor hosting ``name`` (tests kill it to stand for a lost raylet)."""
         return self._actors[name]
 
+    def kv_key(self, name: str) -> bytes:
+        """The key under which ``name``'s actor keeps its command in Ray's key-value store
+        (the security tests rewrite it, as a host could)."""
+        return _kv_key(name, self._owner)
+
     def stop(self) -> None:
-        for actor in reversed(list(self._actors.values())):
+        from ray.util.placement_group import remove_placement_group
+
+        for name, actor in reversed(list(self._actors.items())):
             try:
                 self._call(actor.stop.remote())
+            except Exception as err:  # a dead actor or node: its process died with it
+                logger.warning("could not stop %s through its actor: %s", name, err)
             finally:
                 self._ray.kill(actor)
         self._actors.clear()
-        if self._group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self._group)
-            self._group = None
+        for group in self._groups:
+            remove_placement_group(group)
+        self._groups.clear()
+        self._places.clear()
+        self._control = None
         if self._started_ray:
             self._ray.shutdown()
