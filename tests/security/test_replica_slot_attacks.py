@@ -15,6 +15,7 @@ from cryptography import x509
 
 from smlaas.coordinator.client import CoordinatorClient
 from smlaas.coordinator.server import free_port
+from smlaas.coordinator.slots import LEASE_S
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.deploy.roles import GatewaySpec, StageSpec
@@ -91,9 +92,9 @@ def test_a_sigkilled_replica_restarts_takes_its_slot_and_serves(deployed: Deploy
     while launcher.restarts()["stage-1"] == before:
         assert time.monotonic() < end, "stage-1 was not restarted"
         time.sleep(0.1)
-    waited = deployed.wait_ready(timeout_s=30)
-    assert waited < 30
-    assert "lease of stage-1 slot 0 ended" in _coordinator_log(deployed)
+    # Ready again sooner than a lease lapses: the slot was free the moment the killed
+    # holder's connection closed.
+    assert deployed.wait_ready(timeout_s=30) < LEASE_S
     from tests.security.test_manifest_attacks import _assert_serves_the_owners_model
 
     _assert_serves_the_owners_model(deployed, sealed_build[0])

@@ -7,7 +7,11 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +400,199 @@ def test_owner_job_reads_the_keys_from_a_secret_only(
     assert stage_keys
     for key in stage_keys.values():
         assert key.hex() not in text and base64.b64encode(key).decode() not in text
+
+
+# -- the "restricted" Pod Security Standard --------------------------------------------------
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                           "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What in a pod spec breaks the "restricted" Pod Security Standard (its baseline checks
+    included), as Kubernetes' pod-security admission checks it at the latest version:
+    https://kubernetes.io/docs/concepts/security/pod-security-standards/"""
+    found: list[str] = []
+    pod_context = pod.get("securityContext", {})
+    containers = [*pod.get("containers", []), *pod.get("initContainers", []),
+                  *pod.get("ephemeralContainers", [])]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            found.append(f"pod: {field}")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']}: {', '.join(sorted(kinds))}")
+    for sysctl in pod_context.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"pod: sysctl {sysctl['name']}")
+
+    def either(container: dict[str, Any], field: str) -> Any:
+        context = container.get("securityContext", {})
+        return context[field] if field in context else pod_context.get(field)
+
+    for context_owner, context in [("pod", pod_context), *(
+            (c["name"], c.get("securityContext", {})) for c in containers)]:
+        if context.get("runAsUser") == 0:
+            found.append(f"{context_owner}: runAsUser 0")
+        if context.get("windowsOptions", {}).get("hostProcess"):
+            found.append(f"{context_owner}: hostProcess")
+        selinux = context.get("seLinuxOptions", {})
+        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or \
+                selinux.get("role"):
+            found.append(f"{context_owner}: seLinuxOptions {selinux}")
+        for profile_field in ("seccompProfile", "appArmorProfile"):
+            if context.get(profile_field, {}).get("type") == "Unconfined":
+                found.append(f"{context_owner}: {profile_field} Unconfined")
+    for container in containers:
+        name, context = container["name"], container.get("securityContext", {})
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if either(container, "runAsNonRoot") is not True:
+            found.append(f"{name}: runAsNonRoot is not true")
+        if either(container, "seccompProfile") is None or either(
+                container, "seccompProfile").get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: no seccompProfile RuntimeDefault or Localhost")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities add {capabilities['add']}")
+        if context.get("procMount", "Default") != "Default":
+            found.append(f"{name}: procMount {context['procMount']}")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+    return found
+
+
+def _pod_specs(files: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """'KIND NAME' -> its pod spec, for every document that makes pods."""
+    specs = {}
+    for documents in files.values():
+        for document in documents:
+            if document["kind"] == "Pod":
+                specs[f"Pod {document['metadata']['name']}"] = document["spec"]
+            elif "template" in document.get("spec", {}):
+                specs[f"{document['kind']} {document['metadata']['name']}"] = \
+                    document["spec"]["template"]["spec"]
+    return specs
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(
+        generated: tuple[str, dict[str, list[dict[str, Any]]]]) -> None:
+    backend, files = generated
+    pods = _pod_specs(files)
+    assert {"Job smlaas-build-load", "Job smlaas-owner-manifest", "StatefulSet "
+            "smlaas-coordinator", "Deployment smlaas-gateway"} <= set(pods)
+    for name, pod in pods.items():
+        violations = restricted_violations(pod)
+        if backend == "gramine" and not name.startswith("Job "):
+            # the node's aesmd socket for out-of-process quotes: a documented exception
+            assert violations == ["volume aesmd-socket: hostPath"], (name, violations)
+        else:
+            assert violations == [], (name, violations)
+
+
+def test_the_restricted_checker_is_not_vacuous() -> None:
+    """The build Job as it was (busybox's root, no pod securityContext), and worse, fail."""
+    old_job = {"restartPolicy": "Never", "containers": [{
+        "name": "load", "image": "busybox", "securityContext": {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+        "volumes": [{"name": "build", "persistentVolumeClaim": {"claimName": "b"}}]}
+    assert restricted_violations(old_job) == [
+        "load: runAsNonRoot is not true", "load: no seccompProfile RuntimeDefault or Localhost"]
+    worse = {"hostNetwork": True, "securityContext": {
+        "runAsNonRoot": True, "runAsUser": 0, "seccompProfile": {"type": "Unconfined"},
+        "sysctls": [{"name": "kernel.msgmax", "value": "1"}]},
+        "containers": [{"name": "c", "ports": [{"containerPort": 1, "hostPort": 1}],
+                        "securityContext": {"privileged": True, "procMount": "Unmasked",
+                                            "capabilities": {"add": ["SYS_ADMIN"]}}}],
+        "initContainers": [{"name": "i", "securityContext": {"runAsNonRoot": False}}],
+        "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    found = restricted_violations(worse)
+    for expected in ("pod: hostNetwork", "volume h: hostPath", "pod: sysctl kernel.msgmax",
+                     "pod: runAsUser 0", "pod: seccompProfile Unconfined", "c: privileged",
+                     "c: allowPrivilegeEscalation is not false",
+                     "c: capabilities do not drop ALL", "c: capabilities add ['SYS_ADMIN']",
+                     "c: procMount Unmasked", "c: hostPort", "i: runAsNonRoot is not true",
+                     "c: no seccompProfile RuntimeDefault or Localhost"):
+        assert expected in found, (expected, found)
+
+
+def test_build_job_runs_non_root_and_can_write_its_volume(
+        generated: tuple[str, dict[str, list[dict[str, Any]]]], tmp_path: Path) -> None:
+    backend, files = generated
+    pod = _find(files, "Job", "smlaas-build-load")["spec"]["template"]["spec"]
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True
+    for field in ("runAsUser", "runAsGroup", "fsGroup"):  # fsGroup: the volume is writable
+        assert context[field] == USER_ID != 0, field
+    (loader,) = pod["containers"]
+    assert loader["securityContext"]["allowPrivilegeEscalation"] is False
+    assert loader["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert loader["volumeMounts"] == [{"name": "build", "mountPath": "/build"}]  # writable
+    claim = next(v for v in pod["volumes"] if v["name"] == "build")
+    assert "readOnly" not in claim["persistentVolumeClaim"]
+    # The script only writes inside the volume, never chmods its root: run it as uid/gid
+    # 10001 against a directory as fsGroup leaves a volume (root's, group 10001, setgid,
+    # group-writable), holding a stage file of an earlier load, from root's read-only files.
+    as_user = os.geteuid() == 0 and shutil.which("setpriv") is not None
+    # pytest's directories are root's alone: the user needs one it can reach
+    root = Path(tempfile.mkdtemp(prefix="smlaas-k8s-")) if as_user else tmp_path
+    try:
+        sealed, volume = root / "sealed", root / "volume"
+        sealed.mkdir()
+        volume.mkdir()
+        (sealed / "plan.json").write_text("{}")
+        (sealed / "stage_0.sealed").write_bytes(b"x")
+        (volume / "stage_0.sealed").write_bytes(b"old")
+        script = re.sub(r"[0-9a-f]{64}", hashlib.sha256(b"{}").hexdigest(),
+                        loader["command"][-1])
+        script = script.replace("/sealed", str(sealed)).replace("/build/", f"{volume}/")
+        command = ["sh", "-c", script]
+        if as_user:
+            root.chmod(0o755)
+            os.chown(volume, 0, USER_ID)
+            volume.chmod(0o2775)
+            command = ["setpriv", f"--reuid={USER_ID}", f"--regid={USER_ID}",
+                       "--clear-groups", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert (volume / "stage_0.sealed").read_bytes() == b"x"
+        assert (volume / "plan.json").stat().st_uid == (USER_ID if as_user else os.geteuid())
+    finally:
+        if as_user:
+            shutil.rmtree(root)
+    text = (Path(__file__).parents[2] / "deploy" / "sealed.Dockerfile").read_text()
+    assert f"USER {USER_ID}:{USER_ID}" in text
+
+
+@pytest.mark.parametrize("backend", ["sim", "gramine"])
+def test_the_files_say_how_to_enforce_the_profile_and_get_the_sim_root(
+        build: tuple[Path, Path, Path], backend: str) -> None:
+    plan = read_plan(sealed_directory(build[0]))
+    settings = ClusterSettings(backend=backend, measurements={"coordinator": MR},
+                               owner_public_key=OwnerKey.load(build[2]).public_key_hex,
+                               image="registry.example/smlaas:1")
+    files = render_manifests(plan, settings, sealed_bytes=1, plan_sha256="0" * 64)
+    loader_comment = files["build.yaml"][1][0]
+    owner_comment = files["owner/manifest-job.yaml"][-1][0]
+    enforce = "kubectl label namespace NAMESPACE pod-security.kubernetes.io/enforce=restricted"
+    sim_root = "docker run --rm registry.example/smlaas:1 attest sim-root > sim-root.pem"
+    if backend == "sim":
+        assert enforce in loader_comment
+        assert sim_root in owner_comment and "--sim-root sim-root.pem" in owner_comment
+    else:
+        assert enforce not in loader_comment and "hostPath volume /var/run/aesmd" in \
+            loader_comment
+        assert "sim-root" not in owner_comment
 
 
 def test_gramine_needs_the_coordinator_measurement(build: tuple[Path, Path, Path],

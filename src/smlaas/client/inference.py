@@ -17,6 +17,7 @@ PolicyError (evidence failed), ConfigError (bad arguments). Never a raw httpx ex
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -284,8 +285,11 @@ class AsyncInferenceClient(_ClientCore):
 
     async def attest(self, policy: Policy, roots: list[TrustedRoot], *,
                      manifest_digest: str | None = None) -> QuoteVerdict:
-        return self._check_evidence(await self._send("GET", ATTESTATION_PATH), policy, roots,
-                                    manifest_digest)
+        response = await self._send("GET", ATTESTATION_PATH)
+        # Quote verification and asking the coordinator for the current release block:
+        # off the event loop.
+        return await asyncio.to_thread(self._check_evidence, response, policy, roots,
+                                       manifest_digest)
 
 
 def _peer_certificate(response: httpx.Response) -> bytes | None:

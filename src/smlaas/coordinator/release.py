@@ -57,7 +57,8 @@ class Release:
     expires_at: int
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = [f"{name} must be a string" for name in ("owner", "coordinator_address")
+                    if not isinstance(getattr(self, name), str)]
         for name in ("coordinator_instance", "coordinator_mrenclave", "manifest_digest"):
             if not _HEX64.match(str(getattr(self, name))):
                 problems.append(f"{name} is not 64 lower-case hex digits")
