@@ -96,6 +96,19 @@ def sealed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     return sealed_chain_build(tmp_path_factory.mktemp("security-build"))
 
 
+def deploy_settings(sealed_build: tuple[Path, Path, Path], state_dir: Path,
+                    **overrides: Any) -> Any:
+    """DeploySettings for the sealed chain build: one thread, a free port, a 60 s deadline."""
+    from smlaas.coordinator.server import free_port
+    from smlaas.deploy.settings import DeploySettings
+
+    build, keyfile, owner = sealed_build
+    values: dict[str, Any] = {"build_dir": build, "keys_path": keyfile, "state_dir": state_dir,
+                              "owner_key_path": owner, "port": free_port(), "threads": 1,
+                              "ready_timeout_s": 60, **overrides}
+    return DeploySettings(**values)
+
+
 def coordinator_address(deployment: object) -> tuple[str, int]:
     """Where a local deployment's coordinator listens (from its launcher's command line)."""
     argv = deployment.launcher._processes["coordinator"].spec.argv  # type: ignore[attr-defined]

@@ -23,7 +23,12 @@ from smlaas.export.sealed_build import sealed_directory, sealed_path
 from smlaas.profile.cache import cache_dir
 from tests.conftest import cli_env
 from tests.integration.test_cli import smlaas
-from tests.security.conftest import assert_port_closed, coordinator_address, vacated
+from tests.security.conftest import (
+    assert_port_closed,
+    coordinator_address,
+    deploy_settings,
+    vacated,
+)
 
 
 def _altered_stage(build: Path, index: int) -> bytes:
@@ -36,11 +41,7 @@ def _altered_stage(build: Path, index: int) -> bytes:
 
 
 def _settings(tmp_path: Path, sealed_build, **overrides: object) -> DeploySettings:
-    build, keyfile, owner = sealed_build
-    values: dict = {"build_dir": build, "keys_path": keyfile, "state_dir": tmp_path / "state",
-                    "owner_key_path": owner, "port": free_port(), "threads": 1,
-                    "ready_timeout_s": 60, **overrides}
-    return DeploySettings(**values)
+    return deploy_settings(sealed_build, tmp_path / "state", **overrides)
 
 
 def test_a_resealed_altered_stage_is_never_served(tmp_path: Path, sealed_build) -> None:

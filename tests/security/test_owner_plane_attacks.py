@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.deploy.operator import OperatorProcess
@@ -23,6 +22,7 @@ from smlaas.deploy.owner_plane import OwnerPlane
 from smlaas.enclave.sealing import OwnerKeys, seal, unseal
 from smlaas.errors import ConfigError, DeployError
 from smlaas.export.sealed_build import sealed_directory, sealed_path
+from tests.security.conftest import deploy_settings
 
 HOSTILE_OPERATOR = r'''
 import base64, json, os, pickle, sys
@@ -53,11 +53,7 @@ for number, line in enumerate(sys.stdin):
 
 
 def _settings(tmp_path: Path, sealed_build, **overrides: object) -> DeploySettings:
-    build, keyfile, owner = sealed_build
-    values: dict = {"build_dir": build, "keys_path": keyfile, "state_dir": tmp_path / "state",
-                    "owner_key_path": owner, "port": free_port(), "threads": 1,
-                    "ready_timeout_s": 60, **overrides}
-    return DeploySettings(**values)
+    return deploy_settings(sealed_build, tmp_path / "state", **overrides)
 
 
 def test_a_hostile_operator_cannot_run_code_in_the_owners_process(tmp_path: Path,

@@ -18,23 +18,18 @@ import pytest
 
 from smlaas.client import InferenceClient
 from smlaas.client.release_check import ReleaseCheck
-from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.deploy.owner_plane import OwnerPlane
 from smlaas.errors import DeployError, ReleaseError
 from smlaas.version_memory import VersionMemory
-from tests.security.conftest import coordinator_address
+from tests.security.conftest import coordinator_address, deploy_settings
 
 DAY_S = 24 * 3600
 
 
 def _settings(root: Path, sealed_build, state: str, **overrides: object) -> DeploySettings:
-    build, keyfile, owner = sealed_build
-    values: dict = {"build_dir": build, "keys_path": keyfile, "state_dir": root / state,
-                    "owner_key_path": owner, "port": free_port(), "threads": 1,
-                    "ready_timeout_s": 60, **overrides}
-    return DeploySettings(**values)
+    return deploy_settings(sealed_build, root / state, **overrides)
 
 
 def _client(deployment: Deployment, memory: Path, **options: object) -> InferenceClient:

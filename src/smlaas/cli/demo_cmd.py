@@ -7,7 +7,6 @@ it, compare with the unpartitioned model, print a summary, shut everything down.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from smlaas.coordinator.manifest import GATEWAY_ROLE
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
-from smlaas.deploy.operator import OperatorProcess
 from smlaas.errors import VerificationError
 from smlaas.export.sealed_build import SEALED_DIR, seal_build
 from smlaas.partition import PlanOptions, default_threads, open_model, partition
@@ -92,17 +90,8 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
     whole = create_session(source.model, threads=threads, serving=True)
     expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, inputs)))
     started = time.perf_counter()
-    operator = OperatorProcess("local", settings.state_dir / "logs")
-    console.print(f"[bold]two planes[/]: the owner plane is this process (pid {os.getpid()}: "
-                  f"it alone loads the owner and stage keys, attests and signs); the operator "
-                  f"plane is pid {operator.operator_pid} (it starts the enclaves; minimal "
-                  f"environment, no keys)")
-    try:
-        deployment = Deployment(settings, operator,
-                                progress=lambda line: console.print(f"  {line}"))
-    except BaseException:
-        operator.stop()
-        raise
+    deployment = Deployment.on_this_machine(settings,
+                                            progress=lambda line: console.print(f"  {line}"))
     with deployment as dep:
         ready_s = time.perf_counter() - started
         with dep.client() as client:

@@ -8,7 +8,6 @@ Ray driver: this process never imports Ray.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from smlaas.cli.owner_cmds import parse_duration
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.coordinator.release import DEFAULT_VALIDITY_S
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
-from smlaas.deploy.operator import OperatorProcess, wait_forever
+from smlaas.deploy.operator import wait_forever
 from smlaas.enclave.policy import Policy
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS
@@ -145,16 +144,9 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
     stop_on_ctrl_c_and_sigterm()
-    operator = OperatorProcess(launcher, state / "logs", host=host, ray_address=ray_address,
-                               placement=placement)
-    console.print(f"  owner plane: this process (pid {os.getpid()}); operator plane "
-                  f"({launcher} launcher, no keys): pid {operator.operator_pid}")
-    try:
-        deployment = Deployment(settings, operator,
-                                progress=lambda line: console.print(f"  {line}"))
-    except BaseException:
-        operator.stop()
-        raise
+    deployment = Deployment.on_this_machine(settings, launcher=launcher,
+                                            ray_address=ray_address, placement=placement,
+                                            progress=lambda line: console.print(f"  {line}"))
     with deployment:
         console.print(f"[bold green]serving {deployment.model_name}[/] "
                       f"({deployment.stage_count} stages, replicas "

@@ -53,14 +53,31 @@ class Deployment:
     """One running deployment; use as a context manager or call start()/stop()."""
 
     def __init__(self, settings: DeploySettings, launcher: Launcher, *,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
+                 progress: Callable[[str], None] = lambda _: None,
+                 owner_plane: OwnerPlane | None = None) -> None:
         self.settings, self.launcher, self.progress = settings, launcher, progress
-        self.owner_plane = OwnerPlane(settings, progress=progress)
+        self.owner_plane = owner_plane or OwnerPlane(settings, progress=progress)
         self.url = ""
         self.grpc_address: str | None = None
         self.ready_s = 0.0
         """Seconds from start() to ready (coordinator, manifest, workers, gateway)."""
         self._pinning = ""
+
+    @classmethod
+    def on_this_machine(cls, settings: DeploySettings, *, launcher: str = "local",
+                        ray_address: str | None = None, placement: str | None = None,
+                        progress: Callable[[str], None] = lambda _: None) -> Deployment:
+        """The owner plane in this process (the owner's files read first: bad input starts
+        nothing) and the operator plane in a keyless child process running ``launcher``."""
+        from smlaas.deploy.operator import OperatorProcess
+
+        owner = OwnerPlane(settings, progress=progress)
+        operator = OperatorProcess(launcher, settings.state_dir / "logs", host=settings.host,
+                                   ray_address=ray_address, placement=placement)
+        progress(f"owner plane: this process (pid {os.getpid()}; it alone loads the owner "
+                 f"and stage keys); operator plane: pid {operator.operator_pid} ({launcher} "
+                 f"launcher; minimal environment, no keys)")
+        return cls(settings, operator, progress=progress, owner_plane=owner)
 
     # -- what the owner plane read and decided ---------------------------------------------
     @property
@@ -222,9 +239,3 @@ class Deployment:
         assert self.manifest is not None  # set by start()
         self.progress(f"gateway attested under {self.manifest.describe()} and the owner's "
                       f"release")
-
-
-def operator_pid_note(launcher: Launcher) -> str:
-    """'operator pid N' for a launcher in a child process, '' for one in this process."""
-    pid = getattr(launcher, "operator_pid", None)
-    return f"operator pid {pid}, owner pid {os.getpid()}" if pid else ""
