@@ -1,9 +1,10 @@
 """`smlaas deploy --launcher ray` against a Ray cluster started with the `ray` CLI, as an
 operator starts one: a head and a second raylet, each advertising `sgx`, with token
 authentication on (Ray 2.60: `RAY_AUTH_MODE=token`, the token in `RAY_AUTH_TOKEN`). A driver
-without the token is refused with a message naming what to set; with it, the pipeline is
-placed over both raylets, serves the whole model's answers through `smlaas infer`, and stops
-on Ctrl-C. Every process started here is stopped at the end, found by its process group.
+without the token is refused with a message naming what to set; one node per enclave is
+refused at once for want of a third node; packed, the pipeline is placed over both raylets,
+serves the whole model's answers through `smlaas infer`, and stops on Ctrl-C. Every process
+started here is stopped at the end, found by its process group.
 
 Loopback only: the nodes use 127.0.0.2 and 127.0.0.3, since Ray replaces a node address of
 127.0.0.1 by the machine's routable address."""
@@ -189,6 +190,18 @@ def test_deploy_infer_and_stop_on_a_ray_cli_cluster_with_token_auth(tmp_path: Pa
             refused.stdout + refused.stderr
         assert "Set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN" in \
             refused.stderr
+
+        # One node per enclave (the default with an address) needs a third raylet: refused
+        # at once, naming what is missing, and what it booked is given back.
+        spread = deploy_command(build, keys, owner, tmp_path / "spread", cluster.address,
+                                free_port())
+        spread[spread.index("pack")] = "spread"
+        too_few = subprocess.run(spread, env=env, capture_output=True, text=True, timeout=90)
+        assert too_few.returncode != 0
+        assert "placement 'spread' (STRICT_SPREAD): each bundle needs a node of its own" in \
+            too_few.stderr, too_few.stdout + too_few.stderr
+        assert "1 more node(s) needed" in too_few.stderr
+        assert "Placement 'pack' would fit" in too_few.stderr
 
         port, state = free_port(), tmp_path / "state"
         deploy = subprocess.Popen(deploy_command(build, keys, owner, state, cluster.address,

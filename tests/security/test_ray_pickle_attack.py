@@ -24,21 +24,23 @@ pytestmark = pytest.mark.ray
 # Loaded by every Python process that has the directory on PYTHONPATH; it alters only Ray's
 # worker processes (the "node"): their launcher's reserve() returns the host string as a str
 # subclass whose unpickling runs code (and then yields the host, so the deploy goes on).
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import sys
 if any(part.endswith("default_worker.py") for part in getattr(sys, "orig_argv", [])):
     try:
         import smlaas.deploy.ray_launcher as launcher
 
-        RUN = ("(lambda os, json: (open({marker!r}, 'a').write(json.dumps({{"
-               "'pid': os.getpid(), 'env': dict(os.environ), "
-               "'cmdline': open('/proc/self/cmdline', 'rb').read().decode('utf-8', 'replace')"
-               "}}) + '\\\\n'), {{host!r}})[1])(__import__('os'), __import__('json'))")
+        RUN = ("(lambda os, json: (open(MARKER, 'a').write(json.dumps(dict("
+               "pid=os.getpid(), env=dict(os.environ), "
+               "cmdline=open('/proc/self/cmdline', 'rb').read().decode('utf-8', 'replace')"
+               ")) + chr(10)), HOST)[1])(__import__('os'), __import__('json'))")
 
         class Payload(str):
             def __reduce__(self):
-                return (eval, (RUN.format(host=str(self)),))
+                code = RUN.replace("MARKER", repr(MARKER_PATH)).replace("HOST", repr(str(self)))
+                return (eval, (code,))
 
+        MARKER_PATH = "@MARKER@"
         original = launcher._ProcessHost.reserve
 
         def reserve(self, name):
@@ -47,8 +49,8 @@ if any(part.endswith("default_worker.py") for part in getattr(sys, "orig_argv", 
 
         launcher._ProcessHost.reserve = reserve
     except Exception as err:  # the attack is best effort; the test checks it ran
-        sys.stderr.write(f"hostile sitecustomize failed: {{err}}\\n")
-'''
+        sys.stderr.write("hostile sitecustomize failed: %s" % err)
+"""
 
 
 def test_a_hostile_ray_node_runs_code_only_where_no_key_is(tmp_path: Path, sealed_build) -> None:
@@ -56,12 +58,14 @@ def test_a_hostile_ray_node_runs_code_only_where_no_key_is(tmp_path: Path, seale
     marker = tmp_path / "pwned.jsonl"
     hostile = tmp_path / "hostile"
     hostile.mkdir()
-    (hostile / "sitecustomize.py").write_text(SITECUSTOMIZE.format(marker=str(marker)))
+    (hostile / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("@MARKER@", str(marker)))
     env = {**os.environ, "COLUMNS": "200", "SMLAAS_OWNER_KEY": str(owner),
            "OWNER_CLOUD_TOKEN": "canary-91c2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(hostile),
                                                        os.environ.get("PYTHONPATH")])),
-           "RAY_TMPDIR": str(tmp_path / "ray")}
+           # Ray's local cluster on 127.0.0.1 only, and no token file in ~/.ray (see
+           # tests/integration/test_ray_launcher.py::loopback_ray)
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     port = free_port()
     deploy = subprocess.Popen(
         [sys.executable, "-m", "smlaas", "deploy", str(build), "--keys", str(keyfile),

@@ -178,7 +178,11 @@ def attest_sim_root(output: str | None) -> int:
     """Print this machine's (or this image's) SIMULATION root CA certificate, for an owner to
     trust exactly it (`smlaas owner set-manifest --sim-root FILE`). INSECURE by nature: any
     holder of the simulation PKI can make quotes."""
-    pki = SimulationPKI.load_or_create(default_pki_dir())
+    directory = default_pki_dir()
+    if not (directory / "root.pem").is_file():
+        raise InputError(f"there is no simulation root in {directory} (is SMLAAS_CACHE_DIR the "
+                         f"one the enclaves use?); nothing printed")
+    pki = SimulationPKI.load(directory)
     pem = x509.load_der_x509_certificate(pki.root_der).public_bytes(
         serialization.Encoding.PEM).decode()
     if output:

@@ -143,6 +143,9 @@ class Manifest:
         if not all(isinstance(h, str) and h for h in self.gateway_hosts) or \
                 len(set(self.gateway_hosts)) != len(self.gateway_hosts):
             problems.append("gateway_hosts must be distinct, non-empty host names")
+        problems += [f"gateway host {host!r} is a role name; roles come from the manifest only"
+                     for host in self.gateway_hosts if isinstance(host, str) and
+                     is_role_name(host)]
         problems += _collateral_problems(self.collateral)
         return problems
 

@@ -17,7 +17,7 @@ the request held (:meth:`CoordinatorService.handle` never raises):
                        against collateral the coordinator obtains itself, the manifest's rules
                        for the role and the binding of role, key and nonce in report_data;
                        issues a certificate naming the role and the manifest digest in its
-                       extensions (and, for the gateway, only host names the manifest names),
+                       extensions (and, for the gateway, the host names the manifest names),
                        the topology and the batching limit, and, for a stage, claims one of
                        the manifest's replica slots (:mod:`slots`) and releases its key
                        HPKE-encrypted to the attested public key.
@@ -293,7 +293,8 @@ class CoordinatorService:
         if role not in manifest.topology:
             raise refusal(Code.UNKNOWN_ROLE, f"role {role!r} is not in the manifest's "
                           f"topology ({', '.join(manifest.topology)})")
-        hosts = owner_named_hosts(validated_hosts(role, request.get("hosts", [])), manifest)
+        hosts = owner_named_hosts(role, validated_hosts(role, request.get("hosts", [])),
+                                  manifest)
         self.nonces.take(nonce)
         collateral = collateral_for(quote, manifest.collateral, self._backend)
         verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
@@ -337,16 +338,19 @@ class CoordinatorService:
         return response
 
 
-def owner_named_hosts(asked: list[str], manifest: Manifest) -> list[str]:
-    """The asked-for host names that the owner's manifest names for the gateway; the others
-    are dropped (logged), so a name the host made up is in no certificate."""
-    named = {host.lower().rstrip(".") for host in manifest.gateway_hosts}
-    kept = [host for host in asked if host.lower().rstrip(".") in named]
-    dropped = sorted(set(asked) - set(kept))
+def owner_named_hosts(role: str, asked: list[str], manifest: Manifest) -> list[str]:
+    """The host names a certificate carries: for the gateway exactly those the owner's
+    manifest names (whatever it asked for; a name the host made up is logged and left out),
+    for any other role none."""
+    if role != GATEWAY_ROLE:
+        return []
+    named = validated_hosts(role, list(manifest.gateway_hosts))
+    known = {host.lower().rstrip(".") for host in named}
+    dropped = sorted(host for host in asked if host.lower().rstrip(".") not in known)
     if dropped:
         logger.warning("gateway asked for host name(s) %s that the owner's manifest does not "
                        "name; left out of its certificate", ", ".join(dropped))
-    return kept
+    return named
 
 
 def _base64(request: dict[str, Any], field: str) -> bytes:

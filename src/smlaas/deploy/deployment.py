@@ -38,7 +38,13 @@ from smlaas.deploy.owner_plane import (
 )
 from smlaas.deploy.roles import StageSpec
 from smlaas.deploy.settings import DeploySettings
-from smlaas.deploy.topology import ServingLayout, pin_plan, role_specs, stage_replicas
+from smlaas.deploy.topology import (
+    ServingLayout,
+    pin_plan,
+    prepare_stages,
+    role_specs,
+    stage_replicas,
+)
 from smlaas.enclave.policy import Policy
 from smlaas.errors import AttestationError, DeployError
 
@@ -157,6 +163,9 @@ class Deployment:
         owner.check_sealed_dir()
         s.state_dir.mkdir(parents=True, exist_ok=True)
         owner.trust_roots()
+        cpus, self._pinning = pin_plan(owner.replicas, s.pin)
+        layout = ServingLayout.of(s, max_batch_size=owner.max_batch_size)
+        prepare_stages(self.launcher, replicas=owner.replicas, layout=layout, cpus=cpus)
         coordinator = owner.coordinator_spec(
             listen=self.launcher.reserve(COORDINATOR_ROLE),
             state_path=str((s.state_dir / "coordinator.sealed").resolve()))
@@ -166,9 +175,8 @@ class Deployment:
                       f"{coordinator.listen[1]} (owner {owner.owner.fingerprint})")
         client = owner.attest_coordinator(coordinator.listen, coordinator_mr,
                                           problems=self.launcher.problems)
-        cpus, self._pinning = pin_plan(owner.replicas, s.pin)
         roles = role_specs(self.launcher, model_name=self.model_name, replicas=owner.replicas,
-                           layout=ServingLayout.of(s, max_batch_size=owner.max_batch_size),
+                           layout=layout,
                            coordinator=coordinator.listen, coordinator_mrenclave=coordinator_mr,
                            sealed_dir=self.sealed_dir, cpus=cpus)
         owner.measure_roles(roles, coordinator_mr)

@@ -410,6 +410,10 @@ class _Manifests:
                 "--keys", f"{OWNER_MOUNT}/{OWNER_KEYS_FILE}",
                 "--key", f"{OWNER_MOUNT}/{OWNER_KEY_FILE}",
                 "--coordinator", f"{_name(COORDINATOR_ROLE)}:{COORDINATOR_PORT}",
+                # the names the gateway's certificate may carry: its Service's (the owner
+                # adds a LoadBalancer's name with --gateway-host when run by hand)
+                "--gateway-host", _name(GATEWAY_ROLE),
+                "--coordinator-address", f"{_name(COORDINATOR_ROLE)}:{COORDINATOR_PORT}",
                 "--backend", settings.backend, "--state-dir", "/tmp/owner", "--print-ca"]
         config: dict[str, str] = {}
         if self.sgx:

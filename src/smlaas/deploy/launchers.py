@@ -30,16 +30,17 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDI
               "COVERAGE_PROCESS_START")
 """The variables a launched process inherits: what Python, ONNX Runtime and the smlaas cache
 need, and nothing else (no owner key path, no credentials of whoever started it)."""
-PASSED_ENV_PREFIXES = ("RAY_",)
-"""... and the host's own engine settings (Ray's address and token: the operator's, not the
-owner's)."""
+ENGINE_ENV_PREFIXES = ("RAY_",)
+"""The host's own engine settings (Ray's address, auth mode and token): the operator's, given
+to the operator process only, never to the roles it starts."""
 
 
-def minimal_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment cut down to PASSED_ENV (and PASSED_ENV_PREFIXES), plus
-    ``extra``."""
+def minimal_env(extra: dict[str, str] | None = None, *, engine: bool = False
+                ) -> dict[str, str]:
+    """This process's environment cut down to PASSED_ENV (and, with ``engine``, the
+    ENGINE_ENV_PREFIXES variables), plus ``extra``."""
     kept = {name: value for name, value in os.environ.items()
-            if name in PASSED_ENV or name.startswith(PASSED_ENV_PREFIXES)}
+            if name in PASSED_ENV or (engine and name.startswith(ENGINE_ENV_PREFIXES))}
     return {**kept, **(extra or {})}
 
 

@@ -43,7 +43,7 @@ from smlaas.deploy.launchers import (
 )
 from smlaas.deploy.roles import StageSpec
 from smlaas.deploy.topology import ServingLayout
-from smlaas.errors import ConfigError, DeployError, SmlaasError
+from smlaas.errors import ConfigError, DeployError, InputError, SmlaasError
 
 if TYPE_CHECKING:
     from smlaas.deploy.roles import CoordinatorSpec
@@ -85,7 +85,7 @@ class OperatorProcess:
                            *(["--placement", placement] if placement else [])]
         self._log = open(self.log_dir / "operator.log", "ab")  # noqa: SIM115 - closed in stop
         self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self._log, env=minimal_env(),
+                                         stderr=self._log, env=minimal_env(engine=True),
                                          start_new_session=True, preexec_fn=_die_with_parent)
         self._answers: queue.Queue[bytes | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -135,7 +135,10 @@ class OperatorProcess:
         if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
             raise DeployError(f"the operator's answer to {op} is malformed")
         if not answer["ok"]:
-            raise DeployError(f"the operator could not {op}: {str(answer.get('error'))[:2000]}")
+            message = f"the operator could not {op}: {str(answer.get('error'))[:2000]}"
+            # The operator's word that the request was bad (a Ray setting, say) is kept as
+            # such for the exit code; it changes nothing the owner does.
+            raise ConfigError(message) if answer.get("input") is True else DeployError(message)
         return answer.get("result")
 
     # -- the Launcher protocol, every answer checked ---------------------------------------
@@ -247,7 +250,8 @@ def serve_operator(make: Callable[[], Launcher], requests: IO[bytes],
                     launcher = None
                     return
             except (SmlaasError, KeyError, TypeError, ValueError) as err:
-                answer({"ok": False, "error": f"{type(err).__name__}: {err}"})
+                answer({"ok": False, "error": str(err),
+                        "input": isinstance(err, InputError)})
     finally:
         if launcher is not None:
             launcher.stop()
@@ -307,7 +311,7 @@ def operator_up(sealed_dir: Path, launcher: Launcher, *, owner_public_key: str,
     has set the manifest. Returns the coordinator's spec (its address is what the owner
     attests). ``coordinator_mrenclave`` is required for gramine (for sim it is computed)."""
     from smlaas.deploy.roles import CoordinatorSpec
-    from smlaas.deploy.topology import pin_plan, role_specs, stage_replicas
+    from smlaas.deploy.topology import pin_plan, prepare_stages, role_specs, stage_replicas
     from smlaas.export.build_dir import read_plan
     from smlaas.export.sealed_build import ServingNote, sealed_directory
 
@@ -317,6 +321,8 @@ def operator_up(sealed_dir: Path, launcher: Launcher, *, owner_public_key: str,
     note = ServingNote.of(plan).max_batch_size
     batch = note if max_batch_size is None else min(max_batch_size, note)
     state_dir.mkdir(parents=True, exist_ok=True)
+    cpus, _ = pin_plan(counts, layout.pin)
+    prepare_stages(launcher, replicas=counts, layout=layout, cpus=cpus)
     coordinator = CoordinatorSpec(backend=layout.backend, owner_public_key=owner_public_key,
                                   listen=launcher.reserve("coordinator"),
                                   state_path=str((state_dir / "coordinator.sealed").resolve()))
@@ -327,7 +333,6 @@ def operator_up(sealed_dir: Path, launcher: Launcher, *, owner_public_key: str,
         coordinator_mrenclave = coordinator.sim_mrenclave()
     launcher.start(ProcessSpec(coordinator.role, coordinator.to_argv()))
     progress(f"coordinator starting on {coordinator.listen[0]}:{coordinator.listen[1]}")
-    cpus, _ = pin_plan(counts, layout.pin)
     specs = role_specs(launcher, model_name=plan.model.name, replicas=counts,
                        layout=replace(layout, max_batch_size=batch),
                        coordinator=coordinator.listen, coordinator_mrenclave=coordinator_mrenclave,

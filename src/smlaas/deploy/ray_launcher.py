@@ -421,7 +421,8 @@ class RayLauncher:
             resources, node_id = node.get("Resources", {}), str(node.get("NodeID", ""))
             used = held.get(node_id, [0.0, 0.0])
             nodes.append(NodeCapacity(
-                f"node {node.get('NodeManagerAddress', '?')} ({node_id[:8]})",
+                f"node {node.get('NodeManagerAddress', '?')} ({node_id[:8]}"
+                f"{', what this deployment left' if any(used) else ''})",
                 resources.get(SGX_RESOURCE, 0) - used[0],
                 resources.get(CPU_RESOURCE, 0) - used[1]))
         return nodes

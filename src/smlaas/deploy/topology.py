@@ -97,16 +97,23 @@ def pin_plan(replicas: list[int], pin: bool) -> tuple[CpuPlan, str]:
                            f"{','.join(map(str, cpus[(k, r)]))}" for k, r in keys)
 
 
+def prepare_stages(launcher: Launcher, *, replicas: list[int], layout: ServingLayout,
+                   cpus: CpuPlan) -> None:
+    """Tells the launcher, before any address is reserved, every stage replica to come and
+    the cores each uses (the Ray launcher books them and the coordinator's in one placement
+    group, and refuses a cluster that cannot hold them before anything starts)."""
+    launcher.prepare([(process_name(k, r), len(cpus.get((k, r), ())) or layout.threads)
+                      for k, count in enumerate(replicas) for r in range(count)])
+
+
 def role_specs(launcher: Launcher, *, model_name: str, replicas: list[int],
                layout: ServingLayout, coordinator: Address, coordinator_mrenclave: str,
                sealed_dir: Path, cpus: CpuPlan) -> list[RoleSpec]:
-    """Every stage replica's spec (an address reserved for each) and the gateway's last."""
+    """Every stage replica's spec (an address reserved for each) and the gateway's last
+    (after :func:`prepare_stages`)."""
     common: dict[str, Any] = {"backend": layout.backend,
                               "coordinator_mrenclave": coordinator_mrenclave,
                               "coordinator": coordinator}
-    names = [(k, r) for k, count in enumerate(replicas) for r in range(count)]
-    launcher.prepare([(process_name(k, r), len(cpus.get((k, r), ())) or layout.threads)
-                      for k, r in names])
     addresses = [tuple(launcher.reserve(process_name(k, r)) for r in range(count))
                  for k, count in enumerate(replicas)]
     specs: list[RoleSpec] = [
