@@ -8,6 +8,7 @@ never accepts a lower one). Both only ever raise a number; the file is rewritten
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -54,11 +55,14 @@ class VersionMemory:
             return int(self._read().get(key, 0))
 
     def record(self, key: str, version: int) -> int:
-        """Raises ``key``'s version to ``version`` if higher; returns the highest."""
-        with self._lock:
+        """Raises ``key``'s version to ``version`` if higher; returns the highest. Read,
+        compare and write happen under an exclusive lock on a file beside it, so two processes
+        (a cron job and a person; two clients) never lose each other's versions."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._lock, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._read()
             if version > data.get(key, 0):
                 data[key] = version
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 write_private(self.path, json.dumps(data, sort_keys=True, indent=1).encode())
             return int(data.get(key, 0))

@@ -47,6 +47,7 @@ for number, line in enumerate(sys.stdin):
         answer = {"ok": True, "result": []}
     else:
         answer = {"ok": True, "result": None}
+    answer["id"] = request["id"]
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
 '''

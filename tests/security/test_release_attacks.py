@@ -115,7 +115,8 @@ def test_a_restored_coordinator_state_is_refused_and_never_makes_the_owner_sign_
         seen = tmp_path / "seen.json"
         with _client(v1, seen) as client, pytest.raises(ReleaseError, match="v2 is current"):
             client.ready()
-        assert VersionMemory(seen).highest(v1.owner_plane.owner.fingerprint) == 2
+        instance = v1.owner_plane.release.release.coordinator_instance  # type: ignore[union-attr]
+        assert VersionMemory(seen).highest(f"{v1.owner_plane.owner.fingerprint}/{instance}") == 2
         # The host rolls the coordinator back: the v1 sealed state, and a restart.
         shutil.copy(saved_v1, state)
         before = launcher.pids()["coordinator"]

@@ -40,7 +40,8 @@ def test_a_current_release_passes_and_is_remembered(tmp_path: Path) -> None:
     owner = OwnerKey.create()
     check = _check(owner, tmp_path)
     release = check.check(_release(owner).to_dict(), admitted_manifest=DIGEST_A, simulated=True)
-    assert release.version == 1 and check.memory.highest(owner.fingerprint) == 1
+    assert release.version == 1
+    assert check.memory.highest(f"{owner.fingerprint}/{'cc' * 32}") == 1
 
 
 @pytest.mark.parametrize("case, match", [
@@ -85,6 +86,18 @@ def test_a_client_never_goes_back_to_a_lower_version(tmp_path: Path) -> None:
     with pytest.raises(ReleaseError, match="v3 is current"):
         _check(owner, tmp_path).check(_release(owner, version=1).to_dict(),
                                       admitted_manifest=DIGEST_A, simulated=True)
+
+
+def test_two_manifests_under_one_version_are_refused(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator answers with a release of the same version but another manifest (the
+    owner lost its memory of signed versions): neither is accepted."""
+    owner = OwnerKey.create()
+    check = _check(owner, tmp_path)
+    other = _release(owner, digest=DIGEST_B).release
+    monkeypatch.setattr(check, "_coordinator_release", lambda release, simulated: other)
+    with pytest.raises(ReleaseError, match="two manifests under one version"):
+        check.check(_release(owner).to_dict(), admitted_manifest=DIGEST_A, simulated=True)
 
 
 def test_a_release_is_valid_for_at_most_a_day() -> None:

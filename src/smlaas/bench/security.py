@@ -8,7 +8,10 @@
   through, with the simulation root);
 - role certificate issuance (coordinator side);
 - stage key release: HPKE (P-256, HKDF-SHA256, AES-256-GCM) sealing to the registrant's key
-  and its opening inside the registrant.
+  and its opening inside the registrant;
+- the owner's release: signing it, a client's check of a stapled one on its own, and with the
+  client first asking a real coordinator (in this process, over RA-TLS on 127.0.0.1) for the
+  current one, as clients do by default.
 """
 
 from __future__ import annotations
@@ -215,9 +218,72 @@ def quote_costs(pki_dir: Path, repeats: int = 20) -> dict[str, float]:
         "quote_bytes": len(quote)}
 
 
+def release_costs(pki_dir: Path, work_dir: Path, repeats: int = 20) -> dict[str, float]:
+    """The owner's release: sign; check a stapled one; check it after asking the coordinator
+    (RA-TLS to a coordinator in this process, on 127.0.0.1)."""
+    from smlaas.client.release_check import ReleaseCheck
+    from smlaas.coordinator.client import CoordinatorClient
+    from smlaas.coordinator.manifest import Manifest, StageCommitment, key_commitment
+    from smlaas.coordinator.owner import OwnerKey
+    from smlaas.coordinator.release import Release, sign_release
+    from smlaas.coordinator.server import CoordinatorServer
+    from smlaas.deploy.roles import CoordinatorSpec
+    from smlaas.enclave.backends.sim import SimBackend
+    from smlaas.enclave.verification import INTEL_ROOT
+    from smlaas.serving.enrol import coordinator_policy
+    from smlaas.version_memory import VersionMemory
+
+    owner = OwnerKey.create()
+    spec = CoordinatorSpec(backend="sim", owner_public_key=owner.public_key_hex)
+    backend = SimBackend("coordinator", config=spec.measured_config(), pki_dir=pki_dir)
+    mrenclave = backend.measurement.mrenclave.hex()
+    roots = [INTEL_ROOT, backend.trusted_root]
+    server = CoordinatorServer(backend, work_dir / "coordinator.sealed",
+                               owner_public_key=owner.public_key_hex).start()
+    try:
+        key = os.urandom(32)
+        manifest = Manifest(version=1, policy={"allow_simulation_insecure": True, "roles": {
+            role: {"mrenclave": ["00" * 32]} for role in ("gateway", "stage-0")}},
+            topology=("gateway", "stage-0"),
+            stages={0: StageCommitment(key_commitment(0, key), "11" * 32)})
+        address = f"{server.address[0]}:{server.address[1]}"
+
+        def release_for(instance: bytes) -> Any:
+            now = int(time.time())
+            return sign_release(owner.private_key, Release(
+                owner=owner.fingerprint, coordinator_instance=instance.hex(),
+                coordinator_mrenclave=mrenclave, coordinator_address=address,
+                manifest_digest=manifest.digest(), version=1, issued_at=now,
+                expires_at=now + 3600))
+
+        client = CoordinatorClient(*server.address, roots=roots, policy=coordinator_policy(
+            mrenclave, simulated=True))
+        client.set_manifest(manifest, owner=owner, stage_keys={0: key}, release=release_for)
+        stapled = client.release()
+        assert stapled is not None
+        memory = VersionMemory(work_dir / "seen.json")
+
+        def check(ask: bool) -> None:
+            ReleaseCheck(owner.public_key_hex, roots=roots, memory=memory,
+                         ask_coordinator=ask).check(stapled.to_dict(),
+                                                    admitted_manifest=manifest.digest(),
+                                                    simulated=True)
+
+        return {"release_sign_ms": timed(lambda: release_for(b"\0" * 32), repeats) * 1e3,
+                "release_check_ms": timed(lambda: check(False), repeats) * 1e3,
+                "release_check_asking_coordinator_ms": timed(lambda: check(True),
+                                                             repeats) * 1e3}
+    finally:
+        server.stop()
+
+
 def security_costs(pki_dir: Path) -> dict[str, Any]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="smlaas-bench-") as work:
+        releases = release_costs(pki_dir, Path(work))
     return {"framing_ms_per_mib": framing_ms_per_mib(),
             "transfer_ms_per_mib": transfer_ms_per_mib(),
             "limits": machine_limits(),
             "sealing": sealing_mib_per_s(),
-            "attestation": quote_costs(pki_dir)}
+            "attestation": {**quote_costs(pki_dir), **releases}}

@@ -88,7 +88,12 @@ def security(out: str | None) -> int:
          f"{attestation['quote_verification_ms']:.2f} ms"],
         ["role certificate issuance", f"{attestation['role_certificate_issue_ms']:.2f} ms"],
         ["stage key release (HPKE seal + open)",
-         f"{attestation['stage_key_release_ms']:.2f} ms"]]))
+         f"{attestation['stage_key_release_ms']:.2f} ms"],
+        ["owner release: signing", f"{attestation['release_sign_ms']:.2f} ms"],
+        ["client release check (stapled release only)",
+         f"{attestation['release_check_ms']:.2f} ms"],
+        ["client release check, asking the coordinator first (RA-TLS, loopback)",
+         f"{attestation['release_check_asking_coordinator_ms']:.2f} ms"]]))
     _write(out, costs)
     return 0
 

@@ -20,6 +20,7 @@ from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.coordinator.release import DEFAULT_VALIDITY_S
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
 from smlaas.deploy.operator import wait_forever
+from smlaas.deploy.topology import parse_replicas
 from smlaas.enclave.policy import Policy
 from smlaas.profile.cache import cache_dir
 from smlaas.serving.enrol import BACKENDS
@@ -126,6 +127,15 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         return 0
     if not keys_path:
         raise click.UsageError("--keys is required (the keyfile `smlaas seal` wrote)")
+    if launcher == "ray" and ray_address and not _is_loopback(ray_address):
+        raise click.UsageError(
+            f"--ray-address {ray_address} is another machine's cluster. `smlaas deploy` runs "
+            f"the owner plane and the operator plane on this machine as one user, so code the "
+            f"cluster runs in the operator could read the owner's files here. Run the operator "
+            f"plane on the cluster (`smlaas operator up SEALED --owner-public-key owner.pub "
+            f"--launcher ray --ray-address {ray_address}`) and the owner's step here (`smlaas "
+            f"owner set-manifest SEALED --keys KEYS --coordinator HOST:PORT`): "
+            f"docs/DEPLOYING.md")
     state = Path(state_dir) if state_dir else \
         cache_dir() / "deployments" / time.strftime("%Y%m%d-%H%M%S")
     settings = DeploySettings(
@@ -170,14 +180,18 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
     return 0
 
 
-def parse_replicas(specs: tuple[str, ...]) -> dict[int, int]:
-    replicas = {}
-    for spec in specs:
-        stage, sep, count = spec.partition("=")
-        if not sep or not stage.strip().isdigit() or not count.strip().isdigit():
-            raise click.UsageError(f"--replicas takes STAGE=COUNT, e.g. 1=2; got {spec!r}")
-        replicas[int(stage)] = int(count)
-    return replicas
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (HOST:PORT, ray://HOST:PORT, or 'auto'/'local') is this
+    machine's loopback."""
+    import ipaddress
+
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "auto", "local"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _threads(threads: int | None) -> dict[str, Any]:

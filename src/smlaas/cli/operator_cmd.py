@@ -77,7 +77,7 @@ def operator_up_cmd(sealed_dir: str, owner_public_key: str, backend: str,
                     state_dir: str | None) -> int:
     """Start SEALED_DIR's coordinator, workers and gateway; Ctrl-C stops them. The owner
     then runs `smlaas owner set-manifest` against the coordinator address printed here."""
-    from smlaas.cli.deploy_cmd import parse_replicas
+    from smlaas.deploy.topology import parse_replicas
 
     state = Path(state_dir) if state_dir else \
         cache_dir() / "operator" / time.strftime("%Y%m%d-%H%M%S")

@@ -182,6 +182,9 @@ def owner_status(key_path: str | None, address: str, backend: str,
               help="Dynamic batching limit (default: what `smlaas seal` recorded; 0 off).")
 @click.option("--replace-manifest", is_flag=True,
               help="Replace another manifest the coordinator holds (next signed version).")
+@click.option("--replicas", "replica_specs", multiple=True, metavar="STAGE=COUNT",
+              help="Serve stage STAGE with COUNT replicas, over the plan's (repeatable): the "
+                   "manifest's slots, so the operator can run that many.")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Where the CA, the gateway policy and owner.pub are written (default: a "
                    "new directory in the cache).")
@@ -195,7 +198,8 @@ def owner_status(key_path: str | None, address: str, backend: str,
 def owner_set_manifest(build_dir: str, key_path: str | None, keys_path: str, address: str,
                        backend: str, measurements: str | None, policy_path: str | None,
                        pccs_url: str | None, max_batch_size: int | None,
-                       replace_manifest: bool, state_dir: str | None,
+                       replace_manifest: bool, replica_specs: tuple[str, ...],
+                       state_dir: str | None,
                        gateway_hosts: tuple[str, ...], coordinator_address: str | None,
                        validity: int, sim_root: str | None, print_ca: bool) -> int:
     """Attest a coordinator that runs elsewhere (Kubernetes, `smlaas operator up`) and set
@@ -203,6 +207,13 @@ def owner_set_manifest(build_dir: str, key_path: str | None, keys_path: str, add
     the roles then register on their own."""
     from smlaas.deploy.owner_plane import OwnerPlane, read_measurements
     from smlaas.deploy.settings import DeploySettings
+    from smlaas.deploy.topology import parse_replicas
+
+    host = parse_address(address, what="--coordinator")[0]
+    if coordinator_address is None and host in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]the release names {address} as the coordinator: clients "
+                      f"elsewhere cannot ask it for the current release (they then go by "
+                      f"what the gateway staples); give --coordinator-address HOST:PORT[/]")
 
     state = Path(state_dir) if state_dir else \
         cache_dir() / "deployments" / time.strftime("%Y%m%d-%H%M%S")
@@ -214,6 +225,7 @@ def owner_set_manifest(build_dir: str, key_path: str | None, keys_path: str, add
         policy=Policy.from_toml(policy_path).to_dict() if policy_path else None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
         replace_manifest=replace_manifest, gateway_hosts=gateway_hosts,
+        replicas=parse_replicas(replica_specs) or None,
         coordinator_address=coordinator_address, release_validity_s=validity,
         sim_root=Path(sim_root) if sim_root else None, host="0.0.0.0")
     plane = OwnerPlane(settings, progress=lambda line: console.print(f"  {line}"))
@@ -255,9 +267,17 @@ def owner_release(key_path: str | None, address: str, backend: str,
     key = OwnerKey.load(Path(key_path) if key_path else default_owner_key_path())
     client, coordinator_mrenclave = _attested(key, address, backend, coordinator_mrenclave,
                                               sim_root)
-    held = client.status().release
+    status = client.status()
+    signed = signed_versions_memory().highest(f"{key.fingerprint}/{status.instance}")
+    if signed > (status.manifest_version or 0):
+        raise CheckFailed(f"the coordinator holds manifest version "
+                          f"{status.manifest_version or 'none'}, but you signed version "
+                          f"{signed} for it: its sealed state was rolled back by the host; "
+                          f"no release for it (set a new manifest with --replace-manifest)")
+    held = status.release
     current = held.verify(key.private_key.public_key()) if held else None
-    if current is not None and not refresh and not current.expired(time.time()):
+    if current is not None and not refresh and not current.expired(time.time()) and \
+            current.version == status.manifest_version:
         release = current
         action = "holds an unexpired"
     else:

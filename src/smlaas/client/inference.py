@@ -22,6 +22,7 @@ import base64
 import datetime as dt
 import hashlib
 import ssl
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ from smlaas.transport.v2 import HEADER_LENGTH, decode_infer_response, encode_inf
 from smlaas.version_memory import VersionMemory
 
 ATTESTATION_PATH = "/v2/smlaas/attestation"
+RECHECK_S = 300.0
+"""A client attests the gateway (and checks the owner's release) again after this long."""
 
 
 class _ClientCore:
@@ -89,6 +92,7 @@ class _ClientCore:
             if attest and check_release and owner_public_key is not None else None
         self.release: Release | None = None
         """The owner's release the attested gateway is under (after attestation)."""
+        self._attested_at = 0.0
         self.attest_first = attest
         self.timeout_s = timeout_s
         self._model = model
@@ -128,7 +132,22 @@ class _ClientCore:
                                                     admitted_manifest=admitted,
                                                     simulated=verdict.simulated)
         self._attested, self.verdict = served_der, verdict
+        self._attested_at = time.time()
         return verdict
+
+    def _needs_attestation(self) -> bool:
+        """Before the first request, and again once the release it accepted expired or
+        RECHECK_S passed (a long-lived client follows the owner's current release too)."""
+        if not self.attest_first:
+            return False
+        if self._attested is None:
+            return True
+        now = time.time()
+        if (self.release is not None and self.release.expired(now)) or \
+                now - self._attested_at >= RECHECK_S:
+            self._attested = None
+            return True
+        return False
 
     def _checked(self, response: httpx.Response, *, pinned: bool = True) -> httpx.Response:
         if pinned and self._attested is not None and \
@@ -189,7 +208,7 @@ class InferenceClient(_ClientCore):
 
     def _send(self, method: str, path: str, *, timeout_s: float | None = None,
               **kwargs: Any) -> httpx.Response:
-        if self.attest_first and self._attested is None and path != ATTESTATION_PATH:
+        if path != ATTESTATION_PATH and self._needs_attestation():
             assert self.policy is not None  # checked in __init__
             self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
         try:
@@ -254,7 +273,7 @@ class AsyncInferenceClient(_ClientCore):
 
     async def _send(self, method: str, path: str, *, timeout_s: float | None = None,
                     **kwargs: Any) -> httpx.Response:
-        if self.attest_first and self._attested is None and path != ATTESTATION_PATH:
+        if path != ATTESTATION_PATH and self._needs_attestation():
             assert self.policy is not None  # checked in __init__
             await self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
         try:

@@ -9,8 +9,12 @@ to be:
 3. at least as new as the owner's current release: the client asks the coordinator the
    release names (over RA-TLS, pinning the MRENCLAVE the owner signed into it) for its latest
    release first, when it can reach it, and never accepts a version lower than the highest it
-   has seen for this owner key (remembered across runs, :class:`~smlaas.version_memory.
-   VersionMemory`),
+   has seen for this owner key and coordinator (remembered across runs,
+   :class:`~smlaas.version_memory.VersionMemory`). Versions count one coordinator's manifests
+   (v1, v2 ... of what it serves); an owner's other deployments, under other coordinators,
+   have versions of their own, so the memory is kept per owner key *and* coordinator instance
+   (a deployment the owner abandoned under another coordinator is refused once its last
+   release expires),
 4. for the very manifest the gateway's certificate says it was admitted under.
 
 A v1 gateway the host keeps running after the owner moved to v2 fails 3 (or 4, if it staples
@@ -74,7 +78,13 @@ class ReleaseCheck:
         release = self._verified(SignedRelease.from_dict(stapled), "the gateway's")
         current = self._coordinator_release(release, simulated=simulated) or release
         # Remembered even if this gateway is refused: a verified newer release stays seen.
-        floor = self.memory.record(self.fingerprint, current.version)
+        floor = self._record(release.coordinator_instance, current.version)
+        if current.version == release.version and \
+                current.manifest_digest != release.manifest_digest:
+            raise ReleaseError(f"the coordinator's release v{current.version} names manifest "
+                               f"{current.manifest_digest[:16]}..., the gateway's "
+                               f"{release.manifest_digest[:16]}...: two manifests under one "
+                               f"version; refusing both")
         if release.version < floor:
             raise ReleaseError(f"the gateway is under the owner's release v{release.version}, "
                                f"but v{floor} is current: a stale deployment the owner "
@@ -85,6 +95,14 @@ class ReleaseCheck:
                                f"v{release.version} names {release.manifest_digest[:16]}...: "
                                f"this gateway is not the owner's current deployment")
         return release
+
+    def _record(self, instance: str, version: int) -> int:
+        try:
+            return self.memory.record(f"{self.fingerprint}/{instance}", version)
+        except OSError as err:
+            raise ConfigError(f"cannot remember the owner's release version in "
+                              f"{self.memory.path}: {err} (set SMLAAS_STATE_DIR to a writable "
+                              f"directory)") from err
 
     def _verified(self, signed: SignedRelease, whose: str) -> Release:
         release = signed.verify(self._key)

@@ -69,12 +69,15 @@ class Code(StrEnum):
     """A live replica holds that slot (retry: a restart waits for the old lease to end)."""
     SLOT_REVOKED = "slot_revoked"
     """The lease ended: the manifest it was held under was replaced."""
+    MANIFEST_CHANGED = "manifest_changed"
+    """The manifest was replaced while a registration was checked (retry)."""
     BAD_RELEASE = "bad_release"
     """The release is not the owner's, not for this coordinator and manifest, or older."""
     INTERNAL = "internal"
 
 
-RETRYABLE = frozenset({Code.NO_MANIFEST, Code.BAD_NONCE, Code.SLOT_TAKEN})
+RETRYABLE = frozenset({Code.NO_MANIFEST, Code.BAD_NONCE, Code.SLOT_TAKEN,
+                       Code.MANIFEST_CHANGED})
 """Refusals that a registrant waits out (the owner has not set the manifest yet; its nonce
 expired while it waited; its slot's previous holder has not let go yet)."""
 

@@ -21,7 +21,7 @@ import logging
 import socket
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from smlaas.coordinator.owner import public_key_fingerprint
@@ -198,8 +198,20 @@ class CoordinatorServer:
         except ProtocolError as err:
             return {"ok": False, "code": Code.MALFORMED.value,
                     "error": f"not a request frame: {err}"}
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.service.handle, request)
+        future = self._pool.submit(self.service.handle, request)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The connection's deadline passed while the work ran: a lease it claimed would
+            # never reach its connection, so it is freed as soon as the work ends.
+            future.add_done_callback(self._free_orphan_lease)
+            raise
+
+    def _free_orphan_lease(self, future: Future[dict[str, object]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            lease = future.result().get(LEASE_FIELD)
+            if isinstance(lease, Lease):
+                self.service.slots.free(lease)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:

@@ -220,7 +220,10 @@ class CoordinatorService:
                               f"with a higher version replaces it, got {manifest.version}")
             self._save(replace(self.state, manifest=manifest, manifest_signature=signature,
                                stage_keys=keys, release=release))
-        revoked = self.slots.revoke_all_but(manifest.digest())
+            # Under the lock: a registration claims its slot under the lock too, after
+            # checking its manifest is still the one held, so none can slip in under the
+            # old manifest once this has run.
+            revoked = self.slots.revoke_all_but(manifest.digest())
         logger.info("%s set by the owner (%s)%s", manifest.describe(), self._owner_fingerprint,
                     f"; {revoked} lease(s) of the previous manifest revoked" if revoked else "")
         return {"digest": manifest.digest(), "version": manifest.version}
@@ -306,9 +309,13 @@ class CoordinatorService:
         lease = None
         if role != GATEWAY_ROLE:  # a slot before a key: at most the manifest's replicas
             index = stage_index(role)
-            lease = self.slots.claim(role, request.get("slot", 0),
-                                     capacity=manifest.replicas_of(index),
-                                     manifest_digest=manifest.digest())
+            with self._lock:
+                if self.state.manifest is not manifest:
+                    raise refusal(Code.MANIFEST_CHANGED, "the owner replaced the manifest "
+                                  "while this registration was checked; register again")
+                lease = self.slots.claim(role, request.get("slot", 0),
+                                         capacity=manifest.replicas_of(index),
+                                         manifest_digest=manifest.digest())
         try:
             certificate = state.ca.issue(role, public_key, manifest_digest=manifest.digest(),
                                          hosts=hosts)

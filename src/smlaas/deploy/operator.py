@@ -90,6 +90,8 @@ class OperatorProcess:
         self._answers: queue.Queue[bytes | None] = queue.Queue()
         self._lock = threading.Lock()
         self._stopped = False
+        self._broken = ""
+        self._sequence = 0
         threading.Thread(target=self._read, daemon=True, name="operator-reader").start()
         self._call("hello", timeout_s=START_TIMEOUT_S)
 
@@ -109,19 +111,26 @@ class OperatorProcess:
 
     def _call(self, op: str, *, timeout_s: float = CALL_TIMEOUT_S, **fields: Any) -> Any:
         with self._lock:
+            if self._broken:
+                raise DeployError(f"the operator stopped answering ({self._broken}); see "
+                                  f"{self._log.name}")
             if self._process.poll() is not None:
                 raise DeployError(f"the operator process exited (code "
                                   f"{self._process.returncode}); see {self._log.name}")
+            self._sequence += 1
             stdin = self._process.stdin
             assert stdin is not None  # PIPE above
             try:
-                stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+                stdin.write(json.dumps({"op": op, "id": self._sequence, **fields}).encode()
+                            + b"\n")
                 stdin.flush()
             except OSError as err:
                 raise DeployError(f"the operator process is gone: {err}") from err
             try:
                 line = self._answers.get(timeout=timeout_s)
             except queue.Empty:
+                # A late answer would be read as the next call's: no more calls.
+                self._broken = f"no answer to {op} within {timeout_s:.0f} s"
                 raise DeployError(f"the operator did not answer {op} within "
                                   f"{timeout_s:.0f} s") from None
             if line is None:
@@ -132,10 +141,11 @@ class OperatorProcess:
             answer = json.loads(line)
         except ValueError as err:
             raise DeployError(f"the operator's answer to {op} is not JSON: {err}") from err
-        if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool) or \
+                answer.get("id") != self._sequence:
             raise DeployError(f"the operator's answer to {op} is malformed")
         if not answer["ok"]:
-            message = f"the operator could not {op}: {str(answer.get('error'))[:2000]}"
+            message = f"the operator could not {op}: {_printable(answer.get('error'))}"
             # The operator's word that the request was bad (a Ray setting, say) is kept as
             # such for the exit code; it changes nothing the owner does.
             raise ConfigError(message) if answer.get("input") is True else DeployError(message)
@@ -164,7 +174,7 @@ class OperatorProcess:
         result = self._call("problems", timeout_s=30.0)
         if not isinstance(result, list) or not all(isinstance(p, str) for p in result):
             raise DeployError("the operator's problems are malformed")
-        return [problem[:MAX_PROBLEM_CHARS] for problem in result[:MAX_PROBLEMS]]
+        return [_printable(problem) for problem in result[:MAX_PROBLEMS]]
 
     def _counts(self, op: str) -> dict[str, int]:
         result = self._call(op, timeout_s=30.0)
@@ -201,6 +211,12 @@ class OperatorProcess:
         self._log.close()
 
 
+def _printable(value: Any) -> str:
+    """The operator's text, bounded, with control characters (terminal escapes) replaced."""
+    text = str(value)[:MAX_PROBLEM_CHARS]
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+
+
 def _is_host(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -230,13 +246,15 @@ def serve_operator(make: Callable[[], Launcher], requests: IO[bytes],
     launcher: Launcher | None = None
 
     def answer(value: dict[str, Any]) -> None:
-        answers.write(json.dumps(value).encode() + b"\n")
+        answers.write(json.dumps({**value, "id": request_id}).encode() + b"\n")
         answers.flush()
 
+    request_id: Any = None
     try:
         for line in requests:
             try:
                 request = json.loads(line)
+                request_id = request.get("id") if isinstance(request, dict) else None
                 op = request["op"]
                 if op == "hello":
                     launcher = launcher or make()

@@ -95,6 +95,7 @@ class OwnerPlane:
 
     def __init__(self, settings: DeploySettings, *,
                  progress: Callable[[str], None] = lambda _: None) -> None:
+        keep_memory_private()  # before any key is loaded
         self.settings, self.progress = settings, progress
         self.sealed_dir = sealed_directory(settings.build_dir)
         self.plan_bytes, self.plan = read_plan_once(self.sealed_dir)
@@ -259,7 +260,7 @@ class OwnerPlane:
         version_key = self._version_key(status.instance)
         signed_before = self.signed_versions.highest(version_key)
         held_version = status.manifest_version or 0
-        manifest = self.build_manifest()
+        manifest = self.build_manifest(version=held_version or 1)
         if signed_before > held_version and not self.settings.replace_manifest:
             raise DeployError(_rolled_back(status, signed_before))
         if status.manifest_digest == manifest.digest() and signed_before <= held_version:
@@ -348,6 +349,22 @@ class OwnerPlane:
         return InferenceClient(url, ca=self.ca_path, policy=self.role_policy(GATEWAY_ROLE),
                                roots=self.trusted_roots, manifest_digest=self.manifest.digest(),
                                owner_public_key=self.owner.public_key_hex, **options)
+
+
+def keep_memory_private() -> None:
+    """Makes this process non-dumpable (Linux ``PR_SET_DUMPABLE`` 0): other processes of the
+    same user, such as the operator child this process starts, can then neither ptrace it nor
+    read its ``/proc/PID/mem`` or ``environ``, and it writes no core dump holding keys. Root
+    still can (docs/SECURITY.md)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+            logger.warning("could not make the owner's process non-dumpable (errno %d)",
+                           ctypes.get_errno())
+    except (OSError, AttributeError) as err:  # not Linux
+        logger.warning("could not make the owner's process non-dumpable: %s", err)
 
 
 def signed_versions_memory() -> VersionMemory:

@@ -66,6 +66,17 @@ def stage_replicas(plan: Plan, override: dict[int, int] | None) -> list[int]:
     return replicas
 
 
+def parse_replicas(specs: tuple[str, ...]) -> dict[int, int]:
+    """``--replicas STAGE=COUNT`` options as stage -> count."""
+    replicas = {}
+    for spec in specs:
+        stage, sep, count = spec.partition("=")
+        if not sep or not stage.strip().isdigit() or not count.strip().isdigit():
+            raise ConfigError(f"--replicas takes STAGE=COUNT, e.g. 1=2; got {spec!r}")
+        replicas[int(stage)] = int(count)
+    return replicas
+
+
 def process_name(index: int, replica: int) -> str:
     """The launcher's name for a stage replica (as ``StageSpec.process_name``)."""
     return stage_role(index) + (f".r{replica}" if replica else "")

@@ -18,6 +18,7 @@ import secrets
 import signal
 import ssl
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -258,6 +259,15 @@ def run_worker(spec: StageSpec) -> None:
     release, lease = registration.stage, registration.lease
     if release is None or release.index != index or lease is None:
         raise AttestationError(f"the coordinator released no key (or no slot) for {role}")
+    lost: list[str] = []
+    stoppers: list[Callable[[], object]] = []
+
+    def on_lost(reason: str) -> None:  # the lease thread: stop serving at once
+        lost.append(reason)
+        for stop_serving in list(stoppers):
+            stop_serving()
+
+    lease.keep(on_lost)  # heartbeats from now on, loading the stage included
     attested_at = time.time()
     check_place_in_topology(spec, registration.topology)
     if spec.next_stages:
@@ -268,19 +278,15 @@ def run_worker(spec: StageSpec) -> None:
                        predicted=predicted_memory(Path(spec.sealed_dir), index,
                                                   registration.plan_sha256))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
-    lost: list[str] = []
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-
-        def on_lost(reason: str) -> None:  # the lease thread: stop serving at once
-            lost.append(reason)
-            loop.call_soon_threadsafe(stop.set)
-
-        lease.keep(on_lost)
+        stoppers.append(lambda: loop.call_soon_threadsafe(stop.set))
+        if lost:  # lost while the stage loaded: never serve
+            return
         next_link = replica_set(stage_role(index + 1), spec.next_stages,
                                 client_context(*identity),
                                 manifest_digest=registration.manifest_digest) \
