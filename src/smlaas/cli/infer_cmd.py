@@ -10,7 +10,9 @@ import numpy as np
 from smlaas.cli.console import console, errors, table
 from smlaas.client import InferenceClient
 from smlaas.deploy.owner_plane import GATEWAY_POLICY_FILE, OWNER_PUBLIC_KEY_FILE
+from smlaas.enclave.backends.sim import simulation_root_from_pem
 from smlaas.enclave.policy import Policy
+from smlaas.enclave.verification import INTEL_ROOT
 from smlaas.errors import ConfigError
 
 
@@ -53,6 +55,9 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
               help="The owner's public key: accept the gateway only under the owner's "
                    "current, unexpired release (default: owner.pub beside --ca, written by "
                    "`smlaas deploy`).")
+@click.option("--sim-root", type=click.Path(exists=True, dir_okay=False),
+              help="sim backend: trust exactly this simulation root (PEM, `smlaas attest "
+                   "sim-root` on the serving machine) instead of this machine's.")
 @click.option("--no-release-check", is_flag=True,
               help="Accept any deployment of the pinned code, stale or rolled back ones "
                    "included (INSECURE: the owner's current release is not checked).")
@@ -63,8 +68,8 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
               show_default=True, help="Seconds to wait for the answer.")
 def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
           model: str | None, as_json: bool, policy_path: str | None,
-          manifest_digest: str | None, owner_public_key: str | None, no_release_check: bool,
-          no_attest: bool, timeout_s: float) -> int:
+          manifest_digest: str | None, owner_public_key: str | None, sim_root: str | None,
+          no_release_check: bool, no_attest: bool, timeout_s: float) -> int:
     """Run the deployed model on tensors from .npy files (after attesting the gateway)."""
     policy = None
     if no_attest:
@@ -88,8 +93,9 @@ def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
                                    f"--no-release-check")
     with InferenceClient(url, ca=ca, model=model, policy=policy, attest=not no_attest,
                          manifest_digest=manifest_digest, timeout_s=timeout_s,
-                         owner_public_key=owner,
-                         check_release=not no_release_check) as client:
+                         owner_public_key=owner, check_release=not no_release_check,
+                         roots=[INTEL_ROOT, simulation_root_from_pem(Path(sim_root))]
+                         if sim_root else None) as client:
         names = [i["name"] for i in client.metadata()["inputs"]]
         inputs = load_inputs(list(input_specs), names)
         outputs = client.infer(inputs, binary=not as_json)
