@@ -253,10 +253,10 @@ class CoordinatorService:
         return signed
 
     def _newer(self, signed: SignedRelease) -> bool:
+        """Not older than the release held (a refresh within the same second is taken)."""
         held = self.state.release
-        return held is None or signed.release.issued_at > held.release.issued_at or (
-            signed.release.issued_at == held.release.issued_at and
-            signed.release.expires_at > held.release.expires_at)
+        return held is None or (signed.release.issued_at, signed.release.expires_at) >= (
+            held.release.issued_at, held.release.expires_at)
 
     def _set_release(self, request: dict[str, Any]) -> dict[str, Any]:
         manifest = self.state.manifest
@@ -269,8 +269,7 @@ class CoordinatorService:
                 raise refusal(Code.BAD_RELEASE, "the manifest changed while the release was "
                               "checked; sign a release of the current one")
             if not self._newer(signed):
-                raise refusal(Code.BAD_RELEASE, "this coordinator holds a release issued at "
-                              "the same time or later")
+                raise refusal(Code.BAD_RELEASE, "this coordinator holds a later release")
             self._save(replace(self.state, release=signed))
         logger.info("%s set by the owner", signed.release.describe())
         return {"release": signed.to_dict()}
