@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from smlaas.deploy.ray_launcher import Bundle, NodeCapacity, placement_problem
+from smlaas.deploy.ray_placement import Bundle, NodeCapacity, placement_problem
 from smlaas.errors import DeployError
 from smlaas.profile.session import create_session, run_session
 from tests.builds import sealed_chain_build
@@ -170,7 +170,7 @@ def test_pack_checks_node_sizes_not_only_totals() -> None:
 
 
 def test_auth_refusal_says_what_to_set(tmp_path) -> None:
-    from smlaas.deploy.ray_launcher import auth_refusal_message, token_source
+    from smlaas.deploy.ray_auth import auth_refusal_message, token_source
 
     unset = auth_refusal_message("127.0.0.2:6379", auth_mode=None, token=None)
     assert "RAY_AUTH_MODE is not set here" in unset and "Set RAY_AUTH_MODE=token" in unset

@@ -40,29 +40,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy.launchers import LocalLauncher, ProcessSpec
+from smlaas.deploy.ray_auth import (
+    AUTH_MODE_VARIABLE,
+    auth_refusal_message,
+    refused_for_auth,
+    token_source,
+)
+from smlaas.deploy.ray_placement import (
+    CPU_RESOURCE,
+    PLACEMENT_TIMEOUT_S,
+    PLACEMENTS,
+    RAY_STRATEGIES,
+    SGX_RESOURCE,
+    Bundle,
+    NodeCapacity,
+    amount,
+    placement_problem,
+)
 from smlaas.errors import ConfigError, DeployError
 
 logger = logging.getLogger(__name__)
-SGX_RESOURCE = "sgx"
-CPU_RESOURCE = "CPU"
 LOCAL_SGX_SLOTS = 64
 CALL_TIMEOUT_S = 120.0
 CONTROL_ROLES = (COORDINATOR_ROLE, GATEWAY_ROLE)
 """The processes that share the control bundle: one sgx slot and one CPU each."""
 CONTROL_BUNDLE = "+".join(CONTROL_ROLES)
-AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
-AUTH_TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
-AUTH_TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
-DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
-"""Where Ray looks for the token when neither variable is set (ray get-auth-token)."""
 
 
 def _kv_key(name: str, owner: str) -> bytes:
@@ -127,187 +135,6 @@ class _ProcessHost:
 
 
 # -- placement: pure checks ------------------------------------------------------------------
-PLACEMENTS = ("spread", "pack")
-RAY_STRATEGIES = {"spread": "STRICT_SPREAD", "pack": "PACK"}
-PLACEMENT_TIMEOUT_S = 60.0
-_SEARCH_LIMIT = 100_000  # packing steps before the check gives up and lets Ray decide
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """One bundle of the placement group: what it hosts and what it books."""
-
-    name: str
-    sgx: int
-    cpus: int
-
-    def resources(self) -> dict[str, float]:
-        return {SGX_RESOURCE: float(self.sgx), CPU_RESOURCE: float(self.cpus)}
-
-    def describe(self) -> str:
-        return f"{self.name} ({_amount(self.sgx, SGX_RESOURCE)}, {_amount(self.cpus, 'CPU')})"
-
-
-@dataclass(frozen=True)
-class NodeCapacity:
-    """A node's resources (totals, less what this deployment already holds there)."""
-
-    name: str
-    sgx: float
-    cpus: float
-
-    def holds(self, bundle: Bundle) -> bool:
-        return self.sgx >= bundle.sgx and self.cpus >= bundle.cpus
-
-    def describe(self) -> str:
-        return f"{self.name}: {_amount(self.sgx, SGX_RESOURCE)}, {_amount(self.cpus, 'CPU')}"
-
-
-def _amount(value: float, unit: str) -> str:
-    return f"{value:g} {unit}"
-
-
-def placement_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity], *,
-                      placement: str) -> str | None:
-    """Why ``bundles`` can never be placed on ``nodes`` with ``placement`` ("spread": each on
-    a node of its own; "pack": anywhere, several to a node), or None when they can. Pure."""
-    if placement == "spread":
-        problem = _spread_problem(bundles, nodes)
-    elif placement == "pack":
-        problem = _pack_problem(bundles, nodes)
-    else:
-        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    if problem is None:
-        return None
-    have = "; ".join(node.describe() for node in nodes) or "no live node"
-    text = (f"the Ray cluster cannot hold this deployment with placement {placement!r} "
-            f"({RAY_STRATEGIES[placement]}): {problem}. It asks for "
-            f"{', '.join(b.describe() for b in bundles)}; the cluster has {have}")
-    if placement == "spread" and _pack_problem(bundles, nodes) is None:
-        text += ". Placement 'pack' would fit (enclaves then share nodes)"
-    return text + "."
-
-
-def _totals(items: Sequence[Bundle] | Sequence[NodeCapacity]) -> tuple[float, float]:
-    return sum(i.sgx for i in items), sum(i.cpus for i in items)
-
-
-def _spread_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> str | None:
-    placed = _max_one_per_node(bundles, nodes)
-    if placed == len(bundles):
-        return None
-    return (f"each bundle needs a node of its own that holds it, {len(bundles)} nodes in all, "
-            f"and this cluster has such nodes for {placed} of them: "
-            f"{len(bundles) - placed} more node(s) needed")
-
-
-def _max_one_per_node(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> int:
-    """The most bundles placed on distinct nodes that hold them (bipartite matching)."""
-    owner: dict[int, int] = {}  # node -> bundle
-
-    def augment(bundle: int, seen: set[int]) -> bool:
-        for node, capacity in enumerate(nodes):
-            if node in seen or not capacity.holds(bundles[bundle]):
-                continue
-            seen.add(node)
-            if node not in owner or augment(owner[node], seen):
-                owner[node] = bundle
-                return True
-        return False
-
-    return sum(augment(index, set()) for index in range(len(bundles)))
-
-
-def _pack_problem(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> str | None:
-    need_sgx, need_cpus = _totals(bundles)
-    have_sgx, have_cpus = _totals(nodes)
-    short = [f"{need - have:g} {unit} more ({need:g} needed in all, {have:g} in the cluster)"
-             for unit, need, have in ((SGX_RESOURCE, need_sgx, have_sgx),
-                                      ("CPU", need_cpus, have_cpus)) if need > have]
-    if short:
-        return "it needs " + " and ".join(short)
-    for bundle in bundles:
-        if not any(node.holds(bundle) for node in nodes):
-            return f"no node can hold the bundle {bundle.describe()}"
-    if _packs(bundles, nodes) is False:
-        return "the cluster has enough in all, but its nodes' sizes do not fit the bundles"
-    return None
-
-
-def _packs(bundles: Sequence[Bundle], nodes: Sequence[NodeCapacity]) -> bool | None:
-    """Whether the bundles fit the nodes (several to a node); None when the search ran too
-    long to tell (Ray then decides)."""
-    order = sorted(bundles, key=lambda b: (b.cpus, b.sgx), reverse=True)
-    free = [[node.sgx, node.cpus] for node in nodes]
-    steps = 0
-
-    def place(index: int) -> bool | None:
-        nonlocal steps
-        if index == len(order):
-            return True
-        bundle, tried = order[index], set()
-        for room in free:
-            key = tuple(room)
-            if key in tried or room[0] < bundle.sgx or room[1] < bundle.cpus:
-                continue
-            tried.add(key)  # nodes with the same room left are interchangeable
-            steps += 1
-            if steps > _SEARCH_LIMIT:
-                return None
-            room[0] -= bundle.sgx
-            room[1] -= bundle.cpus
-            found = place(index + 1)
-            room[0] += bundle.sgx
-            room[1] += bundle.cpus
-            if found is not False:
-                return found
-        return False
-
-    return place(0)
-
-
-# -- joining a cluster: token authentication -------------------------------------------------
-def token_source(environ: Mapping[str, str], *, home: Path) -> str | None:
-    """Where Ray would read this process's cluster token from, or None when nowhere."""
-    if environ.get(AUTH_TOKEN_VARIABLE):
-        return AUTH_TOKEN_VARIABLE
-    if environ.get(AUTH_TOKEN_PATH_VARIABLE):
-        return f"{AUTH_TOKEN_PATH_VARIABLE} ({environ[AUTH_TOKEN_PATH_VARIABLE]})"
-    default = home / ".ray" / "auth_token"
-    return str(default) if default.is_file() else None
-
-
-def auth_refusal_message(address: str, *, auth_mode: str | None, token: str | None) -> str:
-    """What to set when the cluster at ``address`` refused this driver for want of its token
-    (``auth_mode``: this process's RAY_AUTH_MODE; ``token``: :func:`token_source`)."""
-    if (auth_mode or "").lower() != "token":
-        why = (f"{AUTH_MODE_VARIABLE} is {auth_mode!r} here" if auth_mode else
-               f"{AUTH_MODE_VARIABLE} is not set here") + \
-            (", so no token was sent (Ray turns token mode on by itself only for a cluster it "
-             "starts, never for a driver given an address" +
-             (f"; {token} was not used)" if token else ")"))
-    elif token is None:
-        why = (f"{AUTH_MODE_VARIABLE}=token, but no token was found ({AUTH_TOKEN_VARIABLE}, "
-               f"{AUTH_TOKEN_PATH_VARIABLE} and {DEFAULT_TOKEN_FILE} are all unset or empty)")
-    else:
-        why = f"the token from {token} is not this cluster's"
-    return (f"the Ray cluster at {address} refused this driver: it requires token "
-            f"authentication and {why}. Set {AUTH_MODE_VARIABLE}=token and the cluster's token "
-            f"in {AUTH_TOKEN_VARIABLE} (or in a file named by {AUTH_TOKEN_PATH_VARIABLE}, by "
-            f"default {DEFAULT_TOKEN_FILE}); `ray get-auth-token` on the head node prints it")
-
-
-def _refused_for_auth(error: BaseException) -> bool:
-    """Ray raises its AuthenticationError, or a ConnectionError whose causes carry the
-    GCS's InvalidAuthToken refusal as text."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 class RayLauncher:
     name = "ray"
 
@@ -354,7 +181,7 @@ class RayLauncher:
         try:
             ray.init(address=address, log_to_driver=False)
         except Exception as err:  # Ray raises ConnectionError, RuntimeError or its own
-            if _refused_for_auth(err):
+            if refused_for_auth(err):
                 raise ConfigError(auth_refusal_message(
                     address, auth_mode=os.environ.get(AUTH_MODE_VARIABLE),
                     token=token_source(os.environ, home=Path.home()))) from None
@@ -397,8 +224,8 @@ class RayLauncher:
                 f"the Ray cluster could hold {', '.join(b.describe() for b in bundles)} "
                 f"(placement {self.placement!r}) but did not place them within "
                 f"{self.placement_timeout_s:.0f} s: other work holds its resources (free now: "
-                f"{_amount(free.get(SGX_RESOURCE, 0), SGX_RESOURCE)}, "
-                f"{_amount(free.get(CPU_RESOURCE, 0), 'CPU')} in all)") from err
+                f"{amount(free.get(SGX_RESOURCE, 0), SGX_RESOURCE)}, "
+                f"{amount(free.get(CPU_RESOURCE, 0), 'CPU')} in all)") from err
         self._groups.append(group)
         return group
 
