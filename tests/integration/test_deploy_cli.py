@@ -82,6 +82,41 @@ def test_deploy_refuses_keys_of_another_build(tmp_path: Path) -> None:
     assert (tmp_path / "k8s" / "stage-0.yaml").is_file()
 
 
+def test_deploy_on_a_port_in_use_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from tests.builds import sealed_chain_build
+
+    build, keys, owner = sealed_chain_build(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = smlaas("deploy", str(build), "--keys", str(keys), "--owner-key", str(owner),
+                        "--port", str(port), cwd=tmp_path)
+        took = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], lines
+    assert "--port" in lines[0] and took < 15
+
+
+def test_an_unusable_process_is_not_restarted(tmp_path: Path) -> None:
+    """Exit code 2 (unusable input) would only repeat: the launcher gives up at once."""
+    from smlaas.deploy.launchers import LocalLauncher, ProcessSpec
+
+    launcher = LocalLauncher(tmp_path / "logs")
+    try:
+        launcher.start(ProcessSpec("bad", ["worker", "--role", "stage-0"]))  # options missing
+        end = time.monotonic() + 30
+        while not launcher.problems():
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        assert launcher.restarts() == {"bad": 0}
+        assert "code 2" in launcher.problems()[0] and "not restarted" in launcher.problems()[0]
+    finally:
+        launcher.stop()
+
+
 def _read_until(process: subprocess.Popen[str], marker: str) -> str:
     assert process.stdout is not None
     seen, end = [], time.monotonic() + DEPLOY_TIMEOUT_S

@@ -208,3 +208,14 @@ def test_owner_set_manifest_command(build: tuple[Path, Path, Path], tmp_path: Pa
     assert seen["address"] == ("127.0.0.1", 7443)
     assert seen["settings"].collateral == {"pccs_url": "https://pccs.example:8081/sgx/"}
     assert "CA PEM" in result.output and "manifest v1" in result.output
+
+
+def test_default_threads_share_this_machines_cores() -> None:
+    """On one machine every stage replica and the gateway share the cores: 3 stages on 2 cores
+    get 1 thread each (not 2 each: 6 threads on 2 cores), 1 stage on 8 cores gets 4."""
+    from smlaas.deploy.topology import shared_machine_threads
+
+    assert shared_machine_threads([1, 1, 1], cores=2) == 1
+    assert shared_machine_threads([1], cores=8) == 4
+    assert shared_machine_threads([2, 1], cores=8) == 2
+    assert shared_machine_threads([1, 1], cores=1) == 1

@@ -37,11 +37,14 @@ RTOL, ATOL = 1e-4, 1e-5
               help="Pipeline stages to plan for (best throughput on K enclave machines).")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Where to keep the build, keys and logs (default: a temporary directory).")
-@click.option("--threads", type=click.IntRange(min=1), default=default_threads(),
-              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1),
+              help="ONNX Runtime threads for profiling and plain ONNX Runtime (default: all "
+                   "cores) and per stage (default: the cores divided among the stages and the "
+                   "gateway).")
 @click.option("--requests", type=click.IntRange(min=1), default=10, show_default=True,
               help="Inference requests to time through the pipeline.")
-def demo(model: str, machines: int, workdir: str | None, threads: int, requests: int) -> int:
+def demo(model: str, machines: int, workdir: str | None, threads: int | None,
+         requests: int) -> int:
     """Partition, seal, deploy (sim), attest and serve a model; check it computes the same."""
     with tempfile.TemporaryDirectory(prefix="smlaas-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
@@ -52,7 +55,8 @@ def demo(model: str, machines: int, workdir: str | None, threads: int, requests:
         with progress_bar() as progress:
             result = partition(model, build, cost_model=preset("sgx1"),
                                options=PlanOptions(Planner.DP_THROUGHPUT, machines, True),
-                               settings=ProfileSettings(threads=threads, warmup_runs=2,
+                               settings=ProfileSettings(threads=threads or default_threads(),
+                                                        warmup_runs=2,
                                                         measured_runs=5),
                                cache=ProfileCache(), progress=progress)
         console.print(result.plan.to_table())
@@ -76,7 +80,7 @@ def demo(model: str, machines: int, workdir: str | None, threads: int, requests:
         settings = DeploySettings(build_dir=build / SEALED_DIR, keys_path=keys,
                                   state_dir=root / f"state-{time.strftime('%H%M%S')}",
                                   owner_key_path=owner_key, port=free_port(), threads=threads)
-        summary = _serve_and_compare(settings, model, requests, threads)
+        summary = _serve_and_compare(settings, model, requests, threads or default_threads())
         console.print(table("summary", ["", "value"], summary))
         if workdir:
             console.print(f"build, keys and logs kept in {root}")

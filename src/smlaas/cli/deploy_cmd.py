@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -56,7 +55,8 @@ from smlaas.serving.enrol import BACKENDS
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Coordinator state, CA and logs (default: a new directory in the cache).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads per stage "
-              "(default: all cores; with --k8s-out: 1, and as many CPUs).")
+              "replica (default: this machine's cores divided among the stage replicas and "
+              "the gateway; with --launcher ray: 1; with --k8s-out: 1, and as many CPUs).")
 @click.option("--max-batch-size", type=click.IntRange(min=0),
               help="Dynamic batching limit (default: what `smlaas seal` checked and "
                    "recorded; 0 off).")
@@ -127,6 +127,12 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         return 0
     if not keys_path:
         raise click.UsageError("--keys is required (the keyfile `smlaas seal` wrote)")
+    if launcher == "local":  # the gateway listens here: a port in use fails now, in one line
+        from smlaas.serving.gateway_process import check_port_free
+
+        check_port_free(host, port, flag="--port")
+        if grpc_port:
+            check_port_free(host, grpc_port, flag="--grpc-port")
     if launcher == "ray" and ray_address and not _is_loopback(ray_address):
         raise click.UsageError(
             f"--ray-address {ray_address} is another machine's cluster. `smlaas deploy` runs "
@@ -149,7 +155,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
         replace_manifest=replace_manifest, replicas=parse_replicas(replica_specs) or None,
         pin=pin, gateway_hosts=gateway_hosts, release_validity_s=release_validity,
-        **_threads(threads))
+        threads=threads)
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")
@@ -192,8 +198,3 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _threads(threads: int | None) -> dict[str, Any]:
-    """DeploySettings' threads option, left to its default (all cores) when not given."""
-    return {"threads": threads} if threads else {}

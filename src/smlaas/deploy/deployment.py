@@ -43,6 +43,7 @@ from smlaas.deploy.topology import (
     pin_plan,
     prepare_stages,
     role_specs,
+    shared_machine_threads,
     stage_replicas,
 )
 from smlaas.enclave.policy import Policy
@@ -164,7 +165,8 @@ class Deployment:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         owner.trust_roots()
         cpus, self._pinning = pin_plan(owner.replicas, s.pin)
-        layout = ServingLayout.of(s, max_batch_size=owner.max_batch_size)
+        layout = ServingLayout.of(s, max_batch_size=owner.max_batch_size,
+                                  threads=s.threads or self._default_threads())
         prepare_stages(self.launcher, replicas=owner.replicas, layout=layout, cpus=cpus)
         coordinator = owner.coordinator_spec(
             listen=self.launcher.reserve(COORDINATOR_ROLE),
@@ -197,6 +199,11 @@ class Deployment:
         self._check_gateway()
         self.ready_s = time.monotonic() - started
         self.progress(f"ready: {self.url} (CA {self.ca_path})")
+
+    def _default_threads(self) -> int:
+        """This machine's cores shared out (local launcher); 1 per enclave on a cluster."""
+        kind = getattr(self.launcher, "kind", getattr(self.launcher, "name", "local"))
+        return shared_machine_threads(self.replicas) if kind == "local" else 1
 
     def wait_ready(self, timeout_s: float) -> float:
         """Waits until the gateway is ready through every stage; returns the seconds waited.

@@ -24,6 +24,9 @@ from smlaas.coordinator.server import free_port
 logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
+EXIT_BAD_INPUT = 2
+"""``smlaas``'s exit code for unusable input (cli/main.py): the same command would fail again,
+so such a process is not restarted."""
 PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
               "PYTHONPATH", "VIRTUAL_ENV", "SMLAAS_CACHE_DIR", "XDG_CACHE_HOME",
               "SMLAAS_PCCS_URL", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
@@ -193,6 +196,11 @@ class LocalLauncher:
                 for supervised in self._processes.values():
                     code = supervised.process.poll()
                     if code is None or supervised.gave_up or self._stopping.is_set():
+                        continue
+                    if code == EXIT_BAD_INPUT:
+                        supervised.gave_up = (f"exited with code {code} (its input or "
+                                              f"configuration is unusable: not restarted)")
+                        logger.error("%s %s", supervised.spec.name, supervised.gave_up)
                         continue
                     if supervised.restarts >= self.max_restarts:
                         supervised.gave_up = (f"exited with code {code} after "

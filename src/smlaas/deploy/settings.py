@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,10 @@ class DeploySettings:
     port: int = 8443
     grpc_port: int | None = None
     """The gateway's gRPC port (None: no gRPC)."""
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int | None = None
+    """ONNX Runtime threads per stage replica; None: on one machine (the local launcher) this
+    machine's cores divided among the stage replicas and the gateway, so the default does not
+    oversubscribe it; 1 per enclave on a cluster."""
     max_batch_size: int | None = None
     """None: what seal recorded (8 if the stages batch correctly, else 0); 0: off."""
     max_queue_delay_us: int = 500

@@ -45,12 +45,22 @@ class ServingLayout:
     pin: bool = False
 
     @classmethod
-    def of(cls, settings: DeploySettings, *, max_batch_size: int) -> ServingLayout:
+    def of(cls, settings: DeploySettings, *, max_batch_size: int, threads: int
+           ) -> ServingLayout:
         return cls(backend=settings.backend, host=settings.host, port=settings.port,
-                   grpc_port=settings.grpc_port, threads=settings.threads,
+                   grpc_port=settings.grpc_port, threads=threads,
                    max_batch_size=max_batch_size, max_queue_delay_us=settings.max_queue_delay_us,
                    max_inflight=settings.max_inflight, labels_path=settings.labels_path,
                    gateway_options=dict(settings.gateway_options), pin=settings.pin)
+
+
+def shared_machine_threads(replicas: list[int], *, cores: int | None = None) -> int:
+    """ONNX Runtime threads per stage replica when every process runs on this machine: its
+    cores divided among the stage replicas and the gateway (at least 1). One thread more than
+    a stage's share oversubscribes the machine: ResNet-50 in 3 stages on 2 cores served 12.9
+    requests/s with a thread per core per stage against 18.9/s with 1 (issue 18)."""
+    available = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, available // (sum(replicas) + 1))
 
 
 def stage_replicas(plan: Plan, override: dict[int, int] | None) -> list[int]:

@@ -151,9 +151,25 @@ def certificate_hosts(listen_host: str) -> list[str]:
     return sorted(hosts - WILDCARDS)
 
 
+def check_port_free(host: str, port: int, *, flag: str) -> None:
+    """ConfigError in one line if ``host:port`` cannot be bound (checked before registering,
+    so a port in use fails at once rather than after the enclave's whole start)."""
+    bind_host = "" if host in WILDCARDS else host
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind_host, port))
+        except OSError as err:
+            raise ConfigError(f"the gateway cannot listen on {host}:{port} ({err.strerror}): "
+                              f"another process holds it; choose another {flag}") from None
+
+
 def run_gateway(spec: GatewaySpec) -> None:
-    enclave = create_backend(spec.backend, GATEWAY_ROLE, spec.measured_config())
     listen = spec.listen
+    check_port_free(listen[0], listen[1], flag="--port")
+    if spec.grpc_port:
+        check_port_free(listen[0], spec.grpc_port, flag="--grpc-port")
+    enclave = create_backend(spec.backend, GATEWAY_ROLE, spec.measured_config())
     registration = enrol(spec.coordinator, role=GATEWAY_ROLE, backend=enclave,
                          coordinator_mrenclave=spec.coordinator_mrenclave,
                          hosts=certificate_hosts(listen[0]))
