@@ -54,6 +54,36 @@ def test_without_a_batch_dimension_every_request_travels_alone() -> None:
     assert seen == [1] * 5 and all("error" not in r.meta for r in replies)
 
 
+def test_one_requests_bad_input_fails_only_that_request() -> None:
+    """A hostile client's rows make the batched run fail (ONNX Runtime refuses its values):
+    the batch is run again request by request, so its neighbours all get their answers."""
+    runs: list[int] = []
+
+    async def pipeline(inputs: dict[str, np.ndarray]) -> TensorMessage:
+        runs.append(len(inputs["x"]))
+        await asyncio.sleep(0.005)
+        if (inputs["x"] < 0).any():
+            return error_reply("", Status.BAD_INPUT, "stage 0 could not run the model")
+        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+
+    async def main() -> list[TensorMessage]:
+        batcher = DynamicBatcher(pipeline, max_batch_size=8, max_queue_delay_us=20_000,
+                                 max_inflight=1)
+        batcher.start()
+        requests = [np.full((1, 3), -1.0 if i == 3 else i, np.float32) for i in range(8)]
+        replies = await asyncio.gather(*(batcher.submit({"x": x}, 1) for x in requests))
+        await batcher.stop()
+        return list(replies)
+
+    replies = asyncio.run(main())
+    assert replies[3].meta["status"] == Status.BAD_INPUT
+    for i, reply in enumerate(replies):
+        if i != 3:
+            assert "error" not in reply.meta, reply.meta
+            np.testing.assert_array_equal(reply.tensors["y"], np.full((1, 3), 2.0 * i))
+    assert max(runs) > 1 and runs.count(1) >= 7  # batched, then one by one
+
+
 def test_a_failed_batch_fails_every_request_in_it() -> None:
     replies, _ = run_batcher([np.ones((1, 3), np.float32)] * 4, max_batch_size=4, fail=True)
     assert all(r.meta["status"] == Status.UNAVAILABLE for r in replies)

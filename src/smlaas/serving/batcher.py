@@ -158,6 +158,13 @@ class DynamicBatcher:
             stacked = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             reply = await self._run(stacked)
             self._report(batch, waits, started)
+            if reply.meta.get("status") == Status.BAD_INPUT:
+                # One request's input failed the batch: run each on its own, so that only
+                # that request fails and the others in its batch get their answers.
+                for pending in batch:
+                    if self._next_live(pending):
+                        _resolve(pending, await self._run(pending.inputs))
+                return
             if "error" in reply.meta:
                 for pending in batch:
                     _resolve(pending, reply)

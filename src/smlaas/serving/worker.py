@@ -176,9 +176,16 @@ class StageWorker:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run,
                                                      message.tensors)
             except ProfileError as err:
+                # ONNX Runtime's text names the sub-model's nodes and shapes: it stays in this
+                # stage's log, and the client gets a short reason with a reference to it.
                 self.stats.errors += 1
-                await upstream.send(error_reply(message.request_id, Status.BAD_INPUT,
-                                                f"stage {self.index}: {err}"))
+                reference = secrets.token_hex(4)
+                logger.warning("stage %d could not run request %s (reference %s): %s",
+                               self.index, message.request_id, reference, err)
+                await upstream.send(error_reply(
+                    message.request_id, Status.BAD_INPUT,
+                    f"stage {self.index} could not run the model on this input (values out of "
+                    f"the model's range?); reference {reference} in the stage's log"))
                 continue
             elapsed = time.perf_counter() - started
             self.stats.requests += 1
