@@ -7,16 +7,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smlaas.coordinator.client import CoordinatorClient
+from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.manifest import Manifest, StageCommitment, key_commitment
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import Code
 from smlaas.coordinator.server import CoordinatorServer
-from smlaas.deploy.roles import CoordinatorSpec
 from smlaas.enclave import INTEL_ROOT
 from smlaas.enclave.backends.sim import SimBackend
 from smlaas.errors import CoordinatorRefused
-from smlaas.serving.enrol import coordinator_policy
+from smlaas.roles import CoordinatorSpec
 
 
 @dataclass

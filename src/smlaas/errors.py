@@ -11,12 +11,14 @@
      │   ├─ ConfigError              bad TOML override / preset name
      │   ├─ BuildDirError            build directory cannot be written or read
      │   └─ GraphError               graph analysis found an inconsistency in the model
+     │       └─ UnknownShapesError   shape inference left activations without a static shape
      ├─ ProfileError                 ONNX Runtime failed while measuring
      ├─ PlanError                    no plan satisfies the constraints, or a plan is invalid
      │   └─ InfeasiblePlanError      a hard constraint (--fit-epc, --machines) cannot be met
      ├─ ExportError                  writing sub-models failed
      ├─ DeployError                  a deployment did not come up in time, or a process died
      ├─ ServingError                 the inference service answered with an error (HTTP status)
+     ├─ ProtocolError                a peer sent something that is not a valid frame
      ├─ TransportError               the service could not be reached or talked to
      │   ├─ TlsError                 TLS failed (certificate not from the pinned CA, handshake)
      │   └─ RequestTimeout           no answer within the call's deadline
@@ -73,6 +75,16 @@ class GraphError(InputError):
     produces): the model is unusable as given."""
 
 
+class UnknownShapesError(GraphError):
+    """Shape inference left some activations without a static shape."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        shown = ", ".join(repr(n) for n in names[:5])
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        super().__init__(f"no static shape for {shown}{more}")
+
+
 class ProfileError(SmlaasError):
     """ONNX Runtime failed while measuring a model."""
 
@@ -99,6 +111,10 @@ class ServingError(SmlaasError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ProtocolError(SmlaasError):
+    """A peer sent something that is not a valid frame, or closed mid-frame."""
 
 
 class TransportError(SmlaasError):

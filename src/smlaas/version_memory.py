@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import threading
 from pathlib import Path
 
 from smlaas.errors import ConfigError
 from smlaas.private_files import write_private
-
-STATE_DIR_ENV = "SMLAAS_STATE_DIR"
-
-
-def default_state_dir() -> Path:
-    """``$SMLAAS_STATE_DIR``, else ``$XDG_STATE_HOME/smlaas`` (``~/.local/state/smlaas``)."""
-    explicit = os.environ.get(STATE_DIR_ENV)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "smlaas"
 
 
 class VersionMemory:

@@ -10,8 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from smlaas.errors import AttestationError
-from smlaas.transport.framing import ProtocolError
+from smlaas.errors import AttestationError, ProtocolError
 from smlaas.transport.streams import (
     INBOX_MESSAGES,
     MessageStream,

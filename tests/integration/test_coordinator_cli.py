@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from smlaas.coordinator.client import CoordinatorClient
+from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.server import free_port
 from smlaas.enclave import INTEL_ROOT
-from smlaas.serving.enrol import coordinator_policy
 from tests.conftest import cli_env
 from tests.coordinator_setup import Ceremony
 

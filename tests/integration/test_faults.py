@@ -122,7 +122,7 @@ def _wait_restart(launcher: LocalLauncher, name: str, before: int) -> bool:
 
 IMPOSTOR = """
 import sys
-from smlaas.deploy.roles import StageSpec
+from smlaas.roles import StageSpec
 import smlaas.serving.worker as worker
 # Different code: a patched configuration changes the measurement, as a changed binary would.
 StageSpec.measured_config = lambda self: {"argv": self.measured_argv(), "patched": True}

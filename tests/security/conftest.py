@@ -59,7 +59,7 @@ class CoordinatorProcess:
         return CoordinatorClient(*self.address, policy=self._policy(), roots=self._roots())
 
     def _policy(self):  # the genuine coordinator of this owner, as the owner pins it
-        from smlaas.serving.enrol import coordinator_policy
+        from smlaas.coordinator.client import coordinator_policy
 
         return coordinator_policy(
             self.ceremony.coordinator_backend().measurement.mrenclave.hex(), simulated=True)

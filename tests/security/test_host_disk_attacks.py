@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.deploy.roles import StageSpec
 from smlaas.enclave.sealing import seal
 from smlaas.errors import ConfigError
 from smlaas.export.sealed_build import sealed_directory, sealed_path
 from smlaas.profile.cache import cache_dir
+from smlaas.roles import StageSpec
 from tests.conftest import cli_env
 from tests.integration.test_cli import smlaas
 from tests.security.conftest import (

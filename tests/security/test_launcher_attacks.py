@@ -16,7 +16,7 @@ import pytest
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.deploy.roles import GatewaySpec, StageSpec
+from smlaas.roles import GatewaySpec, StageSpec
 from tests.integration.serving_setup import cache_env
 from tests.security.conftest import assert_port_closed, coordinator_address, vacated
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from smlaas.coordinator.owner import OwnerKey
-from smlaas.deploy.roles import CoordinatorSpec
 from smlaas.errors import DeployError, ServingError
 from smlaas.profile.session import create_session, run_session
+from smlaas.roles import CoordinatorSpec
 from tests.builds import sealed_chain_build
 from tests.integration.serving_setup import cache_env, deployment
 from tests.models import chain_model

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.protocol import Code, open_stage_key, registration_binding, spki_der
-from smlaas.deploy.roles import StageSpec
 from smlaas.enclave.backends.sim import SimBackend
 from smlaas.enclave.ratls import create_identity
 from smlaas.errors import CoordinatorRefused
+from smlaas.roles import StageSpec
 from tests.coordinator_setup import Ceremony, refused
 from tests.security.conftest import coordinator_process
 

@@ -13,14 +13,13 @@ import time
 import pytest
 from cryptography import x509
 
-from smlaas.coordinator.client import CoordinatorClient
+from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.server import free_port
 from smlaas.coordinator.slots import LEASE_S
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
-from smlaas.deploy.roles import GatewaySpec, StageSpec
 from smlaas.enclave.backends.sim import SimBackend
-from smlaas.serving.enrol import coordinator_policy
+from smlaas.roles import GatewaySpec, StageSpec
 from tests.integration.serving_setup import cache_env
 from tests.security.conftest import assert_port_closed, coordinator_address
 

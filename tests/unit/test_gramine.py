@@ -10,10 +10,10 @@ import pytest
 
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.deploy.gramine_manifests import write_manifests
-from smlaas.deploy.roles import StageSpec
 from smlaas.enclave.backends.gramine import GramineBackend, enclave_size_mib
 from smlaas.errors import AttestationError
 from smlaas.export.build_dir import read_plan
+from smlaas.roles import StageSpec
 from tests.builds import sealed_chain_build
 
 

@@ -31,11 +31,11 @@ from smlaas.deploy.k8s import (
     to_yaml,
     write_manifests,
 )
-from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, StageSpec, addresses_text
 from smlaas.enclave.sealing import OwnerKeys
 from smlaas.errors import ConfigError
 from smlaas.export.build_dir import read_plan
 from smlaas.export.sealed_build import ServingNote, sealed_directory
+from smlaas.roles import CoordinatorSpec, GatewaySpec, StageSpec, addresses_text
 from tests.builds import sealed_chain_build
 
 KUBERNETES_VERSIONS = ["1.30", kubernetes_validate.latest_version()]

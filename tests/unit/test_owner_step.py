@@ -9,19 +9,18 @@ from typing import Any
 
 import pytest
 
-from smlaas.coordinator.client import CoordinatorStatus
+from smlaas.coordinator.client import CoordinatorStatus, coordinator_policy
 from smlaas.coordinator.manifest import Manifest
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.coordinator.release import SignedRelease
 from smlaas.deploy.launchers import ProcessSpec
 from smlaas.deploy.owner_plane import OwnerPlane
-from smlaas.deploy.roles import CoordinatorSpec, StageSpec, placed_elsewhere
 from smlaas.deploy.settings import DeploySettings
 from smlaas.deploy.topology import ServingLayout, role_specs
 from smlaas.errors import DeployError
 from smlaas.export.sealed_build import sealed_directory
-from smlaas.serving.enrol import coordinator_policy
+from smlaas.roles import CoordinatorSpec, StageSpec, placed_elsewhere
 from tests.builds import sealed_chain_build
 
 

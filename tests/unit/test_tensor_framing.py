@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from smlaas.transport.framing import ProtocolError
+from smlaas.errors import ProtocolError
 from smlaas.transport.tensors import TensorDecoder, message_bytes
 
 DTYPES = st.sampled_from([np.float32, np.float64, np.int64, np.int32, np.uint8, np.bool_,

@@ -222,15 +222,14 @@ def release_costs(pki_dir: Path, work_dir: Path, repeats: int = 20) -> dict[str,
     """The owner's release: sign; check a stapled one; check it after asking the coordinator
     (RA-TLS to a coordinator in this process, on 127.0.0.1)."""
     from smlaas.client.release_check import ReleaseCheck
-    from smlaas.coordinator.client import CoordinatorClient
+    from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
     from smlaas.coordinator.manifest import Manifest, StageCommitment, key_commitment
     from smlaas.coordinator.owner import OwnerKey
     from smlaas.coordinator.release import Release, sign_release
     from smlaas.coordinator.server import CoordinatorServer
-    from smlaas.deploy.roles import CoordinatorSpec
     from smlaas.enclave.backends.sim import SimBackend
     from smlaas.enclave.verification import INTEL_ROOT
-    from smlaas.serving.enrol import coordinator_policy
+    from smlaas.roles import CoordinatorSpec
     from smlaas.version_memory import VersionMemory
 
     owner = OwnerKey.create()

@@ -10,9 +10,9 @@ from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
 from smlaas.cli.serve_cmds import host_option
 from smlaas.coordinator.owner import parse_public_key, public_key_fingerprint
 from smlaas.coordinator.server import CoordinatorServer
-from smlaas.deploy.roles import CoordinatorSpec
-from smlaas.profile.cache import cache_dir
-from smlaas.serving.enrol import BACKENDS, create_backend
+from smlaas.enclave.backends import BACKENDS, create_backend
+from smlaas.paths import cache_dir
+from smlaas.roles import CoordinatorSpec
 
 
 @click.command()

@@ -20,9 +20,9 @@ from smlaas.coordinator.release import DEFAULT_VALIDITY_S
 from smlaas.deploy.deployment import Deployment, DeploySettings, read_measurements
 from smlaas.deploy.operator import wait_forever
 from smlaas.deploy.topology import parse_replicas
+from smlaas.enclave.backends import BACKENDS
 from smlaas.enclave.policy import Policy
-from smlaas.profile.cache import cache_dir
-from smlaas.serving.enrol import BACKENDS
+from smlaas.paths import cache_dir
 
 
 @click.command()

@@ -10,7 +10,7 @@ import numpy as np
 from smlaas.cli.console import console, errors, table
 from smlaas.client import InferenceClient
 from smlaas.deploy.owner_plane import GATEWAY_POLICY_FILE, OWNER_PUBLIC_KEY_FILE
-from smlaas.enclave.backends.sim import simulation_root_from_pem
+from smlaas.enclave.backends.sim import known_roots, simulation_root_from_pem
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import INTEL_ROOT
 from smlaas.errors import ConfigError
@@ -95,7 +95,7 @@ def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
                          manifest_digest=manifest_digest, timeout_s=timeout_s,
                          owner_public_key=owner, check_release=not no_release_check,
                          roots=[INTEL_ROOT, simulation_root_from_pem(Path(sim_root))]
-                         if sim_root else None) as client:
+                         if sim_root else known_roots()) as client:
         names = [i["name"] for i in client.metadata()["inputs"]]
         inputs = load_inputs(list(input_specs), names)
         outputs = client.infer(inputs, binary=not as_json)

@@ -9,8 +9,8 @@ import click
 
 from smlaas.cli.console import console, print_json, table
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
-from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 from smlaas.enclave.measurement import SIM_MRSIGNER
+from smlaas.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 
 
 def sim_role_specs(owner_public_key: str, stages: int) -> list[RoleSpec]:

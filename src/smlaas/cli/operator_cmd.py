@@ -18,8 +18,8 @@ from smlaas.cli.console import console, stop_on_ctrl_c_and_sigterm
 from smlaas.client.release_check import owner_public_key_text
 from smlaas.deploy.operator import make_launcher, operator_up, run_operator_child, wait_forever
 from smlaas.deploy.topology import ServingLayout
-from smlaas.profile.cache import cache_dir
-from smlaas.serving.enrol import BACKENDS
+from smlaas.enclave.backends import BACKENDS
+from smlaas.paths import cache_dir
 
 _launcher = click.option("--launcher", type=click.Choice(["local", "ray"]), default="local",
                          show_default=True, help="local: processes here; ray: actors on "

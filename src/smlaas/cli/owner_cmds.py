@@ -12,17 +12,18 @@ from pathlib import Path
 import click
 
 from smlaas.cli.console import console, print_json
-from smlaas.coordinator.client import CoordinatorClient
+from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.owner import OwnerKey, default_owner_key_path
 from smlaas.coordinator.release import DEFAULT_VALIDITY_S, MAX_VALIDITY_S
-from smlaas.deploy.roles import CoordinatorSpec
+from smlaas.enclave.backends import BACKENDS
 from smlaas.enclave.backends.sim import known_roots, simulation_root_from_pem
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
 from smlaas.errors import CheckFailed
+from smlaas.paths import cache_dir
 from smlaas.private_files import is_private
-from smlaas.profile.cache import cache_dir
-from smlaas.serving.enrol import BACKENDS, coordinator_policy, parse_address
+from smlaas.roles import CoordinatorSpec
+from smlaas.transport.addresses import parse_address
 
 _key = click.option("--key", "key_path", type=click.Path(dir_okay=False),
                     help="The owner key file (default: $SMLAAS_OWNER_KEY or "

@@ -1,7 +1,7 @@
 """``smlaas worker`` and ``smlaas gateway``: the pipeline's processes (``smlaas deploy``
 starts them; run by hand for a custom placement).
 
-Each builds its role's spec (:mod:`smlaas.deploy.roles`) from its options: the measured ones
+Each builds its role's spec (:mod:`smlaas.roles`) from its options: the measured ones
 (role, coordinator MRENCLAVE) are arguments only; the host's (addresses, threads, ...) may also
 come from ``SMLAAS_*`` environment variables, which is how Gramine passes them into an
 enclave whose arguments are fixed by its measured manifest.
@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from smlaas.deploy.roles import GatewaySpec, StageSpec, host_envvar
-from smlaas.serving.enrol import BACKENDS, parse_address, parse_addresses
+from smlaas.enclave.backends import BACKENDS
+from smlaas.roles import GatewaySpec, StageSpec, host_envvar
+from smlaas.transport.addresses import parse_address, parse_addresses
 
 
 def host_option(flag: str, *names: str, **kwargs: Any) -> Callable[[Any], Any]:

@@ -8,6 +8,9 @@ client is configured with the owner's public key for this), and from then on eve
 must come from that same certificate. ``attest=False`` skips all of this (the client then
 trusts whoever the pinned CA vouches for); ``check_release=False`` skips the release check
 only (the client then accepts any deployment of the pinned code, stale ones included).
+``roots`` are the attestation roots quotes must chain to (default: Intel's only; a sim
+deployment's clients pass its simulation root, as ``smlaas infer`` and
+``Deployment.client()`` do).
 
 Errors (one tree, :mod:`smlaas.errors`): ServingError (the gateway answered an error, with its
 HTTP status), TlsError (the server's certificate is not from the pinned CA, or the handshake
@@ -20,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import ssl
 import time
 from collections.abc import Mapping
@@ -34,9 +36,10 @@ from cryptography.hazmat.primitives import serialization
 
 from smlaas.client.release_check import ReleaseCheck
 from smlaas.coordinator.release import Release
-from smlaas.enclave.backends.sim import known_roots
+from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
+    INTEL_ROOT,
     QuoteVerdict,
     TrustedRoot,
     load_collateral,
@@ -86,7 +89,7 @@ class _ClientCore:
                               "`smlaas deploy` wrote, or `smlaas owner show`); or pass "
                               "check_release=False")
         self.policy, self.manifest_digest = policy, manifest_digest
-        self.roots = roots if roots is not None else known_roots()
+        self.roots = roots if roots is not None else [INTEL_ROOT]
         self.release_check = ReleaseCheck(str(owner_public_key), roots=self.roots,
                                           memory=releases) \
             if attest and check_release and owner_public_key is not None else None
@@ -120,13 +123,12 @@ class _ClientCore:
         if manifest_digest is not None and admitted != manifest_digest:
             raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
                                    f"{manifest_digest}")
-        spki = served.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
         verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
                                root=select_root(quote, roots))
         if not verdict.verified:
             raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
-        policy.check(verdict, role="gateway", expected_report_data=hashlib.sha256(spki).digest())
+        policy.check(verdict, role="gateway",
+                     expected_report_data=spki_sha256(served.public_key()))
         if self.release_check is not None:
             self.release = self.release_check.check(evidence.get("release"),
                                                     admitted_manifest=admitted,

@@ -33,9 +33,9 @@ from typing import Any
 from smlaas.coordinator.owner import parse_public_key, public_key_fingerprint
 from smlaas.coordinator.release import Release, SignedRelease
 from smlaas.enclave.verification import TrustedRoot
-from smlaas.errors import ConfigError, ReleaseError, SmlaasError
-from smlaas.transport.framing import ProtocolError
-from smlaas.version_memory import VersionMemory, default_state_dir
+from smlaas.errors import ConfigError, ProtocolError, ReleaseError, SmlaasError
+from smlaas.paths import state_dir
+from smlaas.version_memory import VersionMemory
 
 logger = logging.getLogger(__name__)
 SEEN_RELEASES_FILE = "seen-releases.json"
@@ -67,7 +67,7 @@ class ReleaseCheck:
         self._key = parse_public_key(self.owner_public_key)
         self.fingerprint = public_key_fingerprint(self.owner_public_key)
         self.roots, self.ask_coordinator, self._clock = roots, ask_coordinator, clock
-        self.memory = memory or VersionMemory(default_state_dir() / SEEN_RELEASES_FILE)
+        self.memory = memory or VersionMemory(state_dir() / SEEN_RELEASES_FILE)
 
     def check(self, stapled: Any, *, admitted_manifest: str, simulated: bool) -> Release:
         """The gateway's release if it is the owner's current one; ReleaseError otherwise."""
@@ -122,8 +122,8 @@ class ReleaseCheck:
         None when it cannot be reached or has nothing newer."""
         if not self.ask_coordinator or not release.coordinator_address:
             return None
-        from smlaas.coordinator.client import CoordinatorClient
-        from smlaas.serving.enrol import coordinator_policy, parse_address
+        from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
+        from smlaas.transport.addresses import parse_address
 
         try:
             host, port = parse_address(release.coordinator_address, what="the coordinator")

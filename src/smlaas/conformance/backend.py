@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
-from smlaas.errors import InputSizeError, ModelError, ProfileError
+from smlaas.errors import InputSizeError, ModelError, ProfileError, UnknownShapesError
 from smlaas.export.chain import Chain
 from smlaas.export.extract import StageExtractor
-from smlaas.graph.analysis import ModelGraph, UnknownShapesError
+from smlaas.graph.analysis import ModelGraph
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.memory import segment_memory
 from smlaas.graph.prepare import prepare_model

@@ -36,11 +36,11 @@ from smlaas.coordinator.protocol import (
 )
 from smlaas.coordinator.release import SignedRelease
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.enclave.policy import Policy
+from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.ratls import connect_attested, public_key_hash
 from smlaas.enclave.verification import TrustedRoot
-from smlaas.errors import AttestationError, CoordinatorRefused, ReleaseError
-from smlaas.transport.framing import ProtocolError, recv_message, send_message
+from smlaas.errors import AttestationError, CoordinatorRefused, ProtocolError, ReleaseError
+from smlaas.transport.framing import recv_message, send_message
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,12 @@ class CoordinatorClient:
                             replicas=_replicas(reply.get("replicas", {})),
                             plan_sha256=str(reply.get("plan_sha256", "")),
                             release=_release(reply.get("release")), lease=lease)
+
+
+def coordinator_policy(coordinator_mrenclave: str, *, simulated: bool) -> Policy:
+    """What a role accepts as its coordinator: the one MRENCLAVE it was built to trust."""
+    return Policy(allow_simulation_insecure=simulated,
+                  roles={COORDINATOR_ROLE: RolePolicy(mrenclave=(coordinator_mrenclave,))})
 
 
 def _release(value: Any) -> SignedRelease | None:

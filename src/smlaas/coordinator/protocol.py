@@ -19,11 +19,14 @@ import hashlib
 from enum import StrEnum
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
+from smlaas.enclave.keys import spki_der
 from smlaas.errors import CoordinatorRefused
+
+__all__ = ["COORDINATOR_ROLE", "Code", "Op", "bound", "open_stage_key", "refusal",
+           "registration_binding", "seal_stage_key", "spki_der"]
 
 COORDINATOR_ROLE = "coordinator"
 REGISTRATION_LABEL = b"smlaas registration v2"
@@ -92,11 +95,6 @@ def bound(label: bytes, *fields: bytes) -> bytes:
     for value in fields:
         parts += [len(value).to_bytes(4, "big"), value]
     return b"".join(parts)
-
-
-def spki_der(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def registration_binding(role: str, public_key_der: bytes, nonce: bytes) -> bytes:

@@ -54,7 +54,7 @@ class CoordinatorServer:
     """Serves :class:`CoordinatorService` over RA-TLS on ``host:port`` (0 = any free port).
 
     ``backend`` must measure ``owner_public_key`` (the CLI creates it from the coordinator's
-    spec, :class:`smlaas.deploy.roles.CoordinatorSpec`); then whoever attests this coordinator
+    spec, :class:`smlaas.roles.CoordinatorSpec`); then whoever attests this coordinator
     knows which owner it obeys.
     """
 

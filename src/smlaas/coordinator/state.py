@@ -12,7 +12,6 @@ coordinator then holds an earlier manifest version and release, which the owner 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.ca import DeploymentCA
 from smlaas.coordinator.manifest import Manifest
-from smlaas.coordinator.protocol import spki_der
 from smlaas.coordinator.release import SignedRelease
+from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.sealing import seal, unseal
 from smlaas.errors import SealError, SmlaasError
 from smlaas.private_files import write_private
@@ -52,7 +51,7 @@ class CoordinatorState:
     def instance_id(self) -> bytes:
         """SHA-256 of the instance key's SubjectPublicKeyInfo: what RA-TLS binds and what
         manifest signatures are bound to."""
-        return hashlib.sha256(spki_der(self.instance_key.public_key())).digest()
+        return spki_sha256(self.instance_key.public_key())
 
     def to_bytes(self) -> bytes:
         instance_pem = self.instance_key.private_bytes(

@@ -36,7 +36,6 @@ from smlaas.deploy.owner_plane import (
     OwnerPlane,
     read_measurements,
 )
-from smlaas.deploy.roles import StageSpec
 from smlaas.deploy.settings import DeploySettings
 from smlaas.deploy.topology import (
     ServingLayout,
@@ -48,6 +47,7 @@ from smlaas.deploy.topology import (
 )
 from smlaas.enclave.policy import Policy
 from smlaas.errors import AttestationError, DeployError
+from smlaas.roles import StageSpec
 
 if TYPE_CHECKING:
     from smlaas.client import InferenceClient

@@ -1,6 +1,6 @@
 """Writing one Gramine manifest per role of a sealed build (``smlaas gramine manifest``).
 
-Each manifest fixes its role's measured command line (:mod:`smlaas.deploy.roles`) in
+Each manifest fixes its role's measured command line (:mod:`smlaas.roles`) in
 ``loader.argv`` and lets the host pass only the host options, as environment variables. The
 coordinator's manifest carries the owner's public key; the others carry the coordinator's
 MRENCLAVE, which exists only once the coordinator's manifest is signed: so the first run
@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from smlaas.deploy.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 from smlaas.enclave.backends.gramine import MIN_ENCLAVE_MIB, enclave_size_mib, render_manifest
 from smlaas.export.build_dir import read_plan
 from smlaas.export.sealed_build import sealed_directory
 from smlaas.plan.plan import Plan
+from smlaas.roles import CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 
 SEALED_MOUNT = "/smlaas/sealed"
 STATE_MOUNT = "/smlaas/state"

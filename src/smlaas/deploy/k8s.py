@@ -1,6 +1,6 @@
 """Kubernetes manifests for a sealed build (``smlaas deploy --k8s-out DIR``).
 
-Every container runs its role's typed spec (:mod:`smlaas.deploy.roles`), the same one the
+Every container runs its role's typed spec (:mod:`smlaas.roles`), the same one the
 local and Ray launchers run: with the sim backend its arguments are the spec's ``to_argv()``
 (after the image's ``ENTRYPOINT python -m smlaas``); with gramine it runs ``gramine-sgx
 <role>``, whose signed manifest fixes ``measured_argv()``, and gets ``host_env()`` as its
@@ -25,7 +25,7 @@ address (kube-proxy picks a backend per connection): the upstream could neither 
 between them nor fail over. So a stage with several replicas is a StatefulSet governed by a
 headless Service, whose pods have stable DNS names ``smlaas-stage-K-R.smlaas-stage-K``; all of
 them go into the upstream's ``--next`` (the gateway's ``--first-stage``), comma-separated as
-:func:`~smlaas.deploy.roles.addresses_text` writes them. Each pod takes its replica number from
+:func:`~smlaas.roles.addresses_text` writes them. Each pod takes its replica number from
 its ``apps.kubernetes.io/pod-index`` label (Kubernetes 1.28 and later). The headless Service
 publishes pods that are not ready yet, so a restarting replica keeps its name (the upstream
 retries the link; it checks the peer's role itself). A stage with one replica is a Deployment
@@ -110,13 +110,13 @@ from smlaas.deploy import k8s_objects as objects
 from smlaas.deploy.deployment import stage_replicas
 from smlaas.deploy.k8s_objects import USER_ID
 from smlaas.deploy.k8s_yaml import Document, to_yaml, write_documents
-from smlaas.deploy.roles import Address, CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 from smlaas.enclave.backends.gramine import DEFAULT_PCCS_URL, RUNTIME_ALLOWANCE_MIB
 from smlaas.enclave.policy import Policy
 from smlaas.errors import ConfigError
 from smlaas.export.build_dir import PLAN_FILE, read_plan
 from smlaas.export.sealed_build import ServingNote, sealed_directory
 from smlaas.plan.plan import Plan
+from smlaas.roles import Address, CoordinatorSpec, GatewaySpec, RoleSpec, StageSpec
 
 __all__ = ["USER_ID", "ClusterSettings", "render_manifests", "sealed_image", "to_yaml",
            "write_manifests"]

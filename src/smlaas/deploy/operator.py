@@ -41,12 +41,12 @@ from smlaas.deploy.launchers import (
     ProcessSpec,
     minimal_env,
 )
-from smlaas.deploy.roles import StageSpec
 from smlaas.deploy.topology import ServingLayout
 from smlaas.errors import ConfigError, DeployError, InputError, SmlaasError
+from smlaas.roles import StageSpec
 
 if TYPE_CHECKING:
-    from smlaas.deploy.roles import CoordinatorSpec
+    from smlaas.roles import CoordinatorSpec
 
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 150.0
@@ -328,10 +328,10 @@ def operator_up(sealed_dir: Path, launcher: Launcher, *, owner_public_key: str,
     and the gateway from the sealed directory's public parts; they register once the owner
     has set the manifest. Returns the coordinator's spec (its address is what the owner
     attests). ``coordinator_mrenclave`` is required for gramine (for sim it is computed)."""
-    from smlaas.deploy.roles import CoordinatorSpec
     from smlaas.deploy.topology import pin_plan, prepare_stages, role_specs, stage_replicas
     from smlaas.export.build_dir import read_plan
     from smlaas.export.sealed_build import ServingNote, sealed_directory
+    from smlaas.roles import CoordinatorSpec
 
     sealed = sealed_directory(sealed_dir)
     plan = read_plan(sealed)  # the host's copy: it can only choose what the owner signs over
@@ -339,6 +339,11 @@ def operator_up(sealed_dir: Path, launcher: Launcher, *, owner_public_key: str,
     note = ServingNote.of(plan).max_batch_size
     batch = note if max_batch_size is None else min(max_batch_size, note)
     state_dir.mkdir(parents=True, exist_ok=True)
+    if layout.backend == "sim":  # made once here, before the processes race to make it
+        from smlaas.enclave.backends.sim import default_pki_dir
+        from smlaas.enclave.sim_pki import SimulationPKI
+
+        SimulationPKI.load_or_create(default_pki_dir())
     cpus, _ = pin_plan(counts, layout.pin)
     prepare_stages(launcher, replicas=counts, layout=layout, cpus=cpus)
     coordinator = CoordinatorSpec(backend=layout.backend, owner_public_key=owner_public_key,

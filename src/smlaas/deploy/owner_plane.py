@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smlaas.coordinator.client import CoordinatorClient, CoordinatorStatus
+from smlaas.coordinator.client import CoordinatorClient, CoordinatorStatus, coordinator_policy
 from smlaas.coordinator.manifest import (
     GATEWAY_ROLE,
     Manifest,
@@ -45,13 +45,12 @@ from smlaas.coordinator.manifest import (
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.coordinator.release import Release, SignedRelease, sign_release
-from smlaas.deploy.roles import CoordinatorSpec, RoleSpec, placed_elsewhere
 from smlaas.deploy.settings import DeploySettings
 from smlaas.deploy.topology import stage_replicas
 from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.sealing import OwnerKeys, key_id, read_header_of
 from smlaas.enclave.verification import INTEL_ROOT, TrustedRoot
-from smlaas.errors import AttestationError, ConfigError, DeployError
+from smlaas.errors import AttestationError, ConfigError, DeployError, ProtocolError
 from smlaas.export.build_dir import PLAN_FILE
 from smlaas.export.sealed_build import (
     ServingNote,
@@ -59,9 +58,10 @@ from smlaas.export.sealed_build import (
     sealed_directory,
     sealed_path,
 )
+from smlaas.paths import state_dir
 from smlaas.plan.plan import Plan
-from smlaas.transport.framing import ProtocolError
-from smlaas.version_memory import VersionMemory, default_state_dir
+from smlaas.roles import CoordinatorSpec, RoleSpec, placed_elsewhere
+from smlaas.version_memory import VersionMemory
 
 if TYPE_CHECKING:
     from smlaas.client import InferenceClient
@@ -205,7 +205,6 @@ class OwnerPlane:
                            deadline_s: float = 60.0) -> CoordinatorClient:
         """A client of the coordinator at ``address`` once it answered and passed
         attestation (retried while it is not up, until ``deadline_s`` or ``problems()``)."""
-        from smlaas.serving.enrol import coordinator_policy
 
         client = CoordinatorClient(*address, roots=self.trusted_roots,
                                    policy=coordinator_policy(mrenclave,
@@ -369,7 +368,7 @@ def keep_memory_private() -> None:
 
 def signed_versions_memory() -> VersionMemory:
     """coordinator instance -> the highest manifest version this owner signed for it."""
-    return VersionMemory(default_state_dir() / SIGNED_VERSIONS_FILE)
+    return VersionMemory(state_dir() / SIGNED_VERSIONS_FILE)
 
 
 def sign_owner_release(owner: OwnerKey, *, instance: str, manifest_digest: str, version: int,

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smlaas.coordinator.manifest import stage_role
-from smlaas.deploy.roles import Address, GatewaySpec, RoleSpec, StageSpec
 from smlaas.deploy.settings import DeploySettings
 from smlaas.errors import ConfigError
 from smlaas.plan.plan import Plan
+from smlaas.roles import Address, GatewaySpec, RoleSpec, StageSpec
 
 if TYPE_CHECKING:
     from smlaas.deploy.launchers import Launcher

@@ -10,7 +10,6 @@ policy after the handshake and before it sends a byte (:func:`connect_attested`)
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import socket
 import ssl
 import tempfile
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
     QuoteVerdict,
@@ -42,8 +42,7 @@ QuoteProvider = Callable[[bytes], bytes]
 
 
 def public_key_hash(certificate: x509.Certificate) -> bytes:
-    return hashlib.sha256(certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+    return spki_sha256(certificate.public_key())
 
 
 @dataclass(frozen=True)
@@ -88,9 +87,7 @@ def create_identity(common_name: str, quote_provider: QuoteProvider, collateral_
                     validity: dt.timedelta = dt.timedelta(days=1)) -> RaTlsIdentity:
     """An RA-TLS certificate binding ``key`` (default: a fresh key pair) to a fresh quote."""
     key = key or ec.generate_private_key(ec.SECP256R1())
-    spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    quote = quote_provider(hashlib.sha256(spki).digest())
+    quote = quote_provider(spki_sha256(key.public_key()))
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     certificate = (

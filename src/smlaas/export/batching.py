@@ -18,23 +18,10 @@ import onnx
 
 from smlaas.errors import SmlaasError
 from smlaas.export.chain import Chain
+from smlaas.runtime.stage_runner import BATCH_DIM, relax_batch_dim
+
+__all__ = ["BATCH_DIM", "batching_problem", "relax_batch_dim"]
 from smlaas.profile.session import BFLOAT16
-
-BATCH_DIM = "batch"
-
-
-def relax_batch_dim(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs and outputs have a symbolic first dimension and whose
-    intermediate shapes are left to inference. At the original shapes it computes the same."""
-    relaxed = onnx.ModelProto()
-    relaxed.CopyFrom(model)
-    for value in [*relaxed.graph.input, *relaxed.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) > 0:
-            dims[0].Clear()
-            dims[0].dim_param = BATCH_DIM
-    del relaxed.graph.value_info[:]
-    return relaxed
 
 
 def batching_problem(stage_models: Sequence[onnx.ModelProto], inputs: Mapping[str, np.ndarray],

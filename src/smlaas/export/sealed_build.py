@@ -29,21 +29,21 @@ from typing import Any
 
 import onnx
 
-from smlaas.enclave.sealing import KEY_BYTES, OwnerKeys, seal, unseal
-from smlaas.errors import BuildDirError, SealError
+from smlaas.enclave.sealing import KEY_BYTES, OwnerKeys, seal
+from smlaas.errors import BuildDirError
 from smlaas.export.batching import batching_problem
 from smlaas.export.build_dir import PLAN_FILE, read_plan, stage_paths
 from smlaas.plan.plan import Plan
 from smlaas.profile.inputs import random_inputs
+from smlaas.runtime.sealed_stage import sealed_path, unseal_stage
+
+__all__ = ["SEALED_DIR", "ServingNote", "plaintext_stages", "seal_build", "sealed_directory",
+           "sealed_path", "unseal_stage"]
 
 logger = logging.getLogger(__name__)
 SEALED_DIR = "sealed"
 DEFAULT_MAX_BATCH = 8
 SERVING_NOTE = "serving"
-
-
-def sealed_path(sealed_dir: Path, stage: int) -> Path:
-    return Path(sealed_dir) / f"stage_{stage}.sealed"
 
 
 @dataclass(frozen=True)
@@ -115,18 +115,6 @@ def sealed_directory(path: Path) -> Path:
 def plaintext_stages(directory: Path) -> list[Path]:
     """Plaintext sub-models in ``directory`` (there must be none in a deploy directory)."""
     return sorted(p for p in Path(directory).iterdir() if p.suffix in (".onnx", ".data"))
-
-
-def unseal_stage(sealed_dir: Path, stage: int, key: bytes, *, expected_sha256: str) -> bytes:
-    """The plaintext ONNX bytes of one sealed stage, checked against the SHA-256 the owner's
-    manifest commits to (SealError if anything is off)."""
-    plaintext = unseal(sealed_path(sealed_dir, stage).read_bytes(), key=key, stage=stage)
-    actual = hashlib.sha256(plaintext).hexdigest()
-    if actual != expected_sha256:
-        raise SealError(f"stage {stage} unseals to SHA-256 {actual[:16]}..., the owner's "
-                        f"manifest commits to {expected_sha256[:16]}... (another sub-model); "
-                        f"refusing to serve it")
-    return plaintext
 
 
 def _serving_note(plan: Plan, plaintexts: list[bytes], max_batch_size: int) -> ServingNote:

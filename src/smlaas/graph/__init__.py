@@ -5,7 +5,8 @@ Only :mod:`smlaas.graph.loading` reads files; everything else maps values to val
 
 from __future__ import annotations
 
-from smlaas.graph.analysis import ModelGraph, TensorInfo, UnknownShapesError
+from smlaas.errors import UnknownShapesError
+from smlaas.graph.analysis import ModelGraph, TensorInfo
 from smlaas.graph.input_size import (
     InputSizes,
     fix_input_sizes,

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from smlaas.errors import GraphError, UnsupportedModelError
+from smlaas.errors import GraphError, UnknownShapesError, UnsupportedModelError
 from smlaas.graph.dims import fixed_dim, static_shape
 from smlaas.graph.input_size import model_inputs
 from smlaas.graph.subgraphs import has_subgraph, node_input_names
@@ -267,17 +267,6 @@ class ModelGraph:
     def _check_position(self, position: int) -> None:
         if not 0 <= position <= self.node_count:
             raise GraphError(f"cut position {position} outside 0..{self.node_count}")
-
-
-class UnknownShapesError(GraphError):
-    """Shape inference left some activations without a static shape."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        shown = ", ".join(repr(n) for n in names[:5])
-        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-        super().__init__(f"no static shape for {shown}{more}")
-
 
 
 def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:

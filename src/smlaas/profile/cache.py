@@ -13,18 +13,12 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from smlaas.paths import cache_dir
 from smlaas.profile.profiler import NodeProfile, ProfileSettings
 
+__all__ = ["ProfileCache", "cache_dir", "machine_id", "model_digest", "profile_key"]
+
 logger = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """``$SMLAAS_CACHE_DIR``, else ``$XDG_CACHE_HOME/smlaas``, else ``~/.cache/smlaas``."""
-    explicit = os.environ.get("SMLAAS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "smlaas"
 
 
 def machine_id() -> str:

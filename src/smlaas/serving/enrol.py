@@ -4,7 +4,7 @@ a fresh key and the coordinator's nonce, and receives its role certificate (and,
 the key of its sealed sub-model, encrypted to that fresh key).
 
 The coordinator's MRENCLAVE is part of each role's measured configuration
-(:mod:`smlaas.deploy.roles`), so a role cannot be pointed at another coordinator without
+(:mod:`smlaas.roles`), so a role cannot be pointed at another coordinator without
 changing its own measurement.
 """
 
@@ -12,34 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
-from smlaas.coordinator.client import CoordinatorClient, Registration
-from smlaas.coordinator.protocol import COORDINATOR_ROLE, RETRYABLE
+from smlaas.coordinator.client import CoordinatorClient, Registration, coordinator_policy
+from smlaas.coordinator.protocol import RETRYABLE
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.verification import INTEL_ROOT
-from smlaas.errors import ConfigError, CoordinatorRefused, DeployError
-from smlaas.transport.framing import ProtocolError
+from smlaas.errors import ConfigError, CoordinatorRefused, DeployError, ProtocolError
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("sim", "gramine")
 RETRY_PAUSE_S = 0.2
-
-
-def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def parse_addresses(text: str, *, what: str = "address") -> tuple[tuple[str, int], ...]:
-    """``HOST:PORT[,HOST:PORT...]``: the replicas of one role."""
-    addresses = tuple(parse_address(part.strip(), what=what) for part in text.split(","))
-    if len(set(addresses)) != len(addresses):
-        raise ConfigError(f"{what} names an address twice: {text!r}")
-    return addresses
 
 
 def check_replica_count(addresses: tuple[tuple[str, int], ...], role: str, allowed: int
@@ -48,26 +29,6 @@ def check_replica_count(addresses: tuple[tuple[str, int], ...], role: str, allow
     if len(addresses) > allowed:
         raise ConfigError(f"the host gave {len(addresses)} addresses for {role}; the owner's "
                           f"manifest has {allowed} replica(s) of it")
-
-
-def create_backend(kind: str, role: str, config: dict[str, Any] | None = None
-                   ) -> EnclaveBackend:
-    """The enclave this process runs in; for ``sim``, measured over ``config``."""
-    if kind == "sim":
-        from smlaas.enclave.backends.sim import SimBackend
-
-        return SimBackend(role, config=config)
-    if kind == "gramine":
-        from smlaas.enclave.backends.gramine import GramineBackend
-
-        return GramineBackend(role)
-    raise ConfigError(f"unknown enclave backend {kind!r} (choose from {', '.join(BACKENDS)})")
-
-
-def coordinator_policy(coordinator_mrenclave: str, *, simulated: bool) -> Policy:
-    """What a role accepts as its coordinator: the one MRENCLAVE it was built to trust."""
-    return Policy(allow_simulation_insecure=simulated,
-                  roles={COORDINATOR_ROLE: RolePolicy(mrenclave=(coordinator_mrenclave,))})
 
 
 def enrol(coordinator: tuple[str, int], *, role: str, backend: EnclaveBackend,

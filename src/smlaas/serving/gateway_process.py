@@ -20,24 +20,20 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from smlaas.coordinator.client import CoordinatorClient
+from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.release import SignedRelease
-from smlaas.deploy.roles import GatewaySpec
+from smlaas.enclave.backends import create_backend
 from smlaas.enclave.backends.base import EnclaveBackend
+from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.verification import INTEL_ROOT
-from smlaas.errors import ConfigError, SmlaasError
+from smlaas.errors import ConfigError, ProtocolError, SmlaasError
+from smlaas.roles import GatewaySpec
 from smlaas.serving.data_plane import DataPlane
-from smlaas.serving.enrol import (
-    check_replica_count,
-    coordinator_policy,
-    create_backend,
-    enrol,
-)
+from smlaas.serving.enrol import check_replica_count, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
 from smlaas.serving.link import replica_set, run_event_loop
-from smlaas.transport.framing import ProtocolError
 from smlaas.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -50,12 +46,6 @@ RELEASE_POLL_S = 30.0
 release reaches clients within this; releases live for hours)."""
 RELEASE_RETRY_S = 1.0
 """... and how often while it has none yet."""
-
-
-def spki_sha256(key: ec.EllipticCurvePublicKey) -> bytes:
-    return hashlib.sha256(key.public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-                          ).digest()
 
 
 def attestation_evidence(backend: EnclaveBackend, key: ec.EllipticCurvePrivateKey,

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from smlaas.errors import AttestationError
+from smlaas.errors import AttestationError, ProtocolError
 from smlaas.serving.protocol import Status, error_reply, remaining_s
-from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import MessageStream, open_stream
 from smlaas.transport.tensors import TensorMessage
 from smlaas.transport.tls import require_peer

@@ -30,17 +30,23 @@ from onnx import helper
 
 from smlaas.coordinator.client import StageRelease
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_index, stage_role
-from smlaas.deploy.roles import StageSpec
-from smlaas.errors import AttestationError, ConfigError, DeployError, ProfileError, SmlaasError
-from smlaas.export.batching import relax_batch_dim
-from smlaas.export.chain import StageRunner
-from smlaas.export.sealed_build import unseal_stage
+from smlaas.enclave.backends import create_backend
+from smlaas.errors import (
+    AttestationError,
+    ConfigError,
+    DeployError,
+    ProfileError,
+    ProtocolError,
+    SmlaasError,
+)
 from smlaas.graph.dims import fixed_dim
 from smlaas.plan.plan import Plan
-from smlaas.serving.enrol import check_replica_count, create_backend, enrol
+from smlaas.roles import StageSpec
+from smlaas.runtime.sealed_stage import unseal_stage
+from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
+from smlaas.serving.enrol import check_replica_count, enrol
 from smlaas.serving.link import Hop, replica_set, run_event_loop
 from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
-from smlaas.transport.framing import ProtocolError
 from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context

@@ -11,13 +11,9 @@ import socket
 import struct
 from typing import Any
 
-from smlaas.errors import SmlaasError
+from smlaas.errors import ProtocolError
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-
-class ProtocolError(SmlaasError):
-    """A peer sent something that is not a valid frame, or closed mid-frame."""
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

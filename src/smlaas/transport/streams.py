@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from smlaas.errors import AttestationError
-from smlaas.transport.framing import ProtocolError
+from smlaas.errors import AttestationError, ProtocolError
 from smlaas.transport.tensors import (
     MAX_HEADER_BYTES,
     TensorMessage,

@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
-from smlaas.transport.framing import ProtocolError
+from smlaas.errors import ProtocolError
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 2 << 30

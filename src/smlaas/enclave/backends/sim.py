@@ -185,6 +185,6 @@ def known_roots() -> list[TrustedRoot]:
 
 
 def default_pki_dir() -> Path:
-    from smlaas.profile.cache import cache_dir
+    from smlaas.paths import cache_dir
 
     return cache_dir() / "sim-pki"
