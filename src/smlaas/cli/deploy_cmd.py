@@ -63,7 +63,7 @@ from smlaas.paths import cache_dir
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
               show_default=True)
 @click.option("--max-inflight", type=click.IntRange(min=1),
-              help="Batches in the pipeline at once (default: the number of stages).")
+              help="Batches in the pipeline at once (default: the number of stage replicas).")
 @click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
               help="JSON role -> MRENCLAVE (gramine backend).")
 @click.option("--ray-address", help="Ray cluster to join (default: start a local one).")

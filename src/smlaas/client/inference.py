@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import ssl
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from smlaas.client.release_check import ReleaseCheck
 from smlaas.coordinator.release import Release
+from smlaas.enclave.attestation import attest as attest_evidence
 from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
@@ -43,8 +43,6 @@ from smlaas.enclave.verification import (
     QuoteVerdict,
     TrustedRoot,
     load_collateral,
-    select_root,
-    verify_quote,
 )
 from smlaas.errors import (
     AttestationError,
@@ -123,12 +121,9 @@ class _ClientCore:
         if manifest_digest is not None and admitted != manifest_digest:
             raise AttestationError(f"the gateway was admitted under manifest {admitted}, not "
                                    f"{manifest_digest}")
-        verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
-                               root=select_root(quote, roots))
-        if not verdict.verified:
-            raise AttestationError(f"the gateway's quote does not verify: {verdict.error}")
-        policy.check(verdict, role="gateway",
-                     expected_report_data=spki_sha256(served.public_key()))
+        verdict = attest_evidence(quote, collateral, policy=policy, roots=roots, role="gateway",
+                                  expected_report_data=spki_sha256(served.public_key()),
+                                  whose="the gateway's")
         if self.release_check is not None:
             self.release = self.release_check.check(evidence.get("release"),
                                                     admitted_manifest=admitted,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import logging
 import os
 import threading
@@ -61,8 +60,9 @@ from smlaas.coordinator.protocol import (
 from smlaas.coordinator.release import SignedRelease
 from smlaas.coordinator.slots import HEARTBEAT_S, LEASE_S, SlotTable
 from smlaas.coordinator.state import CoordinatorState, SealedStateStore
+from smlaas.enclave.attestation import attest
 from smlaas.enclave.backends.base import EnclaveBackend
-from smlaas.enclave.verification import TrustedRoot, select_root, verify_quote
+from smlaas.enclave.verification import TrustedRoot
 from smlaas.errors import (
     AttestationError,
     CoordinatorRefused,
@@ -299,12 +299,9 @@ class CoordinatorService:
                                   manifest)
         self.nonces.take(nonce)
         collateral = collateral_for(quote, manifest.collateral, self._backend)
-        verdict = verify_quote(quote, collateral, at=dt.datetime.now(dt.UTC),
-                               root=select_root(quote, self._roots))
-        if not verdict.verified:
-            raise AttestationError(f"quote of {role} does not verify: {verdict.error}")
-        manifest.parsed_policy().check(verdict, role=role, expected_report_data=(
-            registration_binding(role, public_der, nonce)))
+        verdict = attest(quote, collateral, policy=manifest.parsed_policy(), roots=self._roots,
+                         role=role, expected_report_data=registration_binding(
+                             role, public_der, nonce), whose=f"{role}'s")
         lease = None
         if role != GATEWAY_ROLE:  # a slot before a key: at most the manifest's replicas
             index = stage_index(role)

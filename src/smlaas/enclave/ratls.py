@@ -22,14 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from smlaas.enclave.attestation import attest
 from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.verification import (
     QuoteVerdict,
     TrustedRoot,
     load_collateral,
-    select_root,
-    verify_quote,
 )
 from smlaas.errors import AttestationError
 
@@ -124,13 +123,9 @@ def verify_certificate(der: bytes, policy: Policy, *, roots: list[TrustedRoot],
         raise AttestationError(f"the peer's RA-TLS certificate is not valid at {at.isoformat()} "
                                f"(valid {certificate.not_valid_before_utc.isoformat()} to "
                                f"{certificate.not_valid_after_utc.isoformat()})")
-    raw = quote.value
-    verdict = verify_quote(raw, load_collateral(collateral.value.decode(), source="RA-TLS cert"),
-                           at=at, root=select_root(raw, roots))
-    if not verdict.verified:
-        raise AttestationError(f"the peer's quote does not verify: {verdict.error}")
-    policy.check(verdict, role=role, expected_report_data=public_key_hash(certificate))
-    return verdict
+    return attest(quote.value, load_collateral(collateral.value.decode(), source="RA-TLS cert"),
+                  policy=policy, roots=roots, role=role,
+                  expected_report_data=public_key_hash(certificate), whose="the peer's", at=at)
 
 
 def connect_attested(host: str, port: int, policy: Policy, *, roots: list[TrustedRoot],
