@@ -21,27 +21,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-import struct
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import numpy as np
 
 from smlaas.errors import AttestationError, ProtocolError
-from smlaas.transport.tensors import (
-    MAX_HEADER_BYTES,
-    TensorMessage,
-    decode_payload,
-    encode_message,
-    parse_header,
-)
+from smlaas.transport.tensors import TensorDecoder, TensorMessage, encode_message
 
 WRITE_CHUNK_BYTES = 256 * 1024
 """Measured best on loopback between two processes (64 KiB to 4 MiB tried): see BENCHMARKS."""
 INBOX_MESSAGES = 2
 HANDSHAKE_TIMEOUT_S = 10.0
-_PREFIX, _HEADER, _PAYLOAD = range(3)
-_SMALL_BUFFER = 64 * 1024
 
 PeerCheck = Callable[[Any], None]
 """Raises AttestationError when the connection's peer may not talk to us."""
@@ -94,7 +85,8 @@ class MessageStream:
 
 
 class _MessageProtocol(asyncio.BufferedProtocol):
-    """Decodes messages as bytes arrive, into buffers it allocates per message."""
+    """Decodes messages as bytes arrive, with the one :class:`TensorDecoder` (the transport
+    writes straight into the decoder's buffers)."""
 
     def __init__(self, check_peer: PeerCheck | None = None,
                  on_connected: Callable[[_MessageProtocol], None] | None = None) -> None:
@@ -102,10 +94,7 @@ class _MessageProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._check_peer = check_peer
         self._on_connected = on_connected
-        self._small = bytearray(_SMALL_BUFFER)
-        self._target: Any = self._small
-        self._state, self._need, self._have = _PREFIX, 4, 0
-        self._header: dict[str, Any] = {}
+        self._decoder = TensorDecoder()
         self._inbox: collections.deque[TensorMessage] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._ended: BaseException | None = None
@@ -130,7 +119,7 @@ class _MessageProtocol(asyncio.BufferedProtocol):
             self._on_connected(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._state != _PREFIX or self._have:
+        if self._decoder.mid_message:
             self._end(ProtocolError("peer closed the connection inside a message"))
         else:
             self._end(EOFError("peer closed the connection") if exc is None else exc)
@@ -145,36 +134,17 @@ class _MessageProtocol(asyncio.BufferedProtocol):
 
     # -- receiving -------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._target)[self._have:self._need]
+        return self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._have += nbytes
         try:
-            while self._have >= self._need:
-                self._advance()
-                if self._need:  # a zero-length part (no payload) completes at once
-                    break
+            self._decoder.buffer_updated(nbytes)
         except ProtocolError as err:
             self._end(err)
             if self.transport is not None:
                 self.transport.abort()
-
-    def _advance(self) -> None:
-        if self._state == _PREFIX:
-            length, = struct.unpack_from(">I", self._small, 0)
-            if length > MAX_HEADER_BYTES:
-                raise ProtocolError(f"message header of {length} bytes exceeds the limit")
-            if length > len(self._small):
-                self._small = bytearray(length)
-            self._state, self._need, self._have, self._target = _HEADER, length, 0, self._small
-        elif self._state == _HEADER:
-            self._header = parse_header(bytes(self._small[:self._need]))
-            total = sum(int(t["nbytes"]) for t in self._header["tensors"])
-            self._target = np.empty(total, dtype=np.uint8)  # no zero-fill: all overwritten
-            self._state, self._need, self._have = _PAYLOAD, total, 0
-        else:
-            message = decode_payload(self._header, self._target)
-            self._state, self._need, self._have, self._target = _PREFIX, 4, 0, self._small
+            return
+        for message in self._decoder.messages():
             self._deliver(message)
 
     def _deliver(self, message: TensorMessage) -> None:

@@ -10,6 +10,7 @@ allocated.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import struct
@@ -119,48 +120,86 @@ def message_bytes(request_id: str, tensors: Mapping[str, np.ndarray],
     return b"".join(bytes(b) for b in encode_message(request_id, tensors, meta))
 
 
+_PREFIX, _HEADER, _PAYLOAD = range(3)
+_SMALL_BUFFER = 64 * 1024
+
+
 class TensorDecoder:
-    """Feed bytes as they arrive; completed messages come out of :meth:`messages`."""
+    """The tensor wire format's one decoder: a state machine (length prefix, header, payload)
+    that asks for exactly the bytes it needs next. A buffered protocol fills
+    :meth:`get_buffer` in place and calls :meth:`buffer_updated` (a payload lands in the
+    array it will be read from, with no copy); :meth:`feed` does the same from bytes in hand.
+    Completed messages come out of :meth:`messages`. A header is checked (sizes, dtypes,
+    limits) before its payload is allocated."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._header: dict[str, Any] | None = None
-        self._header_end = 0
-        self._payload_bytes = 0
+        self._small = bytearray(_SMALL_BUFFER)
+        self._target: Any = self._small
+        self._state, self._need, self._have = _PREFIX, 4, 0
+        self._header: dict[str, Any] = {}
+        self._ready: collections.deque[TensorMessage] = collections.deque()
+        self._error: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> None:
-        self._buffer.extend(data)
+    @property
+    def mid_message(self) -> bool:
+        """Whether part of a message has arrived (a connection closed now was cut short)."""
+        return self._state != _PREFIX or self._have > 0
 
     @property
     def pending_bytes(self) -> int:
-        return len(self._buffer)
+        """Bytes of the unfinished message received so far."""
+        return self._have if self.mid_message else 0
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes go: exactly as many as the current part still needs."""
+        return memoryview(self._target)[self._have:self._need]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of :meth:`get_buffer`; ProtocolError if what
+        arrived is not a valid message."""
+        self._have += nbytes
+        while self._have >= self._need:
+            self._advance()
+            if self._need:  # a zero-length part (no payload) completes at once
+                break
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Decodes ``data``; a ProtocolError is kept and raised by :meth:`messages`."""
+        view = memoryview(data)
+        try:
+            while view and self._error is None:
+                target = self.get_buffer()
+                count = min(len(target), len(view))
+                target[:count] = view[:count]
+                view = view[count:]
+                self.buffer_updated(count)
+        except ProtocolError as err:
+            self._error = err
 
     def messages(self) -> Iterator[TensorMessage]:
-        while True:
-            message = self._next()
-            if message is None:
-                return
-            yield message
+        """The completed messages, in order; then the error that stopped decoding, if any."""
+        while self._ready:
+            yield self._ready.popleft()
+        if self._error is not None:
+            raise self._error
 
-    def _next(self) -> TensorMessage | None:
-        if self._header is None:
-            if len(self._buffer) < 4:
-                return None
-            length, = struct.unpack_from(">I", self._buffer, 0)
+    def _advance(self) -> None:
+        if self._state == _PREFIX:
+            length, = struct.unpack_from(">I", self._small, 0)
             if length > MAX_HEADER_BYTES:
                 raise ProtocolError(f"message header of {length} bytes exceeds the limit")
-            if len(self._buffer) < 4 + length:
-                return None
-            self._header = parse_header(bytes(self._buffer[4:4 + length]))
-            self._header_end = 4 + length
-            self._payload_bytes = sum(t["nbytes"] for t in self._header["tensors"])
-        end = self._header_end + self._payload_bytes
-        if len(self._buffer) < end:
-            return None
-        payload = bytes(self._buffer[self._header_end:end])
-        del self._buffer[:end]
-        header, self._header = self._header, None
-        return decode_payload(header, payload)
+            if length > len(self._small):
+                self._small = bytearray(length)
+            self._state, self._need, self._have, self._target = _HEADER, length, 0, self._small
+        elif self._state == _HEADER:
+            self._header = parse_header(bytes(self._small[:self._need]))
+            total = sum(int(t["nbytes"]) for t in self._header["tensors"])
+            self._target = np.empty(total, dtype=np.uint8)  # no zero-fill: all overwritten
+            self._state, self._need, self._have = _PAYLOAD, total, 0
+        else:
+            message = decode_payload(self._header, self._target)
+            self._state, self._need, self._have, self._target = _PREFIX, 4, 0, self._small
+            self._ready.append(message)
 
 
 def decode_payload(header: dict[str, Any], payload: bytes | bytearray) -> TensorMessage:
