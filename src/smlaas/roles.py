@@ -17,16 +17,23 @@ The local and Ray launchers run ``to_argv()`` (both halves on the command line),
 Kubernetes manifests the same arguments (or the environment, for gramine), the Gramine
 manifests ``measured_argv()`` with the host options' variables passed through; the owner
 computes each role's expected measurement from the same spec. What is measured is what runs.
+
+A spec's host options are one table (``HOST_OPTIONS``, of :class:`HostOption`): each names the
+spec field it sets, its flag, how it is read and written, its help and its default (the
+field's). ``smlaas worker`` and ``smlaas gateway`` generate their options from it
+(:func:`smlaas.cli.serve_cmds.host_options`), ``host_options()`` writes it, ``host_env()``
+names its variables: one place holds each default.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.enclave.measurement import measure
+from smlaas.transport.addresses import parse_address, parse_addresses
 
 Address = tuple[str, int]
 ANY_ADDRESS: Address = ("0.0.0.0", 0)
@@ -48,10 +55,64 @@ def host_envvar(flag: str) -> str:
     return "SMLAAS_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+@dataclass(frozen=True)
+class HostOption:
+    """One host-chosen option of a role (see the module docstring)."""
+
+    flag: str
+    field: str
+    """The spec field it sets."""
+    kind: str = "text"
+    """text, path, int, float, address (HOST:PORT), addresses (HOST:PORT,...), or host/port
+    (the two parts of an address field)."""
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    metavar: str | None = None
+    written_when_default: bool = True
+    """False: left off the command line when it has its default (``--next`` of the last
+    stage, ``--replica 0``, no ``--labels``)."""
+    default: Any = None
+    """Only for a part of a field without a default of its own (the gateway's --host);
+    None: the field's default (MISSING when it has none: the option is required)."""
+
+    def default_of(self, spec_class: type) -> Any:
+        if self.default is not None:
+            return self.default
+        field = {f.name: f for f in fields(spec_class)}[self.field]
+        return MISSING if field.default is MISSING else field.default
+
+    def text(self, spec: Any) -> str | None:
+        """The option's value on ``spec``'s command line (None: left off)."""
+        value = getattr(spec, self.field)
+        if self.kind == "host":
+            value = value[0]
+        elif self.kind == "port":
+            value = value[1]
+        if not self.written_when_default and value == self.default_of(type(spec)):
+            return None
+        if self.kind == "address":
+            return address_text(value)
+        if self.kind == "addresses":
+            return addresses_text(value)
+        if self.kind == "float":
+            return f"{value:g}"
+        return str(value)
+
+    def parse(self, text: Any) -> Any:
+        """The field value from the option's value as the CLI parsed it."""
+        if self.kind == "address":
+            return parse_address(str(text), what=self.flag)
+        if self.kind == "addresses":
+            return parse_addresses(str(text), what=self.flag) if text else ()
+        return text
+
+
 class RoleSpec:
     """What every spec provides (the dataclasses below)."""
 
     command: ClassVar[str]
+    HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = ()
     backend: str
 
     @property
@@ -62,8 +123,24 @@ class RoleSpec:
         raise NotImplementedError
 
     def host_options(self) -> dict[str, str]:
-        """Flag -> value of every host-chosen option."""
-        raise NotImplementedError
+        """Flag -> value of every host-chosen option (from ``HOST_OPTIONS``)."""
+        written = {option.flag: option.text(self) for option in self.HOST_OPTIONS}
+        return {flag: value for flag, value in written.items() if value is not None}
+
+    @classmethod
+    def host_fields(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Spec field values from ``HOST_OPTIONS`` flag -> parsed value (an address field's
+        host and port parts joined)."""
+        out: dict[str, Any] = {}
+        for option in cls.HOST_OPTIONS:
+            raw = values[option.flag]
+            value = option.default_of(cls) if raw is None else option.parse(raw)
+            if option.kind in ("host", "port"):
+                host, port = out.get(option.field, ("", 0))
+                out[option.field] = (value, port) if option.kind == "host" else (host, value)
+            else:
+                out[option.field] = value
+        return out
 
     def to_argv(self) -> list[str]:
         """Arguments after ``python -m smlaas``: measured ones, then the host's."""
@@ -101,11 +178,11 @@ class CoordinatorSpec(RoleSpec):
         return [self.command, "--backend", self.backend, "--owner-public-key",
                 self.owner_public_key]
 
-    def host_options(self) -> dict[str, str]:
-        options = {"--host": self.listen[0], "--port": str(self.listen[1])}
-        if self.state_path:
-            options["--state"] = self.state_path
-        return options
+    HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = (
+        HostOption("--host", "listen", "host"),
+        HostOption("--port", "listen", "port", minimum=0, maximum=65535),
+        HostOption("--state", "state_path", "path", written_when_default=False,
+                   help="Sealed state file (default: under the smlaas cache)."))
 
 
 @dataclass(frozen=True)
@@ -136,14 +213,25 @@ class StageSpec(RoleSpec):
         return [self.command, "--role", self.role, "--backend", self.backend,
                 "--coordinator-mrenclave", self.coordinator_mrenclave]
 
-    def host_options(self) -> dict[str, str]:
-        options = {"--coordinator": address_text(self.coordinator),
-                   "--listen": address_text(self.listen), "--build": self.sealed_dir,
-                   "--threads": str(self.threads), "--queue-size": str(self.queue_size),
-                   **({"--replica": str(self.replica)} if self.replica else {})}
-        if self.next_stages:
-            options["--next"] = addresses_text(self.next_stages)
-        return options
+    HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = (
+        HostOption("--coordinator", "coordinator", "address", metavar="HOST:PORT",
+                   help="The coordinator to register with."),
+        HostOption("--listen", "listen", "address", metavar="HOST:PORT",
+                   help="Where the previous role connects."),
+        HostOption("--build", "sealed_dir", "path",
+                   help="The sealed directory (plan.json and stage_K.sealed)."),
+        HostOption("--threads", "threads", "int", minimum=1,
+                   help="ONNX Runtime intra-op threads."),
+        HostOption("--queue-size", "queue_size", "int", minimum=1,
+                   help="Requests waiting here (and in flight downstream) before "
+                        "back-pressure."),
+        HostOption("--replica", "replica", "int", minimum=0, written_when_default=False,
+                   help="Which replica of its stage this worker is: its slot in the "
+                        "manifest's replicas (names its metrics)."),
+        HostOption("--next", "next_stages", "addresses", metavar="HOST:PORT",
+                   written_when_default=False,
+                   help="The next stage's replicas, comma-separated (omit for the last "
+                        "stage)."))
 
 
 @dataclass(frozen=True)
@@ -177,19 +265,35 @@ class GatewaySpec(RoleSpec):
         return [self.command, "--backend", self.backend, "--coordinator-mrenclave",
                 self.coordinator_mrenclave]
 
-    def host_options(self) -> dict[str, str]:
-        return {"--coordinator": address_text(self.coordinator),
-                "--first-stage": addresses_text(self.first_stages),
-                "--host": self.listen[0], "--port": str(self.listen[1]),
-                "--model-name": self.model_name, "--max-batch-size": str(self.max_batch_size),
-                "--max-queue-delay-us": str(self.max_queue_delay_us),
-                "--max-inflight": str(self.max_inflight),
-                "--request-timeout": f"{self.request_timeout_s:g}",
-                "--max-queue": str(self.max_queue),
-                "--header-timeout": f"{self.header_timeout_s:g}",
-                "--body-timeout": f"{self.body_timeout_s:g}",
-                "--grpc-port": str(self.grpc_port),
-                **({"--labels": self.labels_path} if self.labels_path else {})}
+    HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = (
+        HostOption("--coordinator", "coordinator", "address", metavar="HOST:PORT",
+                   help="The coordinator to register with."),
+        HostOption("--first-stage", "first_stages", "addresses", metavar="HOST:PORT",
+                   help="Stage 0's replicas, comma-separated."),
+        HostOption("--host", "listen", "host", default="127.0.0.1"),
+        HostOption("--port", "listen", "port", minimum=1, maximum=65535, default=8443),
+        HostOption("--model-name", "model_name", help="The name clients use in "
+                   "/v2/models/NAME."),
+        HostOption("--max-batch-size", "max_batch_size", "int", minimum=0,
+                   help="0: no batch dimension; N: batch up to N rows (the manifest's limit "
+                        "is the ceiling)."),
+        HostOption("--max-queue-delay-us", "max_queue_delay_us", "int", minimum=0,
+                   help="How long a batch waits to fill."),
+        HostOption("--max-inflight", "max_inflight", "int", minimum=1,
+                   help="Batches in the pipeline at once."),
+        HostOption("--request-timeout", "request_timeout_s", "float", minimum=0.1,
+                   help="Seconds before a request is answered 504."),
+        HostOption("--max-queue", "max_queue", "int", minimum=1,
+                   help="Requests waiting for the pipeline before the gateway answers 503."),
+        HostOption("--header-timeout", "header_timeout_s", "float", minimum=0.1,
+                   help="Seconds a request's headers may take to arrive."),
+        HostOption("--body-timeout", "body_timeout_s", "float", minimum=0.1,
+                   help="Seconds a request's body may take after its headers."),
+        HostOption("--grpc-port", "grpc_port", "int", minimum=0, maximum=65535,
+                   help="Also serve the KServe V2 gRPC API here (0: no gRPC)."),
+        HostOption("--labels", "labels_path", "path", written_when_default=False,
+                   help="Class labels (one per line) for the classification extension; "
+                        "must be the file whose SHA-256 the manifest names."))
 
 
 def placed_elsewhere(*, backend: str, coordinator_mrenclave: str, stage_count: int,
