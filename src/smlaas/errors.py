@@ -10,6 +10,7 @@
      │   ├─ ZooError                 unknown zoo model or bad zoo option
      │   ├─ ConfigError              bad TOML override / preset name
      │   ├─ BuildDirError            build directory cannot be written or read
+     │   ├─ BadRequest               an inference request the gateway answers 400
      │   └─ GraphError               graph analysis found an inconsistency in the model
      │       └─ UnknownShapesError   shape inference left activations without a static shape
      ├─ ProfileError                 ONNX Runtime failed while measuring
@@ -18,6 +19,15 @@
      ├─ ExportError                  writing sub-models failed
      ├─ DeployError                  a deployment did not come up in time, or a process died
      ├─ ServingError                 the inference service answered with an error (HTTP status)
+     ├─ GatewayError                 the gateway cannot answer a request (HTTP/gRPC status)
+     │   ├─ ModelNotFound            no such model or version here
+     │   ├─ Unavailable              a stage is down
+     │   ├─ QueueFull                as many requests wait as the batcher holds
+     │   ├─ DeadlineExceeded         no result within the request's deadline
+     │   ├─ PipelineFailed           a stage answered with an error
+     │   ├─ ClientGone               the client left before its answer
+     │   ├─ TooLarge                 a gRPC message larger than the model's can be
+     │   └─ TooManyCalls             as many gRPC inferences run as the gateway serves
      ├─ ProtocolError                a peer sent something that is not a valid frame
      ├─ TransportError               the service could not be reached or talked to
      │   ├─ TlsError                 TLS failed (certificate not from the pinned CA, handshake)
@@ -115,6 +125,51 @@ class ServingError(SmlaasError):
 
 class ProtocolError(SmlaasError):
     """A peer sent something that is not a valid frame, or closed mid-frame."""
+
+
+class BadRequest(InputError):
+    """An inference request the gateway answers with HTTP 400 (gRPC INVALID_ARGUMENT)."""
+
+
+class GatewayError(SmlaasError):
+    """The gateway cannot answer a request; each subclass maps to one HTTP and gRPC status
+    (:func:`smlaas.serving.data_plane.error_codes`)."""
+
+
+class ModelNotFound(GatewayError):
+    """No such model or version here."""
+
+
+class Unavailable(GatewayError):
+    """The pipeline cannot answer now (a stage is down, or the queue is full)."""
+
+
+class QueueFull(GatewayError):
+    """As many requests wait as the batcher holds."""
+
+
+class DeadlineExceeded(GatewayError):
+    """No result within the request's deadline."""
+
+
+class PipelineFailed(GatewayError):
+    """A stage answered the request with an error."""
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(GatewayError):
+    """The client closed its connection before its answer was ready (nobody to answer)."""
+
+
+class TooLarge(GatewayError):
+    """A gRPC message is larger than this model's requests (or responses) can be."""
+
+
+class TooManyCalls(GatewayError):
+    """As many gRPC inferences are running as the gateway serves at once."""
 
 
 class TransportError(SmlaasError):

@@ -253,6 +253,8 @@ class GatewaySpec(RoleSpec):
     body_timeout_s: float = 30.0
     grpc_port: int = 0
     """0: no gRPC endpoint."""
+    max_connections_per_source: int = 64
+    max_open_connections: int = 1024
     labels_path: str = ""
     """Class labels for the classification extension, one per line ('' = none); the file
     must have the SHA-256 the manifest names."""
@@ -291,6 +293,11 @@ class GatewaySpec(RoleSpec):
                    help="Seconds a request's body may take after its headers."),
         HostOption("--grpc-port", "grpc_port", "int", minimum=0, maximum=65535,
                    help="Also serve the KServe V2 gRPC API here (0: no gRPC)."),
+        HostOption("--max-connections-per-source", "max_connections_per_source", "int",
+                   minimum=1, help="Open connections one client address may hold (past it, "
+                   "its oldest idle one is closed)."),
+        HostOption("--max-open-connections", "max_open_connections", "int", minimum=1,
+                   help="Open connections in all."),
         HostOption("--labels", "labels_path", "path", written_when_default=False,
                    help="Class labels (one per line) for the classification extension; "
                         "must be the file whose SHA-256 the manifest names."))

@@ -40,7 +40,7 @@ def test_deploy_infer_and_ctrl_c(tmp_path: Path) -> None:
         env=cli_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        banner = _read_until(deploy, "Ctrl-C to stop")
+        banner = read_until(deploy, "Ctrl-C to stop")
         assert f"https://127.0.0.1:{port}" in banner and "state/ca.pem" in banner
         x = random_image(4)
         np.save(tmp_path / "x.npy", x)
@@ -117,9 +117,12 @@ def test_an_unusable_process_is_not_restarted(tmp_path: Path) -> None:
         launcher.stop()
 
 
-def _read_until(process: subprocess.Popen[str], marker: str) -> str:
+def read_until(process: subprocess.Popen[str], marker: str, timeout_s: float = DEPLOY_TIMEOUT_S
+               ) -> str:
+    """What ``process`` printed up to the line holding ``marker`` (AssertionError if it
+    exits first or ``timeout_s`` passes)."""
     assert process.stdout is not None
-    seen, end = [], time.monotonic() + DEPLOY_TIMEOUT_S
+    seen, end = [], time.monotonic() + timeout_s
     while time.monotonic() < end:
         line = process.stdout.readline()
         if not line:
@@ -128,4 +131,4 @@ def _read_until(process: subprocess.Popen[str], marker: str) -> str:
         seen.append(line)
         if marker in line:
             return "".join(seen)
-    raise AssertionError(f"no {marker!r} within {DEPLOY_TIMEOUT_S} s:\n{''.join(seen)}")
+    raise AssertionError(f"no {marker!r} within {timeout_s:.0f} s:\n{''.join(seen)}")

@@ -32,6 +32,7 @@ from smlaas.coordinator.server import free_port
 from smlaas.profile.session import create_session, run_session
 from tests.builds import sealed_chain_build
 from tests.conftest import cli_env
+from tests.integration.test_deploy_cli import read_until
 from tests.models import chain_model
 
 ray = pytest.importorskip("ray")
@@ -147,20 +148,6 @@ def deploy_command(build: Path, keys: Path, owner: Path, state: Path, address: s
             "--owner-key", str(owner), "--launcher", "ray", "--ray-address", address,
             "--placement", "pack", "--port", str(port), "--state-dir", str(state),
             "--threads", "1", "--ready-timeout", "60"]
-
-
-def read_until(process: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
-    assert process.stdout is not None
-    seen, end = [], time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(f"deploy exited early:\n{''.join(seen)}\n"
-                                 f"{process.stderr.read() if process.stderr else ''}")
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    raise AssertionError(f"no {marker!r} within {timeout_s:.0f} s:\n{''.join(seen)}")
 
 
 def test_deploy_infer_and_stop_on_a_ray_cli_cluster_with_token_auth(tmp_path: Path) -> None:

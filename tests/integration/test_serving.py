@@ -178,7 +178,8 @@ def test_metrics_count_requests_errors_and_stage_time(served: Deployment,
     with client(served) as sdk:
         sdk.infer({"input": image_and_expected[0]})
     text = httpx.get(f"{served.url}/metrics", verify=verify(served)).text
-    assert f'smlaas_requests_total{{code="200",model="{MODEL}"}}' in text
+    assert f'smlaas_requests_total{{code="200",model="{MODEL}",protocol="rest"}}' in text
+    assert f'nv_inference_request_success{{model="{MODEL}",version="1"}}' in text
     for stage in range(served.stage_count):
         assert f'smlaas_stage_duration_seconds_count{{model="{MODEL}",stage="{stage}"}}' in text
     assert "smlaas_queue_depth" in text and "smlaas_batch_size_bucket" in text
@@ -192,6 +193,8 @@ def test_metrics_gathered_from_every_stage(served: Deployment, image_and_expecte
     requests = wait_for_stage_metrics(served.url, served.ca_path, "smlaas_stage_requests_total",
                                       lambda v: all(v.get(s, 0) >= 3 for s in stages))
     assert all(requests.get(s, 0) >= 3 for s in stages), requests
+    batches = stage_metrics(served.url, served.ca_path, "smlaas_stage_batches_total")
+    assert all(0 < batches[s] <= requests[s] for s in stages), (batches, requests)
     run_time = stage_metrics(served.url, served.ca_path, "smlaas_stage_run_seconds_total")
     assert all(run_time[s] > 0 for s in stages), run_time
     assert set(stage_metrics(served.url, served.ca_path, "smlaas_stage_queue_depth")) == \

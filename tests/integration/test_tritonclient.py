@@ -1,9 +1,11 @@
-"""tritonclient.http and tritonclient.grpc, unmodified, over TLS with the deployment CA, against
-a deployed resnet18 with gRPC on: every call a Triton user makes, and what it returned
-(the list is printed with -s, and each result is asserted)."""
+"""tritonclient.http, tritonclient.grpc and tritonclient.grpc.aio, unmodified, over TLS with the
+deployment CA, against a deployed resnet18 with gRPC on: every call a Triton user makes,
+streaming included, and what it returned (the list is printed with -s, and each result is
+asserted)."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 
 import numpy as np
@@ -22,6 +24,7 @@ from tests.integration.serving_setup import (
 RTOL, ATOL = 1e-4, 1e-5
 http = pytest.importorskip("tritonclient.http")
 grpc = pytest.importorskip("tritonclient.grpc")
+grpc_aio = pytest.importorskip("tritonclient.grpc.aio")
 grpc_utils = pytest.importorskip("tritonclient.utils")
 
 
@@ -103,8 +106,8 @@ def test_every_tritonclient_http_call(served, image) -> None:
     _report("http", calls)
     assert calls["is_server_live"] and calls["is_server_ready"] and calls["is_model_ready"]
     assert calls["get_server_metadata"]["extensions"] == [
-        "binary_tensor_data", "classification", "model_repository", "model_configuration",
-        "statistics", "smlaas_attestation"]
+        "binary_tensor_data", "classification", "model_configuration", "statistics",
+        "smlaas_attestation"]
     assert calls["get_model_metadata"]["inputs"][0]["shape"] == [-1, 3, 224, 224]
     assert calls["get_model_config"]["max_batch_size"] == 8
     assert calls["get_model_repository_index"][0]["name"] == MODEL
@@ -123,6 +126,7 @@ def test_every_tritonclient_grpc_call(served, image) -> None:
         "is_server_live": client.is_server_live(),
         "is_server_ready": client.is_server_ready(),
         "is_model_ready": client.is_model_ready(MODEL),
+        "is_model_ready(unknown)": client.is_model_ready("nope"),
         "get_server_metadata": client.get_server_metadata(as_json=True),
         "get_model_metadata": client.get_model_metadata(MODEL, as_json=True),
         "get_model_config": client.get_model_config(MODEL, as_json=True),
@@ -144,6 +148,7 @@ def test_every_tritonclient_grpc_call(served, image) -> None:
     assert error is None
     np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
     calls["async_infer"] = "equal to the whole model"
+    calls.update(_stream_calls(served, client, tensor, expected))
     calls["get_inference_statistics"] = client.get_inference_statistics(MODEL, as_json=True)
     errors = {}
     for label, call, status in (
@@ -160,11 +165,68 @@ def test_every_tritonclient_grpc_call(served, image) -> None:
     client.close()
     _report("grpc", calls)
     assert calls["is_server_live"] and calls["is_server_ready"] and calls["is_model_ready"]
+    assert calls["is_model_ready(unknown)"] is False
     assert "statistics" in calls["get_server_metadata"]["extensions"]
     assert calls["get_model_metadata"]["inputs"][0]["shape"] == ["-1", "3", "224", "224"]
-    assert calls["get_model_config"]["config"]["max_batch_size"] == 8
+    config = calls["get_model_config"]["config"]
+    assert config["max_batch_size"] == 8
+    assert [(t["name"], [int(d) for d in t["dims"]]) for t in config["input"]] == [
+        ("input", [3, 224, 224])]
     stats = calls["get_inference_statistics"]["model_stats"][0]
     assert stats["name"] == MODEL and int(stats["execution_count"]) >= 2
+
+
+def _stream_calls(served, client, tensor, expected: np.ndarray) -> dict[str, object]:
+    """start_stream / async_stream_infer / stop_stream: every answer by its request id, equal
+    to the whole model, and a bad request answered on the stream with its id."""
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for index in range(4):
+        client.async_stream_infer(MODEL, [tensor], request_id=f"stream-{index}",
+                                  outputs=[grpc.InferRequestedOutput("fc")])
+    client.async_stream_infer(MODEL, [_bad_input()], request_id="stream-bad")
+    client.stop_stream()  # waits for every answer
+    results, errors = {}, []
+    while not answers.empty():
+        result, error = answers.get_nowait()
+        if error is not None:
+            errors.append(str(error))
+            continue
+        results[result.get_response().id] = result.as_numpy("fc")
+    assert sorted(results) == [f"stream-{index}" for index in range(4)]
+    for got in results.values():
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    assert len(errors) == 1 and "[request id: stream-bad] INVALID_ARGUMENT" in errors[0], errors
+    return {"start_stream/async_stream_infer x4/stop_stream": "equal to the whole model",
+            "async_stream_infer(bad shape)": errors[0],
+            **asyncio.run(_aio_calls(served, tensor, expected))}
+
+
+async def _aio_calls(served, tensor, expected: np.ndarray) -> dict[str, object]:
+    """tritonclient.grpc.aio's infer and stream_infer over its own channel."""
+    client = grpc_aio.InferenceServerClient(served.grpc_address, ssl=True,
+                                            root_certificates=str(served.ca_path))
+    try:
+        result = await client.infer(MODEL, [tensor], request_id="aio")
+        assert result.get_response().id == "aio"
+        np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+
+        async def requests():
+            for index in range(3):
+                yield {"model_name": MODEL, "inputs": [tensor], "request_id": f"aio-{index}"}
+
+        ids = []
+        async for result, error in client.stream_infer(requests()):
+            assert error is None, error
+            np.testing.assert_allclose(result.as_numpy("fc"), expected, rtol=RTOL, atol=ATOL)
+            ids.append(result.get_response().id)
+        assert sorted(ids) == ["aio-0", "aio-1", "aio-2"]
+        server_ready = await client.is_server_ready()
+    finally:
+        await client.close()
+    assert server_ready
+    return {"aio infer": "equal to the whole model",
+            "aio stream_infer x3": "equal to the whole model"}
 
 
 def _bad_input():

@@ -20,7 +20,7 @@ from smlaas.export.sealed_build import sealed_directory
 from tests.builds import sealed_chain_build
 from tests.conftest import cli_env
 from tests.integration.test_cli import smlaas
-from tests.integration.test_deploy_cli import _read_until
+from tests.integration.test_deploy_cli import read_until
 
 
 def test_operator_up_then_the_owners_step_from_elsewhere(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_operator_up_then_the_owners_step_from_elsewhere(tmp_path: Path) -> None
          "owner.pub", "--port", str(port), "--state-dir", "state"], cwd=tmp_path / "operator",
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        banner = _read_until(operator, "Ctrl-C to stop")
+        banner = read_until(operator, "Ctrl-C to stop")
         match = re.search(r"coordinator (127\.0\.0\.1:\d+)", banner)
         assert match, banner
         coordinator = match.group(1)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from smlaas.coordinator.server import free_port
-from tests.integration.test_deploy_cli import _read_until
+from tests.integration.test_deploy_cli import read_until
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -73,7 +73,7 @@ def test_a_hostile_ray_node_runs_code_only_where_no_key_is(tmp_path: Path, seale
          "--threads", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-        _read_until(deploy, "Ctrl-C to stop")
+        read_until(deploy, "Ctrl-C to stop")
         # The node's code ran, in the operator (the Ray driver), not in the owner's process.
         runs = [json.loads(line) for line in marker.read_text().splitlines()]
         assert runs, "the hostile node's pickle never ran"

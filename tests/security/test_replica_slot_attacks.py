@@ -19,6 +19,7 @@ from smlaas.coordinator.slots import LEASE_S
 from smlaas.deploy.deployment import Deployment, DeploySettings
 from smlaas.deploy.launchers import LocalLauncher
 from smlaas.enclave.backends.sim import SimBackend
+from smlaas.errors import ServingError
 from smlaas.roles import GatewaySpec, StageSpec
 from tests.integration.serving_setup import cache_env
 from tests.security.conftest import assert_port_closed, coordinator_address
@@ -86,17 +87,24 @@ def test_a_sigkilled_replica_restarts_takes_its_slot_and_serves(deployed: Deploy
     launcher = deployed.launcher
     assert isinstance(launcher, LocalLauncher)
     before = launcher.restarts()["stage-1"]
+    killed = time.monotonic()
     os.kill(launcher.pid("stage-1"), signal.SIGKILL)
-    end = time.monotonic() + 15
+    end = killed + 15
     while launcher.restarts()["stage-1"] == before:
         assert time.monotonic() < end, "stage-1 was not restarted"
         time.sleep(0.1)
-    # Ready again sooner than a lease lapses: the slot was free the moment the killed
-    # holder's connection closed.
-    assert deployed.wait_ready(timeout_s=30) < LEASE_S
     from tests.security.test_manifest_attacks import _assert_serves_the_owners_model
 
-    _assert_serves_the_owners_model(deployed, sealed_build[0])
+    # Serving again sooner than a lease lapses: the slot was free the moment the killed
+    # holder's connection closed (the gateway's readiness may lag; its answers do not lie).
+    while True:
+        try:
+            _assert_serves_the_owners_model(deployed, sealed_build[0])
+            break
+        except ServingError:
+            assert time.monotonic() - killed < 30, "stage-1 never served again"
+            time.sleep(0.2)
+    assert time.monotonic() - killed < LEASE_S
 
 
 def test_a_host_name_the_owner_did_not_name_is_in_no_certificate(deployed: Deployment) -> None:

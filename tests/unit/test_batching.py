@@ -1,13 +1,17 @@
-"""Dynamic batching: stacking, splitting, limits; and which models can be batched at all."""
+"""Dynamic batching: stacking, splitting, limits, requests that leave or expire before they run;
+and which models can be batched at all."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from smlaas.errors import QueueFull
 from smlaas.export.batching import batching_problem, relax_batch_dim
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
 from smlaas.serving.protocol import Status, error_reply
@@ -19,7 +23,7 @@ def run_batcher(requests: list[np.ndarray], *, max_batch_size: int, fail: bool =
                 ) -> tuple[list[TensorMessage], list[int]]:
     seen: list[int] = []
 
-    async def pipeline(inputs: dict[str, np.ndarray]) -> TensorMessage:
+    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> TensorMessage:
         seen.append(len(inputs["x"]))
         await asyncio.sleep(0.01)
         if fail:
@@ -59,7 +63,7 @@ def test_one_requests_bad_input_fails_only_that_request() -> None:
     the batch is run again request by request, so its neighbours all get their answers."""
     runs: list[int] = []
 
-    async def pipeline(inputs: dict[str, np.ndarray]) -> TensorMessage:
+    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> TensorMessage:
         runs.append(len(inputs["x"]))
         await asyncio.sleep(0.005)
         if (inputs["x"] < 0).any():
@@ -87,6 +91,106 @@ def test_one_requests_bad_input_fails_only_that_request() -> None:
 def test_a_failed_batch_fails_every_request_in_it() -> None:
     replies, _ = run_batcher([np.ones((1, 3), np.float32)] * 4, max_batch_size=4, fail=True)
     assert all(r.meta["status"] == Status.UNAVAILABLE for r in replies)
+
+
+class _HeldPipeline:
+    """A pipeline that holds every batch until released, recording what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, float | None, int]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
+                       requests: int) -> TensorMessage:
+        self.sent.append((len(inputs["x"]), deadline, requests))
+        await self.release.wait()
+        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+
+
+def test_requests_whose_callers_left_leave_the_queue_at_once() -> None:
+    """Issue 18: a burst of requests whose clients hung up filled the queue, and later
+    requests got 503 until the batcher reached them."""
+
+    async def main() -> None:
+        pipeline = _HeldPipeline()
+        abandoned: list[int] = []
+        batcher = DynamicBatcher(pipeline, max_batch_size=0, max_queue_delay_us=0,
+                                 max_inflight=1, max_queue=4, on_abandoned=abandoned.append)
+        batcher.start()
+        x = np.ones((1, 3), np.float32)
+        running = asyncio.ensure_future(batcher.submit({"x": x}, 1))  # holds the pipeline
+        await asyncio.sleep(0.01)
+        gone = [asyncio.ensure_future(batcher.submit({"x": x}, 1)) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 4
+        with pytest.raises(QueueFull):
+            await batcher.submit({"x": x}, 1)
+        for waiter in gone:
+            waiter.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        assert batcher.queue_depth == 0 and batcher.abandoned == 4 and sum(abandoned) == 4
+        later = [asyncio.ensure_future(batcher.submit({"x": x}, 1)) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        pipeline.release.set()
+        replies = await asyncio.gather(running, *later)
+        await batcher.stop()
+        assert all("error" not in r.meta for r in replies)
+        assert len(pipeline.sent) == 5  # the first and the four later ones, none of the gone
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_client_is_gone_is_never_sent() -> None:
+    """The ``gone`` check runs when a request is batched and again just before its batch is
+    sent: a client that left while its request waited costs no stage any work."""
+
+    async def main() -> None:
+        pipeline = _HeldPipeline()
+        batcher = DynamicBatcher(pipeline, max_batch_size=4, max_queue_delay_us=50_000,
+                                 max_inflight=1)
+        batcher.start()
+        x = np.ones((1, 3), np.float32)
+        left = {"a": False, "b": False}
+        full = np.ones((4, 3), np.float32)
+        first = asyncio.ensure_future(batcher.submit({"x": full}, 4))
+        await asyncio.sleep(0.01)  # a full batch at once, held in the pipeline
+        queued = {name: asyncio.ensure_future(batcher.submit(
+            {"x": x * 3}, 1, gone=lambda name=name: left[name])) for name in left}
+        stays = asyncio.ensure_future(batcher.submit({"x": x * 5}, 1))
+        await asyncio.sleep(0.01)
+        left["a"] = True  # a client leaves while queued: never batched
+        pipeline.release.set()
+        await first
+        await asyncio.sleep(0)
+        left["b"] = True  # another leaves while its batch fills: never sent
+        reply = await stays
+        np.testing.assert_array_equal(reply.tensors["y"], x * 10)
+        for name in left:
+            assert "client has gone" in (await queued[name]).meta["error"]
+        await batcher.stop()
+        assert [rows for rows, _, _ in pipeline.sent] == [4, 1]
+        assert batcher.abandoned == 2
+
+    asyncio.run(main())
+
+
+def test_a_batch_carries_the_latest_deadline_and_its_request_count() -> None:
+    async def main() -> None:
+        pipeline = _HeldPipeline()
+        pipeline.release.set()
+        batcher = DynamicBatcher(pipeline, max_batch_size=4, max_queue_delay_us=20_000,
+                                 max_inflight=1)
+        batcher.start()
+        x = np.ones((1, 3), np.float32)
+        now = time.time()
+        await asyncio.gather(*(batcher.submit({"x": x}, 1, deadline=now + offset)
+                               for offset in (5.0, 9.0, 7.0)))
+        expired = await batcher.submit({"x": x}, 1, deadline=now - 1)
+        await batcher.stop()
+        assert pipeline.sent == [(3, now + 9.0, 3)]
+        assert expired.meta["status"] == Status.DEADLINE
+
+    asyncio.run(main())
 
 
 def test_batchable_chain_passes_the_probe() -> None:

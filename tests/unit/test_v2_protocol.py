@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smlaas.client.inference import decode_infer_response
+from smlaas.errors import BadRequest
 from smlaas.transport.tensors import TensorSpec
 from smlaas.transport.v2 import (
     HEADER_ALLOWANCE_BYTES,
     HEADER_LENGTH,
-    BadRequest,
     InferRequest,
     RequestLimits,
     check_json_bounds,
@@ -288,3 +288,90 @@ def test_malformed_bytes_inputs_are_named(text_item: dict, message: str) -> None
     binary = b"\x09\x00\x00" if "parameters" in text_item else b""
     with pytest.raises(BadRequest, match=message):
         parse_text(head + binary, str(len(head)) if binary else None)
+
+
+def _with_parameters(parameters: dict) -> InferRequest:
+    return parse(*binary_body([item("x", "FP32", X), item("ids", "INT64", IDS)],
+                              {"parameters": parameters}))
+
+
+def test_the_timeout_parameter_is_carried_in_microseconds() -> None:
+    assert _with_parameters({}).timeout_us == 0
+    assert _with_parameters({"timeout": 0}).timeout_us == 0
+    assert _with_parameters({"timeout": 250_000}).timeout_us == 250_000
+    assert _with_parameters({"timeout": 10**30}).timeout_us == 10**30  # the gateway caps it
+    for bad in (-1, 1.5, "100", True, None, [1]):
+        with pytest.raises(BadRequest, match="'timeout' must be a non-negative integer"):
+            _with_parameters({"timeout": bad})
+
+
+@pytest.mark.parametrize("parameters", [
+    {"sequence_id": 7}, {"sequence_id": "session-a"}, {"sequence_start": True},
+    {"sequence_end": True}, {"sequence_id": 3, "sequence_start": True, "sequence_end": False}])
+def test_sequence_parameters_are_refused_naming_the_parameter(parameters: dict) -> None:
+    with pytest.raises(BadRequest, match="asks for sequence batching, which this model does "
+                                         "not have") as caught:
+        _with_parameters(parameters)
+    assert next(iter(k for k, v in parameters.items() if v)) in str(caught.value)
+
+
+def test_saying_no_sequence_is_not_a_sequence() -> None:
+    """tritonclient sends no sequence parameters for sequence_id 0; other clients may send
+    the defaults themselves."""
+    request = _with_parameters({"sequence_id": 0, "sequence_start": False,
+                                "sequence_end": False})
+    assert request.batch == 1
+
+
+WIDE = [TensorSpec("wide", "float32", [None, 1000]), TensorSpec("ids", "int64", [None, 4]),
+        TensorSpec("text", "bytes", [None]), TensorSpec("free", "float32", [None, None])]
+
+
+def test_json_output_bounds_follow_the_models_output_shapes() -> None:
+    from smlaas.transport.v2 import FLOAT_JSON_BYTES, JSON_VALUE_BYTES, json_output_bounds
+
+    request = InferRequest(id=None, inputs={}, batch=8, binary={"ids": True})
+    bounds = json_output_bounds(request, WIDE, batching=True)
+    assert bounds == {"wide": 2 + 8 * 1000 * FLOAT_JSON_BYTES, "text": None, "free": None}
+    request = InferRequest(id=None, inputs={}, batch=2, outputs=["ids"],
+                           classification={"ids": 3})
+    assert json_output_bounds(request, WIDE, batching=True) == {"ids": None}
+    request = InferRequest(id=None, inputs={}, batch=1, outputs=["ids"])
+    assert json_output_bounds(request, WIDE, batching=True) == {
+        "ids": 2 + 4 * JSON_VALUE_BYTES["int64"]}
+
+
+def test_json_outputs_past_the_bound_are_refused_with_what_to_do() -> None:
+    from smlaas.transport.v2 import check_json_outputs, json_bytes_bound
+
+    check_json_outputs({"a": 600, "b": None, "c": 400}, limit=1000)
+    with pytest.raises(BadRequest, match="ask for binary outputs") as caught:
+        check_json_outputs({"a": 600, "b": None, "c": 401}, limit=1000)
+    assert "(a, c) can take up to 1001 bytes" in str(caught.value)
+    values = np.full((3, 7), -1.2345678901234567e-308)
+    compact = {"separators": (",", ":")}
+    assert json_bytes_bound(values) >= len(json.dumps(values.ravel().tolist(), **compact))
+    strings = np.array([b"\x00" * 10, "\u00e9".encode(), b"\xff\xfe"], dtype=object)
+    assert json_bytes_bound(strings) >= len(json.dumps([s.decode("utf-8", "replace")
+                                                        for s in strings], **compact))
+    request = InferRequest(id=None, inputs={}, batch=1)
+    big = {"y": np.zeros((1, 50_000), np.float32)}
+    with pytest.raises(BadRequest, match="binary_data_output"):
+        encode_infer_response("m", request, big, max_json_bytes=1 << 20)
+    request.binary_default = True
+    body, _ = encode_infer_response("m", request, big, max_json_bytes=1 << 20)
+    assert len(body) > 200_000  # binary outputs are not bounded by the JSON limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 3), width=st.integers(0, 40_000), dtype=st.sampled_from(
+    ["float32", "float64", "int64", "uint8", "bool", "bfloat16"]))
+def test_json_data_encoded_in_slices_equals_one_encoding(rows: int, width: int,
+                                                         dtype: str) -> None:
+    from smlaas.transport.v2 import json_data_text, json_values
+
+    rng = np.random.default_rng(rows * 7 + width)
+    value = (rng.standard_normal((rows, width)) * 100).astype(dtype)
+    text = json_data_text(value)
+    assert json.loads(text) == json.loads(json.dumps(json_values(value)))
+    assert text == json.dumps(json_values(value), separators=(",", ":"))

@@ -62,6 +62,9 @@ from smlaas.paths import cache_dir
                    "recorded; 0 off).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=500,
               show_default=True)
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0,
+              show_default=True, help="Seconds the gateway gives a request (a request's V2 "
+              "`timeout` parameter may ask for less, never more).")
 @click.option("--max-inflight", type=click.IntRange(min=1),
               help="Batches in the pipeline at once (default: the number of stage replicas).")
 @click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
@@ -94,8 +97,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
            labels_path: str | None,
            state_dir: str | None,
            threads: int | None, max_batch_size: int | None, max_queue_delay_us: int,
-           max_inflight: int | None, measurements: str | None, ray_address: str | None,
-           placement: str | None,
+           request_timeout: float, max_inflight: int | None, measurements: str | None,
+           ray_address: str | None, placement: str | None,
            k8s_out: str | None, k8s_image: str, ready_timeout: float,
            replica_specs: tuple[str, ...], pin: bool, gateway_hosts: tuple[str, ...],
            release_validity: int) -> int:
@@ -155,7 +158,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
         collateral={"pccs_url": pccs_url} if pccs_url else {},
         replace_manifest=replace_manifest, replicas=parse_replicas(replica_specs) or None,
         pin=pin, gateway_hosts=gateway_hosts, release_validity_s=release_validity,
-        threads=threads)
+        threads=threads, gateway_options={"request_timeout_s": request_timeout})
     if backend == "sim":
         console.print("[bold yellow]sim backend: SIMULATED SGX, INSECURE[/] (no hardware "
                       "protection; for development and tests)")

@@ -7,8 +7,12 @@ Requests are stacked on the batch dimension and the outputs split back. With
 ``max_batch_size`` 0 (a model without a batch dimension) every request travels alone.
 
 The queue is bounded: with ``max_queue`` requests waiting, :meth:`DynamicBatcher.submit`
-raises QueueFull at once (the gateway answers 503). A request whose caller has gone (its
-``submit`` was cancelled) is dropped from the queue without running.
+raises QueueFull at once (the gateway answers 503). Only requests whose callers are still
+there hold a place: a request leaves the queue as soon as its ``submit`` is cancelled, and one
+whose ``gone`` check says its client has left, or whose deadline has passed, is dropped before
+it is batched and again just before its batch is sent (issue 18: a burst of requests whose
+clients hung up at once filled the queue, and later requests got 503). Each batch is sent
+with the latest deadline among its requests and the number of requests in it.
 """
 
 from __future__ import annotations
@@ -16,30 +20,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from smlaas.errors import SmlaasError
+from smlaas.errors import QueueFull
 from smlaas.serving.protocol import Status, error_reply
 from smlaas.transport.tensors import TensorMessage
 
 DEFAULT_MAX_QUEUE = 128
+CLIENT_GONE = "withdrawn before it ran: its client has gone"
 
 
-class QueueFull(SmlaasError):
-    """As many requests wait as the batcher holds."""
-
-RunBatch = Callable[[dict[str, np.ndarray]], Awaitable[TensorMessage]]
 
 
-@dataclass
+class RunBatch(Protocol):
+    """Sends stacked inputs through the pipeline: ``deadline`` (Unix seconds, None for the
+    pipeline's default) and the number of client ``requests`` in the batch go with them."""
+
+    def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
+                 requests: int) -> Awaitable[TensorMessage]: ...
+
+
+@dataclass(eq=False)
 class _Pending:
     inputs: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future[TensorMessage]
+    deadline: float | None = None
+    """Unix seconds; None: the pipeline's default."""
+    gone: Callable[[], bool] | None = None
+    """True once the client has left (checked synchronously, before batching and sending)."""
     enqueued: float = field(default_factory=time.perf_counter)
+
+    def gone_or_expired(self) -> str | None:
+        """None while someone waits for this request and it can still be answered in time;
+        else "gone" (its caller or client left) or "expired" (answered: deadline passed)."""
+        if self.future.done():
+            return "gone"
+        if self.gone is not None and self.gone():
+            self.future.set_result(error_reply("", Status.UNAVAILABLE, CLIENT_GONE))
+            return "gone"
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.future.set_result(error_reply("", Status.DEADLINE,
+                                               "the deadline passed while it was queued"))
+            return "expired"
+        return None
 
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((n, v.dtype.name, v.shape[1:]) for n, v in sorted(self.inputs.items()))
@@ -59,22 +88,27 @@ class BatchStats:
 class DynamicBatcher:
     def __init__(self, run: RunBatch, *, max_batch_size: int, max_queue_delay_us: int,
                  max_inflight: int, max_queue: int = DEFAULT_MAX_QUEUE,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_abandoned: Callable[[int], None] | None = None) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
         self._delay_s = max_queue_delay_us / 1e6
         self._inflight = asyncio.Semaphore(max_inflight)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue)
+        self._waiting: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
         self.abandoned = 0
-        """Requests dropped because their caller had gone before they ran."""
-        self._carry: _Pending | None = None
+        """Requests dropped unrun because their caller or client had gone."""
         self._on_batch = on_batch
+        self._on_abandoned = on_abandoned
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + (self._carry is not None)
+        """Requests waiting whose callers are still there."""
+        self._drop_dead()
+        return len(self._waiting)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -85,31 +119,66 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, inputs: dict[str, np.ndarray], rows: int) -> TensorMessage:
+    async def submit(self, inputs: dict[str, np.ndarray], rows: int, *,
+                     deadline: float | None = None,
+                     gone: Callable[[], bool] | None = None) -> TensorMessage:
         """The reply for ``inputs``; QueueFull at once when the queue is full. Cancelling
-        the call withdraws the request if it has not started."""
+        the call withdraws the request from the queue if it has not been batched yet."""
         future: asyncio.Future[TensorMessage] = asyncio.get_running_loop().create_future()
+        if len(self._waiting) >= self.max_queue:
+            self._drop_dead()
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are waiting already; retry later")
+        pending = _Pending(inputs, rows, future, deadline, gone)
+        self._waiting.append(pending)
+        self._arrived.set()
         try:
-            self._queue.put_nowait(_Pending(inputs, rows, future))
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self._queue.maxsize} requests are waiting already; retry "
-                            f"later") from None
-        return await future
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(pending)
+            raise
 
-    def _next_live(self, item: _Pending) -> bool:
-        if item.future.done():  # cancelled: its caller has gone
-            self.abandoned += 1
-            return False
-        return True
+    def _withdraw(self, pending: _Pending) -> None:
+        with contextlib.suppress(ValueError):  # already batched: dropped before it is sent
+            self._waiting.remove(pending)
+            self._count_abandoned(1)
+
+    def _drop_dead(self) -> None:
+        """Removes the requests nobody waits for any more from the queue."""
+        live = [p for p in self._waiting if self._wanted(p)]
+        if len(live) < len(self._waiting):
+            self._waiting = deque(live)
+
+    def _wanted(self, pending: _Pending) -> bool:
+        """Whether ``pending`` should still run; one whose client has gone is counted."""
+        state = pending.gone_or_expired()
+        if state == "gone":
+            self._count_abandoned(1)
+        return state is None
+
+    def _count_abandoned(self, count: int) -> None:
+        if count:
+            self.abandoned += count
+            if self._on_abandoned is not None:
+                self._on_abandoned(count)
+
+    def _pop_live(self) -> _Pending | None:
+        """The first queued request still wanted (dead ones before it are dropped)."""
+        while self._waiting:
+            pending = self._waiting.popleft()
+            if self._wanted(pending):
+                return pending
+        return None
 
     async def _loop(self) -> None:
         while True:
-            first = self._carry or await self._queue.get()
-            self._carry = None
-            if not self._next_live(first):
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
                 continue
             await self._inflight.acquire()
-            if not self._next_live(first):  # gone while it waited for room
+            first = self._pop_live()  # requests may leave while it waits for room
+            if first is None:
                 self._inflight.release()
                 continue
             batch = [first]
@@ -120,50 +189,57 @@ class DynamicBatcher:
             task.add_done_callback(self._batches.discard)
 
     async def _fill(self, batch: list[_Pending]) -> None:
+        """Adds queued requests of the same shapes, in order, up to max_batch_size rows or
+        until max_queue_delay_us has passed."""
         rows = batch[0].rows
         signature = batch[0].signature()
         end = time.perf_counter() + self._delay_s
         while rows < self.max_batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if not self._waiting:
                 remaining = end - time.perf_counter()
                 if remaining <= 0:
                     return
+                self._arrived.clear()
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     return
-            if not self._next_live(item):
                 continue
-            if rows + item.rows > self.max_batch_size or item.signature() != signature:
-                self._carry = item
-                return
-            batch.append(item)
-            rows += item.rows
+            head = self._waiting[0]
+            if not self._wanted(head):
+                self._waiting.popleft()
+                continue
+            if rows + head.rows > self.max_batch_size or head.signature() != signature:
+                return  # it starts the next batch
+            batch.append(self._waiting.popleft())
+            rows += head.rows
 
     async def _dispatch(self, batch: list[_Pending]) -> None:
         try:
-            batch = [p for p in batch if self._next_live(p)]
+            batch = [p for p in batch if self._wanted(p)]  # the last moment to leave
             if not batch:
                 return
             started = time.perf_counter()
             waits = [started - p.enqueued for p in batch]
+            deadlines = [p.deadline for p in batch]
+            deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
             if len(batch) == 1:
-                reply = await self._run(batch[0].inputs)
+                reply = await self._run(batch[0].inputs, deadline=deadline, requests=1)
                 self._report(batch, waits, started)
                 _resolve(batch[0], reply)
                 return
             names = list(batch[0].inputs)
             stacked = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
-            reply = await self._run(stacked)
+            reply = await self._run(stacked, deadline=deadline, requests=len(batch))
             self._report(batch, waits, started)
             if reply.meta.get("status") == Status.BAD_INPUT:
                 # One request's input failed the batch: run each on its own, so that only
                 # that request fails and the others in its batch get their answers.
                 for pending in batch:
-                    if self._next_live(pending):
-                        _resolve(pending, await self._run(pending.inputs))
+                    if self._wanted(pending):
+                        _resolve(pending, await self._run(pending.inputs,
+                                                          deadline=pending.deadline,
+                                                          requests=1))
                 return
             if "error" in reply.meta:
                 for pending in batch:
@@ -179,7 +255,6 @@ class DynamicBatcher:
                 _resolve(pending, error_reply("", Status.INTERNAL, f"batching failed: {err}"))
         finally:
             self._inflight.release()
-
 
     def _report(self, batch: list[_Pending], waits: list[float], started: float) -> None:
         if self._on_batch is not None:

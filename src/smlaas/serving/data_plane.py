@@ -5,6 +5,12 @@ from the model, metrics and Triton-style statistics. Each protocol front end dec
 wire format into an :class:`~smlaas.transport.v2.InferRequest`, calls :meth:`DataPlane.infer`,
 and maps the one exception tree below to its status codes at its boundary (as KServe's model
 server does): :func:`error_codes` gives the HTTP status and gRPC code for each.
+
+A request's deadline is its ``timeout`` parameter (Triton's, in microseconds) counted from its
+arrival, capped by the gateway's ``request_timeout_s``; it goes with the request to the batcher
+and to every stage. A request whose client has gone (``gone``) leaves the queue before it is
+batched or sent. Outputs asked for as JSON are bounded before anything runs
+(:func:`~smlaas.transport.v2.check_json_outputs`).
 """
 
 from __future__ import annotations
@@ -15,13 +21,22 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
 
 import smlaas
-from smlaas.errors import SmlaasError
-from smlaas.serving.batcher import DEFAULT_MAX_QUEUE, BatchStats, DynamicBatcher, QueueFull
+from smlaas.errors import (
+    BadRequest,
+    ClientGone,
+    DeadlineExceeded,
+    ModelNotFound,
+    PipelineFailed,
+    QueueFull,
+    Unavailable,
+)
+from smlaas.serving.batcher import CLIENT_GONE, DEFAULT_MAX_QUEUE, BatchStats, DynamicBatcher
 from smlaas.serving.link import Hop
 from smlaas.serving.metrics import GatewayMetrics
 from smlaas.serving.protocol import (
@@ -32,8 +47,16 @@ from smlaas.serving.protocol import (
     deadline_in,
 )
 from smlaas.serving.statistics import ModelStatistics
-from smlaas.transport.tensors import TensorMessage
-from smlaas.transport.v2 import BadRequest, InferRequest, RequestLimits, datatype, public_shape
+from smlaas.transport.tensors import BYTES, TensorMessage
+from smlaas.transport.v2 import (
+    MAX_JSON_RESPONSE_BYTES,
+    InferRequest,
+    RequestLimits,
+    check_json_outputs,
+    datatype,
+    json_output_bounds,
+    public_shape,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,10 +65,23 @@ PROBE_TIMEOUT_S = 2.0
 RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
 DECODE_THREADS = 2
+ENCODE_THREADS = 1
+"""Responses are encoded by one thread: JSON encoding holds the GIL, so a second thread would
+not encode faster, only make the event loop wait longer for the GIL (with one encoder and a
+1 ms switch interval the loop lagged 8 ms at most while 2-row JSON responses of 3 MB were
+encoded, against 25-45 ms with two at 5 ms)."""
 MODEL_VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository",
-              "model_configuration", "statistics", "smlaas_attestation"]
-"""The protocol extensions this gateway implements (Triton's names), exactly."""
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics",
+              "smlaas_attestation"]
+"""The protocol extensions this gateway implements (Triton's names), exactly: not
+``model_repository``, whose load and unload it does not have (its index alone is served)."""
+
+
+class FrontEnd(StrEnum):
+    """The protocol a request came in by (the ``protocol`` label of the request metrics)."""
+
+    REST = "rest"
+    GRPC = "grpc"
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,9 @@ class GatewaySettings:
     (a host that cut the chain short gets "not ready", not wrong answers)."""
     labels: tuple[str, ...] | None = None
     """Class labels for the classification extension (index -> label)."""
+    max_json_response_bytes: int = MAX_JSON_RESPONSE_BYTES
+    """What the outputs asked for as JSON may take; past it the client is told to ask for
+    binary outputs (400)."""
 
 
 @dataclass(frozen=True)
@@ -73,28 +112,14 @@ class ModelSpecs:
 
 
 # -- the one exception tree of the data plane, and its codes ---------------------------------
-class ModelNotFound(SmlaasError):
-    """No such model or version here."""
 
 
-class Unavailable(SmlaasError):
-    """The pipeline cannot answer now (a stage is down, or the queue is full)."""
 
 
-class DeadlineExceeded(SmlaasError):
-    """No result within the request's deadline."""
 
 
-class PipelineFailed(SmlaasError):
-    """A stage answered the request with an error."""
-
-    def __init__(self, message: str, *, status: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
-class ClientGone(SmlaasError):
-    """The client closed its connection before its answer was ready (nobody to answer)."""
 
 
 def error_codes(err: Exception) -> tuple[int, str]:
@@ -126,14 +151,18 @@ class Pipeline:
         self.on_reports: Callable[[list[dict[str, Any]]], None] = lambda reports: None
         """Called with the stages' reports of every probe that passed through them."""
 
-    async def run(self, inputs: dict[str, np.ndarray]) -> TensorMessage:
-        """Outputs, or an error reply; a stage that is down gets one retry."""
-        deadline = deadline_in(self.timeout_s)
-        reply = await self.link.request(inputs, {"deadline": deadline})
+    async def run(self, inputs: dict[str, np.ndarray], *, deadline: float | None = None,
+                  requests: int = 1) -> TensorMessage:
+        """Outputs, or an error reply, by ``deadline`` (Unix seconds; default: timeout_s from
+        now); a stage that is down gets one retry. ``requests`` (the client requests in the
+        batch) travels with it, for the stages' counts."""
+        deadline = deadline_in(self.timeout_s) if deadline is None else deadline
+        meta = {"deadline": deadline, "requests": requests}
+        reply = await self.link.request(inputs, dict(meta))
         if reply.meta.get("status") == Status.UNAVAILABLE and \
                 deadline - time.time() > RETRY_DELAY_S * 2:
             await asyncio.sleep(RETRY_DELAY_S)
-            reply = await self.link.request(inputs, {"deadline": deadline})
+            reply = await self.link.request(inputs, dict(meta))
         return reply
 
     async def probe(self) -> str | None:
@@ -183,13 +212,15 @@ class DataPlane:
             self.pipeline.run, max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
             max_inflight=settings.max_inflight, max_queue=settings.max_queue,
-            on_batch=self._record_batch)
+            on_batch=self._record_batch,
+            on_abandoned=lambda count: self.metrics.abandoned.labels(self.name).inc(count))
         self._evidence = evidence
         self._link = link
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="gateway-decode")
+        self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gateway-encode")
         self._limits: RequestLimits | None = None
         self._prober: asyncio.Task[None] | None = None
-        self.metrics.abandoned.labels(self.name).set_function(lambda: self.batcher.abandoned)
+        self.metrics.abandoned.labels(self.name)  # shown from 0, not from the first one
 
     async def start(self) -> None:
         self.batcher.start()
@@ -201,6 +232,7 @@ class DataPlane:
         await self.batcher.stop()
         await self._link.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     # -- health and metadata ---------------------------------------------------------------
     async def ready(self) -> str | None:
@@ -248,13 +280,32 @@ class DataPlane:
                 "outputs": [self.tensor_metadata(s) for s in specs.outputs]}
 
     def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        """Triton's model configuration (the JSON form of its ``ModelConfig``), from the
+        inputs and outputs the pipeline described (Unavailable until it has). As in Triton,
+        with batching on (``max_batch_size`` > 0) ``dims`` leave out the batch dimension;
+        a dynamic dimension is -1. Callers that can wait call :meth:`specs` first."""
         self.check_model(model, version)
-        config: dict[str, Any] = {"name": self.name, "platform": "onnxruntime_onnx",
-                                  "max_batch_size": self.settings.max_batch_size}
+        specs = self.pipeline.specs
+        if specs is None:
+            raise Unavailable(f"model {self.name!r} is not ready: the pipeline has not "
+                              f"described its inputs and outputs yet")
+        config: dict[str, Any] = {
+            "name": self.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": self.settings.max_batch_size,
+            "input": [{**self._config_tensor(s), "format": "FORMAT_NONE"}
+                      for s in specs.inputs],
+            "output": [self._config_tensor(s) for s in specs.outputs]}
         if self.batching:
             config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": self.settings.max_queue_delay_us}
         return config
+
+    def _config_tensor(self, spec: TensorSpec) -> dict[str, Any]:
+        """A tensor as Triton's ModelInput/ModelOutput (``TYPE_STRING`` for BYTES)."""
+        dims = public_shape(spec, self.batching)[1 if self.batching else 0:]
+        kind = "STRING" if spec.dtype == BYTES else datatype(spec.dtype)
+        return {"name": spec.name, "data_type": f"TYPE_{kind}", "dims": dims}
 
     def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         """Triton's statistics JSON, for one model or (``model`` empty) all of them."""
@@ -275,28 +326,85 @@ class DataPlane:
 
     async def decode(self, decode: Callable[[], T]) -> T:
         """Runs a (CPU-bound, possibly large) decoding off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, decode)
+        return await self.off_loop(decode)
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Runs CPU-bound work (decoding, compressing) in the gateway's worker threads, so
+        that the event loop keeps answering (health, other requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, work)
+
+    async def encode(self, work: Callable[[], T]) -> T:
+        """Runs a response's encoding off the event loop, in the one encoding thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, work)
+
+    def timeout_s(self, request: InferRequest) -> float:
+        """The request's time to answer: its ``timeout``, capped by the gateway's."""
+        gateway = self.settings.request_timeout_s
+        return min(gateway, request.timeout_us / 1e6) if request.timeout_us else gateway
+
+    def _timeout_text(self, request: InferRequest) -> str:
+        if request.timeout_us and request.timeout_us / 1e6 < self.settings.request_timeout_s:
+            return f"the request's timeout of {request.timeout_us} us"
+        return f"the gateway's request timeout of {self.settings.request_timeout_s:g} s"
+
+    def check_room(self, *, protocol: FrontEnd = FrontEnd.GRPC) -> None:
+        """Unavailable when the batch queue is full now, so that a front end need not read
+        and decode a request it could not queue."""
+        if self.batcher.queue_depth >= self.settings.max_queue:
+            self.metrics.errors.labels(self.name, "queue_full", protocol).inc()
+            raise Unavailable(f"model {self.name!r} is busy: {self.settings.max_queue} "
+                              f"requests are waiting already; retry later")
+
+    def check_json_size(self, request: InferRequest) -> None:
+        """BadRequest before anything runs when the outputs ``request`` asks for as JSON
+        could take more than the gateway returns as JSON (their size follows from the
+        model's output shapes at the request's batch)."""
+        specs = self.pipeline.specs
+        if specs is not None:
+            check_json_outputs(json_output_bounds(request, specs.outputs,
+                                                  batching=self.batching),
+                               limit=self.settings.max_json_response_bytes)
 
     async def infer(self, request: InferRequest, *,
                     unless: Callable[[Awaitable[TensorMessage]], Awaitable[TensorMessage]]
-                    | None = None) -> dict[str, np.ndarray]:
+                    | None = None, gone: Callable[[], bool] | None = None,
+                    received: float | None = None,
+                    protocol: FrontEnd = FrontEnd.GRPC) -> dict[str, np.ndarray]:
         """The outputs for a decoded request. ``unless`` wraps the wait (e.g. to withdraw
-        it when the client goes). Raises Unavailable, DeadlineExceeded, PipelineFailed."""
+        it when the client goes); ``gone`` says synchronously whether the client has left
+        (checked before the request is batched and before its batch is sent); ``received``
+        (``time.perf_counter()`` at its arrival) is where its timeout counts from.
+        ``protocol`` labels the metrics. Raises BadRequest, Unavailable, DeadlineExceeded,
+        PipelineFailed, ClientGone."""
+        self.check_json_size(request)
+        if gone is not None and gone():
+            raise ClientGone("the client disconnected before its request was queued")
+        remaining_s = self.timeout_s(request) - (
+            0.0 if received is None else time.perf_counter() - received)
+        if remaining_s <= 0:
+            self.metrics.errors.labels(self.name, Status.DEADLINE, protocol).inc()
+            raise DeadlineExceeded(f"{self._timeout_text(request)} passed before the request "
+                                   f"could be queued")
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queue_depth)
-        waiting = asyncio.wait_for(self.batcher.submit(request.inputs, request.batch),
-                                   self.settings.request_timeout_s)
+        waiting = asyncio.wait_for(self.batcher.submit(
+            request.inputs, request.batch, deadline=time.time() + remaining_s, gone=gone),
+            remaining_s)
         try:
             reply = await (unless(waiting) if unless is not None else waiting)
         except QueueFull as err:
-            self.metrics.errors.labels(self.name, "queue_full").inc()
+            self.metrics.errors.labels(self.name, "queue_full", protocol).inc()
             raise Unavailable(f"model {self.name!r} is busy: {err}") from err
         except TimeoutError as err:
-            self.metrics.errors.labels(self.name, Status.DEADLINE).inc()
-            raise DeadlineExceeded(f"no result within {self.settings.request_timeout_s:.0f} "
-                                   f"s") from err
+            self.metrics.errors.labels(self.name, Status.DEADLINE, protocol).inc()
+            raise DeadlineExceeded(f"no result within {self._timeout_text(request)}") from err
         if "error" in reply.meta:
+            if reply.meta["error"] == CLIENT_GONE:
+                raise ClientGone(CLIENT_GONE)
             status = str(reply.meta.get("status", Status.INTERNAL))
-            self.metrics.errors.labels(self.name, status).inc()
+            self.metrics.errors.labels(self.name, status, protocol).inc()
+            if status == Status.DEADLINE:
+                raise DeadlineExceeded(f"no result within {self._timeout_text(request)} "
+                                       f"({reply.meta['error']})")
             raise PipelineFailed(str(reply.meta["error"]), status=status)
         self.metrics.record_stages(self.name, list(reply.meta.get("stage_ms", [])))
         missing = [o for o in request.outputs or [] if o not in reply.tensors]
@@ -305,12 +413,15 @@ class DataPlane:
         return dict(reply.tensors)
 
     def record(self, *, code: str, ok: bool, started: float, decode_s: float = 0.0,
-               encode_s: float = 0.0, unknown_model: bool = False) -> None:
-        """Counts one finished request in the metrics and statistics."""
+               encode_s: float = 0.0, unknown_model: bool = False,
+               protocol: FrontEnd = FrontEnd.GRPC) -> None:
+        """Counts one finished request in the metrics and statistics (``protocol``: see
+        :meth:`infer`)."""
         total = time.perf_counter() - started
-        self.metrics.requests.labels("unknown" if unknown_model else self.name, code).inc()
+        self.metrics.requests.labels("unknown" if unknown_model else self.name, code,
+                                     protocol).inc()
         if not unknown_model:
-            self.metrics.latency.labels(self.name).observe(total)
+            self.metrics.latency.labels(self.name, protocol).observe(total)
             self.statistics.record_request(ok=ok, total_s=total, decode_s=decode_s,
                                            encode_s=encode_s)
 

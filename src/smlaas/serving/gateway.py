@@ -11,20 +11,28 @@ under ``/versions/1``; other versions are 404), ``/v2/models/stats``, ``/metrics
 
 Bounded by construction: the body limit follows from the model's inputs at its largest batch
 (:class:`~smlaas.transport.v2.RequestLimits`) and is refused from Content-Length before a byte
-is read; requests are decoded off the event loop; the batch queue is bounded (503 when full);
-a request whose client has gone is withdrawn before it runs; every error, the framework's
-404/405/422 included, is ``{"error": "..."}``; a client that disconnects is a debug line.
+is read; requests are decoded and responses encoded off the event loop; outputs asked for as
+JSON are bounded (400 saying to ask for binary outputs, before anything runs); the batch queue
+is bounded (503 when full); a request whose client has gone leaves the queue before it is
+batched or sent (the connection's ``gone`` from :mod:`~smlaas.serving.http_limits`, and
+ASGI's ``http.disconnect``); a request's ``timeout`` parameter sets its deadline; every error,
+the framework's 404/405/422 included, is ``{"error": "..."}``; a client that disconnects is a
+debug line. ``/metrics`` has Triton's ``nv_inference_*`` counters after smlaas's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -33,20 +41,24 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 import smlaas
-from smlaas.errors import SmlaasError
+from smlaas.errors import BadRequest, ClientGone, ModelNotFound, SmlaasError, Unavailable
 from smlaas.serving.data_plane import (
     MODEL_VERSION,
-    ClientGone,
     DataPlane,
+    FrontEnd,
     GatewaySettings,
-    ModelNotFound,
+    ModelSpecs,
     error_codes,
 )
+from smlaas.serving.http_bodies import BodyBudget
+from smlaas.serving.http_limits import CONNECTION_EXTENSION
 from smlaas.serving.link import Hop
+from smlaas.serving.metrics import triton_metrics_text
 from smlaas.transport.compression import decode_content, encode_content
 from smlaas.transport.v2 import (
     HEADER_LENGTH,
-    BadRequest,
+    InferRequest,
+    RequestLimits,
     encode_infer_response,
     parse_infer_request,
 )
@@ -68,6 +80,7 @@ def create_app(settings: GatewaySettings, link: Hop, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        serve_with_worker_threads()
         await plane.start()
         yield
         await plane.stop()
@@ -79,6 +92,21 @@ def create_app(settings: GatewaySettings, link: Hop, *,
     return app
 
 
+SWITCH_INTERVAL_S = 0.001
+"""How long a thread may hold the GIL while another waits (Python's default is 5 ms)."""
+
+
+def serve_with_worker_threads() -> None:
+    """Tunes this process for an event loop beside CPU-bound worker threads (decoding,
+    encoding). The loop thread takes the GIL back once per iteration, and at Python's default
+    5 ms switch interval it lagged up to 45 ms while 3 MB JSON responses were encoded (8 ms at
+    1 ms, with one encoding thread). The objects alive at startup (modules, the app) are
+    frozen out of the garbage collector, so that a full collection (10-15 ms here) does not
+    walk them while serving."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    gc.freeze()
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -86,8 +114,10 @@ def error(status: int, message: str) -> JSONResponse:
 class RestEndpoints:
     """The V2 REST routes over a data plane; its exceptions become status codes here only."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, *, bodies: BodyBudget | None = None) -> None:
         self.plane = plane
+        self.bodies = bodies or BodyBudget()
+        """Bounds the request bodies read at once (see :mod:`~smlaas.serving.http_bodies`)."""
 
     def register(self, app: FastAPI) -> None:
         @app.exception_handler(HTTPException)
@@ -142,6 +172,8 @@ class RestEndpoints:
         return await self.ready()
 
     async def model_config(self, model: str, version: str = "") -> JSONResponse:
+        self.plane.check_model(model, version)
+        await self.plane.specs()  # the pipeline describes the inputs and outputs
         return JSONResponse(self.plane.model_config(model, version))
 
     async def model_statistics(self, model: str, version: str = "") -> JSONResponse:
@@ -155,47 +187,84 @@ class RestEndpoints:
         try:
             plane.check_model(model, version)
         except ModelNotFound as err:
-            plane.record(code="404", ok=False, started=started, unknown_model=True)
+            plane.record(code="404", ok=False, started=started, unknown_model=True,
+                         protocol=FrontEnd.REST)
             return error(404, str(err))
+        parsed: InferRequest | None = None
+        outputs: dict[str, np.ndarray] = {}
         try:
             limits = await plane.limits()
-            body = await read_body(request, limits.max_body_bytes)
-            decoded_at = time.perf_counter()
             specs = await plane.specs()
-            encoding = request.headers.get("content-encoding")
-            parsed = await plane.decode(lambda: parse_infer_request(
-                decode_content(body, encoding, limit=limits.max_body_bytes),
-                request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
-                max_batch_size=plane.settings.max_batch_size, limits=limits))
-            decode_s = time.perf_counter() - decoded_at
-            outputs = await plane.infer(parsed, unless=lambda wait: _unless_client_goes(
-                request, wait))
+            plane.check_room(protocol=FrontEnd.REST)  # before a body that could not queue
+            parsed, decode_s = await self._read_request(request, limits, specs)
+            outputs = await plane.infer(
+                parsed, unless=lambda wait: _unless_client_goes(request, wait),
+                gone=_connection_gone(request), received=started, protocol=FrontEnd.REST)
             encoded_at = time.perf_counter()
-            content, headers = encode_infer_response(plane.name, parsed, outputs,
-                                                     labels=plane.labels)
+            content, headers = await plane.encode(functools.partial(
+                encode_infer_response, plane.name, parsed, outputs, labels=plane.labels,
+                max_json_bytes=plane.settings.max_json_response_bytes))
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
-                content, coding = await plane.decode(lambda: encode_content(content, accepted))
+                content, coding = await plane.off_loop(functools.partial(
+                    encode_content, content, accepted))
                 if coding:
                     headers["Content-Encoding"] = coding
         except ClientGone:
             logger.debug("a client closed its connection before its answer")
-            plane.metrics.errors.labels(plane.name, "client_gone").inc()
+            plane.metrics.errors.labels(plane.name, "client_gone", FrontEnd.REST).inc()
             return Response(status_code=499)
         except SmlaasError as err:
             if isinstance(err, BadRequest):
-                plane.metrics.errors.labels(plane.name, "bad_input").inc()
+                plane.metrics.errors.labels(plane.name, "bad_input", FrontEnd.REST).inc()
             status = error_codes(err)[0]
-            plane.record(code=str(status), ok=False, started=started)
+            plane.record(code=str(status), ok=False, started=started, protocol=FrontEnd.REST)
             return error(status, str(err))
-        plane.record(code="200", ok=True, started=started, decode_s=decode_s,
-                     encode_s=time.perf_counter() - encoded_at)
-        return Response(content, headers=headers)
+        else:
+            plane.record(code="200", ok=True, started=started, decode_s=decode_s,
+                         encode_s=time.perf_counter() - encoded_at, protocol=FrontEnd.REST)
+            return Response(content, headers=headers)
+        finally:
+            # A refused request's frames sit in a traceback cycle until the garbage collector
+            # runs; its tensors need not: 200 refused ResNet requests held 75 MiB so.
+            if parsed is not None:
+                parsed.inputs.clear()
+            outputs.clear()
+
+    async def _read_request(self, request: Request, limits: RequestLimits, specs: ModelSpecs
+                            ) -> tuple[InferRequest, float]:
+        """The decoded request and the seconds its decoding took, its body read within the
+        body budget (the body itself is not kept: binary tensors are views of it)."""
+        plane, encoding = self.plane, request.headers.get("content-encoding")
+        declared = request.headers.get("content-length", "")
+        # What the body takes once read and decoded: its declared size, or when that is not
+        # known (no Content-Length, or compressed) what the model can take, at most one
+        # source's share (so compressed bodies are decoded one at a time per source).
+        size = int(declared) if declared.isdigit() and not encoding else min(
+            limits.max_body_bytes, self.bodies.per_source_bytes)
+        source = request.client.host if request.client else "unknown"
+        try:
+            async with self.bodies.reserve(source, size,
+                                           timeout_s=plane.settings.request_timeout_s):
+                body = await read_body(request, limits.max_body_bytes)
+                decoded_at = time.perf_counter()
+                parsed = await plane.decode(lambda: parse_infer_request(
+                    decode_content(bytes(body), encoding, limit=limits.max_body_bytes)
+                    if encoding else body,
+                    request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
+                    max_batch_size=plane.settings.max_batch_size, limits=limits))
+                return parsed, time.perf_counter() - decoded_at
+        except TimeoutError:
+            raise Unavailable(f"the gateway is reading as many request bodies as it holds at "
+                              f"once ({self.bodies.total_bytes} bytes); retry later") from None
 
     async def prometheus(self) -> Response:
+        """smlaas's metrics, then Triton's counters with Triton's names and labels."""
         plane = self.plane
         plane.metrics.queue_depth.labels(plane.name).set(plane.batcher.queue_depth)
-        return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(plane.metrics.registry)
+                        + triton_metrics_text(plane.statistics),
+                        media_type=CONTENT_TYPE_LATEST)
 
     async def attestation(self) -> JSONResponse:
         evidence = self.plane.evidence()
@@ -204,24 +273,31 @@ class RestEndpoints:
         return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, evidence))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytearray:
     """The body, refused from Content-Length (or as soon as it passes ``limit``) when larger
     than the model can take; ClientGone if the client disconnects meanwhile."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body of {declared} bytes exceeds the {limit} bytes this "
                          f"model's inputs can take")
-    chunks, total = [], 0
+    body = bytearray()  # one buffer, not chunks and their join
     try:
         async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
+            if len(body) + len(chunk) > limit:
                 raise BadRequest(f"request body exceeds the {limit} bytes this model's "
                                  f"inputs can take")
-            chunks.append(chunk)
+            body += chunk
     except ClientDisconnect:
         raise ClientGone("the client disconnected while sending its body") from None
-    return b"".join(chunks)
+    return body
+
+
+def _connection_gone(request: Request) -> Callable[[], bool] | None:
+    """The server's synchronous "has this connection been lost" (None under a server that
+    does not offer it, e.g. an in-process ASGI transport)."""
+    extension = (request.scope.get("extensions") or {}).get(CONNECTION_EXTENSION) or {}
+    gone = extension.get("gone")
+    return gone if callable(gone) else None
 
 
 async def _unless_client_goes(request: Request, work: Awaitable[T]) -> T:

@@ -204,8 +204,11 @@ def run_gateway(spec: GatewaySpec) -> None:
         config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
                                 ssl_certfile=str(cert_file), ssl_keyfile=str(key_file),
                                 access_log=False, timeout_graceful_shutdown=3,
-                                http=deadline_protocol(header_timeout_s=spec.header_timeout_s,
-                                                       body_timeout_s=spec.body_timeout_s),
+                                http=deadline_protocol(
+                                    max_open_connections=spec.max_open_connections,
+                                    max_connections_per_source=spec.max_connections_per_source,
+                                    header_timeout_s=spec.header_timeout_s,
+                                    body_timeout_s=spec.body_timeout_s),
                                 limit_concurrency=MAX_CONNECTIONS,
                                 timeout_keep_alive=KEEP_ALIVE_S)
         config.load()

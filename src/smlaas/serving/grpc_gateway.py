@@ -1,53 +1,128 @@
 """The gateway's gRPC front end: the KServe V2 / Triton ``inference.GRPCInferenceService``
-(the generated stubs ``tritonclient[grpc]`` ships) over TLS with the gateway's attested key,
-on the same :class:`~smlaas.serving.data_plane.DataPlane` as REST (one batcher, one set of
-limits, metrics and statistics), so ``tritonclient.grpc`` works unchanged.
+(the messages ``tritonclient[grpc]`` ships) over TLS with the gateway's attested key, on the
+same :class:`~smlaas.serving.data_plane.DataPlane` as REST (one batcher, one set of limits,
+metrics and statistics), so ``tritonclient.grpc`` works unchanged, streaming included.
 
-A ``ModelInfer`` request is turned into the V2 REST codec's input (a JSON header with
-``binary_data_size`` for raw contents, ``data`` for typed contents) and decoded by the very
-same parser, so both protocols accept and refuse exactly the same requests. Errors map at this
-boundary: bad input ``INVALID_ARGUMENT``, unknown model ``NOT_FOUND``, a stage down or a full
-queue ``UNAVAILABLE``, a missed deadline ``DEADLINE_EXCEEDED``.
+Bounded as REST is (:mod:`~smlaas.serving.grpc_limits`): gRPC itself refuses a message larger
+than the model's inputs can fill and calls beyond a bound; at most ``max_inferences``
+requests are decoded or waiting at once, the others refused with ``RESOURCE_EXHAUSTED``. An
+inference arrives as bytes: it is parsed, checked against the model from its metadata, then
+converted (:mod:`~smlaas.serving.grpc_codec`) off the event loop, and its response is encoded
+and serialized off the loop too (a small one on the loop, where a hop to a thread costs
+more), so health answers meanwhile. Once a burst of large messages is over, the memory they
+took is given back to the system (:func:`give_back_free_memory`).
+
+``ModelStreamInfer`` runs each request of a stream through the same path, up to half the
+inference bound at once per stream (the stream is not read further meanwhile), and answers
+each as it completes: a ``ModelStreamInferResponse`` with ``infer_response``, or with
+``error_message`` (``"[request id: ID] CODE: reason"``, as Triton names the request) and the
+request's id in ``infer_response``.
+
+Errors map at this boundary: bad input ``INVALID_ARGUMENT``, unknown model ``NOT_FOUND``
+(``ModelReady`` answers false), too large or too many ``RESOURCE_EXHAUSTED``, a stage down or
+a full queue ``UNAVAILABLE``, a missed deadline ``DEADLINE_EXCEEDED``.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
+import sys
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2, service_pb2
 
-from smlaas.errors import SmlaasError
-from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, error_codes
-from smlaas.transport.tensors import serialize_bytes, wire_dtype
-from smlaas.transport.v2 import (
-    BadRequest,
-    datatype,
-    parse_infer_request,
-    response_outputs,
-    tensor_bytes,
+from smlaas.errors import BadRequest, ModelNotFound, SmlaasError, TooLarge, TooManyCalls
+from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd, error_codes
+from smlaas.serving.grpc_codec import (
+    FINAL_REQUESTED,
+    GrpcRequestDecoder,
+    encode_infer_response,
+    parse_request,
+    request_parameters,
+    stream_error,
 )
+from smlaas.serving.grpc_limits import BOOTSTRAP_LIMITS, GrpcLimits, InferenceSlots
+from smlaas.serving.grpc_server import GrpcServer
+
+__all__ = ["GrpcEndpoints", "create_grpc_server"]
 
 logger = logging.getLogger(__name__)
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-"""gRPC's own cap; the data plane's limits (from the model) are checked on every request."""
-_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-             "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-             "FP32": "fp32_contents", "FP64": "fp64_contents"}
+T = TypeVar("T")
+SERVICE = "inference.GRPCInferenceService"
+TRIM_AFTER_BYTES = 64 << 20
+"""Bytes of messages after which the gateway, once idle, gives free memory back."""
+INLINE_BYTES = 256 * 1024
+"""Messages and responses up to this size are parsed or encoded on the event loop: below it
+a hop to a thread costs more than the work (under a millisecond)."""
 
 
-class GrpcEndpoints(service_pb2_grpc.GRPCInferenceServiceServicer):
+@dataclass
+class _Outcome:
+    """One inference's serialized response, or the error that ended it."""
+
+    response: bytes = b""
+    error: SmlaasError | None = None
+    request_id: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    final: bool = False
+    """The client asked responses to carry ``triton_final_response``."""
+
+
+class GrpcEndpoints:
     """The V2 gRPC calls over a data plane; its exceptions become gRPC codes here only."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.limits = BOOTSTRAP_LIMITS
+        self.slots = InferenceSlots(BOOTSTRAP_LIMITS.max_inferences)
+        self._decoder: GrpcRequestDecoder | None = None
+        self._received_bytes = 0
+        self._trimming: set[asyncio.Future[None]] = set()
 
+    def model_limits(self) -> GrpcLimits | None:
+        """The model's limits once the pipeline has described it, else None."""
+        specs = self.plane.pipeline.specs
+        if specs is None:
+            return None
+        return GrpcLimits.for_model(specs.inputs, specs.outputs,
+                                    max_batch_size=self.plane.settings.max_batch_size,
+                                    labels=self.plane.labels)
+
+    def use(self, limits: GrpcLimits) -> None:
+        self.limits = limits
+        self.slots.bound = limits.max_inferences
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method table: inferences travel as bytes (parsed and serialized off
+        the event loop here), the other calls as messages."""
+        unary = {"ServerLive": service_pb2.ServerLiveRequest,
+                 "ServerReady": service_pb2.ServerReadyRequest,
+                 "ModelReady": service_pb2.ModelReadyRequest,
+                 "ServerMetadata": service_pb2.ServerMetadataRequest,
+                 "ModelMetadata": service_pb2.ModelMetadataRequest,
+                 "ModelConfig": service_pb2.ModelConfigRequest,
+                 "ModelStatistics": service_pb2.ModelStatisticsRequest,
+                 "RepositoryIndex": service_pb2.RepositoryIndexRequest}
+        methods = {name: grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(self, name), message), response_serializer=_serialize)
+            for name, message in unary.items()}
+        methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.ModelInfer)
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer)
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    # -- health and metadata ---------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC names
         return service_pb2.ServerLiveResponse(live=True)
 
@@ -55,26 +130,33 @@ class GrpcEndpoints(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=await self.plane.ready() is None)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        await self._guard(context, self.plane.check_model, request.name, request.version)
+        try:
+            self.plane.check_model(request.name, request.version)
+        except ModelNotFound:  # as REST: not ready, rather than an error
+            return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=await self.plane.ready() is None)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         return service_pb2.ServerMetadataResponse(**self.plane.server_metadata())
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        metadata = await self._guard_async(context, self.plane.model_metadata(
-            request.name, request.version))
+        metadata = await _guard(context, self.plane.model_metadata(request.name,
+                                                                   request.version))
         return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
-        config = await self._guard(context, self.plane.model_config, request.name,
-                                   request.version)
+        config = await _guard(context, self._model_config(request.name, request.version))
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(
             config, model_config_pb2.ModelConfig()))
 
+    async def _model_config(self, model: str, version: str) -> dict[str, Any]:
+        self.plane.check_model(model, version)
+        await self.plane.specs()  # the pipeline describes the inputs and outputs
+        return self.plane.model_config(model, version)
+
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
-        stats = await self._guard(context, self.plane.model_statistics, request.name,
-                                  request.version)
+        stats = await _guard(context, _now(self.plane.model_statistics, request.name,
+                                           request.version))
         return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -83,95 +165,210 @@ class GrpcEndpoints(service_pb2_grpc.GRPCInferenceServiceServicer):
             service_pb2.RepositoryIndexResponse.ModelIndex(
                 name=self.plane.name, version=MODEL_VERSION, state=state)])
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        plane, started = self.plane, time.perf_counter()
+    # -- inference -------------------------------------------------------------------------
+    async def ModelInfer(self, data: bytes, context: Any) -> bytes:  # noqa: N802
+        outcome = await self._infer(data, stream=False)
+        if outcome.error is not None:
+            await context.abort(getattr(grpc.StatusCode, _codes(outcome.error)[1]),
+                                str(outcome.error))
+        return outcome.response
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[bytes],  # noqa: N802
+                               context: Any) -> AsyncIterator[bytes]:
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        window = asyncio.Semaphore(max(1, self.limits.max_inferences // 2))
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(data: bytes) -> None:
+            try:
+                answers.put_nowait(await self._stream_answer(data))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for data in requests:
+                    await window.acquire()  # stop reading while the window is full
+                    task = asyncio.create_task(answer(data))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            except grpc.RpcError as err:  # gRPC ended the call (it answers the client)
+                logger.debug("a gRPC stream ended while being read: %s", err)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
         try:
-            plane.check_model(request.model_name, request.model_version)
-            limits = await plane.limits()
-            specs = await plane.specs()
-            body, header_length = _as_v2_body(request, limits.max_body_bytes)
-            decoded_at = time.perf_counter()
-            parsed = await plane.decode(lambda: parse_infer_request(
-                body, header_length, specs.inputs, specs.outputs,
-                max_batch_size=plane.settings.max_batch_size, limits=limits))
-            decode_s = time.perf_counter() - decoded_at
-            outputs = await plane.infer(parsed)
+            while (response := await answers.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_answer(self, data: bytes) -> bytes:
+        outcome = await self._infer(data, stream=True)
+        if outcome.error is None:
+            return outcome.response
+        named = f"[request id: {outcome.request_id}] " if outcome.request_id else ""
+        return stream_error(f"{named}{_codes(outcome.error)[1]}: {outcome.error}",
+                            request_id=outcome.request_id,
+                            model_name=outcome.model_name or self.plane.name,
+                            model_version=outcome.model_version or MODEL_VERSION,
+                            final=outcome.final)
+
+    async def _infer(self, data: bytes, *, stream: bool) -> _Outcome:
+        """One ModelInferRequest through the data plane, counted in the metrics."""
+        plane, started, outcome = self.plane, time.perf_counter(), _Outcome()
+        try:
+            self.slots.claim()
+        except TooManyCalls as err:
+            return self._failed(outcome, err, started)
+        self._received_bytes += len(data)
+        try:
+            decode_s, encode_s = await self._run(data, outcome, received=started,
+                                                 stream=stream)
         except SmlaasError as err:
-            status, code = error_codes(err)
-            plane.record(code=str(status), ok=False, started=started,
-                         unknown_model=status == 404)
-            await context.abort(getattr(grpc.StatusCode, code), str(err))
-            raise AssertionError("unreachable: abort raises") from err
-        encoded_at = time.perf_counter()
-        response = service_pb2.ModelInferResponse(
-            model_name=plane.name, model_version=MODEL_VERSION, id=request.id)
-        for name, value in response_outputs(parsed, outputs, plane.labels).items():
-            value = np.asarray(value, order="C")
-            response.outputs.add(name=name, shape=list(value.shape),
-                                 datatype=datatype(wire_dtype(value.dtype)))
-            response.raw_output_contents.append(tensor_bytes(value))
+            return self._failed(outcome, err, started)
+        finally:
+            self.slots.release()
+            self._trim_when_idle()
         plane.record(code="200", ok=True, started=started, decode_s=decode_s,
-                     encode_s=time.perf_counter() - encoded_at)
-        return response
+                     encode_s=encode_s, protocol=FrontEnd.GRPC)
+        return outcome
 
-    @staticmethod
-    async def _guard(context: Any, call: Any, *args: Any) -> Any:
-        try:
-            return call(*args)
-        except SmlaasError as err:
-            await context.abort(getattr(grpc.StatusCode, error_codes(err)[1]), str(err))
+    async def _run(self, data: bytes, outcome: _Outcome, *, received: float, stream: bool
+                   ) -> tuple[float, float]:
+        """Fills ``outcome.response``; returns the seconds spent decoding and encoding.
+        ``received`` (``time.perf_counter()``) is when the message arrived."""
+        plane = self.plane
+        if len(data) > self.limits.max_receive_bytes:
+            raise TooLarge(f"the message has {len(data)} bytes, more than this model's "
+                           f"requests can ({self.limits.max_receive_bytes})")
+        message = await self._off_loop(len(data), parse_request, data)
+        outcome.request_id = message.id
+        outcome.model_name, outcome.model_version = message.model_name, message.model_version
+        outcome.final = stream and request_parameters(message).get(FINAL_REQUESTED) is True
+        plane.check_model(message.model_name, message.model_version)
+        decoder = await self._request_decoder()
+        decoded_at = time.perf_counter()
+        request = await plane.off_loop(functools.partial(decoder.decode, message))
+        decode_s = time.perf_counter() - decoded_at
+        del message  # its contents are tensors now
+        outputs = await plane.infer(request, received=received, protocol=FrontEnd.GRPC)
+        encoded_at = time.perf_counter()
+        outcome.response = await self._off_loop(
+            sum(value.nbytes for value in outputs.values()), lambda: encode_infer_response(
+                plane.name, MODEL_VERSION, request, outputs, labels=plane.labels,
+                max_bytes=self.limits.max_send_bytes, stream=stream, final=outcome.final))
+        return decode_s, time.perf_counter() - encoded_at
 
-    @staticmethod
-    async def _guard_async(context: Any, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except SmlaasError as err:
-            await context.abort(getattr(grpc.StatusCode, error_codes(err)[1]), str(err))
+    async def _request_decoder(self) -> GrpcRequestDecoder:
+        if self._decoder is None:
+            specs = await self.plane.specs()
+            self._decoder = GrpcRequestDecoder(
+                specs.inputs, specs.outputs, max_batch_size=self.plane.settings.max_batch_size,
+                limits=await self.plane.limits())
+        return self._decoder
+
+    async def _off_loop(self, size: int, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)``: on the loop when ``size`` is small, else in the decoding threads."""
+        if size <= INLINE_BYTES:
+            return work(*args)
+        return await self.plane.off_loop(lambda: work(*args))
+
+    def _trim_when_idle(self) -> None:
+        """Once no inference runs, after at least TRIM_AFTER_BYTES of messages, gives the
+        heap's free pages back to the system (:func:`give_back_free_memory`)."""
+        if self.slots.busy or self._received_bytes < TRIM_AFTER_BYTES:
+            return
+        self._received_bytes = 0
+        task = asyncio.ensure_future(self.plane.off_loop(give_back_free_memory))
+        self._trimming.add(task)
+        task.add_done_callback(self._trimming.discard)
+
+    def _failed(self, outcome: _Outcome, err: SmlaasError, started: float) -> _Outcome:
+        plane = self.plane
+        status = _codes(err)[0]
+        reason = {BadRequest: "bad_input", TooLarge: "too_large",
+                  TooManyCalls: "too_many_calls"}.get(type(err))
+        if reason is not None:
+            plane.metrics.errors.labels(plane.name, reason, FrontEnd.GRPC).inc()
+        plane.record(code=str(status), ok=False, started=started,
+                     unknown_model=isinstance(err, ModelNotFound), protocol=FrontEnd.GRPC)
+        outcome.error = err
+        return outcome
 
 
-def _as_v2_body(request: Any, max_bytes: int) -> tuple[bytes, str]:
-    """The V2 REST body equal to a gRPC ModelInferRequest (raw contents as binary tensors,
-    typed contents as JSON data), for the shared parser."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-    if sum(len(r) for r in raw) > max_bytes:
-        raise BadRequest(f"the inputs exceed the {max_bytes} bytes this model can take")
-    items: list[dict[str, Any]] = []
-    binary: list[bytes] = []
-    for index, tensor in enumerate(request.inputs):
-        item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
-                                "shape": list(tensor.shape)}
-        data = raw[index] if raw else None
-        if data is None and tensor.datatype == "BYTES":  # bytes_contents: any bytes, not JSON
-            data = serialize_bytes(np.array(list(tensor.contents.bytes_contents) or [],
-                                            dtype=object))
-        if data is not None:
-            item["parameters"] = {"binary_data_size": len(data)}
-            binary.append(data)
-        else:
-            field = _CONTENTS.get(tensor.datatype)
-            if field is None:
-                raise BadRequest(f"input {tensor.name!r}: datatype {tensor.datatype!r} has no "
-                                 f"typed contents; send raw_input_contents")
-            item["data"] = list(getattr(tensor.contents, field))
-        items.append(item)
-    outputs = [{"name": o.name, **({"parameters": {"classification": int(
-        o.parameters["classification"].int64_param)}} if "classification" in o.parameters
-        else {})} for o in request.outputs]
-    header = json.dumps({"inputs": items, **({"outputs": outputs} if outputs else {}),
-                         "parameters": {"binary_data_output": True}}).encode()
-    if sum(len(b) for b in binary) > max_bytes:
-        raise BadRequest(f"the inputs exceed the {max_bytes} bytes this model can take")
-    return header + b"".join(binary), str(len(header))
+def give_back_free_memory() -> None:
+    """Returns the free pages of the C heap to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). Large messages are freed into glibc's arenas, not unmapped, once its dynamic
+    mmap threshold has risen to their size (mallopt(3), M_MMAP_THRESHOLD): without this a
+    burst of them stays in the gateway's memory for good."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    name = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_chain_pem: bytes,
-                       key_pem: bytes) -> grpc.aio.Server:
-    """A TLS gRPC server for ``plane`` on ``host:port`` (start it with ``await start()``)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcEndpoints(plane), server)
+                       key_pem: bytes) -> GrpcServer:
+    """A TLS gRPC server for ``plane`` on ``host:port`` (start it with ``await start()``),
+    whose limits follow from the model (:mod:`~smlaas.serving.grpc_server`)."""
+    endpoints = GrpcEndpoints(plane)
     credentials = grpc.ssl_server_credentials([(key_pem, certificate_chain_pem)])
-    server.add_secure_port(f"{host}:{port}", credentials)
-    return server
+    return GrpcServer(endpoints.handler(), address=f"{host}:{port}", credentials=credentials,
+                      model_limits=endpoints.model_limits, on_limits=endpoints.use)
+
+
+def _codes(err: SmlaasError) -> tuple[int, str]:
+    """(HTTP status, gRPC code name): the data plane's, and this front end's own limits."""
+    if isinstance(err, TooLarge):
+        return 413, "RESOURCE_EXHAUSTED"
+    if isinstance(err, TooManyCalls):
+        return 429, "RESOURCE_EXHAUSTED"
+    return error_codes(err)
+
+
+def _parsed(method: Callable[[Any, Any], Awaitable[Any]], message_type: Any
+            ) -> Callable[[bytes, Any], Awaitable[Any]]:
+    """``method`` taking its request as bytes: a message that does not parse is
+    INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL)."""
+    async def call(data: bytes, context: Any) -> Any:
+        try:
+            request = message_type.FromString(data)
+        except (DecodeError, ValueError, RecursionError) as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the message is not a {message_type.__name__}: {err}")
+            raise AssertionError("unreachable: abort raises") from err
+        return await method(request, context)
+    return call
+
+
+def _serialize(message: Any) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+async def _now(call: Callable[..., T], *args: Any) -> T:
+    return call(*args)
+
+
+async def _guard(context: Any, work: Awaitable[T]) -> T:
+    """``work``'s result, or the call aborted with the code of the data plane's error."""
+    try:
+        return await work
+    except SmlaasError as err:
+        await context.abort(getattr(grpc.StatusCode, _codes(err)[1]), str(err))
+        raise AssertionError("unreachable: abort raises") from err

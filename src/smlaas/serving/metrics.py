@@ -1,9 +1,12 @@
-"""The gateway's Prometheus metrics (one registry per gateway, served at ``/metrics``)."""
+"""The gateway's Prometheus metrics (one registry per gateway, served at ``/metrics``): smlaas's
+own, with a ``protocol`` label (rest, grpc) on the request counters, and beside them Triton's
+``nv_inference_*`` counters with Triton's names and labels (``model``, ``version``), so that
+existing Triton dashboards work (:func:`triton_metrics_text`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -19,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.serving.batcher import BatchStats
+from smlaas.serving.statistics import ModelStatistics
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0)
@@ -52,7 +56,10 @@ class StageReports(Collector):
         labels = ["model", "stage", "replica"]
         counters = {key: CounterMetricFamily(f"smlaas_stage_{key}", text, labels=labels)
                     for key, text in (
-                        ("requests", "Requests a stage ran, since its process started"),
+                        ("requests", "Requests a stage ran (a batch of n requests counts n), "
+                                     "since its process started"),
+                        ("batches", "Batches (runs of the model) a stage ran, since its "
+                                    "process started"),
                         ("errors", "Requests a stage refused (bad input), since it started"),
                         ("expired", "Requests whose deadline passed before a stage ran them"),
                         ("run_seconds", "Seconds a stage spent running requests"),
@@ -72,6 +79,9 @@ class StageReports(Collector):
             values = [self.model, str(index), str(replica)]
             for key in ("requests", "errors", "expired", "run_seconds"):
                 counters[key].add_metric(values, float(report.get(key, 0)))
+            # A stage that does not count batches apart counts each run as one request.
+            counters["batches"].add_metric(values, float(report.get("batches",
+                                                                    report.get("requests", 0))))
             counters["restarts"].add_metric(values, float(self._restarts.get((index, replica),
                                                                              0)))
             gauges["queue_depth"].add_metric(values, float(report.get("queue_depth", 0)))
@@ -94,13 +104,15 @@ class GatewayMetrics:
         self.registry.register(self.stages)
         ProcessCollector(registry=self.registry)  # CPU, resident memory, open files
         PlatformCollector(registry=self.registry)
-        self.requests = Counter("smlaas_requests", "Inference requests by HTTP status",
-                                ["model", "code"], registry=self.registry)
+        self.requests = Counter("smlaas_requests",
+                                "Inference requests by HTTP status (gRPC: its HTTP equivalent)",
+                                ["model", "code", "protocol"], registry=self.registry)
         self.errors = Counter("smlaas_errors", "Failed inference requests by reason",
-                              ["model", "reason"], registry=self.registry)
+                              ["model", "reason", "protocol"], registry=self.registry)
         self.latency = Histogram("smlaas_request_duration_seconds",
-                                 "Time from request received to response ready", ["model"],
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+                                 "Time from request received to response ready",
+                                 ["model", "protocol"], buckets=_LATENCY_BUCKETS,
+                                 registry=self.registry)
         self.queue_depth = Gauge("smlaas_queue_depth", "Requests waiting for a batch",
                                  ["model"], registry=self.registry)
         self.queue_wait = Histogram("smlaas_queue_wait_seconds",
@@ -112,9 +124,9 @@ class GatewayMetrics:
         self.stage_time = Histogram("smlaas_stage_duration_seconds",
                                     "Run time of each stage per batch", ["model", "stage"],
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.abandoned = Gauge("smlaas_abandoned_requests",
-                               "Requests withdrawn unrun because their client had gone",
-                               ["model"], registry=self.registry)
+        self.abandoned = Counter("smlaas_abandoned_requests",
+                                 "Requests withdrawn unrun because their client had gone",
+                                 ["model"], registry=self.registry)
         self.pipeline_up = Gauge("smlaas_pipeline_up",
                                  "1 when every stage answered the last readiness probe",
                                  ["model"], registry=self.registry)
@@ -127,3 +139,54 @@ class GatewayMetrics:
     def record_stages(self, model: str, stage_ms: list[float]) -> None:
         for index, ms in enumerate(stage_ms):
             self.stage_time.labels(model, str(index)).observe(ms / 1e3)
+
+
+def _us(phase: str) -> Callable[[ModelStatistics], int]:
+    return lambda statistics: statistics.phases[phase].ns // 1000
+
+
+def _count(phase: str) -> Callable[[ModelStatistics], int]:
+    return lambda statistics: statistics.phases[phase].count
+
+
+TRITON_COUNTERS: tuple[tuple[str, Callable[[ModelStatistics], int], str], ...] = (
+    ("nv_inference_request_success", _count("success"),
+     "Number of successful inference requests, all batch sizes"),
+    ("nv_inference_request_failure", _count("fail"),
+     "Number of failed inference requests, all batch sizes"),
+    ("nv_inference_count", lambda statistics: statistics.inference_count,
+     "Number of inferences performed (does not include cached requests)"),
+    ("nv_inference_exec_count", lambda statistics: statistics.execution_count,
+     "Number of model executions performed (does not include cached requests)"),
+    ("nv_inference_request_duration_us", _us("success"),
+     "Cumulative inference request duration in microseconds (includes cached requests)"),
+    ("nv_inference_queue_duration_us", _us("queue"),
+     "Cumulative inference queuing duration in microseconds (includes cached requests)"),
+    ("nv_inference_compute_input_duration_us", _us("compute_input"),
+     "Cumulative compute input duration in microseconds (does not include cached requests)"),
+    ("nv_inference_compute_infer_duration_us", _us("compute_infer"),
+     "Cumulative compute inference duration in microseconds (does not include cached "
+     "requests)"),
+    ("nv_inference_compute_output_duration_us", _us("compute_output"),
+     "Cumulative inference compute output duration in microseconds (does not include cached "
+     "requests)"),
+)
+"""Triton's per-model counters: name, its value from the statistics extension's figures
+(:class:`~smlaas.serving.statistics.ModelStatistics`, one source for both), Triton's help."""
+
+
+def triton_metrics_text(statistics: ModelStatistics) -> bytes:
+    """Triton's counters for one model, in the Prometheus text format exactly as Triton
+    writes them: counters without the ``_total`` suffix (which prometheus_client would add),
+    labelled ``model`` and ``version``."""
+    labels = (f'{{model="{_label_value(statistics.name)}",'
+              f'version="{_label_value(statistics.version)}"}}')
+    lines = []
+    for name, value, text in TRITON_COUNTERS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter",
+                  f"{name}{labels} {value(statistics)}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

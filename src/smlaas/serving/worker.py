@@ -88,6 +88,8 @@ class StageStats:
     """The plan's predicted working set and usable EPC (bytes), when the plan is at hand."""
     incarnation: str = field(default_factory=lambda: secrets.token_hex(8))
     requests: int = 0
+    """Requests run (a batch counts each of its requests)."""
+    batches: int = 0
     errors: int = 0
     expired: int = 0
     run_seconds: float = 0.0
@@ -194,7 +196,8 @@ class StageWorker:
                     f"the model's range?); reference {reference} in the stage's log"))
                 continue
             elapsed = time.perf_counter() - started
-            self.stats.requests += 1
+            self.stats.requests += _count(message.meta.get("requests", 1))
+            self.stats.batches += 1
             self.stats.run_seconds += elapsed
             meta = dict(message.meta)
             meta["stage_ms"] = [*meta.get("stage_ms", []), round(elapsed * 1e3, 3)]
@@ -248,6 +251,11 @@ class _Upstream:
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
                 self._stream.write(message)
                 await asyncio.wait_for(self._stream.drain(), 30.0)
+
+
+def _count(value: Any) -> int:
+    """A batch's request count as the gateway sent it (1 if absent or not a count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 def check_place_in_topology(spec: StageSpec, topology: tuple[str, ...]) -> None:

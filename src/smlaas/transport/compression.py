@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import zlib
 
-from smlaas.transport.v2 import BadRequest
+from smlaas.errors import BadRequest
 
 CONTENT_ENCODINGS = ("gzip", "deflate")
 

@@ -5,6 +5,13 @@ Binary extension: the request body is ``JSON | tensor bytes...``; the header
 ``Inference-Header-Content-Length`` gives the JSON's length, and each binary input says its
 size in ``parameters.binary_data_size``. Outputs are returned in binary when the request asks
 (``parameters.binary_data_output`` or per output ``parameters.binary_data``).
+
+Request parameters: ``timeout`` (Triton's, in microseconds; 0 or absent for the gateway's
+deadline) is carried in :attr:`InferRequest.timeout_us`; ``sequence_id``, ``sequence_start``
+and ``sequence_end`` are refused (no model here has sequence batching). Outputs asked for as
+JSON are bounded: a response whose JSON could pass :data:`MAX_JSON_RESPONSE_BYTES` is refused
+with a message that says to ask for binary outputs (:func:`check_json_outputs`), and JSON
+data is encoded in slices (:data:`JSON_CHUNK_VALUES`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from smlaas.errors import InputError
+from smlaas.errors import BadRequest
 from smlaas.transport.tensors import (
     BYTES,
     TensorSpec,
@@ -50,9 +57,27 @@ BYTES_ELEMENT_ALLOWANCE = 4096
 not fixed by its shape)."""
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
+MAX_JSON_RESPONSE_BYTES = 8 * 1024 * 1024
+"""What the JSON of a response's outputs may reach (at worst, :func:`json_bytes_bound`). A
+760-byte request asking for JSON outputs of a model with large outputs once got 81.5 MiB back
+in 6.2 s (issue 18); past this bound the client is told to ask for binary outputs."""
+JSON_VALUE_BYTES = {"bool": len("false,"), "int8": len("-128,"), "uint8": len("255,"),
+                    "int16": len("-32768,"), "uint16": len("65535,"),
+                    "int32": len("-2147483648,"), "uint32": len("4294967295,"),
+                    "int64": len("-9223372036854775808,"), "uint64": len("18446744073709551615,")}
+"""The longest a value of each integer type takes in JSON; floats take at most
+FLOAT_JSON_BYTES."""
+FLOAT_JSON_BYTES = len("-1.2345678901234567e-308,")
+BYTES_JSON_EXPANSION = 6
+"""A BYTES element's byte in JSON, at worst: a control byte or one that is not UTF-8 becomes
+a six-character escape (\\u00XX or \\ufffd)."""
+JSON_CHUNK_VALUES = 4096
+"""Values encoded as JSON per call. ``tolist`` and ``json.dumps`` hold the GIL for a whole call;
+a slice of this size takes about a millisecond, so the event loop's thread gets to run between
+them while a large response is encoded in a worker thread."""
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
-class BadRequest(InputError):
-    """An inference request the gateway answers with HTTP 400."""
+
 
 
 @dataclass(frozen=True)
@@ -78,7 +103,7 @@ class RequestLimits:
         return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
 
 
-def check_json_bounds(text: bytes, limits: RequestLimits) -> None:
+def check_json_bounds(text: bytes | bytearray, limits: RequestLimits) -> None:
     """BadRequest unless ``text`` is within what the model can take: values and containers
     (counted from the bytes, before any parsing) and nesting depth."""
     allowed = limits.max_elements + STRUCTURE_ALLOWANCE
@@ -107,6 +132,9 @@ class InferRequest:
     binary_default: bool = False
     classification: dict[str, int] = field(default_factory=dict)
     """Output name -> k: return its top-k classes (the classification extension)."""
+    timeout_us: int = 0
+    """The request's ``timeout`` parameter in microseconds (Triton's unit); 0: none given,
+    the gateway's own deadline applies. The gateway's deadline also caps it."""
 
     def wants_binary(self, name: str) -> bool:
         return self.binary.get(name, self.binary_default)
@@ -158,8 +186,9 @@ def public_shape(spec: TensorSpec, batching: bool) -> list[int]:
             for axis, d in enumerate(spec.shape)]
 
 
-def parse_infer_request(body: bytes, header_length: str | None, inputs: list[TensorSpec],
-                        outputs: list[TensorSpec], *, max_batch_size: int,
+def parse_infer_request(body: bytes | bytearray, header_length: str | None,
+                        inputs: list[TensorSpec], outputs: list[TensorSpec], *,
+                        max_batch_size: int,
                         limits: RequestLimits | None = None) -> InferRequest:
     """Decodes and checks a request against the model's inputs; BadRequest names what is
     wrong (malformed JSON or binary header, unknown/missing/duplicate tensor, datatype, shape,
@@ -175,7 +204,7 @@ def parse_infer_request(body: bytes, header_length: str | None, inputs: list[Ten
                          f"{str(err)[:200]}") from err
 
 
-def _parse(body: bytes, header_length: str | None, inputs: list[TensorSpec],
+def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[TensorSpec],
            outputs: list[TensorSpec], max_batch_size: int,
            limits: RequestLimits) -> InferRequest:
     json_part, binary = _split_body(body, header_length)
@@ -210,11 +239,34 @@ def _parse(body: bytes, header_length: str | None, inputs: list[TensorSpec],
     missing = sorted(specs.keys() - tensors.keys())
     if missing:
         raise BadRequest(f"missing input(s) {missing}")
-    batch = _check_shapes(tensors, specs, max_batch_size)
+    batch = check_shapes(tensors, specs, max_batch_size)
     requested, binary_flags, classes = _requested_outputs(request, {s.name for s in outputs})
+    refuse_sequences(parameters)
     return InferRequest(id=request_id, inputs=tensors, batch=batch, outputs=requested,
                         binary=binary_flags, classification=classes,
-                        binary_default=_flag(parameters, "binary_data_output", "the request"))
+                        binary_default=_flag(parameters, "binary_data_output", "the request"),
+                        timeout_us=timeout_us_of(parameters))
+
+
+def timeout_us_of(parameters: Mapping[str, Any]) -> int:
+    """The `timeout` request parameter in microseconds (0: none); BadRequest if malformed."""
+    value = parameters.get("timeout", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of "
+                         f"microseconds (0: the gateway's deadline), got {_shown(value)}")
+    return value
+
+
+def refuse_sequences(parameters: Mapping[str, Any]) -> None:
+    """Sequence parameters ask for a stateful model's sequence batcher; saying "no sequence"
+    (an id of 0 or "", start and end false, as tritonclient does by default) is allowed."""
+    for key in SEQUENCE_PARAMETERS:
+        value = parameters.get(key)
+        if value is not None and value is not False and value != 0 and value != "":
+            raise BadRequest(f"parameter {key!r} ({_shown(value)}) asks for sequence batching, "
+                             f"which this model does not have (it keeps no state between "
+                             f"requests); send the request without sequence_id, "
+                             f"sequence_start and sequence_end")
 
 
 def _shown(value: Any) -> str:
@@ -251,21 +303,73 @@ def response_outputs(request: InferRequest, outputs: Mapping[str, np.ndarray],
 
 def encode_infer_response(model_name: str, request: InferRequest,
                           outputs: Mapping[str, np.ndarray], *,
-                          labels: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
-    """The response body and its extra headers (binary outputs after the JSON)."""
+                          labels: list[str] | None = None,
+                          max_json_bytes: int = MAX_JSON_RESPONSE_BYTES
+                          ) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers (binary outputs after the JSON). BadRequest
+    when the outputs asked for as JSON could take more than ``max_json_bytes``."""
     chosen = response_outputs(request, outputs, labels)
-    entries, chunks = _tensor_entries(chosen, {name: request.wants_binary(name)
-                                               for name in chosen})
-    response: dict[str, Any] = {"model_name": model_name, "model_version": "1",
-                                "outputs": entries}
+    binary = {name: request.wants_binary(name) for name in chosen}
+    check_json_outputs({name: json_bytes_bound(value) for name, value in chosen.items()
+                        if not binary[name]}, limit=max_json_bytes)
+    entries, chunks = _tensor_entries(chosen, binary)
+    head: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.id is not None:
-        response["id"] = request.id
-    return _body(response, chunks)
+        head["id"] = request.id
+    return _body(head, "outputs", entries, chunks)
+
+
+def json_bytes_bound(value: np.ndarray) -> int:
+    """The most bytes ``value``'s elements can take as JSON data (a flat array)."""
+    if value.dtype == object:
+        return len("[]") + sum(BYTES_JSON_EXPANSION * len(_as_text_bytes(v)) + len('"",')
+                               for v in value.reshape(-1))
+    return len("[]") + value.size * JSON_VALUE_BYTES.get(value.dtype.name, FLOAT_JSON_BYTES)
+
+
+def spec_json_bytes_bound(spec: TensorSpec, *, rows: int, batching: bool) -> int | None:
+    """The most bytes an output as the model describes it can take as JSON data at ``rows``
+    rows; None when that is not known before it runs (a symbolic dimension, BYTES)."""
+    dims = [rows if batching and axis == 0 else d for axis, d in enumerate(spec.shape)]
+    if spec.dtype == BYTES or any(d is None for d in dims):
+        return None
+    return len("[]") + math.prod(int(d) for d in dims if d is not None) * JSON_VALUE_BYTES.get(
+        spec.dtype, FLOAT_JSON_BYTES)
+
+
+def json_output_bounds(request: InferRequest, outputs: list[TensorSpec], *,
+                       batching: bool) -> dict[str, int | None]:
+    """For each output ``request`` asks for as JSON, the most its data can take (None: not
+    known until it runs), from the model's description: checked before anything runs."""
+    wanted = request.outputs or [spec.name for spec in outputs]
+    specs = {spec.name: spec for spec in outputs}
+    return {name: None if name in request.classification else
+            spec_json_bytes_bound(specs[name], rows=request.batch, batching=batching)
+            for name in wanted if name in specs and not request.wants_binary(name)}
+
+
+def check_json_outputs(bounds: Mapping[str, int | None], *,
+                       limit: int = MAX_JSON_RESPONSE_BYTES) -> None:
+    """BadRequest when the outputs to send as JSON (name -> the most their data can take;
+    None: unknown yet) could take more than ``limit`` bytes together."""
+    known = {name: bound for name, bound in bounds.items() if bound is not None}
+    total = sum(known.values())
+    if total > limit:
+        names = ", ".join(sorted(known))
+        raise BadRequest(f"the outputs asked for as JSON ({names}) can take up to {total} bytes "
+                         f"of JSON, more than the {limit} this gateway returns as JSON; ask for "
+                         f"binary outputs (request parameter binary_data_output: true, or "
+                         f"binary_data: true on the output: Triton's binary tensor extension)")
+
+
+def _as_text_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool]
-                    ) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Each tensor's JSON entry, and the binary data of those sent in binary, in order."""
+                    ) -> tuple[list[str], list[bytes]]:
+    """Each tensor's JSON entry (as JSON text), and the binary data of those sent in binary,
+    in order."""
     entries, chunks = [], []
     for name, value in tensors.items():
         array = np.asarray(value, order="C")
@@ -275,15 +379,31 @@ def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool
             data = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
+            entries.append(_json_text(entry))
         else:
-            entry["data"] = json_values(array)
-        entries.append(entry)
+            entries.append(_json_text(entry)[:-1] + ',"data":' + json_data_text(array) + "}")
     return entries, chunks
 
 
-def _body(head: dict[str, Any], chunks: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    """JSON alone, or JSON then binary tensors with the header length the extension uses."""
-    text = json.dumps(head, separators=(",", ":")).encode()
+def json_data_text(value: np.ndarray) -> str:
+    """A tensor's elements, flattened, as a JSON array (see :func:`json_values`), encoded
+    JSON_CHUNK_VALUES at a time."""
+    flat = value.reshape(-1)
+    parts = [_json_text(json_values(flat[start:start + JSON_CHUNK_VALUES]))[1:-1]
+             for start in range(0, flat.size, JSON_CHUNK_VALUES)]
+    return "[" + ",".join(parts) + "]"
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _body(head: dict[str, Any], key: str, entries: list[str], chunks: list[bytes]
+          ) -> tuple[bytes, dict[str, str]]:
+    """``head`` with ``key`` holding the (already encoded) ``entries``, alone or followed by
+    binary tensors with the header length the extension uses."""
+    text = (_json_text(head)[:-1] + ("," if head else "") + f'"{key}":[' + ",".join(entries)
+            + "]}").encode()
     if not chunks:
         return text, {"Content-Type": "application/json"}
     return b"".join([text, *chunks]), {"Content-Type": "application/octet-stream",
@@ -294,10 +414,10 @@ def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = Tru
                          outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
     """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
     entries, chunks = _tensor_entries(inputs, dict.fromkeys(inputs, binary))
-    request: dict[str, Any] = {"inputs": entries, "parameters": {"binary_data_output": binary}}
+    request: dict[str, Any] = {"parameters": {"binary_data_output": binary}}
     if outputs is not None:
         request["outputs"] = [{"name": n} for n in outputs]
-    return _body(request, chunks)
+    return _body(request, "inputs", entries, chunks)
 
 
 def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
@@ -329,19 +449,23 @@ def _json_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
     return np.asarray(data, dtype=dtype)
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def _split_body(body: bytes | bytearray, header_length: str | None
+                ) -> tuple[bytes | bytearray, memoryview]:
+    """The JSON header and a view of the binary data after it (tensors are read from the
+    body's own buffer, not from copies of it)."""
     if header_length is None:
-        return body, b""
+        return body, memoryview(b"")
     try:
         length = int(header_length)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
     if not 0 <= length <= len(body):
         raise BadRequest(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
-    return body[:length], body[length:]
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
 
 
-def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
+def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: memoryview,
                   offset: int, max_elements: int, max_batch_size: int
                   ) -> tuple[np.ndarray, int]:
     name = spec.name
@@ -357,7 +481,7 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got "
                          f"{_shown(shape)}")
-    _check_shape(name, shape, spec, max_batch_size)  # before anything is allocated
+    check_shape(name, shape, spec, max_batch_size)  # before anything is allocated
     count = math.prod(shape)  # Python ints: no overflow
     if count > max_elements:
         raise BadRequest(f"input {name!r}: shape {_shown(shape)} has {count} elements, more "
@@ -390,7 +514,7 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: bytes,
     return array.reshape(shape), offset
 
 
-def _fixed_input(name: str, data: bytes, shape: list[int], dtype: np.dtype[Any],
+def _fixed_input(name: str, data: memoryview, shape: list[int], dtype: np.dtype[Any],
                  declared: str) -> np.ndarray:
     count = math.prod(shape)
     if len(data) != count * dtype.itemsize:
@@ -399,7 +523,7 @@ def _fixed_input(name: str, data: bytes, shape: list[int], dtype: np.dtype[Any],
     return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
 
-def _bytes_input(name: str, data: bytes, shape: list[int]) -> np.ndarray:
+def _bytes_input(name: str, data: memoryview, shape: list[int]) -> np.ndarray:
     try:
         return bytes_array(deserialize_bytes(data), shape)
     except ValueError as err:
@@ -425,7 +549,7 @@ def _json_bytes_input(name: str, data: Any, shape: list[int]) -> np.ndarray:
         raise BadRequest(f"input {name!r}: {err}") from err
 
 
-def _check_shape(name: str, shape: list[int], spec: TensorSpec, max_batch_size: int) -> None:
+def check_shape(name: str, shape: list[int], spec: TensorSpec, max_batch_size: int) -> None:
     batched = max_batch_size > 0
     if len(shape) != len(spec.shape) or any(
             e is not None and e != v and not (batched and axis == 0)
@@ -437,11 +561,11 @@ def _check_shape(name: str, shape: list[int], spec: TensorSpec, max_batch_size: 
                          f"(max_batch_size)")
 
 
-def _check_shapes(tensors: dict[str, np.ndarray], specs: dict[str, TensorSpec],
+def check_shapes(tensors: dict[str, np.ndarray], specs: dict[str, TensorSpec],
                   max_batch_size: int) -> int:
     batches = set()
     for name, value in tensors.items():
-        _check_shape(name, list(value.shape), specs[name], max_batch_size)
+        check_shape(name, list(value.shape), specs[name], max_batch_size)
         batched = max_batch_size > 0
         if batched:
             batches.add(value.shape[0])
