@@ -108,6 +108,10 @@ class HostOption:
         return text
 
 
+_COORDINATOR = HostOption("--coordinator", "coordinator", "address", metavar="HOST:PORT",
+                          help="The coordinator to register with.")
+
+
 class RoleSpec:
     """What every spec provides (the dataclasses below)."""
 
@@ -214,8 +218,7 @@ class StageSpec(RoleSpec):
                 "--coordinator-mrenclave", self.coordinator_mrenclave]
 
     HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = (
-        HostOption("--coordinator", "coordinator", "address", metavar="HOST:PORT",
-                   help="The coordinator to register with."),
+        _COORDINATOR,
         HostOption("--listen", "listen", "address", metavar="HOST:PORT",
                    help="Where the previous role connects."),
         HostOption("--build", "sealed_dir", "path",
@@ -268,8 +271,7 @@ class GatewaySpec(RoleSpec):
                 self.coordinator_mrenclave]
 
     HOST_OPTIONS: ClassVar[tuple[HostOption, ...]] = (
-        HostOption("--coordinator", "coordinator", "address", metavar="HOST:PORT",
-                   help="The coordinator to register with."),
+        _COORDINATOR,
         HostOption("--first-stage", "first_stages", "addresses", metavar="HOST:PORT",
                    help="Stage 0's replicas, comma-separated."),
         HostOption("--host", "listen", "host", default="127.0.0.1"),

@@ -15,15 +15,13 @@ from smlaas.client.inference import decode_infer_response
 from smlaas.errors import BadRequest
 from smlaas.transport.tensors import TensorSpec
 from smlaas.transport.v2 import (
-    HEADER_ALLOWANCE_BYTES,
     HEADER_LENGTH,
     InferRequest,
-    RequestLimits,
-    check_json_bounds,
     encode_infer_request,
     encode_infer_response,
     parse_infer_request,
 )
+from smlaas.transport.v2_limits import HEADER_ALLOWANCE_BYTES, RequestLimits, check_json_bounds
 
 INPUTS = [TensorSpec("x", "float32", [1, 3, 4]), TensorSpec("ids", "int64", [1, 2])]
 OUTPUTS = [TensorSpec("y", "float32", [1, 5])]
@@ -215,12 +213,8 @@ def test_compressed_bodies_are_bounded() -> None:
 
 
 def test_classification_and_bytes_round_trip() -> None:
-    from smlaas.transport.v2 import (
-        classify,
-        decode_infer_response,
-        deserialize_bytes,
-        serialize_bytes,
-    )
+    from smlaas.transport.classification import classify
+    from smlaas.transport.v2 import decode_infer_response, deserialize_bytes, serialize_bytes
 
     scores = np.array([[0.1, 0.9, 0.5], [3.0, 1.0, 2.0]], np.float32)
     top = classify(scores, 2, ["a", "b", "c"])
@@ -328,7 +322,8 @@ WIDE = [TensorSpec("wide", "float32", [None, 1000]), TensorSpec("ids", "int64", 
 
 
 def test_json_output_bounds_follow_the_models_output_shapes() -> None:
-    from smlaas.transport.v2 import FLOAT_JSON_BYTES, JSON_VALUE_BYTES, json_output_bounds
+    from smlaas.transport.v2 import json_output_bounds
+    from smlaas.transport.v2_limits import FLOAT_JSON_BYTES, JSON_VALUE_BYTES
 
     request = InferRequest(id=None, inputs={}, batch=8, binary={"ids": True})
     bounds = json_output_bounds(request, WIDE, batching=True)
@@ -342,7 +337,7 @@ def test_json_output_bounds_follow_the_models_output_shapes() -> None:
 
 
 def test_json_outputs_past_the_bound_are_refused_with_what_to_do() -> None:
-    from smlaas.transport.v2 import check_json_outputs, json_bytes_bound
+    from smlaas.transport.v2_limits import check_json_outputs, json_bytes_bound
 
     check_json_outputs({"a": 600, "b": None, "c": 400}, limit=1000)
     with pytest.raises(BadRequest, match="ask for binary outputs") as caught:

@@ -48,15 +48,8 @@ from smlaas.serving.protocol import (
 )
 from smlaas.serving.statistics import ModelStatistics
 from smlaas.transport.tensors import BYTES, TensorMessage
-from smlaas.transport.v2 import (
-    MAX_JSON_RESPONSE_BYTES,
-    InferRequest,
-    RequestLimits,
-    check_json_outputs,
-    datatype,
-    json_output_bounds,
-    public_shape,
-)
+from smlaas.transport.v2 import InferRequest, datatype, json_output_bounds, public_shape
+from smlaas.transport.v2_limits import MAX_JSON_RESPONSE_BYTES, RequestLimits, check_json_outputs
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

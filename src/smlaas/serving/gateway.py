@@ -58,10 +58,10 @@ from smlaas.transport.compression import decode_content, encode_content
 from smlaas.transport.v2 import (
     HEADER_LENGTH,
     InferRequest,
-    RequestLimits,
     encode_infer_response,
     parse_infer_request,
 )
+from smlaas.transport.v2_limits import RequestLimits
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

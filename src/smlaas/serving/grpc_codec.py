@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from smlaas.errors import BadRequest, TooLarge
+from smlaas.transport.classification import MAX_CLASSES
 from smlaas.transport.tensors import (
     BYTES,
     TensorSpec,
@@ -35,10 +36,7 @@ from smlaas.transport.tensors import (
 )
 from smlaas.transport.v2 import (
     DATATYPES,
-    MAX_CLASSES,
-    MAX_JSON_DEPTH,
     InferRequest,
-    RequestLimits,
     check_shape,
     check_shapes,
     datatype,
@@ -46,6 +44,7 @@ from smlaas.transport.v2 import (
     response_outputs,
     timeout_us_of,
 )
+from smlaas.transport.v2_limits import MAX_JSON_DEPTH, RequestLimits
 
 __all__ = ["CONTENTS_FIELDS", "FINAL_REQUESTED", "GrpcRequestDecoder", "encode_infer_response",
            "parse_request", "request_parameters", "stream_error"]

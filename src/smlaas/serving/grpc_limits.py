@@ -24,7 +24,11 @@ import numpy as np
 
 from smlaas.errors import TooLarge, TooManyCalls
 from smlaas.transport.tensors import BYTES, TensorSpec
-from smlaas.transport.v2 import BYTES_ELEMENT_ALLOWANCE, DYNAMIC_DIM_CAP, HEADER_ALLOWANCE_BYTES
+from smlaas.transport.v2_limits import (
+    BYTES_ELEMENT_ALLOWANCE,
+    DYNAMIC_DIM_CAP,
+    HEADER_ALLOWANCE_BYTES,
+)
 
 __all__ = ["BOOTSTRAP_LIMITS", "GrpcLimits", "InferenceSlots", "TooManyCalls",
            "TooLarge"]

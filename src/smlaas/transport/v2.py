@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from smlaas.errors import BadRequest
+from smlaas.transport.classification import MAX_CLASSES, classify
 from smlaas.transport.tensors import (
     BYTES,
     TensorSpec,
@@ -33,6 +33,15 @@ from smlaas.transport.tensors import (
     deserialize_bytes,
     serialize_bytes,
     wire_dtype,
+)
+from smlaas.transport.v2_limits import (
+    MAX_JSON_DEPTH,
+    MAX_JSON_RESPONSE_BYTES,
+    RequestLimits,
+    check_json_bounds,
+    check_json_outputs,
+    json_bytes_bound,
+    spec_json_bytes_bound,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -43,34 +52,6 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
 
 
-# What a request may hold beyond its tensors (JSON header, names, parameters), and what one
-# number may take in JSON ("-1.2345678901234567e-308," is 25 bytes).
-HEADER_ALLOWANCE_BYTES = 64 * 1024
-JSON_BYTES_PER_VALUE = 32
-STRUCTURE_ALLOWANCE = 4096
-"""JSON values and containers besides the tensors' elements (inputs, shapes, parameters)."""
-MAX_JSON_DEPTH = 64
-DYNAMIC_DIM_CAP = 8192
-"""What a symbolic dimension other than the batch one may reach, for the body limit."""
-BYTES_ELEMENT_ALLOWANCE = 4096
-"""What one BYTES element may take on average, for the body limit (a string tensor's size is
-not fixed by its shape)."""
-_BRACKETS = re.compile(rb"[\[\]{}]")
-
-MAX_JSON_RESPONSE_BYTES = 8 * 1024 * 1024
-"""What the JSON of a response's outputs may reach (at worst, :func:`json_bytes_bound`). A
-760-byte request asking for JSON outputs of a model with large outputs once got 81.5 MiB back
-in 6.2 s (issue 18); past this bound the client is told to ask for binary outputs."""
-JSON_VALUE_BYTES = {"bool": len("false,"), "int8": len("-128,"), "uint8": len("255,"),
-                    "int16": len("-32768,"), "uint16": len("65535,"),
-                    "int32": len("-2147483648,"), "uint32": len("4294967295,"),
-                    "int64": len("-9223372036854775808,"), "uint64": len("18446744073709551615,")}
-"""The longest a value of each integer type takes in JSON; floats take at most
-FLOAT_JSON_BYTES."""
-FLOAT_JSON_BYTES = len("-1.2345678901234567e-308,")
-BYTES_JSON_EXPANSION = 6
-"""A BYTES element's byte in JSON, at worst: a control byte or one that is not UTF-8 becomes
-a six-character escape (\\u00XX or \\ufffd)."""
 JSON_CHUNK_VALUES = 4096
 """Values encoded as JSON per call. ``tolist`` and ``json.dumps`` hold the GIL for a whole call;
 a slice of this size takes about a millisecond, so the event loop's thread gets to run between
@@ -78,46 +59,6 @@ them while a large response is encoded in a worker thread."""
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Bounds that follow from the model: its inputs at the largest batch it serves. A body
-    past them is refused before it is read, and a JSON header that could expand past them is
-    refused before it is parsed (:func:`check_json_bounds`)."""
-
-    max_elements: int
-    max_body_bytes: int
-
-    @classmethod
-    def for_model(cls, inputs: list[TensorSpec], *, max_batch_size: int) -> RequestLimits:
-        rows = max(1, max_batch_size)
-        elements = itemsize = 0
-        for spec in inputs:
-            dims = [rows if axis == 0 and max_batch_size > 0 else
-                    DYNAMIC_DIM_CAP if d is None else d for axis, d in enumerate(spec.shape)]
-            elements += math.prod(dims)
-            itemsize = max(itemsize, BYTES_ELEMENT_ALLOWANCE if spec.dtype == BYTES
-                           else np.dtype(spec.dtype).itemsize)
-        per_value = max(itemsize, JSON_BYTES_PER_VALUE)
-        return cls(elements, HEADER_ALLOWANCE_BYTES + elements * per_value)
-
-
-def check_json_bounds(text: bytes | bytearray, limits: RequestLimits) -> None:
-    """BadRequest unless ``text`` is within what the model can take: values and containers
-    (counted from the bytes, before any parsing) and nesting depth."""
-    allowed = limits.max_elements + STRUCTURE_ALLOWANCE
-    if text.count(b",") > allowed:
-        raise BadRequest(f"the JSON holds more values than the model's inputs can ({allowed})")
-    containers = text.count(b"[") + text.count(b"{")
-    if containers > allowed:
-        raise BadRequest(f"the JSON holds {containers} arrays or objects, more than the "
-                         f"model's inputs can ({allowed})")
-    depth = 0
-    for match in _BRACKETS.finditer(text):
-        depth += 1 if match.group() in (b"[", b"{") else -1
-        if depth > MAX_JSON_DEPTH:
-            raise BadRequest(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
 
 
 @dataclass
@@ -138,26 +79,6 @@ class InferRequest:
 
     def wants_binary(self, name: str) -> bool:
         return self.binary.get(name, self.binary_default)
-
-
-MAX_CLASSES = 10_000
-
-
-def classify(values: np.ndarray, k: int, labels: list[str] | None = None) -> np.ndarray:
-    """Triton's classification extension: over the last axis, the ``k`` highest values as
-    ``"score:index"`` (``"score:index:label"`` with labels), highest first, as bytes."""
-    if values.ndim == 0:
-        raise BadRequest("classification needs an output with at least one axis")
-    k = min(k, values.shape[-1])
-    flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
-    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    rows = []
-    for row, indices in zip(flat, order):
-        rows.append([(f"{row[i]:f}:{i}" + (f":{labels[i]}" if labels and i < len(labels)
-                                           else "")).encode() for i in indices])
-    result = np.empty((len(rows), k), dtype=object)
-    result[:] = rows
-    return result.reshape(*values.shape[:-1], k)
 
 
 def datatype(dtype: str) -> str:
@@ -319,24 +240,6 @@ def encode_infer_response(model_name: str, request: InferRequest,
     return _body(head, "outputs", entries, chunks)
 
 
-def json_bytes_bound(value: np.ndarray) -> int:
-    """The most bytes ``value``'s elements can take as JSON data (a flat array)."""
-    if value.dtype == object:
-        return len("[]") + sum(BYTES_JSON_EXPANSION * len(_as_text_bytes(v)) + len('"",')
-                               for v in value.reshape(-1))
-    return len("[]") + value.size * JSON_VALUE_BYTES.get(value.dtype.name, FLOAT_JSON_BYTES)
-
-
-def spec_json_bytes_bound(spec: TensorSpec, *, rows: int, batching: bool) -> int | None:
-    """The most bytes an output as the model describes it can take as JSON data at ``rows``
-    rows; None when that is not known before it runs (a symbolic dimension, BYTES)."""
-    dims = [rows if batching and axis == 0 else d for axis, d in enumerate(spec.shape)]
-    if spec.dtype == BYTES or any(d is None for d in dims):
-        return None
-    return len("[]") + math.prod(int(d) for d in dims if d is not None) * JSON_VALUE_BYTES.get(
-        spec.dtype, FLOAT_JSON_BYTES)
-
-
 def json_output_bounds(request: InferRequest, outputs: list[TensorSpec], *,
                        batching: bool) -> dict[str, int | None]:
     """For each output ``request`` asks for as JSON, the most its data can take (None: not
@@ -346,24 +249,6 @@ def json_output_bounds(request: InferRequest, outputs: list[TensorSpec], *,
     return {name: None if name in request.classification else
             spec_json_bytes_bound(specs[name], rows=request.batch, batching=batching)
             for name in wanted if name in specs and not request.wants_binary(name)}
-
-
-def check_json_outputs(bounds: Mapping[str, int | None], *,
-                       limit: int = MAX_JSON_RESPONSE_BYTES) -> None:
-    """BadRequest when the outputs to send as JSON (name -> the most their data can take;
-    None: unknown yet) could take more than ``limit`` bytes together."""
-    known = {name: bound for name, bound in bounds.items() if bound is not None}
-    total = sum(known.values())
-    if total > limit:
-        names = ", ".join(sorted(known))
-        raise BadRequest(f"the outputs asked for as JSON ({names}) can take up to {total} bytes "
-                         f"of JSON, more than the {limit} this gateway returns as JSON; ask for "
-                         f"binary outputs (request parameter binary_data_output: true, or "
-                         f"binary_data: true on the output: Triton's binary tensor extension)")
-
-
-def _as_text_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool]
