@@ -72,7 +72,7 @@ gramine, the SGX roles' hostPath of the node's aesmd socket, which even "baselin
 The Kubernetes tests check every pod spec against the profile.
 
 Note "owner step". The owner sets the manifest on the in-cluster coordinator with
-``smlaas owner set-manifest`` (:meth:`smlaas.deploy.deployment.Deployment.set_manifest_at`).
+``smlaas owner set-manifest`` (:meth:`smlaas.deploy.owner_plane.OwnerPlane.set_manifest_at`).
 Safest from the owner's machine, through ``kubectl port-forward svc/smlaas-coordinator
 7443``: the session is RA-TLS to the attested coordinator, and the keys never enter the
 cluster. ``owner/manifest-job.yaml`` runs the same command as a Job, reading the owner's
