@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2
 
 from smlaas.coordinator.server import free_port
 from smlaas.profile.session import create_session, run_session
+from smlaas.serving.grpc_gateway import UNARY_REQUESTS
 from tests.builds import sealed_chain_build
 from tests.integration.serving_setup import cache_env, deployment
 from tests.models import chain_model
@@ -165,14 +166,7 @@ def test_fuzzed_streams_answer_every_request_and_never_internal(channel, stream:
             assert answer.infer_response.model_name == MODEL
 
 
-OTHER_CALLS = {"ServerLive": service_pb2.ServerLiveRequest,
-               "ServerReady": service_pb2.ServerReadyRequest,
-               "ModelReady": service_pb2.ModelReadyRequest,
-               "ServerMetadata": service_pb2.ServerMetadataRequest,
-               "ModelMetadata": service_pb2.ModelMetadataRequest,
-               "ModelConfig": service_pb2.ModelConfigRequest,
-               "ModelStatistics": service_pb2.ModelStatisticsRequest,
-               "RepositoryIndex": service_pb2.RepositoryIndexRequest}
+OTHER_CALLS = UNARY_REQUESTS
 NAMED = st.fixed_dictionaries({"name": st.sampled_from([MODEL, "nope", ""]) | st.text(max_size=5),
                                "version": st.sampled_from(["", "1", "2"])})
 

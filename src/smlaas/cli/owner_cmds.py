@@ -28,6 +28,10 @@ from smlaas.transport.addresses import parse_address
 _key = click.option("--key", "key_path", type=click.Path(dir_okay=False),
                     help="The owner key file (default: $SMLAAS_OWNER_KEY or "
                          "~/.config/smlaas/owner.key).")
+_coordinator = click.option("--coordinator", "address", required=True, metavar="HOST:PORT",
+                            help="The coordinator to attest.")
+_backend = click.option("--backend", type=click.Choice(BACKENDS), default="sim",
+                        show_default=True)
 _sim_root = click.option("--sim-root", type=click.Path(exists=True, dir_okay=False),
                          help="sim backend: trust exactly this simulation root (PEM; e.g. the "
                               "one baked into the image: `smlaas attest sim-root`), not this "
@@ -117,8 +121,8 @@ def owner_show(key_path: str | None, as_json: bool) -> int:
 
 @owner.command("status")
 @_key
-@click.option("--coordinator", "address", required=True, metavar="HOST:PORT")
-@click.option("--backend", type=click.Choice(BACKENDS), default="sim", show_default=True)
+@_coordinator
+@_backend
 @_coordinator_mr
 @_sim_root
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -246,8 +250,8 @@ def owner_set_manifest(build_dir: str, key_path: str | None, keys_path: str, add
 
 @owner.command("release")
 @_key
-@click.option("--coordinator", "address", required=True, metavar="HOST:PORT")
-@click.option("--backend", type=click.Choice(BACKENDS), default="sim", show_default=True)
+@_coordinator
+@_backend
 @_coordinator_mr
 @_coordinator_address
 @_validity

@@ -79,6 +79,16 @@ class _Outcome:
     """The client asked responses to carry ``triton_final_response``."""
 
 
+UNARY_REQUESTS = {"ServerLive": service_pb2.ServerLiveRequest,
+                  "ServerReady": service_pb2.ServerReadyRequest,
+                  "ModelReady": service_pb2.ModelReadyRequest,
+                  "ServerMetadata": service_pb2.ServerMetadataRequest,
+                  "ModelMetadata": service_pb2.ModelMetadataRequest,
+                  "ModelConfig": service_pb2.ModelConfigRequest,
+                  "ModelStatistics": service_pb2.ModelStatisticsRequest,
+                  "RepositoryIndex": service_pb2.RepositoryIndexRequest}
+"""The service's calls other than inference, with their request messages."""
+
 class GrpcEndpoints:
     """The V2 gRPC calls over a data plane; its exceptions become gRPC codes here only."""
 
@@ -106,14 +116,7 @@ class GrpcEndpoints:
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table: inferences travel as bytes (parsed and serialized off
         the event loop here), the other calls as messages."""
-        unary = {"ServerLive": service_pb2.ServerLiveRequest,
-                 "ServerReady": service_pb2.ServerReadyRequest,
-                 "ModelReady": service_pb2.ModelReadyRequest,
-                 "ServerMetadata": service_pb2.ServerMetadataRequest,
-                 "ModelMetadata": service_pb2.ModelMetadataRequest,
-                 "ModelConfig": service_pb2.ModelConfigRequest,
-                 "ModelStatistics": service_pb2.ModelStatisticsRequest,
-                 "RepositoryIndex": service_pb2.RepositoryIndexRequest}
+        unary = UNARY_REQUESTS
         methods = {name: grpc.unary_unary_rpc_method_handler(
             _parsed(getattr(self, name), message), response_serializer=_serialize)
             for name, message in unary.items()}
