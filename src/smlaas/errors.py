@@ -21,8 +21,8 @@
      ├─ ServingError                 the inference service answered with an error (HTTP status)
      ├─ GatewayError                 the gateway cannot answer a request (HTTP/gRPC status)
      │   ├─ ModelNotFound            no such model or version here
-     │   ├─ Unavailable              a stage is down
-     │   ├─ QueueFull                as many requests wait as the batcher holds
+     │   ├─ Unavailable              a stage is down, or the queue is full
+     │   │   └─ QueueFull            as many requests wait as the batcher holds
      │   ├─ DeadlineExceeded         no result within the request's deadline
      │   ├─ PipelineFailed           a stage answered with an error
      │   ├─ ClientGone               the client left before its answer
@@ -42,9 +42,42 @@
              └─ ReleaseError         no current owner release (unsigned, expired, older, other)
 
 Messages say what failed, what was expected against what was found, and how to fix it.
+
+Errors a server answers with carry a :class:`Status`, which knows its HTTP status and gRPC
+code: each boundary maps an error once, with :func:`status_of`.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+
+class Status(StrEnum):
+    """Why a request failed, as the stages, the gateway and both of its protocols report it.
+
+    The value is the name it travels under between the stages; :attr:`http` and
+    :attr:`grpc` are the codes a front end answers with (``grpc`` names a
+    ``grpc.StatusCode`` member, so that this module imports nothing).
+    """
+
+    http: int
+    grpc: str
+
+    def __new__(cls, value: str, http: int, grpc: str) -> Status:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.http, member.grpc = http, grpc
+        return member
+
+    BAD_INPUT = "bad_input", 400, "INVALID_ARGUMENT"
+    NOT_FOUND = "not_found", 404, "NOT_FOUND"
+    TOO_LARGE = "too_large", 413, "RESOURCE_EXHAUSTED"
+    TOO_MANY_CALLS = "too_many_calls", 429, "RESOURCE_EXHAUSTED"
+    CLIENT_GONE = "client_gone", 499, "CANCELLED"
+    INTERNAL = "internal", 500, "INTERNAL"
+    UNAVAILABLE = "unavailable", 503, "UNAVAILABLE"
+    DEADLINE = "deadline", 504, "DEADLINE_EXCEEDED"
 
 
 class SmlaasError(Exception):
@@ -130,32 +163,41 @@ class ProtocolError(SmlaasError):
 class BadRequest(InputError):
     """An inference request the gateway answers with HTTP 400 (gRPC INVALID_ARGUMENT)."""
 
+    status: ClassVar[Status] = Status.BAD_INPUT
+
 
 class GatewayError(SmlaasError):
-    """The gateway cannot answer a request; each subclass maps to one HTTP and gRPC status
-    (:func:`smlaas.serving.data_plane.error_codes`)."""
+    """The gateway cannot answer a request; each subclass knows its :class:`Status`."""
+
+    status: Status = Status.INTERNAL
 
 
 class ModelNotFound(GatewayError):
     """No such model or version here."""
 
+    status = Status.NOT_FOUND
+
 
 class Unavailable(GatewayError):
     """The pipeline cannot answer now (a stage is down, or the queue is full)."""
 
+    status = Status.UNAVAILABLE
 
-class QueueFull(GatewayError):
+
+class QueueFull(Unavailable):
     """As many requests wait as the batcher holds."""
 
 
 class DeadlineExceeded(GatewayError):
     """No result within the request's deadline."""
 
+    status = Status.DEADLINE
+
 
 class PipelineFailed(GatewayError):
-    """A stage answered the request with an error."""
+    """A stage answered the request with an error (its status says which kind)."""
 
-    def __init__(self, message: str, *, status: str) -> None:
+    def __init__(self, message: str, *, status: Status) -> None:
         super().__init__(message)
         self.status = status
 
@@ -163,13 +205,25 @@ class PipelineFailed(GatewayError):
 class ClientGone(GatewayError):
     """The client closed its connection before its answer was ready (nobody to answer)."""
 
+    status = Status.CLIENT_GONE
+
 
 class TooLarge(GatewayError):
     """A gRPC message is larger than this model's requests (or responses) can be."""
 
+    status = Status.TOO_LARGE
+
 
 class TooManyCalls(GatewayError):
     """As many gRPC inferences are running as the gateway serves at once."""
+
+    status = Status.TOO_MANY_CALLS
+
+
+def status_of(err: BaseException) -> Status:
+    """The status a server answers ``err`` with: its own, else INTERNAL."""
+    status = getattr(err, "status", None)
+    return status if isinstance(status, Status) else Status.INTERNAL
 
 
 class TransportError(SmlaasError):

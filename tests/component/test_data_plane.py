@@ -20,11 +20,11 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from smlaas.errors import Status
 from smlaas.serving.data_plane import DataPlane, GatewaySettings
 from smlaas.serving.gateway import create_app
 from smlaas.serving.http_limits import CONNECTION_EXTENSION, ConnectionLedger, deadline_protocol
-from smlaas.serving.protocol import DESCRIBE, Status, error_reply
-from smlaas.transport.tensors import TensorMessage, TensorSpec
+from smlaas.serving.protocol import Describe, Description, Failure, Infer, Outputs, TensorSpec
 
 WIDTH, WIDE = 4, 1000
 MODEL = "m"
@@ -34,28 +34,27 @@ class FakeStages:
     """The pipeline in memory: ``y = 2x`` and ``wide`` (x's first column repeated WIDE
     times), after ``delay_s``; a request past its deadline is refused as a stage would."""
 
+    role = "stage-0"
+
     def __init__(self, *, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
-        self.runs: list[dict[str, Any]] = []
+        self.runs: list[Infer] = []
 
-    async def request(self, tensors: dict[str, np.ndarray], meta: dict[str, Any], *,
-                      request_id: str | None = None) -> TensorMessage:
-        request_id = request_id or "r"
-        if meta.get("op") == DESCRIBE:
-            return TensorMessage(request_id, {}, {
-                "inputs": [TensorSpec("x", "float32", [None, WIDTH]).to_dict()],
-                "outputs": [TensorSpec("y", "float32", [None, WIDTH]).to_dict(),
-                            TensorSpec("wide", "float32", [None, WIDE]).to_dict()],
-                "stages": [0], "stage_stats": []})
-        self.runs.append({**meta, "rows": len(tensors["x"])})
+    async def describe(self, message: Describe, **_: Any) -> Description:
+        return Description(
+            (TensorSpec("x", "float32", [None, WIDTH]),),
+            (TensorSpec("y", "float32", [None, WIDTH]),
+             TensorSpec("wide", "float32", [None, WIDE])),
+            (0,))
+
+    async def request(self, message: Infer, **_: Any) -> Outputs | Failure:
+        self.runs.append(message)
         await asyncio.sleep(self.delay_s)
-        if time.time() > meta["deadline"]:
-            return error_reply(request_id, Status.DEADLINE, "deadline passed before stage 0")
-        x = tensors["x"]
-        return TensorMessage(request_id, {"y": x * 2, "wide": np.repeat(x[:, :1], WIDE, 1)},
-                             {"stage_ms": [self.delay_s * 1e3]})
-
-    request_all = request
+        if message.expired():
+            return Failure(Status.DEADLINE, "deadline passed before stage 0")
+        x = message.tensors["x"]
+        return Outputs({"y": x * 2, "wide": np.repeat(x[:, :1], WIDE, 1)},
+                       (self.delay_s * 1e3,))
 
     async def close(self) -> None:
         pass
@@ -66,8 +65,8 @@ async def gateway(stages: FakeStages, **settings: Any) -> AsyncIterator[httpx.As
     options: dict[str, Any] = {"model_name": MODEL, "max_batch_size": 8,
                                "max_queue_delay_us": 1000, **settings}
     gateway_settings = GatewaySettings(**options)
-    plane = DataPlane(gateway_settings, stages)  # type: ignore[arg-type]
-    app = create_app(gateway_settings, stages, plane=plane)  # type: ignore[arg-type]
+    plane = DataPlane(gateway_settings, stages)
+    app = create_app(gateway_settings, stages, plane=plane)
     await plane.start()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
@@ -149,8 +148,8 @@ def test_a_stage_gets_the_requests_deadline_and_the_batchs_request_count() -> No
             answers = await asyncio.gather(*(client.post(URL, json=infer_json(1, parameters={
                 "timeout": 2_000_000})) for _ in range(3)))
             assert all(a.status_code == 200 for a in answers)
-        assert all(before < run["deadline"] < before + 2.5 for run in stages.runs)
-        assert sum(run["requests"] for run in stages.runs) == 3
+        assert all(before < run.deadline < before + 2.5 for run in stages.runs)
+        assert sum(run.requests for run in stages.runs) == 3
 
     asyncio.run(main())
 

@@ -11,29 +11,28 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from smlaas.errors import QueueFull
+from smlaas.errors import QueueFull, Status
 from smlaas.export.batching import batching_problem, relax_batch_dim
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
-from smlaas.serving.protocol import Status, error_reply
-from smlaas.transport.tensors import TensorMessage
+from smlaas.serving.protocol import Failure, Outputs
 from tests.models import chain_model
 
 
 def run_batcher(requests: list[np.ndarray], *, max_batch_size: int, fail: bool = False
-                ) -> tuple[list[TensorMessage], list[int]]:
+                ) -> tuple[list[Outputs | Failure], list[int]]:
     seen: list[int] = []
 
-    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> TensorMessage:
+    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> Outputs | Failure:
         seen.append(len(inputs["x"]))
         await asyncio.sleep(0.01)
         if fail:
-            return error_reply("", Status.UNAVAILABLE, "stage-1 is unavailable")
-        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+            return Failure(Status.UNAVAILABLE, "stage-1 is unavailable")
+        return Outputs({"y": inputs["x"] * 2})
 
-    async def main() -> list[TensorMessage]:
+    async def main() -> list[Outputs | Failure]:
         stats: list[BatchStats] = []
         batcher = DynamicBatcher(pipeline, max_batch_size=max_batch_size,
-                                 max_queue_delay_us=20_000, max_inflight=1,
+                                 max_queue_delay_us=20_000, max_inflight=1, max_queue=64,
                                  on_batch=stats.append)
         batcher.start()
         replies = await asyncio.gather(*(batcher.submit({"x": x}, len(x)) for x in requests))
@@ -55,7 +54,7 @@ def test_requests_are_stacked_and_split_back_in_order() -> None:
 
 def test_without_a_batch_dimension_every_request_travels_alone() -> None:
     replies, seen = run_batcher([np.ones((1, 3), np.float32)] * 5, max_batch_size=0)
-    assert seen == [1] * 5 and all("error" not in r.meta for r in replies)
+    assert seen == [1] * 5 and all(isinstance(r, Outputs) for r in replies)
 
 
 def test_one_requests_bad_input_fails_only_that_request() -> None:
@@ -63,16 +62,16 @@ def test_one_requests_bad_input_fails_only_that_request() -> None:
     the batch is run again request by request, so its neighbours all get their answers."""
     runs: list[int] = []
 
-    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> TensorMessage:
+    async def pipeline(inputs: dict[str, np.ndarray], **_: object) -> Outputs | Failure:
         runs.append(len(inputs["x"]))
         await asyncio.sleep(0.005)
         if (inputs["x"] < 0).any():
-            return error_reply("", Status.BAD_INPUT, "stage 0 could not run the model")
-        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+            return Failure(Status.BAD_INPUT, "stage 0 could not run the model")
+        return Outputs({"y": inputs["x"] * 2})
 
-    async def main() -> list[TensorMessage]:
+    async def main() -> list[Outputs | Failure]:
         batcher = DynamicBatcher(pipeline, max_batch_size=8, max_queue_delay_us=20_000,
-                                 max_inflight=1)
+                                 max_inflight=1, max_queue=64)
         batcher.start()
         requests = [np.full((1, 3), -1.0 if i == 3 else i, np.float32) for i in range(8)]
         replies = await asyncio.gather(*(batcher.submit({"x": x}, 1) for x in requests))
@@ -80,17 +79,17 @@ def test_one_requests_bad_input_fails_only_that_request() -> None:
         return list(replies)
 
     replies = asyncio.run(main())
-    assert replies[3].meta["status"] == Status.BAD_INPUT
+    assert isinstance(replies[3], Failure) and replies[3].status == Status.BAD_INPUT
     for i, reply in enumerate(replies):
         if i != 3:
-            assert "error" not in reply.meta, reply.meta
+            assert isinstance(reply, Outputs), reply
             np.testing.assert_array_equal(reply.tensors["y"], np.full((1, 3), 2.0 * i))
     assert max(runs) > 1 and runs.count(1) >= 7  # batched, then one by one
 
 
 def test_a_failed_batch_fails_every_request_in_it() -> None:
     replies, _ = run_batcher([np.ones((1, 3), np.float32)] * 4, max_batch_size=4, fail=True)
-    assert all(r.meta["status"] == Status.UNAVAILABLE for r in replies)
+    assert all(isinstance(r, Failure) and r.status == Status.UNAVAILABLE for r in replies)
 
 
 class _HeldPipeline:
@@ -101,10 +100,10 @@ class _HeldPipeline:
         self.release = asyncio.Event()
 
     async def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
-                       requests: int) -> TensorMessage:
+                       requests: int) -> Outputs | Failure:
         self.sent.append((len(inputs["x"]), deadline, requests))
         await self.release.wait()
-        return TensorMessage("r", {"y": inputs["x"] * 2}, {})
+        return Outputs({"y": inputs["x"] * 2})
 
 
 def test_requests_whose_callers_left_leave_the_queue_at_once() -> None:
@@ -134,7 +133,7 @@ def test_requests_whose_callers_left_leave_the_queue_at_once() -> None:
         pipeline.release.set()
         replies = await asyncio.gather(running, *later)
         await batcher.stop()
-        assert all("error" not in r.meta for r in replies)
+        assert all(isinstance(r, Outputs) for r in replies)
         assert len(pipeline.sent) == 5  # the first and the four later ones, none of the gone
 
     asyncio.run(main())
@@ -147,7 +146,7 @@ def test_a_request_whose_client_is_gone_is_never_sent() -> None:
     async def main() -> None:
         pipeline = _HeldPipeline()
         batcher = DynamicBatcher(pipeline, max_batch_size=4, max_queue_delay_us=50_000,
-                                 max_inflight=1)
+                                 max_inflight=1, max_queue=64)
         batcher.start()
         x = np.ones((1, 3), np.float32)
         left = {"a": False, "b": False}
@@ -164,9 +163,11 @@ def test_a_request_whose_client_is_gone_is_never_sent() -> None:
         await asyncio.sleep(0)
         left["b"] = True  # another leaves while its batch fills: never sent
         reply = await stays
+        assert isinstance(reply, Outputs)
         np.testing.assert_array_equal(reply.tensors["y"], x * 10)
         for name in left:
-            assert "client has gone" in (await queued[name]).meta["error"]
+            withdrawn = await queued[name]
+            assert isinstance(withdrawn, Failure) and "client has gone" in withdrawn.message
         await batcher.stop()
         assert [rows for rows, _, _ in pipeline.sent] == [4, 1]
         assert batcher.abandoned == 2
@@ -179,7 +180,7 @@ def test_a_batch_carries_the_latest_deadline_and_its_request_count() -> None:
         pipeline = _HeldPipeline()
         pipeline.release.set()
         batcher = DynamicBatcher(pipeline, max_batch_size=4, max_queue_delay_us=20_000,
-                                 max_inflight=1)
+                                 max_inflight=1, max_queue=64)
         batcher.start()
         x = np.ones((1, 3), np.float32)
         now = time.time()
@@ -188,7 +189,7 @@ def test_a_batch_carries_the_latest_deadline_and_its_request_count() -> None:
         expired = await batcher.submit({"x": x}, 1, deadline=now - 1)
         await batcher.stop()
         assert pipeline.sent == [(3, now + 9.0, 3)]
-        assert expired.meta["status"] == Status.DEADLINE
+        assert isinstance(expired, Failure) and expired.status == Status.DEADLINE
 
     asyncio.run(main())
 

@@ -189,7 +189,8 @@ def test_gateway_and_coordinator_run_their_specs(
                           coordinator=stage.coordinator, first_stages=(("smlaas-stage-0", 9000),),
                           listen=("0.0.0.0", 8443), model_name=plan.model.name,
                           max_batch_size=ServingNote.of(plan).max_batch_size,
-                          max_inflight=len(plan.stages), grpc_port=8001)
+                          max_inflight=len(plan.stages) - len(REPLICAS) + sum(REPLICAS.values()),
+                          grpc_port=8001)  # one per stage replica
     for spec in (coordinator, gateway):
         container = _container(_workload(files, spec.role))
         if backend == "sim":

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 
 from smlaas.serving.data_plane import Pipeline
-from smlaas.transport.tensors import TensorMessage
+from smlaas.serving.protocol import Description
 
 
 class _Link:
     def __init__(self, stages: list[int]) -> None:
         self.stages = stages
 
-    async def request(self, tensors: object, meta: dict, **_: object) -> TensorMessage:
-        return TensorMessage("p", {}, {"stages": self.stages, "inputs": [], "outputs": []})
-
-    request_all = request
+    async def describe(self, message: object, **_: object) -> Description:
+        return Description((), (), tuple(self.stages))
 
 
 def _probe(stages: list[int], stage_count: int) -> str | None:

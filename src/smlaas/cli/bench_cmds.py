@@ -101,17 +101,33 @@ def security(out: str | None) -> int:
 @bench.command()
 @click.option("--model", "-m", default="resnet50", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="ONNX Runtime threads, for plain ORT and for the stage alike.")
+              help="ONNX Runtime threads, for plain ORT and for the stage alike (not with "
+                   "--compare-threads, which sets its own).")
 @click.option("--runs", type=click.IntRange(min=6), default=60, show_default=True,
               help="Requests per path.")
+@click.option("--compare-threads", is_flag=True,
+              help="Instead: the demo's plan (3 stages, batching as sealed) deployed with the "
+                   "default threads per stage and with --threads 1 and 2, each under 4 gRPC "
+                   "clients; is the default within 10% of the best throughput?")
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=10.0, show_default=True,
+              help="--compare-threads: measured seconds per setting and round (after a "
+                   "2 s warm-up).")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--compare-threads: alternating rounds over the settings.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-def gateway(model: str, threads: int, runs: int, out: str | None) -> int:
-    """What the gateway adds per request (REST binary, REST JSON, gRPC) over plain ORT."""
-    from smlaas.bench.gateway import run_gateway_benchmark
+def gateway(model: str, threads: int, runs: int, compare_threads: bool, seconds: float,
+            rounds: int, out: str | None) -> int:
+    """What the gateway adds per request (REST binary, REST JSON, gRPC) over plain ORT, and
+    its server-side cost; or (--compare-threads) default threads against the best."""
+    from smlaas.bench.gateway import run_gateway_benchmark, run_threads_comparison
 
-    results = run_gateway_benchmark(model=model, threads=threads, runs=runs,
-                                    say=lambda line: console.print(line, markup=False,
-                                                                   highlight=False))
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    if compare_threads:
+        results = run_threads_comparison(model=model, seconds=seconds, rounds=rounds, say=say)
+    else:
+        results = run_gateway_benchmark(model=model, threads=threads, runs=runs, say=say)
     _write(out, results)
     return 0
 

@@ -115,7 +115,7 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
             grpc_port=grpc_port or 0, threads=threads or 1,
             replicas=parse_replicas(replica_specs) or None, pccs_url=pccs_url,
             policy=Policy.from_toml(policy_path) if policy_path else None,
-            max_batch_size=max_batch_size)
+            max_batch_size=max_batch_size, max_inflight=max_inflight)
         console.print(f"wrote {len(written)} Kubernetes manifest files to {k8s_out}:")
         for path in written:
             console.print(f"  {path}")

@@ -107,9 +107,9 @@ from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy import k8s_objects as objects
-from smlaas.deploy.deployment import stage_replicas
 from smlaas.deploy.k8s_objects import USER_ID
 from smlaas.deploy.k8s_yaml import Document, to_yaml, write_documents
+from smlaas.deploy.topology import max_inflight, stage_replicas
 from smlaas.enclave.backends.gramine import DEFAULT_PCCS_URL, RUNTIME_ALLOWANCE_MIB
 from smlaas.enclave.policy import Policy
 from smlaas.errors import ConfigError
@@ -177,6 +177,8 @@ class ClusterSettings:
     policy: Policy | None = None
     max_batch_size: int | None = None
     """None: what seal recorded; 0: off (as the local deploy)."""
+    max_inflight: int | None = None
+    """Batches in the pipeline at once; None: one per stage replica (as the local deploy)."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -257,7 +259,8 @@ class _Manifests:
         self.gateway = GatewaySpec(
             first_stages=self.addresses(0), listen=("0.0.0.0", settings.port),
             model_name=plan.model.name, max_batch_size=self._max_batch_size(),
-            max_inflight=count, grpc_port=settings.grpc_port, **common)
+            max_inflight=max_inflight(settings.max_inflight, self.replicas),
+            grpc_port=settings.grpc_port, **common)
 
     def addresses(self, index: int) -> tuple[Address, ...]:
         """Where stage ``index``'s replicas listen: the Service, or each pod's DNS name."""

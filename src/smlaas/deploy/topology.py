@@ -127,6 +127,12 @@ def prepare_stages(launcher: Launcher, *, replicas: list[int], layout: ServingLa
                       for k, count in enumerate(replicas) for r in range(count)])
 
 
+def max_inflight(chosen: int | None, replicas: list[int]) -> int:
+    """Batches the gateway keeps in the pipeline: ``chosen``, else one per stage replica (so
+    that each is busy; see :attr:`DeploySettings.max_inflight`)."""
+    return chosen or sum(replicas)
+
+
 def role_specs(launcher: Launcher, *, model_name: str, replicas: list[int],
                layout: ServingLayout, coordinator: Address, coordinator_mrenclave: str,
                sealed_dir: Path, cpus: CpuPlan) -> list[RoleSpec]:
@@ -145,7 +151,8 @@ def role_specs(launcher: Launcher, *, model_name: str, replicas: list[int],
     specs.append(GatewaySpec(
         first_stages=addresses[0], listen=(layout.host, layout.port), model_name=model_name,
         max_batch_size=layout.max_batch_size, max_queue_delay_us=layout.max_queue_delay_us,
-        max_inflight=layout.max_inflight or sum(replicas), grpc_port=layout.grpc_port or 0,
+        max_inflight=max_inflight(layout.max_inflight, replicas),
+        grpc_port=layout.grpc_port or 0,
         labels_path=str(Path(layout.labels_path).resolve()) if layout.labels_path else "",
         **common, **layout.gateway_options))
     return specs

@@ -27,11 +27,9 @@ from typing import Protocol
 
 import numpy as np
 
-from smlaas.errors import QueueFull
-from smlaas.serving.protocol import Status, error_reply
-from smlaas.transport.tensors import TensorMessage
+from smlaas.errors import QueueFull, Status
+from smlaas.serving.protocol import Failure, Outputs
 
-DEFAULT_MAX_QUEUE = 128
 CLIENT_GONE = "withdrawn before it ran: its client has gone"
 
 
@@ -42,14 +40,14 @@ class RunBatch(Protocol):
     pipeline's default) and the number of client ``requests`` in the batch go with them."""
 
     def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
-                 requests: int) -> Awaitable[TensorMessage]: ...
+                 requests: int) -> Awaitable[Outputs | Failure]: ...
 
 
 @dataclass(eq=False)
 class _Pending:
     inputs: dict[str, np.ndarray]
     rows: int
-    future: asyncio.Future[TensorMessage]
+    future: asyncio.Future[Outputs | Failure]
     deadline: float | None = None
     """Unix seconds; None: the pipeline's default."""
     gone: Callable[[], bool] | None = None
@@ -62,11 +60,11 @@ class _Pending:
         if self.future.done():
             return "gone"
         if self.gone is not None and self.gone():
-            self.future.set_result(error_reply("", Status.UNAVAILABLE, CLIENT_GONE))
+            self.future.set_result(Failure(Status.CLIENT_GONE, CLIENT_GONE))
             return "gone"
         if self.deadline is not None and time.time() >= self.deadline:
-            self.future.set_result(error_reply("", Status.DEADLINE,
-                                               "the deadline passed while it was queued"))
+            self.future.set_result(Failure(Status.DEADLINE,
+                                           "the deadline passed while it was queued"))
             return "expired"
         return None
 
@@ -87,7 +85,7 @@ class BatchStats:
 
 class DynamicBatcher:
     def __init__(self, run: RunBatch, *, max_batch_size: int, max_queue_delay_us: int,
-                 max_inflight: int, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_inflight: int, max_queue: int,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  on_abandoned: Callable[[int], None] | None = None) -> None:
         self._run = run
@@ -121,10 +119,11 @@ class DynamicBatcher:
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int, *,
                      deadline: float | None = None,
-                     gone: Callable[[], bool] | None = None) -> TensorMessage:
+                     gone: Callable[[], bool] | None = None) -> Outputs | Failure:
         """The reply for ``inputs``; QueueFull at once when the queue is full. Cancelling
         the call withdraws the request from the queue if it has not been batched yet."""
-        future: asyncio.Future[TensorMessage] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outputs | Failure] = \
+            asyncio.get_running_loop().create_future()
         if len(self._waiting) >= self.max_queue:
             self._drop_dead()
         if len(self._waiting) >= self.max_queue:
@@ -232,7 +231,7 @@ class DynamicBatcher:
             stacked = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
             reply = await self._run(stacked, deadline=deadline, requests=len(batch))
             self._report(batch, waits, started)
-            if reply.meta.get("status") == Status.BAD_INPUT:
+            if isinstance(reply, Failure) and reply.status == Status.BAD_INPUT:
                 # One request's input failed the batch: run each on its own, so that only
                 # that request fails and the others in its batch get their answers.
                 for pending in batch:
@@ -241,7 +240,7 @@ class DynamicBatcher:
                                                           deadline=pending.deadline,
                                                           requests=1))
                 return
-            if "error" in reply.meta:
+            if isinstance(reply, Failure):
                 for pending in batch:
                     _resolve(pending, reply)
                 return
@@ -249,10 +248,10 @@ class DynamicBatcher:
             for pending in batch:
                 part = {n: v[offset:offset + pending.rows] for n, v in reply.tensors.items()}
                 offset += pending.rows
-                _resolve(pending, TensorMessage(reply.request_id, part, reply.meta))
+                _resolve(pending, Outputs(part, reply.stage_ms))
         except Exception as err:  # never leave a client waiting
             for pending in batch:
-                _resolve(pending, error_reply("", Status.INTERNAL, f"batching failed: {err}"))
+                _resolve(pending, Failure(Status.INTERNAL, f"batching failed: {err}"))
         finally:
             self._inflight.release()
 
@@ -262,6 +261,6 @@ class DynamicBatcher:
                                       time.perf_counter() - started))
 
 
-def _resolve(pending: _Pending, reply: TensorMessage) -> None:
+def _resolve(pending: _Pending, reply: Outputs | Failure) -> None:
     if not pending.future.done():
         pending.future.set_result(reply)

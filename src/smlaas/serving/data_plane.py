@@ -3,8 +3,9 @@
 It holds the link to the stages (with readiness probing), the batcher, the limits that follow
 from the model, metrics and Triton-style statistics. Each protocol front end decodes its own
 wire format into an :class:`~smlaas.transport.v2.InferRequest`, calls :meth:`DataPlane.infer`,
-and maps the one exception tree below to its status codes at its boundary (as KServe's model
-server does): :func:`error_codes` gives the HTTP status and gRPC code for each.
+and maps the one exception tree (:mod:`smlaas.errors`) to its status codes at its boundary, as
+KServe's model server does: each error knows its :class:`~smlaas.errors.Status`, which knows
+its HTTP status and gRPC code.
 
 A request's deadline is its ``timeout`` parameter (Triton's, in microseconds) counted from its
 arrival, capped by the gateway's ``request_timeout_s``; it goes with the request to the batcher
@@ -20,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -28,26 +29,21 @@ import numpy as np
 
 import smlaas
 from smlaas.errors import (
-    BadRequest,
     ClientGone,
     DeadlineExceeded,
     ModelNotFound,
     PipelineFailed,
     QueueFull,
+    Status,
     Unavailable,
 )
-from smlaas.serving.batcher import CLIENT_GONE, DEFAULT_MAX_QUEUE, BatchStats, DynamicBatcher
-from smlaas.serving.link import Hop
+from smlaas.roles import GatewaySpec
+from smlaas.serving.batcher import BatchStats, DynamicBatcher
+from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
-from smlaas.serving.protocol import (
-    DESCRIBE,
-    HTTP_STATUS,
-    Status,
-    TensorSpec,
-    deadline_in,
-)
+from smlaas.serving.protocol import Describe, Failure, Infer, Outputs, TensorSpec, deadline_in
 from smlaas.serving.statistics import ModelStatistics
-from smlaas.transport.tensors import BYTES, TensorMessage
+from smlaas.transport.tensors import BYTES
 from smlaas.transport.v2 import InferRequest, datatype, json_output_bounds, public_shape
 from smlaas.transport.v2_limits import MAX_JSON_RESPONSE_BYTES, RequestLimits, check_json_outputs
 
@@ -77,16 +73,23 @@ class FrontEnd(StrEnum):
     GRPC = "grpc"
 
 
+def _default(name: str) -> Any:
+    """The gateway spec's default for ``name`` (:mod:`smlaas.roles` holds each one)."""
+    return next(f.default for f in fields(GatewaySpec) if f.name == name)
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
+    """How the data plane serves: the gateway spec's options it uses (same defaults)."""
+
     model_name: str
-    max_batch_size: int = 0
+    max_batch_size: int = _default("max_batch_size")
     """0: the model is served without a batch dimension (shapes exactly as planned)."""
-    max_queue_delay_us: int = 0
-    max_inflight: int = 4
-    """Batches in the pipeline at once (at least the number of stages keeps each busy)."""
-    request_timeout_s: float = 30.0
-    max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue_delay_us: int = _default("max_queue_delay_us")
+    max_inflight: int = _default("max_inflight")
+    """Batches in the pipeline at once (one per stage replica keeps each busy)."""
+    request_timeout_s: float = _default("request_timeout_s")
+    max_queue: int = _default("max_queue")
     """Requests waiting for the pipeline before the gateway answers 503."""
     stage_count: int | None = None
     """The manifest's number of stages: ready only when a probe passed through all of them
@@ -104,34 +107,6 @@ class ModelSpecs:
     outputs: list[TensorSpec]
 
 
-# -- the one exception tree of the data plane, and its codes ---------------------------------
-
-
-
-
-
-
-
-
-
-
-def error_codes(err: Exception) -> tuple[int, str]:
-    """(HTTP status, gRPC status code name) for an error of the data plane."""
-    if isinstance(err, BadRequest):
-        return 400, "INVALID_ARGUMENT"
-    if isinstance(err, ModelNotFound):
-        return 404, "NOT_FOUND"
-    if isinstance(err, Unavailable):
-        return 503, "UNAVAILABLE"
-    if isinstance(err, DeadlineExceeded):
-        return 504, "DEADLINE_EXCEEDED"
-    if isinstance(err, PipelineFailed):
-        http = HTTP_STATUS.get(err.status, 500)
-        return http, {400: "INVALID_ARGUMENT", 503: "UNAVAILABLE",
-                      504: "DEADLINE_EXCEEDED"}.get(http, "INTERNAL")
-    return 500, "INTERNAL"
-
-
 class Pipeline:
     """The gateway's view of the stages: one multiplexed link to stage 0."""
 
@@ -145,36 +120,32 @@ class Pipeline:
         """Called with the stages' reports of every probe that passed through them."""
 
     async def run(self, inputs: dict[str, np.ndarray], *, deadline: float | None = None,
-                  requests: int = 1) -> TensorMessage:
-        """Outputs, or an error reply, by ``deadline`` (Unix seconds; default: timeout_s from
+                  requests: int = 1) -> Outputs | Failure:
+        """Outputs, or a Failure, by ``deadline`` (Unix seconds; default: timeout_s from
         now); a stage that is down gets one retry. ``requests`` (the client requests in the
         batch) travels with it, for the stages' counts."""
-        deadline = deadline_in(self.timeout_s) if deadline is None else deadline
-        meta = {"deadline": deadline, "requests": requests}
-        reply = await self.link.request(inputs, dict(meta))
-        if reply.meta.get("status") == Status.UNAVAILABLE and \
-                deadline - time.time() > RETRY_DELAY_S * 2:
+        message = Infer(inputs, deadline_in(self.timeout_s) if deadline is None else deadline,
+                        requests)
+        reply = await self.link.request(message)
+        if isinstance(reply, Failure) and reply.status == Status.UNAVAILABLE and \
+                message.remaining_s() > RETRY_DELAY_S * 2:
             await asyncio.sleep(RETRY_DELAY_S)
-            reply = await self.link.request(inputs, dict(meta))
+            reply = await self.link.request(message)
         return reply
 
     async def probe(self) -> str | None:
         """None when every stage answers within PROBE_TIMEOUT_S, else why not."""
         if time.monotonic() - self._ready_at < READY_CACHE_S:
             return None
-        reply = await self.link.request_all({}, {"op": DESCRIBE,
-                                                 "deadline": deadline_in(PROBE_TIMEOUT_S)})
-        if "error" in reply.meta:
-            return str(reply.meta["error"])
-        stages = reply.meta.get("stages")
-        if self.stage_count is not None and stages != list(range(self.stage_count)):
-            return (f"the pipeline answered through stages {stages}, the manifest has "
-                    f"{self.stage_count}")
-        self.on_reports(list(reply.meta.get("stage_stats") or []))
+        reply = await self.link.describe(Describe(deadline_in(PROBE_TIMEOUT_S)))
+        if isinstance(reply, Failure):
+            return reply.message
+        if self.stage_count is not None and reply.stages != tuple(range(self.stage_count)):
+            return (f"the pipeline answered through stages {list(reply.stages)}, the manifest "
+                    f"has {self.stage_count}")
+        self.on_reports([dict(report) for report in reply.stage_stats])
         if self.specs is None:
-            self.specs = ModelSpecs(
-                [TensorSpec.from_dict(s) for s in reply.meta["inputs"]],
-                [TensorSpec.from_dict(s) for s in reply.meta["outputs"]])
+            self.specs = ModelSpecs(list(reply.inputs), list(reply.outputs))
         self._ready_at = time.monotonic()
         return None
 
@@ -359,8 +330,9 @@ class DataPlane:
                                limit=self.settings.max_json_response_bytes)
 
     async def infer(self, request: InferRequest, *,
-                    unless: Callable[[Awaitable[TensorMessage]], Awaitable[TensorMessage]]
-                    | None = None, gone: Callable[[], bool] | None = None,
+                    unless: Callable[[Awaitable[Outputs | Failure]],
+                                     Awaitable[Outputs | Failure]] | None = None,
+                    gone: Callable[[], bool] | None = None,
                     received: float | None = None,
                     protocol: FrontEnd = FrontEnd.GRPC) -> dict[str, np.ndarray]:
         """The outputs for a decoded request. ``unless`` wraps the wait (e.g. to withdraw
@@ -390,16 +362,15 @@ class DataPlane:
         except TimeoutError as err:
             self.metrics.errors.labels(self.name, Status.DEADLINE, protocol).inc()
             raise DeadlineExceeded(f"no result within {self._timeout_text(request)}") from err
-        if "error" in reply.meta:
-            if reply.meta["error"] == CLIENT_GONE:
-                raise ClientGone(CLIENT_GONE)
-            status = str(reply.meta.get("status", Status.INTERNAL))
-            self.metrics.errors.labels(self.name, status, protocol).inc()
-            if status == Status.DEADLINE:
+        if isinstance(reply, Failure):
+            if reply.status == Status.CLIENT_GONE:
+                raise ClientGone(reply.message)
+            self.metrics.errors.labels(self.name, reply.status, protocol).inc()
+            if reply.status == Status.DEADLINE:
                 raise DeadlineExceeded(f"no result within {self._timeout_text(request)} "
-                                       f"({reply.meta['error']})")
-            raise PipelineFailed(str(reply.meta["error"]), status=status)
-        self.metrics.record_stages(self.name, list(reply.meta.get("stage_ms", [])))
+                                       f"({reply.message})")
+            raise PipelineFailed(reply.message, status=reply.status)
+        self.metrics.record_stages(self.name, list(reply.stage_ms))
         missing = [o for o in request.outputs or [] if o not in reply.tensors]
         if missing:
             raise PipelineFailed(f"the pipeline returned no {missing}", status=Status.INTERNAL)

@@ -41,18 +41,24 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 import smlaas
-from smlaas.errors import BadRequest, ClientGone, ModelNotFound, SmlaasError, Unavailable
+from smlaas.errors import (
+    BadRequest,
+    ClientGone,
+    ModelNotFound,
+    SmlaasError,
+    Unavailable,
+    status_of,
+)
 from smlaas.serving.data_plane import (
     MODEL_VERSION,
     DataPlane,
     FrontEnd,
     GatewaySettings,
     ModelSpecs,
-    error_codes,
 )
+from smlaas.serving.hop import Hop
 from smlaas.serving.http_bodies import BodyBudget
 from smlaas.serving.http_limits import CONNECTION_EXTENSION
-from smlaas.serving.link import Hop
 from smlaas.serving.metrics import triton_metrics_text
 from smlaas.transport.compression import decode_content, encode_content
 from smlaas.transport.v2 import (
@@ -66,6 +72,11 @@ from smlaas.transport.v2_limits import RequestLimits
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 COMPRESS_ABOVE_BYTES = 1024
+INLINE_TENSOR_BYTES = 16 * 1024
+"""A request whose JSON part, or a response whose tensors, take at most this many bytes is
+decoded or encoded on the event loop (well under a millisecond of work, less than the hop to
+a worker thread and back); anything larger, or compressed, goes to the gateway's threads.
+Binary tensors are views of the body and cost nothing to decode whatever their size."""
 """Smaller responses go uncompressed whatever the client accepts (not worth the CPU)."""
 
 __all__ = ["GatewaySettings", "create_app"]
@@ -130,7 +141,7 @@ class RestEndpoints:
 
         @app.exception_handler(SmlaasError)
         async def plane_error(_: Request, err: SmlaasError) -> JSONResponse:
-            return error(error_codes(err)[0], str(err))
+            return error(status_of(err).http, str(err))
 
         app.get("/v2/health/live")(self.live)
         app.get("/v2/health/ready")(self.ready)
@@ -201,9 +212,11 @@ class RestEndpoints:
                 parsed, unless=lambda wait: _unless_client_goes(request, wait),
                 gone=_connection_gone(request), received=started, protocol=FrontEnd.REST)
             encoded_at = time.perf_counter()
-            content, headers = await plane.encode(functools.partial(
+            encode = functools.partial(
                 encode_infer_response, plane.name, parsed, outputs, labels=plane.labels,
-                max_json_bytes=plane.settings.max_json_response_bytes))
+                max_json_bytes=plane.settings.max_json_response_bytes)
+            small = sum(v.nbytes for v in outputs.values()) <= INLINE_TENSOR_BYTES
+            content, headers = encode() if small else await plane.encode(encode)
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
                 content, coding = await plane.off_loop(functools.partial(
@@ -217,7 +230,7 @@ class RestEndpoints:
         except SmlaasError as err:
             if isinstance(err, BadRequest):
                 plane.metrics.errors.labels(plane.name, "bad_input", FrontEnd.REST).inc()
-            status = error_codes(err)[0]
+            status = status_of(err).http
             plane.record(code=str(status), ok=False, started=started, protocol=FrontEnd.REST)
             return error(status, str(err))
         else:
@@ -248,11 +261,18 @@ class RestEndpoints:
                                            timeout_s=plane.settings.request_timeout_s):
                 body = await read_body(request, limits.max_body_bytes)
                 decoded_at = time.perf_counter()
-                parsed = await plane.decode(lambda: parse_infer_request(
-                    decode_content(bytes(body), encoding, limit=limits.max_body_bytes)
-                    if encoding else body,
-                    request.headers.get(HEADER_LENGTH), specs.inputs, specs.outputs,
-                    max_batch_size=plane.settings.max_batch_size, limits=limits))
+                header_length = request.headers.get(HEADER_LENGTH)
+
+                def decode() -> InferRequest:
+                    return parse_infer_request(
+                        decode_content(bytes(body), encoding, limit=limits.max_body_bytes)
+                        if encoding else body, header_length, specs.inputs, specs.outputs,
+                        max_batch_size=plane.settings.max_batch_size, limits=limits)
+
+                json_bytes = int(header_length) if header_length and header_length.isdigit() \
+                    else len(body)
+                small = not encoding and json_bytes <= INLINE_TENSOR_BYTES
+                parsed = decode() if small else await plane.decode(decode)
                 return parsed, time.perf_counter() - decoded_at
         except TimeoutError:
             raise Unavailable(f"the gateway is reading as many request bodies as it holds at "

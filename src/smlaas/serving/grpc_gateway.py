@@ -41,8 +41,15 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from smlaas.errors import BadRequest, ModelNotFound, SmlaasError, TooLarge, TooManyCalls
-from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd, error_codes
+from smlaas.errors import (
+    ModelNotFound,
+    SmlaasError,
+    Status,
+    TooLarge,
+    TooManyCalls,
+    status_of,
+)
+from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd
 from smlaas.serving.grpc_codec import (
     FINAL_REQUESTED,
     GrpcRequestDecoder,
@@ -172,8 +179,7 @@ class GrpcEndpoints:
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:  # noqa: N802
         outcome = await self._infer(data, stream=False)
         if outcome.error is not None:
-            await context.abort(getattr(grpc.StatusCode, _codes(outcome.error)[1]),
-                                str(outcome.error))
+            await context.abort(_grpc_code(outcome.error), str(outcome.error))
         return outcome.response
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],  # noqa: N802
@@ -216,7 +222,7 @@ class GrpcEndpoints:
         if outcome.error is None:
             return outcome.response
         named = f"[request id: {outcome.request_id}] " if outcome.request_id else ""
-        return stream_error(f"{named}{_codes(outcome.error)[1]}: {outcome.error}",
+        return stream_error(f"{named}{status_of(outcome.error).grpc}: {outcome.error}",
                             request_id=outcome.request_id,
                             model_name=outcome.model_name or self.plane.name,
                             model_version=outcome.model_version or MODEL_VERSION,
@@ -294,12 +300,10 @@ class GrpcEndpoints:
 
     def _failed(self, outcome: _Outcome, err: SmlaasError, started: float) -> _Outcome:
         plane = self.plane
-        status = _codes(err)[0]
-        reason = {BadRequest: "bad_input", TooLarge: "too_large",
-                  TooManyCalls: "too_many_calls"}.get(type(err))
-        if reason is not None:
-            plane.metrics.errors.labels(plane.name, reason, FrontEnd.GRPC).inc()
-        plane.record(code=str(status), ok=False, started=started,
+        status = status_of(err)
+        if status in (Status.BAD_INPUT, Status.TOO_LARGE, Status.TOO_MANY_CALLS):
+            plane.metrics.errors.labels(plane.name, status, FrontEnd.GRPC).inc()
+        plane.record(code=str(status.http), ok=False, started=started,
                      unknown_model=isinstance(err, ModelNotFound), protocol=FrontEnd.GRPC)
         outcome.error = err
         return outcome
@@ -336,13 +340,8 @@ def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_ch
                       model_limits=endpoints.model_limits, on_limits=endpoints.use)
 
 
-def _codes(err: SmlaasError) -> tuple[int, str]:
-    """(HTTP status, gRPC code name): the data plane's, and this front end's own limits."""
-    if isinstance(err, TooLarge):
-        return 413, "RESOURCE_EXHAUSTED"
-    if isinstance(err, TooManyCalls):
-        return 429, "RESOURCE_EXHAUSTED"
-    return error_codes(err)
+def _grpc_code(err: SmlaasError) -> grpc.StatusCode:
+    return grpc.StatusCode[status_of(err).grpc]
 
 
 def _parsed(method: Callable[[Any, Any], Awaitable[Any]], message_type: Any
@@ -373,5 +372,5 @@ async def _guard(context: Any, work: Awaitable[T]) -> T:
     try:
         return await work
     except SmlaasError as err:
-        await context.abort(getattr(grpc.StatusCode, _codes(err)[1]), str(err))
+        await context.abort(_grpc_code(err), str(err))
         raise AssertionError("unreachable: abort raises") from err

@@ -3,25 +3,36 @@
 The server must present a deployment certificate for the role dialled, issued under the same
 manifest (checked from the CA's fields before any request is written). Requests are written as
 they come (pipelining); replies are matched by request id. If the connection fails, every
-request waiting on it gets an ``unavailable`` reply at once, and the next request dials again
-(the peer may have been restarted). Every wait has a deadline.
+request waiting on it gets an ``unavailable`` :class:`~smlaas.serving.protocol.Failure` at
+once, and the next request dials again (the peer may have been restarted). Every wait has a
+deadline. :class:`Link` and :class:`ReplicaSet` are the network's
+:class:`~smlaas.serving.hop.Hop`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import ssl
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import numpy as np
-
-from smlaas.errors import AttestationError, ProtocolError
-from smlaas.serving.protocol import Status, error_reply, remaining_s
+from smlaas.errors import AttestationError, ProtocolError, Status
+from smlaas.serving.protocol import (
+    Describe,
+    Description,
+    Failure,
+    Infer,
+    Outputs,
+    Reply,
+    Request,
+    from_frame,
+    to_frame,
+)
 from smlaas.transport.streams import MessageStream, open_stream
 from smlaas.transport.tensors import TensorMessage
 from smlaas.transport.tls import require_peer
@@ -30,7 +41,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 3.0
 REPLICA_BACKOFF_S = 1.0
-DEFAULT_TIMEOUT_S = 60.0
 
 
 class Link:
@@ -51,40 +61,56 @@ class Link:
     def connected(self) -> bool:
         return self._stream is not None and not self._stream.is_closing()
 
-    async def request(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
-                      request_id: str | None = None) -> TensorMessage:
-        """Sends one request and waits for its reply until ``meta['deadline']``; failures come
-        back as error replies, never as a hang."""
+    async def request(self, message: Infer, *, request_id: str | None = None
+                      ) -> Outputs | Failure:
+        """Sends one request and waits for its reply until its deadline; failures come back
+        as a Failure, never as a hang."""
+        reply = await self._exchange(message, request_id)
+        return reply if isinstance(reply, (Outputs, Failure)) else \
+            self._unexpected(reply, "an inference")
+
+    async def describe(self, message: Describe, *, request_id: str | None = None
+                       ) -> Description | Failure:
+        reply = await self._exchange(message, request_id)
+        return reply if isinstance(reply, (Description, Failure)) else \
+            self._unexpected(reply, "a describe")
+
+    async def _exchange(self, message: Request, request_id: str | None) -> Reply:
         request_id = request_id or f"{self.role}-{next(self._ids)}"
-        timeout = remaining_s(meta, DEFAULT_TIMEOUT_S)
+        timeout = message.remaining_s()
         try:
             stream = await asyncio.wait_for(self._connect(), min(timeout, CONNECT_TIMEOUT_S))
         except (OSError, ssl.SSLError, TimeoutError, AttestationError) as err:
-            return self._failed(request_id, f"{self.role} is unavailable: cannot connect to "
-                                            f"{self.host}:{self.port} ({_describe(err)})")
+            return self._failed(f"{self.role} is unavailable: cannot connect to "
+                                f"{self.host}:{self.port} ({_describe(err)})")
         if request_id in self._pending:
-            return error_reply(request_id, Status.BAD_INPUT,
-                               f"request id {request_id!r} is already in flight")
+            return Failure(Status.BAD_INPUT, f"request id {request_id!r} is already in flight")
         future: asyncio.Future[TensorMessage] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            stream.write_message(request_id, tensors, meta)
+            stream.write(to_frame(request_id, message))
             await asyncio.wait_for(stream.drain(), timeout)
-            return await asyncio.wait_for(asyncio.shield(future), remaining_s(meta, timeout))
+            frame = await asyncio.wait_for(asyncio.shield(future), message.remaining_s())
         except TimeoutError:
-            return error_reply(request_id, Status.DEADLINE,
-                               f"no reply from {self.role} before the deadline")
+            return Failure(Status.DEADLINE, f"no reply from {self.role} before the deadline")
         except (OSError, ssl.SSLError, ProtocolError) as err:
             stream.close()
             self._fail_all(f"connection to {self.role} lost ({_describe(err)})")
-            return self._failed(request_id, f"{self.role} is unavailable: {_describe(err)}")
+            return self._failed(f"{self.role} is unavailable: {_describe(err)}")
         finally:
             self._pending.pop(request_id, None)
+        try:
+            reply = from_frame(frame)
+            if isinstance(reply, (Infer, Describe)):
+                raise ProtocolError(f"a {type(reply).__name__} is not a reply")
+        except ProtocolError as err:
+            logger.warning("%s sent a malformed reply: %s", self.role, err)
+            return Failure(Status.INTERNAL, f"{self.role} sent a malformed reply")
+        return reply
 
-    async def request_all(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
-                          request_id: str | None = None) -> TensorMessage:
-        """One link: the same as :meth:`request` (see :meth:`ReplicaSet.request_all`)."""
-        return await self.request(tensors, meta, request_id=request_id)
+    def _unexpected(self, reply: Reply, what: str) -> Failure:
+        logger.warning("%s answered %s with a %s", self.role, what, type(reply).__name__)
+        return Failure(Status.INTERNAL, f"{self.role} answered {what} with the wrong reply")
 
     async def _connect(self) -> MessageStream:
         async with self._connecting:
@@ -107,10 +133,10 @@ class Link:
         reason = "closed by peer"
         try:
             while True:
-                message = await stream.read()
-                future = self._pending.get(message.request_id)
+                frame = await stream.read()
+                future = self._pending.get(frame.request_id)
                 if future is not None and not future.done():
-                    future.set_result(message)
+                    future.set_result(frame)
         except (EOFError, OSError, ssl.SSLError, ProtocolError) as err:
             reason = _describe(err)
         finally:
@@ -124,14 +150,12 @@ class Link:
             logger.warning("%s: failing %d request(s) in flight", reason, len(self._pending))
         for request_id, future in list(self._pending.items()):
             if not future.done():
-                future.set_result(self._failed(request_id,
-                                               f"{self.role} is unavailable: {reason}"))
+                future.set_result(to_frame(request_id, self._failed(
+                    f"{self.role} is unavailable: {reason}")))
 
-    def _failed(self, request_id: str, message: str) -> TensorMessage:
+    def _failed(self, message: str) -> Failure:
         """The reply to a request this link could not deliver or get answered."""
-        reply = error_reply(request_id, Status.UNAVAILABLE, message)
-        reply.meta["failed_link"] = self.role
-        return reply
+        return Failure(Status.UNAVAILABLE, message, failed_link=self.role)
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -164,44 +188,40 @@ class ReplicaSet:
         self._avoid_until = [0.0] * len(links)
         self._turn = itertools.count()
 
-    async def request(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
-                      request_id: str | None = None) -> TensorMessage:
+    async def request(self, message: Infer, *, request_id: str | None = None
+                      ) -> Outputs | Failure:
         tried: set[int] = set()
         while True:
             index = self._choose(tried)
             self._outstanding[index] += 1
             try:
-                reply = await self.links[index].request(tensors, meta, request_id=request_id)
+                reply = await self.links[index].request(message, request_id=request_id)
             finally:
                 self._outstanding[index] -= 1
-            if reply.meta.get("status") != Status.UNAVAILABLE:
+            if not isinstance(reply, Failure) or reply.status != Status.UNAVAILABLE:
                 return reply
-            if reply.meta.get("failed_link") == self.role:
+            if reply.failed_link == self.role:
                 self._avoid_until[index] = time.monotonic() + REPLICA_BACKOFF_S
             tried.add(index)
-            if len(tried) == len(self.links) or remaining_s(meta, DEFAULT_TIMEOUT_S) <= 0:
+            if len(tried) == len(self.links) or message.expired():
                 return reply
             logger.info("%s replica %d unavailable; sending %s to another", self.role, index,
                         request_id or "the request")
 
-    async def request_all(self, tensors: Mapping[str, np.ndarray], meta: dict[str, Any], *,
-                          request_id: str | None = None) -> TensorMessage:
-        """Sends to every replica at once (describe probes: each replica reports itself); the
-        first answer without an error, with every answering replica's ``stage_stats``, or
-        the first error when none answered."""
+    async def describe(self, message: Describe, *, request_id: str | None = None
+                       ) -> Description | Failure:
+        """Sends to every replica at once (each replica reports itself); the first
+        description with every answering replica's reports, or the first failure when none
+        answered."""
         base = request_id or f"{self.role}-all"
         replies = await asyncio.gather(*(
-            link.request(tensors, dict(meta), request_id=f"{base}.{index}")
+            link.describe(message, request_id=f"{base}.{index}")
             for index, link in enumerate(self.links)))
-        for reply in replies:  # answered under the caller's id, as one request would be
-            reply.request_id = request_id or reply.request_id
-        answered = [r for r in replies if "error" not in r.meta]
+        answered = [r for r in replies if isinstance(r, Description)]
         if not answered:
             return replies[0]
-        merged = answered[0]
-        merged.meta["stage_stats"] = [report for r in answered
-                                      for report in r.meta.get("stage_stats") or []]
-        return merged
+        return dataclasses.replace(answered[0], stage_stats=tuple(
+            report for r in answered for report in r.stage_stats))
 
     def _choose(self, tried: set[int]) -> int:
         now, turn = time.monotonic(), next(self._turn)
@@ -213,10 +233,6 @@ class ReplicaSet:
     async def close(self) -> None:
         for link in self.links:
             await link.close()
-
-
-Hop = Link | ReplicaSet
-"""What a role sends its requests to: one link, or the replicas of the next role."""
 
 
 def replica_set(role: str, addresses: tuple[tuple[str, int], ...], context: ssl.SSLContext,

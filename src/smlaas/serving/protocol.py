@@ -1,52 +1,214 @@
-"""What travels between gateway and stages, on top of tensor messages (pure).
+"""What travels between the gateway and the stages: five frozen message types (pure).
 
-A request carries its tensors and, in ``meta``, an absolute ``deadline`` (Unix seconds). Its
-reply comes back on the same connection, with the same id: either the pipeline's outputs with
-``stage_ms`` (each stage's run time, in stage order) or no tensors and an ``error`` with a
-``status``. A request with ``op: describe`` carries no tensors; it travels the whole pipeline and
-comes back with the first stage's inputs and the last stage's outputs, which is also how the
-gateway knows every stage is up.
+Requests go down the chain, each to the next role: :class:`Infer` (tensors, with an absolute
+deadline and the number of client requests batched in them) or :class:`Describe` (no
+tensors; it travels the whole chain and reports every stage). Replies come back on the same
+connection under the same request id: :class:`Outputs` (the last stage's tensors, with each
+stage's run time in stage order), :class:`Description` (the first stage's inputs, the last
+stage's outputs, the stages it passed and each one's report) or :class:`Failure` (a
+:class:`~smlaas.errors.Status` and a message fit for a client, never ONNX Runtime's text).
+
+On the wire a message is a :class:`~smlaas.transport.tensors.TensorMessage` whose ``meta``
+names its ``kind``; :func:`to_frame` and :func:`from_frame` convert, and :func:`from_frame`
+checks every field, so that code above it never reads a dict.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from smlaas.errors import ProtocolError, Status
 from smlaas.transport.tensors import TensorMessage, TensorSpec
 
-__all__ = ["DESCRIBE", "HTTP_STATUS", "Status", "TensorSpec", "deadline_in", "error_reply",
-           "expired", "remaining_s"]
-
-DESCRIBE = "describe"
+__all__ = ["Description", "Describe", "Failure", "Infer", "Outputs", "Reply", "Request",
+           "Status", "TensorSpec", "deadline_in", "from_frame", "to_frame"]
 
 
-class Status:
-    """Why a request failed; the gateway maps each to an HTTP status."""
+@dataclass(frozen=True)
+class Infer:
+    """Run these tensors through the rest of the chain by ``deadline`` (Unix seconds)."""
 
-    BAD_INPUT = "bad_input"
-    UNAVAILABLE = "unavailable"
-    DEADLINE = "deadline"
-    INTERNAL = "internal"
+    tensors: Mapping[str, np.ndarray]
+    deadline: float
+    requests: int = 1
+    """Client requests batched in the tensors (for the stages' counts)."""
+    stage_ms: tuple[float, ...] = ()
+    """Run times of the stages before this one, in stage order."""
+
+    def expired(self) -> bool:
+        return time.time() > self.deadline
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.deadline - time.time())
+
+    def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float) -> Infer:
+        """The request for the next stage: this stage's outputs and its run time added."""
+        return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms))
 
 
-HTTP_STATUS = {Status.BAD_INPUT: 400, Status.UNAVAILABLE: 503, Status.DEADLINE: 504,
-               Status.INTERNAL: 500}
+@dataclass(frozen=True)
+class Describe:
+    """Report every stage, by ``deadline`` (Unix seconds)."""
+
+    deadline: float
+
+    def expired(self) -> bool:
+        return time.time() > self.deadline
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.deadline - time.time())
 
 
-def error_reply(request_id: str, status: str, message: str) -> TensorMessage:
-    return TensorMessage(request_id, {}, {"error": message, "status": status})
+@dataclass(frozen=True)
+class Outputs:
+    """The pipeline's outputs, and every stage's run time (ms) in stage order."""
+
+    tensors: Mapping[str, np.ndarray]
+    stage_ms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a describe found: the model's inputs (the first stage's) and outputs (the last
+    stage's), the stage indices it passed in order, and each stage replica's report."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stages: tuple[int, ...] = ()
+    stage_stats: tuple[Mapping[str, Any], ...] = ()
+
+    def through(self, index: int, inputs: tuple[TensorSpec, ...],
+                report: Mapping[str, Any]) -> Description:
+        """This description as stage ``index`` (whose inputs are ``inputs``) passes it on."""
+        return Description(inputs, self.outputs, (index, *self.stages),
+                           (report, *self.stage_stats))
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The request failed: why, in a message fit for the client."""
+
+    status: Status
+    message: str
+    failed_link: str | None = None
+    """The role whose link failed (set by the link that could not deliver or get an answer,
+    so that a replica set avoids that replica)."""
+
+
+Request = Infer | Describe
+Reply = Outputs | Description | Failure
+_KINDS = {Infer: "infer", Describe: "describe", Outputs: "outputs", Description: "description",
+          Failure: "failure"}
 
 
 def deadline_in(seconds: float) -> float:
     return time.time() + seconds
 
 
-def expired(meta: dict[str, Any]) -> bool:
-    deadline = meta.get("deadline")
-    return deadline is not None and time.time() > float(deadline)
+def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
+    """``message`` as the wire's tensor message under ``request_id``."""
+    meta: dict[str, Any] = {"kind": _KINDS[type(message)]}
+    tensors: Mapping[str, np.ndarray] = {}
+    if isinstance(message, Infer):
+        tensors = message.tensors
+        meta.update(deadline=message.deadline, requests=message.requests,
+                    stage_ms=list(message.stage_ms))
+    elif isinstance(message, Describe):
+        meta["deadline"] = message.deadline
+    elif isinstance(message, Outputs):
+        tensors = message.tensors
+        meta["stage_ms"] = list(message.stage_ms)
+    elif isinstance(message, Description):
+        meta.update(inputs=[s.to_dict() for s in message.inputs],
+                    outputs=[s.to_dict() for s in message.outputs],
+                    stages=list(message.stages), stage_stats=list(message.stage_stats))
+    else:
+        meta.update(status=str(message.status), error=message.message)
+        if message.failed_link is not None:
+            meta["failed_link"] = message.failed_link
+    return TensorMessage(request_id, dict(tensors), meta)
 
 
-def remaining_s(meta: dict[str, Any], default: float) -> float:
-    deadline = meta.get("deadline")
-    return default if deadline is None else max(0.0, float(deadline) - time.time())
+def from_frame(frame: TensorMessage) -> Request | Reply:
+    """The typed message a frame carries; ProtocolError for one that is not well formed."""
+    meta = frame.meta
+    kind = meta.get("kind")
+    try:
+        if kind == "infer":
+            return Infer(frame.tensors, _time(meta["deadline"]), _count(meta["requests"]),
+                         _milliseconds(meta["stage_ms"]))
+        if kind == "describe":
+            _no_tensors(frame)
+            return Describe(_time(meta["deadline"]))
+        if kind == "outputs":
+            return Outputs(frame.tensors, _milliseconds(meta["stage_ms"]))
+        if kind == "description":
+            _no_tensors(frame)
+            return Description(_specs(meta["inputs"]), _specs(meta["outputs"]),
+                               tuple(_count(i, least=0) for i in _list(meta["stages"])),
+                               tuple(_report(r) for r in _list(meta["stage_stats"])))
+        if kind == "failure":
+            _no_tensors(frame)
+            link = meta.get("failed_link")
+            return Failure(_status(meta["status"]), _text(meta["error"]),
+                           None if link is None else _text(link))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ProtocolError(f"a {kind} message is malformed: {err!r}") from err
+    raise ProtocolError(f"unknown message kind {kind!r}")
+
+
+def _status(value: Any) -> Status:
+    for status in Status:
+        if status.value == value:
+            return status
+    raise ValueError(f"not a status: {value!r}")
+
+
+def _no_tensors(frame: TensorMessage) -> None:
+    if frame.tensors:
+        raise ValueError("this kind of message carries no tensors")
+
+
+def _time(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise ValueError(f"not a time: {value!r}")
+    return float(value)
+
+
+def _count(value: Any, *, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"not a list: {value!r}")
+    return value
+
+
+def _milliseconds(value: Any) -> tuple[float, ...]:
+    return tuple(_time(v) for v in _list(value))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"not text: {value!r}")
+    return value
+
+
+def _specs(value: Any) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_dict(s) for s in _list(value))
+
+
+def _report(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"a stage report is not an object: {value!r}")
+    return value

@@ -18,7 +18,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from smlaas.errors import (
     ProfileError,
     ProtocolError,
     SmlaasError,
+    Status,
 )
 from smlaas.graph.dims import fixed_dim
 from smlaas.plan.plan import Plan
@@ -45,8 +46,20 @@ from smlaas.roles import StageSpec
 from smlaas.runtime.sealed_stage import unseal_stage
 from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
 from smlaas.serving.enrol import check_replica_count, enrol
-from smlaas.serving.link import Hop, replica_set, run_event_loop
-from smlaas.serving.protocol import DESCRIBE, Status, TensorSpec, error_reply, expired
+from smlaas.serving.hop import Hop
+from smlaas.serving.link import replica_set, run_event_loop
+from smlaas.serving.protocol import (
+    Describe,
+    Description,
+    Failure,
+    Infer,
+    Outputs,
+    Reply,
+    Request,
+    TensorSpec,
+    from_frame,
+    to_frame,
+)
 from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
@@ -65,13 +78,13 @@ def load_stage(sealed_dir: Path, release: StageRelease, *, threads: int
                        label=f"stage {release.index}", serving=True), model
 
 
-def tensor_specs(values: Any) -> list[dict[str, Any]]:
+def tensor_specs(values: Any) -> list[TensorSpec]:
     specs = []
     for value in values:
         tensor_type = value.type.tensor_type
         dims = [fixed_dim(d) for d in tensor_type.shape.dim]
         dtype = wire_dtype(np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
-        specs.append(TensorSpec(value.name, dtype, dims).to_dict())
+        specs.append(TensorSpec(value.name, dtype, dims))
     return specs
 
 
@@ -116,9 +129,13 @@ def predicted_memory(sealed_dir: Path, index: int, plan_sha256: str) -> dict[str
 
 
 class StageWorker:
+    """One stage: :meth:`handle` answers a request (in this process, through a
+    :class:`~smlaas.serving.hop.LocalHop`); :meth:`serve` answers them on a mutual-TLS
+    server."""
+
     def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
-                 server_context: ssl.SSLContext, upstream_role: str, manifest_digest: str,
-                 next_link: Hop | None, queue_size: int = 4,
+                 server_context: ssl.SSLContext | None, upstream_role: str,
+                 manifest_digest: str, next_link: Hop | None, queue_size: int = 4,
                  stats: StageStats | None = None) -> None:
         self.index, self.runner = index, runner
         self.stats = stats or StageStats(index, attested_at=time.time())
@@ -130,14 +147,38 @@ class StageWorker:
         self._queue_size = queue_size
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-run")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runner_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Starts running queued requests (call from the loop that will handle them)."""
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(self._queue_size)
+        self._downstream_slots = asyncio.Semaphore(self._queue_size)
+        self._runner_task = asyncio.create_task(self._run_forever())
+
+    async def stop(self) -> None:
+        if self._runner_task is not None:
+            self._runner_task.cancel()
+        if self._next is not None:
+            await self._next.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def handle(self, request_id: str, message: Request) -> Reply:
+        """The reply to one request; waits for room while the queue is full."""
+        if isinstance(message, Describe):
+            return await self._describe(request_id, message)
+        return await (await self._enqueue(request_id, message))
+
+    async def _enqueue(self, request_id: str, message: Infer) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Queued(request_id, message, future))  # full: wait
+        return future
 
     async def serve(self, host: str, port: int, *, stop: asyncio.Event) -> None:
-        self._queue: asyncio.Queue[tuple[TensorMessage, _Upstream]] = asyncio.Queue(
-            self._queue_size)
-        self._downstream_slots = asyncio.Semaphore(self._queue_size)
-        runner = asyncio.create_task(self._run_forever())
+        if self._server_context is None:
+            raise ConfigError("a stage served over the network needs its TLS identity")
+        await self.start()
         server = await start_stream_server(
-            self._handle, host, port, ssl_context=self._server_context,
+            self._connection, host, port, ssl_context=self._server_context,
             check_peer=lambda tls: require_peer(tls, self.upstream_role, self.manifest_digest),
             on_refused=lambda err: logger.warning("stage %d refused a connection: %s",
                                                   self.index, err))
@@ -146,22 +187,24 @@ class StageWorker:
             await stop.wait()
         finally:
             server.close()
-            runner.cancel()
-            if self._next is not None:
-                await self._next.close()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            await self.stop()
 
-    async def _handle(self, stream: MessageStream) -> None:
+    async def _connection(self, stream: MessageStream) -> None:
         """One upstream connection (its peer already checked: the upstream role, admitted
-        under our manifest)."""
+        under our manifest). While the queue is full, it stops reading (TCP pushes back)."""
         upstream = _Upstream(stream)
         try:
             while True:
-                message = await stream.read()
-                if message.meta.get("op") == DESCRIBE:
-                    self._spawn(self._describe(message, upstream))
+                frame = await stream.read()
+                message = from_frame(frame)
+                if isinstance(message, Describe):
+                    self._spawn(upstream.reply(frame.request_id,
+                                               self._describe(frame.request_id, message)))
+                elif isinstance(message, Infer):
+                    self._spawn(upstream.reply(frame.request_id,
+                                               await self._enqueue(frame.request_id, message)))
                 else:
-                    await self._queue.put((message, upstream))  # full: stop reading
+                    raise ProtocolError(f"a {type(message).__name__} is not a request")
         except (EOFError, OSError, ssl.SSLError) as err:
             logger.debug("upstream connection closed: %s", err)
         except ProtocolError as err:
@@ -173,67 +216,82 @@ class StageWorker:
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            message, upstream = await self._queue.get()
-            if expired(message.meta):
-                self.stats.expired += 1
-                await upstream.send(error_reply(message.request_id, Status.DEADLINE,
-                                                f"deadline passed before stage {self.index}"))
+            queued = await self._queue.get()
+            message, future = queued.message, queued.future
+            if future.done():  # its asker has gone
                 continue
-            started = time.perf_counter()
+            if message.expired():
+                self.stats.expired += 1
+                future.set_result(Failure(Status.DEADLINE,
+                                          f"deadline passed before stage {self.index}"))
+                continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self.runner.run,
-                                                     message.tensors)
+                outputs, elapsed = await loop.run_in_executor(self._executor, self._timed_run,
+                                                              message.tensors)
             except ProfileError as err:
                 # ONNX Runtime's text names the sub-model's nodes and shapes: it stays in this
                 # stage's log, and the client gets a short reason with a reference to it.
                 self.stats.errors += 1
                 reference = secrets.token_hex(4)
                 logger.warning("stage %d could not run request %s (reference %s): %s",
-                               self.index, message.request_id, reference, err)
-                await upstream.send(error_reply(
-                    message.request_id, Status.BAD_INPUT,
+                               self.index, queued.request_id, reference, err)
+                _settle(future, Failure(
+                    Status.BAD_INPUT,
                     f"stage {self.index} could not run the model on this input (values out of "
                     f"the model's range?); reference {reference} in the stage's log"))
                 continue
-            elapsed = time.perf_counter() - started
-            self.stats.requests += _count(message.meta.get("requests", 1))
+            self.stats.requests += message.requests
             self.stats.batches += 1
             self.stats.run_seconds += elapsed
-            meta = dict(message.meta)
-            meta["stage_ms"] = [*meta.get("stage_ms", []), round(elapsed * 1e3, 3)]
+            onward = message.after_stage(outputs, round(elapsed * 1e3, 3))
             if self._next is None:
-                await upstream.send(TensorMessage(message.request_id, outputs, meta))
+                _settle(future, Outputs(onward.tensors, onward.stage_ms))
             else:
                 await self._downstream_slots.acquire()
-                self._spawn(self._forward(message.request_id, outputs, meta, upstream))
+                self._spawn(self._forward(queued.request_id, onward, future))
 
-    async def _forward(self, request_id: str, outputs: dict[str, np.ndarray],
-                       meta: dict[str, Any], upstream: _Upstream) -> None:
+    def _timed_run(self, tensors: Mapping[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray], float]:
+        """The stage's outputs and its own run time (s), timed in the run thread: the stage
+        time the gateway reports is the session's, not the hand-over to and from it."""
+        started = time.perf_counter()
+        outputs = self.runner.run(tensors)
+        return outputs, time.perf_counter() - started
+
+    async def _forward(self, request_id: str, message: Infer,
+                       future: asyncio.Future[Reply]) -> None:
         assert self._next is not None
         try:
-            reply = await self._next.request(outputs, meta, request_id=request_id)
+            _settle(future, await self._next.request(message, request_id=request_id))
         finally:
             self._downstream_slots.release()
-        await upstream.send(reply)
 
-    async def _describe(self, message: TensorMessage, upstream: _Upstream) -> None:
+    async def _describe(self, request_id: str, message: Describe) -> Description | Failure:
         if self._next is None:
-            reply = TensorMessage(message.request_id, {}, {"outputs": self._outputs,
-                                                           "stages": []})
+            reply: Description | Failure = Description((), tuple(self._outputs))
         else:
-            reply = await self._next.request_all({}, dict(message.meta),
-                                                 request_id=message.request_id)
-        if "error" not in reply.meta:
-            reply.meta["inputs"] = self._inputs
-            reply.meta["stages"] = [self.index, *reply.meta.get("stages", [])]
-            reply.meta["stage_stats"] = [self.stats.snapshot(self._queue.qsize()),
-                                         *reply.meta.get("stage_stats", [])]
-        await upstream.send(reply)
+            reply = await self._next.describe(message, request_id=request_id)
+        if isinstance(reply, Failure):
+            return reply
+        return reply.through(self.index, tuple(self._inputs),
+                             self.stats.snapshot(self._queue.qsize()))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    request_id: str
+    message: Infer
+    future: asyncio.Future[Reply]
+
+
+def _settle(future: asyncio.Future[Reply], reply: Reply) -> None:
+    if not future.done():
+        future.set_result(reply)
 
 
 class _Upstream:
@@ -244,18 +302,16 @@ class _Upstream:
         self._stream = stream
         self._lock = asyncio.Lock()
 
-    async def send(self, message: TensorMessage) -> None:
+    async def reply(self, request_id: str, answer: Awaitable[Reply]) -> None:
+        await self.send(to_frame(request_id, await answer))
+
+    async def send(self, frame: TensorMessage) -> None:
         if self._stream.is_closing():
             return
         async with self._lock:
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-                self._stream.write(message)
+                self._stream.write(frame)
                 await asyncio.wait_for(self._stream.drain(), 30.0)
-
-
-def _count(value: Any) -> int:
-    """A batch's request count as the gateway sent it (1 if absent or not a count)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 def check_place_in_topology(spec: StageSpec, topology: tuple[str, ...]) -> None:
