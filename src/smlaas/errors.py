@@ -36,6 +36,7 @@
      └─ CheckFailed                  a check ran and said "no" (CLI exit code 1)
          ├─ VerificationError        the chain of sub-models differs from the whole model
          ├─ SealError                a sealed file is tampered, swapped, or the key is wrong
+         ├─ ReceiptError             a receipt or its chain does not verify (first broken link)
          ├─ CoordinatorRefused       the coordinator answered a request with a refusal (a code)
          └─ AttestationError         a quote, report or collateral failed verification
              ├─ PolicyError          verified evidence that the policy does not accept
@@ -261,6 +262,11 @@ class PolicyError(AttestationError):
 class ReleaseError(AttestationError):
     """The owner's release is missing, malformed, not the owner's, expired, for another
     manifest, or older than one already seen."""
+
+
+class ReceiptError(CheckFailed):
+    """A receipt, its chain or its evidence does not verify (the message names the first
+    broken link)."""
 
 
 class SealError(CheckFailed):

@@ -100,7 +100,7 @@ class _HeldPipeline:
         self.release = asyncio.Event()
 
     async def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
-                       requests: int) -> Outputs | Failure:
+                       requests: int, receipt: object = None) -> Outputs | Failure:
         self.sent.append((len(inputs["x"]), deadline, requests))
         await self.release.wait()
         return Outputs({"y": inputs["x"] * 2})

@@ -66,10 +66,15 @@ def load_inputs(specs: list[str], names: list[str]) -> dict[str, np.ndarray]:
                    "for).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=60.0,
               show_default=True, help="Seconds to wait for the answer.")
+@click.option("--receipt", "receipt_dir", type=click.Path(file_okay=False),
+              help="Ask for a receipt and write it into this directory with the evidence it "
+                   "refers to and the exact request and response bytes it covers "
+                   "(`smlaas receipt verify DIR` checks it, anywhere).")
 def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
           model: str | None, as_json: bool, policy_path: str | None,
           manifest_digest: str | None, owner_public_key: str | None, sim_root: str | None,
-          no_release_check: bool, no_attest: bool, timeout_s: float) -> int:
+          no_release_check: bool, no_attest: bool, timeout_s: float,
+          receipt_dir: str | None) -> int:
     """Run the deployed model on tensors from .npy files (after attesting the gateway)."""
     policy = None
     if no_attest:
@@ -95,10 +100,16 @@ def infer(url: str, ca: str, input_specs: tuple[str, ...], output: str | None,
                          manifest_digest=manifest_digest, timeout_s=timeout_s,
                          owner_public_key=owner, check_release=not no_release_check,
                          roots=[INTEL_ROOT, simulation_root_from_pem(Path(sim_root))]
-                         if sim_root else known_roots()) as client:
+                         if sim_root else known_roots(),
+                         receipts=receipt_dir is not None) as client:
         names = [i["name"] for i in client.metadata()["inputs"]]
         inputs = load_inputs(list(input_specs), names)
         outputs = client.infer(inputs, binary=not as_json)
+        if receipt_dir is not None and outputs.receipt is not None:
+            written = outputs.receipt.save(receipt_dir, client.evidence())
+            console.print(f"wrote the receipt, its evidence and the request and response it "
+                          f"covers to {written} (check: smlaas receipt verify {written} "
+                          f"--owner-key OWNER.pub)")
         if client.verdict is not None:
             console.print(f"gateway attested: MRENCLAVE {client.verdict.mrenclave[:16]}... "
                           + ("(SIMULATED)" if client.verdict.simulated else "(hardware)")

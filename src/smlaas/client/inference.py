@@ -25,6 +25,7 @@ import base64
 import ssl
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,16 @@ from smlaas.errors import (
     TransportError,
 )
 from smlaas.transport.tls import certificate_manifest
-from smlaas.transport.v2 import HEADER_LENGTH, decode_infer_response, encode_infer_request
+from smlaas.transport.v2 import (
+    HEADER_LENGTH,
+    decode_infer_response,
+    encode_infer_request,
+    without_receipt,
+)
 from smlaas.version_memory import VersionMemory
 
 ATTESTATION_PATH = "/v2/smlaas/attestation"
+EVIDENCE_PATH = "/v2/smlaas/evidence"
 RECHECK_S = 300.0
 """A client attests the gateway (and checks the owner's release) again after this long."""
 
@@ -187,11 +194,13 @@ class InferenceClient(_ClientCore):
                  roots: list[TrustedRoot] | None = None, attest: bool = True,
                  manifest_digest: str | None = None, model: str | None = None,
                  timeout_s: float = 60.0, owner_public_key: str | Path | None = None,
-                 check_release: bool = True, releases: VersionMemory | None = None) -> None:
+                 check_release: bool = True, releases: VersionMemory | None = None,
+                 receipts: bool = False) -> None:
         super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
                          manifest_digest=manifest_digest, model=model, timeout_s=timeout_s,
                          owner_public_key=owner_public_key, check_release=check_release,
                          releases=releases)
+        self.receipts = receipts
         self._http = httpx.Client(base_url=self.url, verify=self._context, timeout=timeout_s)
 
     def __enter__(self) -> InferenceClient:
@@ -227,13 +236,19 @@ class InferenceClient(_ClientCore):
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
               outputs: list[str] | None = None, timeout_s: float | None = None
-              ) -> dict[str, np.ndarray]:
-        """Runs the model on named ``inputs``; returns its outputs by name."""
-        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs)
+              ) -> InferResult:
+        """Runs the model on named ``inputs``; returns its outputs by name (with
+        ``receipts``, and its ``receipt``)."""
+        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs,
+                                             receipt=self.receipts)
         response = self._checked(self._send("POST", f"/v2/models/{self.model}/infer",
                                             content=body, headers=headers,
                                             timeout_s=timeout_s))
-        return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+        return _result(body, response, receipts=self.receipts)
+
+    def evidence(self) -> bytes:
+        """The evidence the gateway's receipts refer to (CBOR; see :mod:`smlaas.receipts`)."""
+        return self._checked(self._send("GET", EVIDENCE_PATH)).content
 
     def attest(self, policy: Policy, roots: list[TrustedRoot], *,
                manifest_digest: str | None = None) -> QuoteVerdict:
@@ -251,11 +266,13 @@ class AsyncInferenceClient(_ClientCore):
                  roots: list[TrustedRoot] | None = None, attest: bool = True,
                  manifest_digest: str | None = None, model: str | None = None,
                  timeout_s: float = 60.0, owner_public_key: str | Path | None = None,
-                 check_release: bool = True, releases: VersionMemory | None = None) -> None:
+                 check_release: bool = True, releases: VersionMemory | None = None,
+                 receipts: bool = False) -> None:
         super().__init__(url, ca=ca, policy=policy, roots=roots, attest=attest,
                          manifest_digest=manifest_digest, model=model, timeout_s=timeout_s,
                          owner_public_key=owner_public_key, check_release=check_release,
                          releases=releases)
+        self.receipts = receipts
         self._http = httpx.AsyncClient(base_url=self.url, verify=self._context,
                                        timeout=timeout_s)
 
@@ -292,12 +309,16 @@ class AsyncInferenceClient(_ClientCore):
 
     async def infer(self, inputs: Mapping[str, np.ndarray], *, binary: bool = True,
                     outputs: list[str] | None = None, timeout_s: float | None = None
-                    ) -> dict[str, np.ndarray]:
-        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs)
+                    ) -> InferResult:
+        body, headers = encode_infer_request(inputs, binary=binary, outputs=outputs,
+                                             receipt=self.receipts)
         response = self._checked(await self._send(
             "POST", f"/v2/models/{await self.model()}/infer", content=body, headers=headers,
             timeout_s=timeout_s))
-        return decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+        return _result(body, response, receipts=self.receipts)
+
+    async def evidence(self) -> bytes:
+        return self._checked(await self._send("GET", EVIDENCE_PATH)).content
 
     async def attest(self, policy: Policy, roots: list[TrustedRoot], *,
                      manifest_digest: str | None = None) -> QuoteVerdict:
@@ -306,6 +327,42 @@ class AsyncInferenceClient(_ClientCore):
         # off the event loop.
         return await asyncio.to_thread(self._check_evidence, response, policy, roots,
                                        manifest_digest)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A result's receipt and the exact bytes it covers; :meth:`save` writes the directory
+    ``smlaas receipt verify`` checks (with the evidence from :meth:`InferenceClient.evidence`)."""
+
+    cose: bytes
+    request: bytes
+    response: bytes
+
+    def save(self, directory: str | Path, evidence: bytes) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in (("receipt.cose", self.cose), ("evidence.cbor", evidence),
+                           ("request.bin", self.request), ("response.bin", self.response)):
+            (path / name).write_bytes(data)
+        return path
+
+
+class InferResult(dict[str, np.ndarray]):
+    """The outputs by name; ``receipt`` when the client asked for receipts."""
+
+    receipt: Receipt | None = None
+
+
+def _result(request: bytes, response: httpx.Response, *, receipts: bool) -> InferResult:
+    header_length = response.headers.get(HEADER_LENGTH)
+    covered, cose = without_receipt(response.content, header_length) if receipts else \
+        (response.content, None)
+    if receipts and cose is None:
+        raise ServingError("the gateway answered without the receipt asked for", status=502)
+    result = InferResult(decode_infer_response(response.content, header_length))
+    if cose is not None:
+        result.receipt = Receipt(cose, request, covered)
+    return result
 
 
 def _peer_certificate(response: httpx.Response) -> bytes | None:

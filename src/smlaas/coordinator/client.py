@@ -39,7 +39,13 @@ from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.policy import Policy, RolePolicy
 from smlaas.enclave.ratls import connect_attested, public_key_hash
 from smlaas.enclave.verification import TrustedRoot
-from smlaas.errors import AttestationError, CoordinatorRefused, ProtocolError, ReleaseError
+from smlaas.errors import (
+    AttestationError,
+    ConfigError,
+    CoordinatorRefused,
+    ProtocolError,
+    ReleaseError,
+)
 from smlaas.transport.framing import recv_message, send_message
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,9 @@ class Registration:
     """The owner's latest release the coordinator held (not verified here)."""
     lease: LeaseSession | None = None
     """A stage's slot lease: the registration connection, kept open (None: not held)."""
+    manifest_json: str = ""
+    """The owner's manifest in canonical form (its digest checked against manifest_digest):
+    what receipts' evidence carries."""
 
     def replicas_of(self, index: int) -> int:
         return self.replicas.get(index, 1)
@@ -283,13 +292,28 @@ class CoordinatorClient:
                             labels_sha256=str(reply.get("labels_sha256", "")), stage=release,
                             replicas=_replicas(reply.get("replicas", {})),
                             plan_sha256=str(reply.get("plan_sha256", "")),
-                            release=_release(reply.get("release")), lease=lease)
+                            release=_release(reply.get("release")), lease=lease,
+                            manifest_json=_manifest_json(reply.get("manifest"), digest))
 
 
 def coordinator_policy(coordinator_mrenclave: str, *, simulated: bool) -> Policy:
     """What a role accepts as its coordinator: the one MRENCLAVE it was built to trust."""
     return Policy(allow_simulation_insecure=simulated,
                   roles={COORDINATOR_ROLE: RolePolicy(mrenclave=(coordinator_mrenclave,))})
+
+
+def _manifest_json(value: Any, digest: str) -> str:
+    """The manifest the coordinator sent, if it is the one whose digest it named."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        if Manifest.from_json(value).digest() != digest:
+            raise refusal(Code.MALFORMED, "the coordinator sent another manifest than the "
+                          "one it named")
+    except ConfigError as err:
+        raise refusal(Code.MALFORMED, f"the coordinator's manifest is malformed: {err}") \
+            from err
+    return value
 
 
 def _release(value: Any) -> SignedRelease | None:

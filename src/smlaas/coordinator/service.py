@@ -322,6 +322,7 @@ class CoordinatorService:
                 "labels_sha256": manifest.labels_sha256,
                 "replicas": {str(k): n for k, n in manifest.replicas.items()},
                 "plan_sha256": manifest.plan_sha256, "simulated": verdict.simulated,
+                "manifest": manifest.to_json(),
                 "release": None if state.release is None else state.release.to_dict()}
             if role != GATEWAY_ROLE:
                 index = stage_index(role)

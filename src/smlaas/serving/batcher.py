@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,8 @@ from typing import Protocol
 import numpy as np
 
 from smlaas.errors import QueueFull, Status
-from smlaas.serving.protocol import Failure, Outputs
+from smlaas.receipts.digests import SALT_BYTES
+from smlaas.serving.protocol import Failure, Outputs, ReceiptAsk
 
 CLIENT_GONE = "withdrawn before it ran: its client has gone"
 
@@ -37,10 +39,12 @@ CLIENT_GONE = "withdrawn before it ran: its client has gone"
 
 class RunBatch(Protocol):
     """Sends stacked inputs through the pipeline: ``deadline`` (Unix seconds, None for the
-    pipeline's default) and the number of client ``requests`` in the batch go with them."""
+    pipeline's default), the number of client ``requests`` in the batch and, when any of
+    them asked for one, what the stages need to sign receipts (``receipt``) go with them."""
 
     def __call__(self, inputs: dict[str, np.ndarray], *, deadline: float | None,
-                 requests: int) -> Awaitable[Outputs | Failure]: ...
+                 requests: int, receipt: ReceiptAsk | None = None
+                 ) -> Awaitable[Outputs | Failure]: ...
 
 
 @dataclass(eq=False)
@@ -52,6 +56,8 @@ class _Pending:
     """Unix seconds; None: the pipeline's default."""
     gone: Callable[[], bool] | None = None
     """True once the client has left (checked synchronously, before batching and sending)."""
+    salt: bytes | None = None
+    """Set when the request asked for a receipt: its salt in the stages' Merkle leaves."""
     enqueued: float = field(default_factory=time.perf_counter)
 
     def gone_or_expired(self) -> str | None:
@@ -119,7 +125,8 @@ class DynamicBatcher:
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int, *,
                      deadline: float | None = None,
-                     gone: Callable[[], bool] | None = None) -> Outputs | Failure:
+                     gone: Callable[[], bool] | None = None,
+                     salt: bytes | None = None) -> Outputs | Failure:
         """The reply for ``inputs``; QueueFull at once when the queue is full. Cancelling
         the call withdraws the request from the queue if it has not been batched yet."""
         future: asyncio.Future[Outputs | Failure] = \
@@ -128,7 +135,7 @@ class DynamicBatcher:
             self._drop_dead()
         if len(self._waiting) >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are waiting already; retry later")
-        pending = _Pending(inputs, rows, future, deadline, gone)
+        pending = _Pending(inputs, rows, future, deadline, gone, salt)
         self._waiting.append(pending)
         self._arrived.set()
         try:
@@ -223,32 +230,34 @@ class DynamicBatcher:
             deadlines = [p.deadline for p in batch]
             deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
             if len(batch) == 1:
-                reply = await self._run(batch[0].inputs, deadline=deadline, requests=1)
+                reply = await self._run(batch[0].inputs, deadline=deadline, requests=1,
+                                        receipt=_receipt_ask(batch))
                 self._report(batch, waits, started)
                 _resolve(batch[0], reply)
                 return
             names = list(batch[0].inputs)
             stacked = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
-            reply = await self._run(stacked, deadline=deadline, requests=len(batch))
+            reply = await self._run(stacked, deadline=deadline, requests=len(batch),
+                                    receipt=_receipt_ask(batch))
             self._report(batch, waits, started)
             if isinstance(reply, Failure) and reply.status == Status.BAD_INPUT:
                 # One request's input failed the batch: run each on its own, so that only
                 # that request fails and the others in its batch get their answers.
                 for pending in batch:
                     if self._wanted(pending):
-                        _resolve(pending, await self._run(pending.inputs,
-                                                          deadline=pending.deadline,
-                                                          requests=1))
+                        _resolve(pending, await self._run(
+                            pending.inputs, deadline=pending.deadline, requests=1,
+                            receipt=_receipt_ask([pending])))
                 return
             if isinstance(reply, Failure):
                 for pending in batch:
                     _resolve(pending, reply)
                 return
             offset = 0
-            for pending in batch:
+            for index, pending in enumerate(batch):
                 part = {n: v[offset:offset + pending.rows] for n, v in reply.tensors.items()}
                 offset += pending.rows
-                _resolve(pending, Outputs(part, reply.stage_ms))
+                _resolve(pending, Outputs(part, reply.stage_ms, reply.receipts, index))
         except Exception as err:  # never leave a client waiting
             for pending in batch:
                 _resolve(pending, Failure(Status.INTERNAL, f"batching failed: {err}"))
@@ -259,6 +268,15 @@ class DynamicBatcher:
         if self._on_batch is not None:
             self._on_batch(BatchStats(sum(p.rows for p in batch), len(batch), waits,
                                       time.perf_counter() - started))
+
+
+def _receipt_ask(batch: list[_Pending]) -> ReceiptAsk | None:
+    """What the stages need to sign for ``batch``, when any request in it asked (the others
+    get a salt of their own all the same: a leaf per request)."""
+    if all(p.salt is None for p in batch):
+        return None
+    return ReceiptAsk(tuple(p.rows for p in batch),
+                      tuple(p.salt or secrets.token_bytes(SALT_BYTES) for p in batch))
 
 
 def _resolve(pending: _Pending, reply: Outputs | Failure) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import numpy as np
 
 import smlaas
 from smlaas.errors import (
+    BadRequest,
     ClientGone,
     DeadlineExceeded,
     ModelNotFound,
@@ -37,11 +39,22 @@ from smlaas.errors import (
     Status,
     Unavailable,
 )
+from smlaas.receipts.claims import GatewaySigner, StageReceipt
+from smlaas.receipts.digests import SALT_BYTES, tensors_digest
+from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, key_evidence_from_json
 from smlaas.roles import GatewaySpec
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
-from smlaas.serving.protocol import Describe, Failure, Infer, Outputs, TensorSpec, deadline_in
+from smlaas.serving.protocol import (
+    Describe,
+    Failure,
+    Infer,
+    Outputs,
+    ReceiptAsk,
+    TensorSpec,
+    deadline_in,
+)
 from smlaas.serving.statistics import ModelStatistics
 from smlaas.transport.tensors import BYTES
 from smlaas.transport.v2 import InferRequest, datatype, json_output_bounds, public_shape
@@ -53,6 +66,9 @@ READY_CACHE_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
+EVIDENCE_TTL_S = 10.0
+"""How long the evidence bundle is served before it is asked of the stages again (a replica
+restarted since has a new receipt key)."""
 DECODE_THREADS = 2
 ENCODE_THREADS = 1
 """Responses are encoded by one thread: JSON encoding holds the GIL, so a second thread would
@@ -102,6 +118,44 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class PendingReceipt:
+    """What the gateway's receipt for a request needs from the pipeline's answer."""
+
+    stages: tuple[StageReceipt, ...]
+    index: int
+    salt: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outputs of one request (its rows), and its stage receipts when it asked."""
+
+    tensors: dict[str, np.ndarray]
+    receipt: PendingReceipt | None = None
+
+
+class GatewayReceipts:
+    """The gateway's receipt signer and the evidence bundle (cached EVIDENCE_TTL_S)."""
+
+    def __init__(self, signer: GatewaySigner, own: KeyEvidence, manifest_json: str,
+                 release: Callable[[], dict[str, Any] | None]) -> None:
+        self.signer, self.own = signer, own
+        self.manifest_json, self.release = manifest_json, release
+        self._bundle: bytes | None = None
+        self._made = 0.0
+        self._lock = asyncio.Lock()
+
+    async def bundle(self, plane: DataPlane) -> bytes:
+        async with self._lock:
+            if self._bundle is None or time.monotonic() - self._made > EVIDENCE_TTL_S:
+                keys = await plane.pipeline.key_evidence()
+                self._bundle = EvidenceBundle(self.manifest_json, self.release(),
+                                              (self.own, *keys)).encode()
+                self._made = time.monotonic()
+            return self._bundle
+
+
+@dataclass(frozen=True)
 class ModelSpecs:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -120,12 +174,13 @@ class Pipeline:
         """Called with the stages' reports of every probe that passed through them."""
 
     async def run(self, inputs: dict[str, np.ndarray], *, deadline: float | None = None,
-                  requests: int = 1) -> Outputs | Failure:
+                  requests: int = 1, receipt: ReceiptAsk | None = None
+                  ) -> Outputs | Failure:
         """Outputs, or a Failure, by ``deadline`` (Unix seconds; default: timeout_s from
         now); a stage that is down gets one retry. ``requests`` (the client requests in the
         batch) travels with it, for the stages' counts."""
         message = Infer(inputs, deadline_in(self.timeout_s) if deadline is None else deadline,
-                        requests)
+                        requests, receipt=receipt)
         reply = await self.link.request(message)
         if isinstance(reply, Failure) and reply.status == Status.UNAVAILABLE and \
                 message.remaining_s() > RETRY_DELAY_S * 2:
@@ -149,6 +204,22 @@ class Pipeline:
         self._ready_at = time.monotonic()
         return None
 
+    async def key_evidence(self) -> list[KeyEvidence]:
+        """Every stage replica's receipt key evidence (a describe that asks for it)."""
+        reply = await self.link.describe(Describe(deadline_in(PROBE_TIMEOUT_S * 2),
+                                                  evidence=True))
+        if isinstance(reply, Failure):
+            raise Unavailable(f"the stages' evidence is not available: {reply.message}")
+        keys: dict[bytes, KeyEvidence] = {}
+        for report in reply.stage_stats:
+            if "receipt_key" in report:
+                try:
+                    key = key_evidence_from_json(report["receipt_key"])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise Unavailable(f"a stage sent malformed evidence: {err}") from err
+                keys[key.kid] = key
+        return list(keys.values())
+
     async def model_specs(self) -> ModelSpecs:
         if self.specs is None:
             problem = await self.probe()
@@ -162,8 +233,10 @@ class DataPlane:
 
     def __init__(self, settings: GatewaySettings, link: Hop, *,
                  evidence: Callable[[], dict[str, Any]] | None = None,
-                 attested_at: float | None = None) -> None:
+                 attested_at: float | None = None,
+                 receipts: GatewayReceipts | None = None) -> None:
         self.settings = settings
+        self.receipts = receipts
         self.name = settings.model_name
         self.batching = settings.max_batch_size > 0
         self.labels = list(settings.labels) if settings.labels else None
@@ -334,7 +407,7 @@ class DataPlane:
                                      Awaitable[Outputs | Failure]] | None = None,
                     gone: Callable[[], bool] | None = None,
                     received: float | None = None,
-                    protocol: FrontEnd = FrontEnd.GRPC) -> dict[str, np.ndarray]:
+                    protocol: FrontEnd = FrontEnd.GRPC) -> Answer:
         """The outputs for a decoded request. ``unless`` wraps the wait (e.g. to withdraw
         it when the client goes); ``gone`` says synchronously whether the client has left
         (checked before the request is batched and before its batch is sent); ``received``
@@ -351,9 +424,12 @@ class DataPlane:
             raise DeadlineExceeded(f"{self._timeout_text(request)} passed before the request "
                                    f"could be queued")
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queue_depth)
+        if request.receipt and self.receipts is None:
+            raise BadRequest("this gateway does not sign receipts")
+        salt = secrets.token_bytes(SALT_BYTES) if request.receipt else None
         waiting = asyncio.wait_for(self.batcher.submit(
-            request.inputs, request.batch, deadline=time.time() + remaining_s, gone=gone),
-            remaining_s)
+            request.inputs, request.batch, deadline=time.time() + remaining_s, gone=gone,
+            salt=salt), remaining_s)
         try:
             reply = await (unless(waiting) if unless is not None else waiting)
         except QueueFull as err:
@@ -374,7 +450,33 @@ class DataPlane:
         missing = [o for o in request.outputs or [] if o not in reply.tensors]
         if missing:
             raise PipelineFailed(f"the pipeline returned no {missing}", status=Status.INTERNAL)
-        return dict(reply.tensors)
+        pending = None
+        if salt is not None:
+            if len(reply.receipts) != (self.settings.stage_count or len(reply.receipts)) or \
+                    not reply.receipts:
+                raise Unavailable("a stage did not sign its receipt; retry later")
+            pending = PendingReceipt(reply.receipts, reply.index, salt)
+        return Answer(dict(reply.tensors), pending)
+
+    async def sign_receipt(self, request: InferRequest, answer: Answer, *,
+                           request_bytes: bytes | bytearray,
+                           response_bytes: bytes) -> bytes:
+        """The gateway's receipt for ``answer`` (the request asked for one): it covers the
+        request and response bytes exactly and closes the stages' chain. Digests and the
+        signature are computed off the event loop."""
+        assert self.receipts is not None and answer.receipt is not None
+        signer, pending = self.receipts.signer, answer.receipt
+        return await self.encode(lambda: signer.sign_request(
+            request_id=request.id or "", request_bytes=request_bytes,
+            response_bytes=response_bytes, received=tensors_digest(request.inputs),
+            sent=tensors_digest(answer.tensors), salt=pending.salt, stages=pending.stages,
+            index=pending.index))
+
+    async def evidence_bundle(self) -> bytes:
+        """The evidence every receipt refers to (CBOR; rebuilt when EVIDENCE_TTL_S old)."""
+        if self.receipts is None:
+            raise ModelNotFound("this gateway does not sign receipts")
+        return await self.receipts.bundle(self)
 
     def record(self, *, code: str, ok: bool, started: float, decode_s: float = 0.0,
                encode_s: float = 0.0, unknown_model: bool = False,

@@ -66,6 +66,7 @@ from smlaas.transport.v2 import (
     InferRequest,
     encode_infer_response,
     parse_infer_request,
+    with_receipt,
 )
 from smlaas.transport.v2_limits import RequestLimits
 
@@ -156,6 +157,7 @@ class RestEndpoints:
             app.post(f"{prefix}/infer")(self.infer)
         app.get("/metrics")(self.prometheus)
         app.get("/v2/smlaas/attestation")(self.attestation)
+        app.get("/v2/smlaas/evidence")(self.receipt_evidence)
 
 
     async def live(self) -> JSONResponse:
@@ -207,16 +209,20 @@ class RestEndpoints:
             limits = await plane.limits()
             specs = await plane.specs()
             plane.check_room(protocol=FrontEnd.REST)  # before a body that could not queue
-            parsed, decode_s = await self._read_request(request, limits, specs)
-            outputs = await plane.infer(
+            parsed, decode_s, body = await self._read_request(request, limits, specs)
+            answer = await plane.infer(
                 parsed, unless=lambda wait: _unless_client_goes(request, wait),
                 gone=_connection_gone(request), received=started, protocol=FrontEnd.REST)
+            outputs = answer.tensors
             encoded_at = time.perf_counter()
             encode = functools.partial(
                 encode_infer_response, plane.name, parsed, outputs, labels=plane.labels,
                 max_json_bytes=plane.settings.max_json_response_bytes)
             small = sum(v.nbytes for v in outputs.values()) <= INLINE_TENSOR_BYTES
             content, headers = encode() if small else await plane.encode(encode)
+            if answer.receipt is not None:
+                content, headers = with_receipt(content, headers, await plane.sign_receipt(
+                    parsed, answer, request_bytes=body, response_bytes=content))
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
                 content, coding = await plane.off_loop(functools.partial(
@@ -245,9 +251,10 @@ class RestEndpoints:
             outputs.clear()
 
     async def _read_request(self, request: Request, limits: RequestLimits, specs: ModelSpecs
-                            ) -> tuple[InferRequest, float]:
-        """The decoded request and the seconds its decoding took, its body read within the
-        body budget (the body itself is not kept: binary tensors are views of it)."""
+                            ) -> tuple[InferRequest, float, bytearray]:
+        """The decoded request, the seconds its decoding took and the body as received
+        (binary tensors are views of it; a receipt covers it), read within the body
+        budget."""
         plane, encoding = self.plane, request.headers.get("content-encoding")
         declared = request.headers.get("content-length", "")
         # What the body takes once read and decoded: its declared size, or when that is not
@@ -273,7 +280,7 @@ class RestEndpoints:
                     else len(body)
                 small = not encoding and json_bytes <= INLINE_TENSOR_BYTES
                 parsed = decode() if small else await plane.decode(decode)
-                return parsed, time.perf_counter() - decoded_at
+                return parsed, time.perf_counter() - decoded_at, body
         except TimeoutError:
             raise Unavailable(f"the gateway is reading as many request bodies as it holds at "
                               f"once ({self.bodies.total_bytes} bytes); retry later") from None
@@ -285,6 +292,11 @@ class RestEndpoints:
         return Response(generate_latest(plane.metrics.registry)
                         + triton_metrics_text(plane.statistics),
                         media_type=CONTENT_TYPE_LATEST)
+
+    async def receipt_evidence(self) -> Response:
+        """The evidence receipts refer to (CBOR, :mod:`smlaas.receipts.evidence`)."""
+        return Response(await self.plane.evidence_bundle(), media_type="application/cbor",
+                        headers={"Cache-Control": "max-age=10"})
 
     async def attestation(self) -> JSONResponse:
         evidence = self.plane.evidence()

@@ -28,8 +28,11 @@ from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.keys import spki_sha256
 from smlaas.enclave.verification import INTEL_ROOT
 from smlaas.errors import ConfigError, ProtocolError, SmlaasError
+from smlaas.receipts.claims import GatewaySigner
+from smlaas.receipts.cose import ReceiptKey
+from smlaas.receipts.evidence import key_evidence
 from smlaas.roles import GatewaySpec
-from smlaas.serving.data_plane import DataPlane
+from smlaas.serving.data_plane import DataPlane, GatewayReceipts
 from smlaas.serving.enrol import check_replica_count, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
@@ -185,9 +188,17 @@ def run_gateway(spec: GatewaySpec) -> None:
     quoted = GatewayEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
         registration.manifest_digest))
+    receipt_key = ReceiptKey()  # made in the enclave; its quote binds it to the gateway role
+    receipts = GatewayReceipts(
+        GatewaySigner(receipt_key, registration.manifest_digest,
+                      registration.release.release.version if registration.release else 0,
+                      spec.model_name),
+        key_evidence(enclave, receipt_key, role=GATEWAY_ROLE, replica=0,
+                     manifest_digest=registration.manifest_digest),
+        registration.manifest_json, releases.current)
     plane = DataPlane(settings, link, evidence=lambda: {**quoted(),
                                                         "release": releases.current()},
-                      attested_at=attested_at)
+                      attested_at=attested_at, receipts=receipts)
     app = create_app(settings, link, plane=plane)
     key_pem = registration.key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,

@@ -14,6 +14,7 @@ event loop).
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -206,9 +207,13 @@ class GrpcRequestDecoder:
                 _typed_input(item, contents))
         batch = check_shapes(tensors, self.inputs, self.max_batch_size)
         outputs, classes = self._requested_outputs(message)
+        parameters = request_parameters(message)
+        receipt = parameters.get("receipt", False)
+        if not isinstance(receipt, bool):
+            raise BadRequest(f"parameter 'receipt' must be a bool_param, got {receipt!r}"[:200])
         return InferRequest(id=message.id or None, inputs=tensors, batch=batch,
                             outputs=outputs, classification=classes, binary_default=True,
-                            timeout_us=timeout_us_of(request_parameters(message)))
+                            timeout_us=timeout_us_of(parameters), receipt=receipt)
 
 
 def request_parameters(message: Any) -> dict[str, Any]:
@@ -303,9 +308,31 @@ def encode_infer_response(model_name: str, model_version: str, request: InferReq
     parts: list[bytes | memoryview] = [head.SerializeToString()]
     for data in contents:
         parts += [_RAW_OUTPUT_TAG, _varint(len(data)), data]
-    if stream:
-        parts[:0] = [_STREAM_RESPONSE_TAG, _varint(sum(len(part) for part in parts))]
-    return b"".join(parts)
+    body = b"".join(parts)
+    return as_stream_response(body) if stream else body
+
+
+def as_stream_response(body: bytes) -> bytes:
+    """A serialized ``ModelInferResponse`` as the ``infer_response`` of a
+    ``ModelStreamInferResponse``."""
+    return _STREAM_RESPONSE_TAG + _varint(len(body)) + body
+
+
+def receipt_entry(receipt: bytes) -> bytes:
+    """The ``receipt`` response parameter (base64) as a serialized ``ModelInferResponse``
+    field: appended to a response, it adds that one map entry (protobuf merges repeated
+    fields), so the receipt covers the response without it exactly."""
+    entry = service_pb2.ModelInferResponse()
+    entry.parameters["receipt"].string_param = base64.b64encode(receipt).decode()
+    return bytes(entry.SerializeToString())
+
+
+def without_receipt(response: bytes, receipt: bytes) -> bytes:
+    """The response as the receipt covers it (what the gateway signed)."""
+    entry = receipt_entry(receipt)
+    if not response.endswith(entry):
+        raise ValueError("the response does not end with its receipt parameter")
+    return response[:-len(entry)]
 
 
 _RAW_OUTPUT_TAG = bytes([service_pb2.ModelInferResponse.DESCRIPTOR.fields_by_name[

@@ -53,8 +53,10 @@ from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd
 from smlaas.serving.grpc_codec import (
     FINAL_REQUESTED,
     GrpcRequestDecoder,
+    as_stream_response,
     encode_infer_response,
     parse_request,
+    receipt_entry,
     request_parameters,
     stream_error,
 )
@@ -266,12 +268,17 @@ class GrpcEndpoints:
         request = await plane.off_loop(functools.partial(decoder.decode, message))
         decode_s = time.perf_counter() - decoded_at
         del message  # its contents are tensors now
-        outputs = await plane.infer(request, received=received, protocol=FrontEnd.GRPC)
+        answer = await plane.infer(request, received=received, protocol=FrontEnd.GRPC)
+        outputs = answer.tensors
         encoded_at = time.perf_counter()
-        outcome.response = await self._off_loop(
+        response = await self._off_loop(
             sum(value.nbytes for value in outputs.values()), lambda: encode_infer_response(
                 plane.name, MODEL_VERSION, request, outputs, labels=plane.labels,
-                max_bytes=self.limits.max_send_bytes, stream=stream, final=outcome.final))
+                max_bytes=self.limits.max_send_bytes, final=outcome.final))
+        if answer.receipt is not None:
+            response += receipt_entry(await plane.sign_receipt(
+                request, answer, request_bytes=data, response_bytes=response))
+        outcome.response = as_stream_response(response) if stream else response
         return decode_s, time.perf_counter() - encoded_at
 
     async def _request_decoder(self) -> GrpcRequestDecoder:

@@ -15,6 +15,8 @@ checks every field, so that code above it never reads a dict.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import time
 from collections.abc import Mapping
@@ -24,10 +26,20 @@ from typing import Any
 import numpy as np
 
 from smlaas.errors import ProtocolError, Status
+from smlaas.receipts.claims import Leaf, StageReceipt
 from smlaas.transport.tensors import TensorMessage, TensorSpec
 
-__all__ = ["Description", "Describe", "Failure", "Infer", "Outputs", "Reply", "Request",
-           "Status", "TensorSpec", "deadline_in", "from_frame", "to_frame"]
+__all__ = ["Description", "Describe", "Failure", "Infer", "Outputs", "ReceiptAsk", "Reply",
+           "Request", "StageReceipt", "Status", "TensorSpec", "deadline_in", "from_frame",
+           "to_frame"]
+
+
+@dataclass(frozen=True)
+class ReceiptAsk:
+    """Receipts wanted for a batch: each request's rows (stacked in order) and salt."""
+
+    rows: tuple[int, ...]
+    salts: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,10 @@ class Infer:
     """Client requests batched in the tensors (for the stages' counts)."""
     stage_ms: tuple[float, ...] = ()
     """Run times of the stages before this one, in stage order."""
+    receipt: ReceiptAsk | None = None
+    """Each stage signs a receipt for the batch (None: none asked for)."""
+    receipts: tuple[StageReceipt, ...] = ()
+    """The receipts of the stages before this one, in stage order."""
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -47,16 +63,22 @@ class Infer:
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - time.time())
 
-    def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float) -> Infer:
-        """The request for the next stage: this stage's outputs and its run time added."""
-        return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms))
+    def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float,
+                    receipt: StageReceipt | None = None) -> Infer:
+        """The request for the next stage: this stage's outputs, its run time and its
+        receipt added."""
+        return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms),
+                     self.receipt, self.receipts if receipt is None else
+                     (*self.receipts, receipt))
 
 
 @dataclass(frozen=True)
 class Describe:
-    """Report every stage, by ``deadline`` (Unix seconds)."""
+    """Report every stage, by ``deadline`` (Unix seconds); with ``evidence``, each stage's
+    report carries its receipt key's evidence too."""
 
     deadline: float
+    evidence: bool = False
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -71,6 +93,10 @@ class Outputs:
 
     tensors: Mapping[str, np.ndarray]
     stage_ms: tuple[float, ...] = ()
+    receipts: tuple[StageReceipt, ...] = ()
+    """Every stage's receipt for the batch, when asked for."""
+    index: int = 0
+    """This request's place in its batch (the batcher sets it when it splits a batch)."""
 
 
 @dataclass(frozen=True)
@@ -119,11 +145,19 @@ def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
         tensors = message.tensors
         meta.update(deadline=message.deadline, requests=message.requests,
                     stage_ms=list(message.stage_ms))
+        if message.receipt is not None:
+            meta["receipt"] = {"rows": list(message.receipt.rows),
+                               "salts": [s.hex() for s in message.receipt.salts]}
+            meta["receipts"] = [_receipt_json(r) for r in message.receipts]
     elif isinstance(message, Describe):
         meta["deadline"] = message.deadline
+        if message.evidence:
+            meta["evidence"] = True
     elif isinstance(message, Outputs):
         tensors = message.tensors
         meta["stage_ms"] = list(message.stage_ms)
+        if message.receipts:
+            meta["receipts"] = [_receipt_json(r) for r in message.receipts]
     elif isinstance(message, Description):
         meta.update(inputs=[s.to_dict() for s in message.inputs],
                     outputs=[s.to_dict() for s in message.outputs],
@@ -141,13 +175,17 @@ def from_frame(frame: TensorMessage) -> Request | Reply:
     kind = meta.get("kind")
     try:
         if kind == "infer":
+            ask = meta.get("receipt")
             return Infer(frame.tensors, _time(meta["deadline"]), _count(meta["requests"]),
-                         _milliseconds(meta["stage_ms"]))
+                         _milliseconds(meta["stage_ms"]),
+                         None if ask is None else _receipt_ask(ask),
+                         _receipts(meta.get("receipts", [])))
         if kind == "describe":
             _no_tensors(frame)
-            return Describe(_time(meta["deadline"]))
+            return Describe(_time(meta["deadline"]), meta.get("evidence") is True)
         if kind == "outputs":
-            return Outputs(frame.tensors, _milliseconds(meta["stage_ms"]))
+            return Outputs(frame.tensors, _milliseconds(meta["stage_ms"]),
+                           _receipts(meta.get("receipts", [])))
         if kind == "description":
             _no_tensors(frame)
             return Description(_specs(meta["inputs"]), _specs(meta["outputs"]),
@@ -158,9 +196,40 @@ def from_frame(frame: TensorMessage) -> Request | Reply:
             link = meta.get("failed_link")
             return Failure(_status(meta["status"]), _text(meta["error"]),
                            None if link is None else _text(link))
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, binascii.Error) as err:
         raise ProtocolError(f"a {kind} message is malformed: {err!r}") from err
     raise ProtocolError(f"unknown message kind {kind!r}")
+
+
+def _receipt_json(receipt: StageReceipt) -> dict[str, Any]:
+    return {"cose": base64.b64encode(receipt.cose).decode(),
+            "leaves": [[leaf.received.hex(), leaf.sent.hex()] for leaf in receipt.leaves],
+            "hashes": [h.hex() for h in receipt.hashes]}
+
+
+def _receipts(value: Any) -> tuple[StageReceipt, ...]:
+    receipts = []
+    for item in _list(value):
+        if not isinstance(item, dict):
+            raise TypeError("a stage receipt is an object")
+        leaves = tuple(Leaf(bytes.fromhex(_text(a)), bytes.fromhex(_text(b)))
+                       for a, b in _list(item["leaves"]))
+        hashes = tuple(bytes.fromhex(_text(h)) for h in _list(item["hashes"]))
+        if len(leaves) != len(hashes):
+            raise ValueError("a stage receipt's leaves and hashes differ in number")
+        receipts.append(StageReceipt(base64.b64decode(_text(item["cose"]), validate=True),
+                                     leaves, hashes))
+    return tuple(receipts)
+
+
+def _receipt_ask(value: Any) -> ReceiptAsk:
+    if not isinstance(value, dict):
+        raise TypeError("a receipt request is an object")
+    rows = tuple(_count(r) for r in _list(value["rows"]))
+    salts = tuple(bytes.fromhex(_text(s)) for s in _list(value["salts"]))
+    if not rows or len(rows) != len(salts):
+        raise ValueError("a receipt request needs one salt per request")
+    return ReceiptAsk(rows, salts)
 
 
 def _status(value: Any) -> Status:

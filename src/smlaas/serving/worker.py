@@ -18,7 +18,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +42,9 @@ from smlaas.errors import (
 )
 from smlaas.graph.dims import fixed_dim
 from smlaas.plan.plan import Plan
+from smlaas.receipts.claims import StageReceipt, StageSigner, chain_link
+from smlaas.receipts.cose import ReceiptKey
+from smlaas.receipts.evidence import key_evidence, key_evidence_to_json
 from smlaas.roles import StageSpec
 from smlaas.runtime.sealed_stage import unseal_stage
 from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
@@ -136,7 +139,8 @@ class StageWorker:
     def __init__(self, *, index: int, runner: StageRunner, model: onnx.ModelProto,
                  server_context: ssl.SSLContext | None, upstream_role: str,
                  manifest_digest: str, next_link: Hop | None, queue_size: int = 4,
-                 stats: StageStats | None = None) -> None:
+                 stats: StageStats | None = None, signer: StageSigner | None = None,
+                 evidence: dict[str, Any] | None = None) -> None:
         self.index, self.runner = index, runner
         self.stats = stats or StageStats(index, attested_at=time.time())
         self.upstream_role, self.manifest_digest = upstream_role, manifest_digest
@@ -148,6 +152,9 @@ class StageWorker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-run")
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner_task: asyncio.Task[None] | None = None
+        self._signer = signer
+        self._evidence = evidence
+        """This stage's receipt key evidence (JSON form), reported on describes asking."""
 
     async def start(self) -> None:
         """Starts running queued requests (call from the loop that will handle them)."""
@@ -226,8 +233,8 @@ class StageWorker:
                                           f"deadline passed before stage {self.index}"))
                 continue
             try:
-                outputs, elapsed = await loop.run_in_executor(self._executor, self._timed_run,
-                                                              message.tensors)
+                outputs, elapsed, receipt = await loop.run_in_executor(
+                    self._executor, self._timed_run, message)
             except ProfileError as err:
                 # ONNX Runtime's text names the sub-model's nodes and shapes: it stays in this
                 # stage's log, and the client gets a short reason with a reference to it.
@@ -243,20 +250,28 @@ class StageWorker:
             self.stats.requests += message.requests
             self.stats.batches += 1
             self.stats.run_seconds += elapsed
-            onward = message.after_stage(outputs, round(elapsed * 1e3, 3))
+            onward = message.after_stage(outputs, round(elapsed * 1e3, 3), receipt)
             if self._next is None:
-                _settle(future, Outputs(onward.tensors, onward.stage_ms))
+                _settle(future, Outputs(onward.tensors, onward.stage_ms, onward.receipts))
             else:
                 await self._downstream_slots.acquire()
                 self._spawn(self._forward(queued.request_id, onward, future))
 
-    def _timed_run(self, tensors: Mapping[str, np.ndarray]
-                   ) -> tuple[dict[str, np.ndarray], float]:
-        """The stage's outputs and its own run time (s), timed in the run thread: the stage
-        time the gateway reports is the session's, not the hand-over to and from it."""
+    def _timed_run(self, message: Infer
+                   ) -> tuple[dict[str, np.ndarray], float, StageReceipt | None]:
+        """The stage's outputs, its own run time (s) and, when asked for, its receipt for
+        the batch; in the run thread. The run time is the session's alone (not the
+        hand-over to and from this thread, nor the receipt)."""
         started = time.perf_counter()
-        outputs = self.runner.run(tensors)
-        return outputs, time.perf_counter() - started
+        outputs = self.runner.run(message.tensors)
+        elapsed = time.perf_counter() - started
+        receipt = None
+        if message.receipt is not None and self._signer is not None:
+            receipt = self._signer.sign_batch(
+                message.tensors, outputs, rows=message.receipt.rows,
+                salts=message.receipt.salts,
+                prev=chain_link(message.receipts[-1].cose) if message.receipts else None)
+        return outputs, elapsed, receipt
 
     async def _forward(self, request_id: str, message: Infer,
                        future: asyncio.Future[Reply]) -> None:
@@ -273,8 +288,10 @@ class StageWorker:
             reply = await self._next.describe(message, request_id=request_id)
         if isinstance(reply, Failure):
             return reply
-        return reply.through(self.index, tuple(self._inputs),
-                             self.stats.snapshot(self._queue.qsize()))
+        report = self.stats.snapshot(self._queue.qsize())
+        if message.evidence and self._evidence is not None:
+            report["receipt_key"] = self._evidence
+        return reply.through(self.index, tuple(self._inputs), report)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -355,6 +372,12 @@ def run_worker(spec: StageSpec) -> None:
                        predicted=predicted_memory(Path(spec.sealed_dir), index,
                                                   registration.plan_sha256))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
+    receipt_key = ReceiptKey()  # made in the enclave; its quote binds it to role and replica
+    evidence = key_evidence(enclave, receipt_key, role=role, replica=spec.replica,
+                            manifest_digest=registration.manifest_digest)
+    signer = StageSigner(receipt_key, role, spec.replica, registration.manifest_digest,
+                         registration.release.release.version if registration.release else 0,
+                         release.sha256)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -372,7 +395,8 @@ def run_worker(spec: StageSpec) -> None:
                              server_context=server_context(*identity),
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
                              manifest_digest=registration.manifest_digest,
-                             next_link=next_link, queue_size=spec.queue_size, stats=stats)
+                             next_link=next_link, queue_size=spec.queue_size, stats=stats,
+                             signer=signer, evidence=key_evidence_to_json(evidence))
         await worker.serve(*spec.listen, stop=stop)
 
     try:

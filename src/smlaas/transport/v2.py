@@ -16,6 +16,7 @@ data is encoded in slices (:data:`JSON_CHUNK_VALUES`).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -76,6 +77,8 @@ class InferRequest:
     timeout_us: int = 0
     """The request's ``timeout`` parameter in microseconds (Triton's unit); 0: none given,
     the gateway's own deadline applies. The gateway's deadline also caps it."""
+    receipt: bool = False
+    """The ``receipt`` parameter: answer with a receipt (:mod:`smlaas.receipts`)."""
 
     def wants_binary(self, name: str) -> bool:
         return self.binary.get(name, self.binary_default)
@@ -166,7 +169,8 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
     return InferRequest(id=request_id, inputs=tensors, batch=batch, outputs=requested,
                         binary=binary_flags, classification=classes,
                         binary_default=_flag(parameters, "binary_data_output", "the request"),
-                        timeout_us=timeout_us_of(parameters))
+                        timeout_us=timeout_us_of(parameters),
+                        receipt=_flag(parameters, "receipt", "the request"))
 
 
 def timeout_us_of(parameters: Mapping[str, Any]) -> int:
@@ -240,6 +244,34 @@ def encode_infer_response(model_name: str, request: InferRequest,
     return _body(head, "outputs", entries, chunks)
 
 
+def with_receipt(body: bytes, headers: dict[str, str], receipt: bytes
+                 ) -> tuple[bytes, dict[str, str]]:
+    """The response ``body`` (as :func:`encode_infer_response` made it) with the response
+    parameter ``receipt`` (base64) appended to its JSON part: the receipt covers ``body``
+    exactly, which :func:`without_receipt` gives back."""
+    length = int(headers.get(HEADER_LENGTH, len(body)))
+    head, rest = body[:length], body[length:]
+    suffix = (',"parameters":{"receipt":"' + base64.b64encode(receipt).decode() + '"}}'
+              ).encode()
+    text = head[:-1] + suffix
+    if HEADER_LENGTH in headers:
+        headers = {**headers, HEADER_LENGTH: str(len(text))}
+    return text + rest, headers
+
+
+def without_receipt(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
+    """The response as the receipt covers it (the ``receipt`` parameter taken out) and the
+    receipt; ``(body, None)`` when it carries none."""
+    length = int(header_length) if header_length is not None else len(body)
+    head, rest = body[:length], body[length:]
+    marker = b',"parameters":{"receipt":"'
+    at = head.rfind(marker)
+    if at < 0 or not head.endswith(b'"}}'):
+        return body, None
+    receipt = base64.b64decode(head[at + len(marker):-3])
+    return head[:at] + b"}" + rest, receipt
+
+
 def json_output_bounds(request: InferRequest, outputs: list[TensorSpec], *,
                        batching: bool) -> dict[str, int | None]:
     """For each output ``request`` asks for as JSON, the most its data can take (None: not
@@ -296,10 +328,14 @@ def _body(head: dict[str, Any], key: str, entries: list[str], chunks: list[bytes
 
 
 def encode_infer_request(inputs: Mapping[str, np.ndarray], *, binary: bool = True,
-                         outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
-    """A client's request body and headers (binary tensors after the JSON, or all JSON)."""
+                         outputs: list[str] | None = None, receipt: bool = False
+                         ) -> tuple[bytes, dict[str, str]]:
+    """A client's request body and headers (binary tensors after the JSON, or all JSON);
+    with ``receipt``, asking for a receipt."""
     entries, chunks = _tensor_entries(inputs, dict.fromkeys(inputs, binary))
     request: dict[str, Any] = {"parameters": {"binary_data_output": binary}}
+    if receipt:
+        request["parameters"]["receipt"] = True
     if outputs is not None:
         request["outputs"] = [{"name": n} for n in outputs]
     return _body(request, "inputs", entries, chunks)
