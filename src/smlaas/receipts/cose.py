@@ -58,12 +58,14 @@ def unverified(message: bytes) -> tuple[bytes, dict[Any, Any]]:
         protected, _, payload, _ = tagged.value
         header = cbor2.loads(protected)
         claims = cbor2.loads(payload)
+        if not isinstance(header, dict):
+            raise ValueError("the protected header is not a map")
         kid = header[HEADER_KID]
         if header.get(HEADER_ALG) != EDDSA or not isinstance(kid, bytes) or \
                 not isinstance(claims, dict):
             raise ValueError("not an EdDSA COSE_Sign1 with a key id over a claims map")
         return kid, claims
-    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError) as err:
+    except (cbor2.CBORDecodeError, ValueError, TypeError, KeyError, IndexError) as err:
         raise ReceiptError(f"not a receipt (COSE_Sign1): {err}") from err
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from smlaas.coordinator.manifest import Manifest, stage_role
-from smlaas.coordinator.release import Release, SignedRelease
+from smlaas.coordinator.release import MAX_VALIDITY_S, Release, SignedRelease
 from smlaas.enclave.attestation import attest
 from smlaas.enclave.policy import Policy
 from smlaas.enclave.sim_pki import SIM_TCB_SIGNER
@@ -71,13 +71,23 @@ def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
         raise ReceiptError(f"the evidence's manifest is not valid: {err}") from err
     manifest_digest = manifest.digest()
     release = _release(evidence, owner_public_key, manifest_digest)
+    # Quotes are checked as of when the gateway signed (its time, verified with its
+    # signature below, lies in the owner's release window): a receipt stays checkable after
+    # the collateral it was made under has aged.
+    try:
+        signed_at = _int(unverified(receipt)[1], IAT, "the gateway's receipt")
+    except ReceiptError as err:
+        raise ReceiptError(f"the gateway's receipt: {err}") from err
     checker = _KeyChecker(evidence, manifest, policy, allow_simulation=allow_simulation,
-                          sim_root=sim_root)
+                          sim_root=sim_root, at=signed_at)
     claims = checker.verified(receipt, role="gateway", what="the gateway's receipt")
     _expect(claims, "manifest", manifest_digest, "the gateway's receipt")
     _expect(claims, "release", release.version, "the gateway's receipt")
     issued = _int(claims, IAT, "the gateway's receipt")
-    if not release.issued_at - 300 <= issued < release.expires_at:
+    # The release in the evidence may be a renewal (same version, later window) of the one
+    # the gateway served under: it must not have expired when the gateway signed, and a
+    # release of this version was valid then (at most MAX_VALIDITY_S before this one).
+    if not release.issued_at - MAX_VALIDITY_S <= issued < release.expires_at:
         raise ReceiptError(f"the gateway signed at {issued}, outside the owner's release "
                            f"v{release.version} ({release.issued_at} to {release.expires_at})")
     for name, data in (("request", request), ("response", response)):
@@ -149,8 +159,9 @@ class _KeyChecker:
     """Verifies receipts by key id, each key's quote once."""
 
     def __init__(self, evidence: EvidenceBundle, manifest: Manifest, policy: Policy | None,
-                 *, allow_simulation: bool, sim_root: bytes | None) -> None:
+                 *, allow_simulation: bool, sim_root: bytes | None, at: int) -> None:
         self.evidence, self.manifest = evidence, manifest
+        self.at = dt.datetime.fromtimestamp(at, dt.UTC)
         # Simulation is the verifier's decision: the flag, or a policy the verifier gave.
         # The manifest's own policy allows it for every sim deployment, so it never counts.
         allow = allow_simulation or (policy is not None and policy.allow_simulation_insecure)
@@ -205,7 +216,7 @@ class _KeyChecker:
                              role=key.role, expected_report_data=receipt_binding(
                                  key.role, key.replica, key.public_key, self.manifest.digest()),
                              whose=f"{key.role} replica {key.replica}'s",
-                             at=dt.datetime.now(dt.UTC))
+                             at=self.at)
         except (AttestationError, InputError) as err:
             raise ReceiptError(f"{what}: its key's quote: {err}") from err
         self.simulated = self.simulated or verdict.simulated
