@@ -322,7 +322,8 @@ def gateway_receipt(signer: GatewaySigner, batch: Batch, index: int, *,
     served = served or exchange(batch, index)
     if edit is None:
         return signer.sign_request(
-            request_id=served.request_id, request_bytes=served.request,
+            request_id=served.request_id,
+            request_digest=hashlib.sha256(served.request).digest(),
             response_bytes=served.response, received=tensors_digest(served.inputs),
             sent=tensors_digest(served.outputs), salt=SALTS[index],
             stages=stages or batch.receipts, index=index)

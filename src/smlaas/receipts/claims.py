@@ -68,17 +68,21 @@ class StageSigner:
     release_version: int
     model_sha256: str
 
-    def sign_batch(self, received: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
-                   *, rows: Sequence[int], salts: Sequence[bytes], prev: bytes | None
-                   ) -> StageReceipt:
+    def sign_batch(self, received: Mapping[str, np.ndarray] | Sequence[bytes],
+                   sent: Mapping[str, np.ndarray], *, rows: Sequence[int],
+                   salts: Sequence[bytes], prev: bytes | None) -> StageReceipt:
         """The receipt for a batch of ``len(rows)`` requests (``rows`` each, stacked in
-        order; one request unbatched: ``rows`` is its first dimension or 1)."""
-        leaves: tuple[Leaf, ...]
-        if len(rows) == 1:
-            leaves = (Leaf(tensors_digest(received), tensors_digest(sent)),)
-        else:
-            leaves = tuple(Leaf(tensors_digest(received, part), tensors_digest(sent, part))
-                           for part in row_slices(rows))
+        order). ``received`` is the tensors this stage received, or (after stage 0) each
+        request's digest of them as the previous stage sent them: over the mutual-TLS hop
+        between two attested enclaves they are the same bytes, and each activation is then
+        hashed once, by the stage that sends it."""
+        parts = row_slices(rows) if len(rows) > 1 else [None]
+        if isinstance(received, Mapping):
+            received = [tensors_digest(received, part) for part in parts]
+        if len(received) != len(parts):
+            raise ValueError(f"{len(received)} received digests for {len(parts)} requests")
+        leaves = tuple(Leaf(digest_in, tensors_digest(sent, part))
+                       for digest_in, part in zip(received, parts))
         hashes = tuple(leaf_hash(s, leaf.received, leaf.sent)
                        for s, leaf in zip(salts, leaves, strict=True))
         root = merkle_root(hashes)
@@ -98,17 +102,17 @@ class GatewaySigner:
     release_version: int
     model_name: str
 
-    def sign_request(self, *, request_id: str, request_bytes: bytes | bytearray,
-                           response_bytes: bytes,
-                     received: bytes, sent: bytes, salt: bytes,
+    def sign_request(self, *, request_id: str, request_digest: bytes,
+                     response_bytes: bytes, received: bytes, sent: bytes, salt: bytes,
                      stages: Sequence[StageReceipt], index: int) -> bytes:
-        """The receipt of one request: its place ``index`` in each stage's batch, with the
-        digests of its inputs (``received``) and outputs (``sent``)."""
+        """The receipt of one request: ``request_digest`` is SHA-256 of its bytes as
+        received; its place ``index`` in each stage's batch, with the digests of its inputs
+        (``received``) and outputs (``sent``)."""
         return self.key.sign({
             IAT: int(time.time()), "smlaas": FORMAT, "role": "gateway", "replica": 0,
             "manifest": self.manifest_digest, "release": self.release_version,
             "model": self.model_name, "request_id": request_id,
-            "request": hashlib.sha256(request_bytes).digest(),
+            "request": request_digest,
             "response": hashlib.sha256(response_bytes).digest(),
             "received": received, "sent": sent, "salt": salt,
             "stages": [stage_entry(stage, index) for stage in stages]})

@@ -17,6 +17,7 @@ batched or sent. Outputs asked for as JSON are bounded before anything runs
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -40,7 +41,7 @@ from smlaas.errors import (
     Unavailable,
 )
 from smlaas.receipts.claims import GatewaySigner, StageReceipt
-from smlaas.receipts.digests import SALT_BYTES, tensors_digest
+from smlaas.receipts.digests import SALT_BYTES
 from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, key_evidence_from_json
 from smlaas.roles import GatewaySpec
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
@@ -458,19 +459,25 @@ class DataPlane:
             pending = PendingReceipt(reply.receipts, reply.index, salt)
         return Answer(dict(reply.tensors), pending)
 
+    def request_digest(self, body: bytes | bytearray) -> asyncio.Future[bytes]:
+        """SHA-256 of a request's bytes, hashed in the encoding thread while the pipeline
+        runs (start it before :meth:`infer`)."""
+        return asyncio.ensure_future(self.encode(lambda: hashlib.sha256(body).digest()))
+
     async def sign_receipt(self, request: InferRequest, answer: Answer, *,
-                           request_bytes: bytes | bytearray,
-                           response_bytes: bytes) -> bytes:
+                           request_digest: Awaitable[bytes], response_bytes: bytes) -> bytes:
         """The gateway's receipt for ``answer`` (the request asked for one): it covers the
-        request and response bytes exactly and closes the stages' chain. Digests and the
-        signature are computed off the event loop."""
+        request bytes (``request_digest``) and the response bytes exactly, and closes the
+        stages' chain: the inputs are the ones stage 0 received, the outputs the ones the
+        last stage sent (this gateway split them from its batch itself)."""
         assert self.receipts is not None and answer.receipt is not None
         signer, pending = self.receipts.signer, answer.receipt
+        first, last = pending.stages[0].leaves, pending.stages[-1].leaves
+        digest = await request_digest
         return await self.encode(lambda: signer.sign_request(
-            request_id=request.id or "", request_bytes=request_bytes,
-            response_bytes=response_bytes, received=tensors_digest(request.inputs),
-            sent=tensors_digest(answer.tensors), salt=pending.salt, stages=pending.stages,
-            index=pending.index))
+            request_id=request.id or "", request_digest=digest, response_bytes=response_bytes,
+            received=first[pending.index].received, sent=last[pending.index].sent,
+            salt=pending.salt, stages=pending.stages, index=pending.index))
 
     async def evidence_bundle(self) -> bytes:
         """The evidence every receipt refers to (CBOR; rebuilt when EVIDENCE_TTL_S old)."""

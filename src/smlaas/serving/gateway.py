@@ -210,6 +210,7 @@ class RestEndpoints:
             specs = await plane.specs()
             plane.check_room(protocol=FrontEnd.REST)  # before a body that could not queue
             parsed, decode_s, body = await self._read_request(request, limits, specs)
+            request_digest = plane.request_digest(body) if parsed.receipt else None
             answer = await plane.infer(
                 parsed, unless=lambda wait: _unless_client_goes(request, wait),
                 gone=_connection_gone(request), received=started, protocol=FrontEnd.REST)
@@ -220,9 +221,9 @@ class RestEndpoints:
                 max_json_bytes=plane.settings.max_json_response_bytes)
             small = sum(v.nbytes for v in outputs.values()) <= INLINE_TENSOR_BYTES
             content, headers = encode() if small else await plane.encode(encode)
-            if answer.receipt is not None:
+            if answer.receipt is not None and request_digest is not None:
                 content, headers = with_receipt(content, headers, await plane.sign_receipt(
-                    parsed, answer, request_bytes=body, response_bytes=content))
+                    parsed, answer, request_digest=request_digest, response_bytes=content))
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
                 content, coding = await plane.off_loop(functools.partial(

@@ -268,6 +268,7 @@ class GrpcEndpoints:
         request = await plane.off_loop(functools.partial(decoder.decode, message))
         decode_s = time.perf_counter() - decoded_at
         del message  # its contents are tensors now
+        request_digest = plane.request_digest(data) if request.receipt else None
         answer = await plane.infer(request, received=received, protocol=FrontEnd.GRPC)
         outputs = answer.tensors
         encoded_at = time.perf_counter()
@@ -275,9 +276,9 @@ class GrpcEndpoints:
             sum(value.nbytes for value in outputs.values()), lambda: encode_infer_response(
                 plane.name, MODEL_VERSION, request, outputs, labels=plane.labels,
                 max_bytes=self.limits.max_send_bytes, final=outcome.final))
-        if answer.receipt is not None:
+        if answer.receipt is not None and request_digest is not None:
             response += receipt_entry(await plane.sign_receipt(
-                request, answer, request_bytes=data, response_bytes=response))
+                request, answer, request_digest=request_digest, response_bytes=response))
         outcome.response = as_stream_response(response) if stream else response
         return decode_s, time.perf_counter() - encoded_at
 

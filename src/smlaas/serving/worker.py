@@ -267,8 +267,10 @@ class StageWorker:
         elapsed = time.perf_counter() - started
         receipt = None
         if message.receipt is not None and self._signer is not None:
+            received = [leaf.sent for leaf in message.receipts[-1].leaves] \
+                if message.receipts else message.tensors
             receipt = self._signer.sign_batch(
-                message.tensors, outputs, rows=message.receipt.rows,
+                received, outputs, rows=message.receipt.rows,
                 salts=message.receipt.salts,
                 prev=chain_link(message.receipts[-1].cose) if message.receipts else None)
         return outputs, elapsed, receipt
