@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import statistics
+import tempfile
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,16 @@ import numpy as np
 import onnx
 
 from smlaas import zoo
-from smlaas.errors import ConfigError, ModelError, PlanError, VerificationError
+from smlaas.errors import (
+    ConfigError,
+    InfeasiblePlanError,
+    ModelError,
+    PlanError,
+    VerificationError,
+)
 from smlaas.export import (
     BuildWriter,
+    Chain,
     StageExtractor,
     VerificationReport,
     prediction_errors,
@@ -33,7 +41,8 @@ from smlaas.export import (
     verify_chain,
 )
 from smlaas.export.build_dir import PLAN_FILE
-from smlaas.export.stage_timing import measure_stages
+from smlaas.export.stage_memory import apply_stage_memory, measure_stage_memory
+from smlaas.export.stage_timing import measure_stages, stage_inputs
 from smlaas.graph import (
     SPLIT_NOTE,
     InputSizes,
@@ -373,18 +382,27 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
               progress: ProgressCallback | None = None,
               sample_arrays: Mapping[str, np.ndarray] | None = None,
               input_values: Sequence[str] = (),
-              dynamic_axes: Sequence[str] = ()) -> PartitionResult:
+              dynamic_axes: Sequence[str] = (),
+              measure_memory: bool = True) -> PartitionResult:
     """Runs the partition job and writes the build directory (all of it, or nothing).
 
     ``sample_arrays`` (``--sample-inputs``) and ``input_values`` (``--input-value``) are
     used instead of random values wherever the model runs; the build keeps them.
     ``dynamic_axes`` (``--dynamic-axis NAME:AXIS``) stay symbolic in the stages, as the
-    batch axis does."""
+    batch axis does. With ``measure_memory``, each exported stage's working set is measured
+    natively (:mod:`smlaas.runtime.working_set`) into ``stages[k].measured``; with
+    ``options.fit_epc``, a stage measured above its usable EPC refuses the plan.
+
+    Raises:
+        InfeasiblePlanError: ``--fit-epc`` cannot be met, by the prediction or (with
+            ``measure_memory``) by a stage's measured working set.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
     steps = ["analysed graph", "profiled nodes", "planned", "exported stages",
-             "measured stages"] + (["verified chain"] if verify else [])
+             "measured stages"] + (["measured working sets"] if measure_memory else []) \
+        + (["verified chain"] if verify else [])
 
     def phase(name: str) -> None:
         nonlocal clock
@@ -428,9 +446,20 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
             if progress:
                 progress("exporting stages", stage.index + 1, len(plan.stages))
         phase("exported stages")
-        plan = plan.with_measured(measure_stages(stage_models, analysis.feeds(), settings,
-                                                 progress))
+        chain = Chain(stage_models, threads=settings.threads,
+                      optimization=settings.optimization)
+        inputs = stage_inputs(chain, analysis.feeds())
+        plan = plan.with_measured(measure_stages(chain, inputs, settings, progress))
+        del chain
         phase("measured stages")
+        if measure_memory:
+            plan = apply_stage_memory(plan, measure_stage_memory(
+                [writer.directory / s.file_name for s in plan.stages], inputs,
+                threads=settings.threads, progress=progress))
+            phase("measured working sets")
+            refusal = measured_refusal(plan) if options.fit_epc else None
+            if refusal is not None:
+                raise InfeasiblePlanError(refusal)
         verification = None
         if verify:
             verification = verify_chain(source.model, stage_models, shapes,
@@ -452,6 +481,20 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
                            splits=analysis.splits)
 
 
+def measured_refusal(plan: Plan) -> str | None:
+    """The one-line refusal of a ``--fit-epc`` plan with a stage *measured* above its usable
+    EPC (None if every measured stage fits)."""
+    problems = plan.measured_epc_problems()
+    if not problems:
+        return None
+    where = "its class's usable_epc_mib in the machines file" if plan.machine_classes \
+        else "usable_epc_mib in a --cost-model file"
+    return (f"--fit-epc: {problems[0]}"
+            + (f" ({len(problems) - 1} more stage(s) too)" if len(problems) > 1 else "")
+            + f"; the cost model under-predicts it, so this stage would page: drop --fit-epc "
+              f"to accept paging, or plan for less room (a lower {where})")
+
+
 def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1, 2),
                  rtol: float = 1e-4, atol: float = 1e-5) -> VerificationReport:
     """Re-runs the whole model and the build's chain; VerificationError if they differ."""
@@ -466,3 +509,23 @@ def verify_build(build_dir: Path, *, threads: int, seeds: Sequence[int] = (0, 1,
     if not report.ok:
         raise VerificationError(report.summary())
     return report
+
+
+def measured_plan(spec: str, *, machines: int, settings: ProfileSettings,
+                  cost_model: CostModel, input_size_specs: Sequence[str] = (),
+                  input_values: Sequence[str] = (), cache: ProfileCache | None = None,
+                  progress: ProgressCallback | None = None) -> Plan:
+    """``spec`` cut by ``dp-throughput`` for at most ``machines`` stages (no ``--fit-epc``),
+    with every stage's working set measured natively; the build is written to a temporary
+    directory and removed (for ``smlaas calibrate`` and ``smlaas bench working-set``).
+
+    Raises:
+        SmlaasError: as :func:`partition`.
+    """
+    with tempfile.TemporaryDirectory(prefix="smlaas-measured-") as tmp:
+        result = partition(spec, Path(tmp) / "build", input_size_specs=input_size_specs,
+                           cost_model=cost_model,
+                           options=PlanOptions(Planner.DP_THROUGHPUT, machines, False),
+                           settings=settings, cache=cache, verify=False, progress=progress,
+                           input_values=input_values, measure_memory=True)
+    return result.plan

@@ -25,7 +25,9 @@ MIB = 2**20
 
 @pytest.fixture
 def tiny_epc(tmp_path: Path) -> Path:
-    """A 0.5 MiB enclave without runtime pages: a node may hold 0.475 MiB."""
+    """A 0.5 MiB enclave without runtime pages: a node may hold 0.475 MiB. No process fits
+    it (the runtime alone touches a few MiB), so these builds skip the measured working sets,
+    which --fit-epc would otherwise hold against it (tests/component/test_working_set.py)."""
     path = tmp_path / "tiny-epc.toml"
     path.write_text('[cost_model]\npreset = "sgx1"\nusable_epc_mib = 0.5\n'
                     'runtime_overhead_mib = 0.0\n')
@@ -39,7 +41,7 @@ def _partition(model: onnx.ModelProto, tmp_path: Path, cost_file: Path, sizes: l
     return partition(str(path), tmp_path / "build", input_size_specs=sizes,
                      cost_model=CostModel.from_toml(cost_file),
                      options=PlanOptions(planner, fit_epc=True, **options), settings=FAST,
-                     cache=ProfileCache(tmp_path / "cache"))
+                     cache=ProfileCache(tmp_path / "cache"), measure_memory=False)
 
 
 def test_oversize_matmul_is_split_and_every_stage_fits(tmp_path: Path, tiny_epc: Path) -> None:
@@ -95,7 +97,7 @@ def test_no_split_oversize_keeps_the_refusal(tmp_path: Path, tiny_epc: Path,
     onnx.save(huge_matmul_model(512), str(tmp_path / "huge.onnx"))
     args = ["partition", "--model", str(tmp_path / "huge.onnx"), "--input-size", "1,512",
             "--cost-model", str(tiny_epc), "--fit-epc", "--build-dir", str(tmp_path / "b"),
-            "--threads", "1", "--runs", "1"]
+            "--threads", "1", "--runs", "1", "--no-measure-memory"]
     assert main([*args, "--no-split-oversize"]) == 2
     message = " ".join(capsys.readouterr().err.split())
     assert "node 'huge_matmul' alone needs 1.0 MiB" in message

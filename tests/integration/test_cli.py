@@ -34,6 +34,11 @@ def test_resnet50_partition_fits_the_epc_and_verifies(tmp_path: Path) -> None:
     epc_bytes = plan["cost_model"]["usable_epc_mib"] * 2**20
     assert len(plan["stages"]) >= 2
     assert all(stage["working_set_bytes"] <= epc_bytes for stage in plan["stages"])
+    # Measured natively beside the prediction (issue 19), and within the EPC too.
+    assert all(0 < stage["measured"]["working_set_bytes"] <= epc_bytes
+               for stage in plan["stages"])
+    report = (tmp_path / "B" / "report.md").read_text()
+    assert "## Working set: predicted and measured" in report
     verified = smlaas("verify", "B", "--json", cwd=tmp_path)
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["ok"] is True
@@ -141,10 +146,31 @@ def test_plan_compare_dp_planners_are_never_beaten(tmp_path: Path) -> None:
 
 def test_calibrate_writes_a_cost_model_partition_accepts(workdir: Path) -> None:
     smlaas("calibrate", "-o", "cm.toml", "--preset", "sgx2", "--network", "loopback",
-           cwd=workdir, check=True)
+           "--no-memory", cwd=workdir, check=True)
     text = (workdir / "cm.toml").read_text()
     assert "[cost_model]" in text and "[measured]" in text and "network_mib_per_s" in text
+    assert "[CALIBRATED]" not in text and "weight_factor = 1.0" in text
     result = smlaas("partition", "--model", "chain.onnx", "--input-size", "1,8", "--build-dir",
                     "B", "--cost-model", "cm.toml", "--json", "--runs", "2", cwd=workdir,
                     check=True)
     assert json.loads(result.stdout)["plan"]["cost_model"]["preset"] == "sgx2"
+
+
+def test_calibrate_fits_the_working_set_constants_to_measured_stages(workdir: Path) -> None:
+    """Issue 19: weight_factor and runtime_overhead_mib fitted to stages measured natively,
+    written as [CALIBRATED] instead of the preset's [ASSUMED], and read back by partition."""
+    result = smlaas("calibrate", "-o", "cm.toml", "--memory-model", "resnet18",
+                    "--memory-model", "mobilenet_v1", "--json", cwd=workdir, check=True)
+    fitted = json.loads(result.stdout)["working_set"]
+    assert fitted["stages"] >= 2 and fitted["models"] == ["resnet18", "mobilenet_v1"]
+    assert 0.8 < fitted["weight_factor"] < 1.5 and 0 <= fitted["runtime_overhead_mib"] < 16
+    assert fitted["median_error_calibrated"] <= fitted["median_error_assumed"]
+    text = (workdir / "cm.toml").read_text()
+    assert "# weight_factor: " in text and "[CALIBRATED] least squares over" in text
+    assert "the preset's 8 was [ASSUMED]" in text
+    partitioned = smlaas("partition", "--model", "chain.onnx", "--input-size", "1,8",
+                         "--build-dir", "B", "--cost-model", "cm.toml", "--json", "--runs", "2",
+                         cwd=workdir, check=True)
+    cost_model = json.loads(partitioned.stdout)["plan"]["cost_model"]
+    assert cost_model["weight_factor"] == round(fitted["weight_factor"], 4)
+    assert cost_model["runtime_overhead_mib"] == round(fitted["runtime_overhead_mib"], 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -28,12 +29,24 @@ def test_zoo_model_partitions_to_the_epc_and_verifies(tmp_path: Path, name: str)
         assert refused.returncode == 2
         assert f"'{REFUSED_AT[name]}' alone needs" in refused.stderr
         assert not (tmp_path / "B").exists()
-    result = smlaas("partition", "--model", name, "--build-dir", "B", "--preset", "sgx1",
-                    "--fit-epc", "--runs", "2", "--json", cwd=tmp_path)
+    args = ["partition", "--model", name, "--build-dir", "B", "--preset", "sgx1", "--fit-epc",
+            "--runs", "2", "--json"]
+    result = smlaas(*args, cwd=tmp_path)
+    if result.returncode == 2 and "measured working set" in result.stderr:
+        # A stage packed up to the EPC by its prediction measured above it (issue 19: on this
+        # machine densenet201 and one of gpt2_small4's split stages, by 1 to 5%): refused in
+        # one line, nothing left behind; the prediction alone still partitions and verifies.
+        message = " ".join(result.stderr.split())
+        assert re.search(r"--fit-epc: stage \d+'s measured working set [0-9.]+ MiB exceeds "
+                         r"the usable EPC 93.5 MiB \(predicted [0-9.]+ MiB\)", message)
+        assert not (tmp_path / "B").exists()
+        result = smlaas(*args, "--no-measure-memory", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["verified"] is True
     assert data["plan"]["predicted"]["all_fit_epc"] is True
+    assert all(s["measured"] is None or s["measured"]["working_set_bytes"] <= 93.5 * 2**20
+               for s in data["plan"]["stages"])
     assert [s["node"] for s in data["split_operators"]] == (
         [SPLIT_FOR_SGX1[name]] if name in SPLIT_FOR_SGX1 else [])
     assert smlaas("verify", "B", "--seeds", "1", cwd=tmp_path).returncode == 0

@@ -21,8 +21,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from smlaas.coordinator.owner import OwnerKey
+from smlaas.deploy.gramine_sizes import size_roles
 from smlaas.deploy.k8s import (
-    RUNTIME_EPC_MIB,
     RUNTIME_MEMORY_MIB,
     USER_ID,
     ClusterSettings,
@@ -283,7 +283,9 @@ def test_resources(generated: tuple[str, dict[str, list[dict[str, Any]]]],
             "smlaas/resources"]
         sgx = {k: v for k, v in resources["limits"].items() if k.startswith("sgx.intel.com/")}
         if backend == "gramine":
-            assert sgx == {"sgx.intel.com/epc": f"{working_set_mib + RUNTIME_EPC_MIB}Mi",
+            # EPC: the stage's Gramine enclave size, committed at start (gramine_sizes)
+            enclave_mib = size_roles(plan)[f"stage-{stage.index}"].enclave_mib
+            assert sgx == {"sgx.intel.com/epc": f"{enclave_mib}Mi",
                            "sgx.intel.com/enclave": "1", "sgx.intel.com/provision": "1"}
         else:
             assert sgx == {}

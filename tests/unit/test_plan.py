@@ -6,7 +6,16 @@ import pytest
 
 from smlaas.errors import PlanError
 from smlaas.graph import ModelGraph, prepare_model, segment_memory
-from smlaas.plan import ModelRef, Plan, Planner, build_plan, choose_cuts, preset, segment_costs
+from smlaas.plan import (
+    MeasuredMemory,
+    ModelRef,
+    Plan,
+    Planner,
+    build_plan,
+    choose_cuts,
+    preset,
+    segment_costs,
+)
 from tests.models import skip_model
 
 
@@ -135,3 +144,52 @@ def test_report_shows_replicas_and_the_machine_count(plan: Plan) -> None:
     assert "on 4 enclave machine(s)" in text
     assert "| dp-replicas | 2 | 4 | 3, 1 | 1.00 | 2.00 | 3.0 |" in text
     assert "| dp-latency | - | - | - | - | - | infeasible: no |" in text
+
+
+def _measured(working_set_bytes: int) -> MeasuredMemory:
+    return MeasuredMemory(working_set_bytes=working_set_bytes, rss_bytes=3 * working_set_bytes,
+                          peak_rss_bytes=4 * working_set_bytes, inferences=3, threads=2,
+                          method="smaps_rollup Referenced")
+
+
+def test_measured_working_sets_round_trip_and_older_plans_load_without(plan: Plan) -> None:
+    measured = plan.with_measured_memory([_measured(5 * 2**20), None])
+    data = measured.to_dict()
+    assert data["stages"][0]["measured"]["working_set_bytes"] == 5 * 2**20
+    assert data["stages"][1]["measured"] is None
+    assert Plan.from_json(measured.to_json()) == measured
+    for stage in data["stages"]:
+        del stage["measured"]
+    old = Plan.from_dict(data)
+    assert all(s.measured is None for s in old.stages) and old.validate() == []
+    with pytest.raises(PlanError, match="2 stages but 1 memory measurements"):
+        plan.with_measured_memory([None])
+
+
+def test_validate_refuses_a_stage_measured_above_the_epc_under_fit_epc(plan: Plan) -> None:
+    epc = int(plan.cost_model.usable_epc_bytes)
+    over = plan.with_measured_memory([_measured(epc + 4096), _measured(epc)])
+    assert over.measured_fits_epc(over.stages[0]) is False
+    assert over.measured_fits_epc(over.stages[1]) is True
+    assert over.measured_epc_problems() == [
+        "stage 0's measured working set 93.5 MiB exceeds the usable EPC 93.5 MiB (predicted "
+        f"{plan.stages[0].working_set_mib:.1f} MiB)"]
+    assert over.validate() == over.measured_epc_problems()
+    assert replace(over, fit_epc=False).validate() == []
+    bad = plan.with_measured_memory([replace(_measured(1), threads=0), None])
+    assert bad.validate() == ["stage 0 measured: threads is 0, expected an integer >= 1"]
+
+
+def test_table_and_report_show_measured_beside_predicted(plan: Plan) -> None:
+    from smlaas.export.report import render_markdown
+
+    measured = plan.with_measured_memory([_measured(2**20), _measured(2 * 2**20)])
+    lines = measured.to_table().splitlines()
+    assert lines[1].split()[-4:] == ["MiB", "measured", "fits", "replicas"]
+    # stage, nodes, native, enclave, in, xfer, weights, ws (predicted), measured
+    assert [line.split()[8] for line in lines[2:4]] == ["1.0", "2.0"]
+    text = render_markdown(measured, verification=None)
+    assert "| stage | touched weights MiB (W) |" in text
+    assert "| 1 | " in text.split("## Working set: predicted and measured")[1]
+    unmeasured = render_markdown(plan, verification=None)
+    assert "Measured: not measured" in unmeasured and "the prediction stands" in unmeasured

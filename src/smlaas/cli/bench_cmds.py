@@ -152,6 +152,82 @@ def planners(models: tuple[str, ...], threads: int, runs: int, out: str | None) 
     return 0
 
 
+@bench.command("working-set")
+@click.option("--models", "-m", multiple=True,
+              help="Only these models (zoo or exporter names; default: all).")
+@click.option("--no-exporters", is_flag=True,
+              help="Only the zoo (the exporters' models need .[exporters] and PyPI).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured runs per profiled node (only the cuts depend on them).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Where downloaded wheels and converted models are kept (default: a "
+                   "temporary directory).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              default="docs/results/working_set.json", show_default=True,
+              help="JSON results; the plot (.png) and the table (.md) go beside it.")
+def working_set(models: tuple[str, ...], no_exporters: bool, threads: int, runs: int,
+                work_dir: str | None, out: str) -> int:
+    """Predicted against measured working set of every stage of the zoo's and the real
+    exporters' models (dp-throughput --machines 3, sgx1): median and worst error, stages
+    measured above the EPC while predicted to fit, and what fitted constants would give."""
+    from smlaas.bench.working_set import (
+        markdown,
+        model_markdown,
+        render_plot,
+        working_set_benchmark,
+    )
+    from smlaas.profile import ProfileCache, ProfileSettings
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    settings = ProfileSettings(threads=threads, warmup_runs=2, measured_runs=runs)
+    result = working_set_benchmark(models, settings=settings, exporters=not no_exporters,
+                                   work_dir=Path(work_dir) if work_dir else None,
+                                   cache=ProfileCache(), say=say)
+    text = markdown(result)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    path = Path(out)
+    _write(out, result)
+    path.with_suffix(".md").write_text(model_markdown(result) + "\n\n" + text + "\n")
+    render_plot(result, path.with_suffix(".png"))
+    console.print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+    return 0
+
+
+@bench.command("receipts")
+@click.option("--model", "-m", default="resnet50", show_default=True)
+@click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Concurrent clients for the throughput blocks.")
+@click.option("--requests", "latency_requests", type=click.IntRange(min=2), default=200,
+              show_default=True, help="Latency: sequential requests per mode (off, on).")
+@click.option("--blocks", "latency_blocks", type=click.IntRange(min=1), default=8,
+              show_default=True, help="Latency: alternating blocks the requests go in.")
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+              help="Throughput: measured seconds per block (after 1 s of warm-up).")
+@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Throughput: blocks per mode, the order alternating.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def receipts(model: str, clients: int, latency_requests: int, latency_blocks: int,
+             seconds: float, rounds: int, out: str | None) -> int:
+    """Latency and throughput with receipts off and on, side by side in one run (the demo's
+    plan: 3 stages, batching as sealed); a sample of the receipts verified afterwards."""
+    from smlaas.bench.receipts import ReceiptBenchOptions, run_receipts_benchmark
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    options = ReceiptBenchOptions(model=model, clients=clients,
+                                  latency_requests=latency_requests,
+                                  latency_blocks=latency_blocks, seconds=seconds, rounds=rounds)
+    problems = options.validate()
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    _write(out, run_receipts_benchmark(options, say=say))
+    return 0
+
+
 def _write(out: str | None, data: object) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import click
 from smlaas.cli.console import console, print_json, progress_bar, table
 from smlaas.errors import VerificationError
 from smlaas.export import read_plan
+from smlaas.export.stage_memory import median_working_set_error, working_set_summary
 from smlaas.partition import (
     PlanOptions,
     analyse,
@@ -122,17 +123,23 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
 @click.option("--dynamic-axis", "dynamic_axes", multiple=True, metavar="NAME:AXIS",
               help="Keep this symbolic axis of an input symbolic in the stages (e.g. a "
                    "sequence axis, input_ids:1); the batch axis always is.")
+@click.option("--measure-memory/--no-measure-memory", "measure_memory", default=True,
+              show_default=True,
+              help="Measure each exported stage's working set natively (a process per "
+                   "stage, as a worker runs it) into plan.json's stages[k].measured; with "
+                   "--fit-epc a stage measured above the usable EPC refuses the plan.")
 def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | None,
               input_values: tuple[str, ...], preset: str,
               cost_model_file: str | None, machines: int | None, machines_file: str | None,
               fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
               no_cache: bool, as_json: bool, build_dir: str, planner: str, no_verify: bool,
-              dynamic_axes: tuple[str, ...]) -> int:
+              dynamic_axes: tuple[str, ...], measure_memory: bool) -> int:
     """Partition MODEL into enclave-sized stages and write BUILD_DIR.
 
     BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
     any step fails. dp-replicas also gives stages replicas (at most --machines enclaves in
-    all); with --machines-file the dp planners give each stage a machine class.
+    all); with --machines-file the dp planners give each stage a machine class. Each
+    stage's working set is measured natively after export (--no-measure-memory skips it).
     """
     chosen = Planner(planner)
     cost_model = _cost_model(preset, cost_model_file)
@@ -147,13 +154,14 @@ def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | Non
                                verify=not no_verify, progress=progress,
                                sample_arrays=load_sample_file(sample_inputs)
                                if sample_inputs else None, input_values=input_values,
-                               dynamic_axes=dynamic_axes)
+                               dynamic_axes=dynamic_axes, measure_memory=measure_memory)
     plan = result.plan
     verification = result.verification
     if as_json:
         print_json({"build_dir": str(result.build_dir), "plan": plan.to_dict(),
                     "planning_ms": result.planning_ms,
                     "median_prediction_error": result.median_prediction_error,
+                    "median_working_set_error": median_working_set_error(plan),
                     "split_operators": [s.to_dict() for s in result.splits],
                     "verified": None if verification is None else verification.ok,
                     "max_abs_error": None if verification is None
@@ -164,6 +172,7 @@ def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | Non
         console.print(plan.to_table())
         console.print(f"planning took {result.planning_ms:.1f} ms; median stage prediction "
                       f"error {100 * (result.median_prediction_error or 0):.1f}% (native)")
+        console.print(working_set_summary(plan), soft_wrap=True)
         if verification is not None:
             console.print(verification.summary())
         console.print(f"build written to {result.build_dir} (report: "

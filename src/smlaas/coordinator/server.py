@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -222,7 +223,39 @@ class CoordinatorServer:
         self._listener.close()
 
 
+_HANDED_OUT: set[int] = set()
+LISTEN_PORTS_FLOOR = 10000
+
+
 def free_port() -> int:
+    """A port to listen on: free now, not handed out before by this process, and outside the
+    kernel's ephemeral range (``ip_local_port_range``) when there is room below it, so that
+    no outgoing connection takes it between now and its listener's bind (port 0 picks from
+    that range: a client's connection took a stage's port in a test run so)."""
+    low = _ephemeral_floor()
+    if low - LISTEN_PORTS_FLOOR >= 1000:
+        for _ in range(200):
+            port = random.randrange(LISTEN_PORTS_FLOOR, low)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives outgoing connections (32768 when not known)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

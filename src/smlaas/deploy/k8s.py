@@ -44,8 +44,11 @@ to limits: Guaranteed QoS, so a kubelet with the static CPU manager gives it who
 cluster's counterpart of ``deploy --pin``), and for memory equal to the plan's *predicted*
 working set plus a runtime allowance (:data:`RUNTIME_MEMORY_MIB`): a prediction of the cost
 model, not a measurement, and said so in the manifest. With gramine every role also asks the
-Intel SGX device plugin for ``sgx.intel.com/epc`` (the predicted working set plus
-:data:`RUNTIME_EPC_MIB`), ``sgx.intel.com/enclave`` and ``sgx.intel.com/provision``.
+Intel SGX device plugin for ``sgx.intel.com/epc``, ``sgx.intel.com/enclave`` and
+``sgx.intel.com/provision``; the EPC request is the role's Gramine enclave size, which the
+manifests commit at start (EDMM off), sized by the same rule as ``smlaas gramine manifest``
+from measured footprints (:mod:`smlaas.deploy.gramine_sizes`, notes "enclave size" and "EPC
+request").
 
 Note "SGX" (gramine). Quotes come from DCAP: out of process through the node's aesmd (the
 socket directory ``/var/run/aesmd`` from the host, as Intel's SGX admission webhook mounts it
@@ -86,8 +89,9 @@ PKI baked in, so that every pod trusts the same simulated root; the owner, who a
 its own machine, trusts exactly that root: ``docker run --rm IMAGE attest sim-root >
 sim-root.pem``, then ``smlaas owner set-manifest ... --sim-root sim-root.pem``). For gramine
 the image must also hold Gramine and each role's signed manifest (``<role>.manifest.sgx`` and
-``.sig`` in its working directory), rendered by ``smlaas gramine manifest /build --state-dir
-/state``: the paths these pods mount, since a Gramine manifest names the host paths it maps.
+``.sig`` in its working directory), rendered by ``smlaas gramine manifest BUILD --for-image``:
+the image's Python and the paths these pods mount (``/build``, ``/state``), since a Gramine
+manifest names the host paths it maps.
 
 The manifests are validated against the Kubernetes API's schemas in the tests; no cluster
 has run them.
@@ -107,10 +111,11 @@ from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.protocol import COORDINATOR_ROLE
 from smlaas.deploy import k8s_objects as objects
+from smlaas.deploy.gramine_sizes import EnclaveSizing, Footprints, size_roles
 from smlaas.deploy.k8s_objects import USER_ID
 from smlaas.deploy.k8s_yaml import Document, to_yaml, write_documents
 from smlaas.deploy.topology import max_inflight, stage_replicas
-from smlaas.enclave.backends.gramine import DEFAULT_PCCS_URL, RUNTIME_ALLOWANCE_MIB
+from smlaas.enclave.backends.gramine import DEFAULT_PCCS_URL
 from smlaas.enclave.policy import Policy
 from smlaas.errors import ConfigError
 from smlaas.export.build_dir import PLAN_FILE, read_plan
@@ -138,11 +143,9 @@ QCNL_CONFIG_MAP = "smlaas-sgx-qcnl"
 QCNL_FILE = "sgx_default_qcnl.conf"
 AESMD_DIR = "/var/run/aesmd"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
-RUNTIME_EPC_MIB = 16
-"""EPC for the runtime itself on top of the stage's working set (Python, ORT, TLS buffers)."""
-RUNTIME_MEMORY_MIB = RUNTIME_ALLOWANCE_MIB
-"""Memory for Python, ONNX Runtime and smlaas before any model: the gramine backend's
-allowance (an estimate to be measured on hardware, not a measurement)."""
+RUNTIME_MEMORY_MIB = 512
+"""Memory for Python, ONNX Runtime and smlaas before any model (an estimate, not a
+measurement)."""
 ROLE_MEMORY_MIB = 1024
 """The coordinator's memory and the gateway's before its queue: the allowance and its HTTP,
 gRPC and batching machinery (an estimate, not a measurement)."""
@@ -179,6 +182,9 @@ class ClusterSettings:
     """None: what seal recorded; 0: off (as the local deploy)."""
     max_inflight: int | None = None
     """Batches in the pipeline at once; None: one per stage replica (as the local deploy)."""
+    footprints: Footprints | None = None
+    """Measured footprints (``smlaas gramine measure``) for the EPC requests; None: the
+    baseline the manifests use too."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -261,6 +267,9 @@ class _Manifests:
             model_name=plan.model.name, max_batch_size=self._max_batch_size(),
             max_inflight=max_inflight(settings.max_inflight, self.replicas),
             grpc_port=settings.grpc_port, **common)
+        self.sizes: dict[str, EnclaveSizing] = size_roles(
+            plan, footprints=settings.footprints, plan_sha256=plan_sha256,
+            gateway_max_queue=self.gateway.max_queue)
 
     def addresses(self, index: int) -> tuple[Address, ...]:
         """Where stage ``index``'s replicas listen: the Service, or each pod's DNS name."""
@@ -284,7 +293,7 @@ class _Manifests:
     def _coordinator(self) -> list[Document]:
         spec, name = self.coordinator, _name(COORDINATOR_ROLE)
         container = self._container(spec, COORDINATOR_PORT, cpu="1",
-                                    memory_mib=ROLE_MEMORY_MIB, epc_mib=RUNTIME_EPC_MIB)
+                                    memory_mib=ROLE_MEMORY_MIB)
         container["volumeMounts"].append({"name": "state", "mountPath": STATE_MOUNT})
         pod = self._pod(container, security={"fsGroup": USER_ID,
                                              "fsGroupChangePolicy": "OnRootMismatch"})
@@ -301,21 +310,25 @@ class _Manifests:
         stage = self.plan.stages[spec.index]
         working_set_mib = math.ceil(stage.working_set_bytes / MIB)
         container = self._container(spec, STAGE_PORT, cpu=str(self.settings.threads),
-                                    memory_mib=working_set_mib + RUNTIME_MEMORY_MIB,
-                                    epc_mib=working_set_mib + RUNTIME_EPC_MIB)
+                                    memory_mib=working_set_mib + RUNTIME_MEMORY_MIB)
         container["volumeMounts"].append({"name": "build", "mountPath": BUILD_MOUNT,
                                           "readOnly": True})
         volume = {"name": "build",
                   "persistentVolumeClaim": {"claimName": BUILD_CLAIM, "readOnly": True}}
         replicas = self.replicas[spec.index]
-        note = (f"PREDICTED, not measured: working set {working_set_mib} MiB (cost model: "
-                f"weights, live activations, runtime) + {RUNTIME_MEMORY_MIB} MiB runtime "
-                f"allowance for memory, + {RUNTIME_EPC_MIB} MiB for EPC")
+        note = (f"Memory PREDICTED, not measured: working set {working_set_mib} MiB (cost "
+                f"model: weights, live activations, runtime) + {RUNTIME_MEMORY_MIB} MiB runtime "
+                f"allowance"
+                + (f"; EPC the enclave size: {self.sizes[spec.role].basis}" if self.sgx
+                   else ""))
         pod = self._pod(container, volumes=[volume], annotations={"smlaas/resources": note},
                         spread=True)
         comment = (f"Stage {spec.index}: {replicas} replica(s) of its ONNX Runtime worker. "
-                   f"Memory and EPC are the plan's PREDICTED working set\n"
-                   f"({working_set_mib} MiB) plus runtime allowances, not measurements.")
+                   f"Memory is the plan's PREDICTED working set\n"
+                   f"({working_set_mib} MiB) plus a runtime allowance, not a measurement"
+                   + (f"; EPC its Gramine enclave size\n({self.sizes[spec.role].enclave_mib} "
+                      f"MiB, committed at start: see smlaas/deploy/gramine_sizes.py)."
+                      if self.sgx else "."))
         if replicas == 1:
             return [(comment, objects.deployment(_name(spec.role), spec.role, pod=pod)),
                     ("The upstream links to this stage through its Service.",
@@ -337,8 +350,7 @@ class _Manifests:
         ports = [("https", settings.port)] + ([("grpc", settings.grpc_port)]
                                               if settings.grpc_port else [])
         container = self._container(spec, settings.port, cpu="1",
-                                    memory_mib=ROLE_MEMORY_MIB + queue_mib,
-                                    epc_mib=RUNTIME_EPC_MIB + queue_mib, ports=ports)
+                                    memory_mib=ROLE_MEMORY_MIB + queue_mib, ports=ports)
         container["livenessProbe"] = objects.http_probe("/v2/health/live", settings.port,
                                                         period_s=10, failures=3)
         container["readinessProbe"] = objects.http_probe("/v2/health/ready", settings.port,
@@ -468,7 +480,8 @@ class _Manifests:
 
     # -- pieces ----------------------------------------------------------------------------
     def _container(self, spec: RoleSpec, port: int, *, cpu: str, memory_mib: int,
-                   epc_mib: int, ports: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+                   ports: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+        epc_mib = self.sizes[spec.role].epc_request_mib  # note "resources"
         container: dict[str, Any] = {
             "name": spec.role, "image": self.settings.image,
             "ports": [{"name": name, "containerPort": number}

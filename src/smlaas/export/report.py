@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smlaas.export.stage_memory import median_working_set_error, unmeasured_reason
 from smlaas.export.verify import VerificationReport
 from smlaas.graph.splitting import SPLIT_NOTE, SplitAxis, SplitOperator
 from smlaas.plan.cost_model import MIB
@@ -46,17 +47,20 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         "",
         "| stage | nodes | first .. last node | native ms (pred) | native ms (measured) | "
         "enclave ms (predicted) | input MiB | transfer ms (predicted) | weights MiB | "
-        "working set MiB | fits EPC | replicas |" + (" machine class |" if classes else ""),
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"
+        "working set MiB (predicted) | working set MiB (measured) | fits EPC | replicas |"
+        + (" machine class |" if classes else ""),
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"
         + ("---|" if classes else ""),
     ]
     for s in plan.stages:
         measured = f"{s.measured_native_ms:.2f}" if s.measured_native_ms else "-"
+        measured_ws = f"{s.measured.working_set_mib:.1f}" if s.measured is not None else "-"
+        fits = plan.fits_epc(s) and plan.measured_fits_epc(s) is not False
         lines.append(
             f"| {s.index} | {s.start}-{s.end - 1} | `{s.first_node}` .. `{s.last_node}` | "
             f"{s.native_ms:.2f} | {measured} | {s.enclave_ms:.2f} | "
             f"{s.input_bytes / MIB:.2f} | {s.transfer_in_ms:.2f} | {s.weight_bytes / MIB:.1f} | "
-            f"{s.working_set_mib:.1f} | {'yes' if plan.fits_epc(s) else '**no**'} | "
+            f"{s.working_set_mib:.1f} | {measured_ws} | {'yes' if fits else '**no**'} | "
             f"{s.replicas} |" + (f" `{s.machine_class}` |" if classes else ""))
     lines += [
         "",
@@ -67,6 +71,7 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         "",
     ]
     lines += _split_lines(plan)
+    lines += _working_set_lines(plan)
     errors = prediction_errors(plan)
     if errors:
         lines += [
@@ -109,6 +114,46 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                   "inside one session and rounds them only where they cross a cut.", ""]
     lines += ["![per-node time and memory, cuts and the EPC line](report.png)", ""]
     return "\n".join(lines)
+
+
+def _working_set_lines(plan: Plan) -> list[str]:
+    """Measured against predicted working set per stage, or why there is no measurement."""
+    cm = plan.cost_model
+    lines = ["## Working set: predicted and measured", "",
+             f"Predicted: `M = k_w*W + A + R` with k_w = {cm.weight_factor:g} on the weights "
+             f"a stage touches (W), its peak live activations (A) and R = "
+             f"{cm.runtime_overhead_mib:g} MiB. "]
+    measured = [m for s in plan.stages if (m := s.measured) is not None]
+    if not measured:
+        return lines[:-1] + [lines[-1] + f"Measured: {unmeasured_reason(plan)}; the "
+                             f"prediction stands.", ""]
+    first = measured[0]
+    lines[-1] += (f"Measured: each stage run natively in its own process as a worker runs "
+                  f"it ({first.threads} thread(s)), the pages it touched over "
+                  f"{first.inferences} inferences after warm-up ({first.method}; the least "
+                  f"of {first.rounds} such counts); RSS "
+                  f"also counts what the process loaded and no longer touches.")
+    lines += ["", "| stage | touched weights MiB (W) | peak activations MiB (A) | predicted MiB | "
+              "measured MiB | error | RSS MiB | peak RSS MiB | measured fits EPC |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for s in plan.stages:
+        m = s.measured
+        if m is None:
+            lines.append(f"| {s.index} | {s.touched_weight_bytes / MIB:.1f} | "
+                         f"{s.peak_activation_bytes / MIB:.1f} | {s.working_set_mib:.1f} | - | "
+                         f"- | - | - | - |")
+            continue
+        error = (s.working_set_bytes - m.working_set_bytes) / m.working_set_bytes \
+            if m.working_set_bytes else float("nan")
+        lines.append(f"| {s.index} | {s.touched_weight_bytes / MIB:.1f} | "
+                     f"{s.peak_activation_bytes / MIB:.1f} | {s.working_set_mib:.1f} | "
+                     f"{m.working_set_mib:.1f} | {100 * error:+.1f}% | {m.rss_bytes / MIB:.1f} | "
+                     f"{m.peak_rss_bytes / MIB:.1f} | "
+                     f"{'yes' if plan.measured_fits_epc(s) else '**no**'} |")
+    median = median_working_set_error(plan)
+    lines += ["", f"Median |predicted - measured| / measured over {len(measured)} stage(s): "
+              f"**{100 * (median or 0):.1f}%**.", ""]
+    return lines
 
 
 def split_operators(plan: Plan) -> list[SplitOperator]:

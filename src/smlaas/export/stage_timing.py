@@ -1,5 +1,5 @@
 """Timing exported stages on their own, as the partition job reports them beside the
-predictions."""
+predictions (their working sets: :mod:`smlaas.export.stage_memory`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from smlaas.export.chain import Chain
 from smlaas.profile import ProfileSettings, ProgressCallback, run_times_ms
@@ -16,23 +15,28 @@ MEASURE_ROUNDS = 3
 """Interleaved rounds in which the exported stages are timed (see :func:`measure_stages`)."""
 
 
-def measure_stages(stage_models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray],
+def stage_inputs(chain: Chain, feeds: Mapping[str, np.ndarray]
+                 ) -> list[dict[str, np.ndarray]]:
+    """Each stage's own inputs: the tensors the chain produces from the model's ``feeds``."""
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    inputs = []
+    for runner in chain.stages:
+        inputs.append({name: tensors[name] for name in runner.inputs})
+        tensors = runner.run(tensors)
+    return inputs
+
+
+def measure_stages(chain: Chain, stage_feeds: Sequence[Mapping[str, np.ndarray]],
                    settings: ProfileSettings, progress: ProgressCallback | None = None
                    ) -> list[float]:
-    """Median native time of each exported stage, fed with the tensors the chain produces
-    from the model's inputs ``feeds``.
+    """Median native time of each stage of ``chain`` (a :class:`Chain` of the exported
+    stages at ``settings``' threads and optimisation), fed with its :func:`stage_inputs`.
 
     The measured runs are taken in interleaved rounds (every stage a few runs, then again),
     so that a slow period of the machine, which on a shared VM lasts seconds, slows every
     stage alike instead of one stage wholly: measured one stage after another, two identical
     ResNet-50 stages once differed by 1.7x.
     """
-    chain = Chain(stage_models, threads=settings.threads, optimization=settings.optimization)
-    tensors: dict[str, np.ndarray] = dict(feeds)
-    stage_feeds = []
-    for runner in chain.stages:
-        stage_feeds.append({name: tensors[name] for name in runner.inputs})
-        tensors = runner.run(tensors)
     rounds = min(MEASURE_ROUNDS, settings.measured_runs)
     per_round = [settings.measured_runs // rounds + (r < settings.measured_runs % rounds)
                  for r in range(rounds)]

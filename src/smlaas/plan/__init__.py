@@ -5,7 +5,7 @@ from __future__ import annotations
 from smlaas.plan.cost_model import PRESETS, CostModel, preset, to_toml_text
 from smlaas.plan.costs import SegmentCosts, segment_costs
 from smlaas.plan.machines import MAX_CLASSES, MachineClass, MachinePool
-from smlaas.plan.plan import ModelRef, Plan, StagePlan, build_plan
+from smlaas.plan.plan import MeasuredMemory, ModelRef, Plan, StagePlan, build_plan
 from smlaas.plan.planners import (
     MACHINE_FILE_PLANNERS,
     Planner,
@@ -26,6 +26,7 @@ __all__ = [
     "CostModel",
     "MachineClass",
     "MachinePool",
+    "MeasuredMemory",
     "ModelRef",
     "Plan",
     "Planner",

@@ -3,7 +3,9 @@
 A Plan round-trips through JSON (``to_json`` / ``from_json``), reports every problem at once
 (``validate``), and renders as a text table (``to_table``). A stage may have several replicas
 (``dp-replicas``) and a machine class (``--machines-file``); plans written before either
-existed load unchanged, with one replica per stage on the cost model's machine.
+existed load unchanged, with one replica per stage on the cost model's machine. A stage may
+carry its working set as measured natively after export (``measured``); plans written before
+that load with ``measured`` None, as do plans from machines where it cannot be measured.
 """
 
 from __future__ import annotations
@@ -41,6 +43,48 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class MeasuredMemory:
+    """A stage's memory measured natively, its sub-model run as a worker runs it (see
+    :mod:`smlaas.runtime.working_set`); ``stages[k].measured`` in plan.json."""
+
+    working_set_bytes: int
+    """Bytes of the pages the process touched over ``inferences`` inferences after warm-up
+    (the least of ``rounds`` such counts): what an enclave must keep in the EPC to run them
+    without paging."""
+    rss_bytes: int
+    """The process's resident set after those inferences (untouched copies included)."""
+    peak_rss_bytes: int
+    """The largest resident set the process had (session creation included)."""
+    inferences: int
+    threads: int
+    """ONNX Runtime intra-op threads of the measured session."""
+    method: str
+    """How the pages were counted, e.g. ``smaps_rollup Referenced``."""
+    rounds: int = 1
+    """Counts taken; ``working_set_bytes`` is the least (shared pages other processes mark
+    referenced only ever add to a count)."""
+
+    @property
+    def working_set_mib(self) -> float:
+        return self.working_set_bytes / MIB
+
+    def validate(self) -> list[str]:
+        problems = [f"{name} is {getattr(self, name)!r}, expected an integer >= 0"
+                    for name in ("working_set_bytes", "rss_bytes", "peak_rss_bytes")
+                    if isinstance(getattr(self, name), bool)
+                    or not isinstance(getattr(self, name), int) or getattr(self, name) < 0]
+        problems += [f"{name} is {getattr(self, name)!r}, expected an integer >= 1"
+                     for name in ("inferences", "threads", "rounds")
+                     if isinstance(getattr(self, name), bool)
+                     or not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        return problems
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MeasuredMemory:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage: nodes ``[start, end)`` of the topological order, and its predictions."""
 
@@ -68,6 +112,9 @@ class StagePlan:
     transfer_out_ms: float | None = None
     """The output's transfer on this stage's outgoing link (None in older plans, where it
     is the next stage's ``transfer_in_ms`` and does not bound the period on its own)."""
+    measured: MeasuredMemory | None = None
+    """The working set measured natively after export (None: not measured, or older plans;
+    ``working_set_bytes`` above stays the cost model's prediction)."""
 
     @property
     def node_count(self) -> int:
@@ -87,6 +134,13 @@ class StagePlan:
     @property
     def file_name(self) -> str:
         return f"stage_{self.index}.onnx"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StagePlan:
+        data = dict(data)
+        measured = data.pop("measured", None)
+        return cls(**data, measured=MeasuredMemory.from_dict(measured)
+                   if measured is not None else None)
 
 
 @dataclass(frozen=True)
@@ -137,7 +191,22 @@ class Plan:
         return self.cost_model.usable_epc_bytes
 
     def fits_epc(self, stage: StagePlan) -> bool:
+        """Whether the stage's *predicted* working set fits its machines' usable EPC."""
         return stage.working_set_bytes <= self.usable_epc_bytes(stage)
+
+    def measured_fits_epc(self, stage: StagePlan) -> bool | None:
+        """Whether the stage's *measured* working set fits (None: not measured)."""
+        if stage.measured is None:
+            return None
+        return stage.measured.working_set_bytes <= self.usable_epc_bytes(stage)
+
+    def measured_epc_problems(self) -> list[str]:
+        """One line per stage whose measured working set exceeds its usable EPC."""
+        return [f"stage {s.index}'s measured working set {s.measured.working_set_mib:.1f} MiB "
+                f"exceeds the usable EPC {self.usable_epc_bytes(s) / MIB:g} MiB (predicted "
+                f"{s.working_set_mib:.1f} MiB)"
+                for s in self.stages if s.measured is not None
+                and self.measured_fits_epc(s) is False]
 
     @property
     def layout_text(self) -> str:
@@ -206,6 +275,11 @@ class Plan:
                     problems.append(f"stage {stage.index} working set "
                                     f"{stage.working_set_mib:.1f} MiB exceeds the usable EPC "
                                     f"{self.usable_epc_bytes(stage) / MIB:g} MiB")
+            problems.extend(self.measured_epc_problems())
+        for stage in self.stages:
+            if stage.measured is not None:
+                problems.extend(f"stage {stage.index} measured: {p}"
+                                for p in stage.measured.validate())
         problems.extend(f"cost model: {p}" for p in self.cost_model.validate())
         return problems
 
@@ -265,7 +339,7 @@ class Plan:
             return cls(
                 model=ModelRef(**data.pop("model")),
                 cost_model=CostModel(**data.pop("cost_model")),
-                stages=tuple(StagePlan(**s) for s in data.pop("stages")),
+                stages=tuple(StagePlan.from_dict(s) for s in data.pop("stages")),
                 machine_classes=tuple(MachineClass(**c)
                                       for c in data.pop("machine_classes", None) or ()),
                 **data,
@@ -287,6 +361,14 @@ class Plan:
         stages = tuple(replace(s, measured_native_ms=m) for s, m in zip(self.stages, measured_ms))
         return replace(self, stages=stages)
 
+    def with_measured_memory(self, measured: Sequence[MeasuredMemory | None]) -> Plan:
+        """The plan with each stage's natively measured working set."""
+        if len(measured) != len(self.stages):
+            raise PlanError(f"{len(self.stages)} stages but {len(measured)} memory "
+                            f"measurements")
+        stages = tuple(replace(s, measured=m) for s, m in zip(self.stages, measured))
+        return replace(self, stages=stages)
+
     # -- text ----------------------------------------------------------------------------
     def to_table(self) -> str:
         cm = self.cost_model
@@ -294,19 +376,24 @@ class Plan:
         classes = bool(self.machine_classes)
         machines = (f"machines {MachinePool(self.machine_classes).describe()}" if classes
                     else f"usable EPC {cm.usable_epc_mib:g} MiB")
+        measured = any(s.measured is not None for s in self.stages)
         lines = [
             f"plan for {self.model.name} by {self.planner} ({cm.preset} cost model, "
             f"{machines})",
             f"{'stage':>5} {'nodes':>11} {'native ms':>10} {'enclave ms':>10} "
-            f"{'in MiB':>7} {'xfer ms':>8} {'weights MiB':>11} {'ws MiB':>8}  fits "
-            f"{'replicas':>8}" + ("  class" if classes else ""),
+            f"{'in MiB':>7} {'xfer ms':>8} {'weights MiB':>11} {'ws MiB':>8} "
+            + (f"{'measured':>8} " if measured else "") + f" fits {'replicas':>8}"
+            + ("  class" if classes else ""),
         ]
         for s in self.stages:
+            fits = self.fits_epc(s) and self.measured_fits_epc(s) is not False
             lines.append(
                 f"{s.index:>5} {f'{s.start}-{s.end - 1}':>11} {s.native_ms:>10.2f} "
                 f"{s.enclave_ms:>10.2f} {s.input_bytes / MIB:>7.2f} {s.transfer_in_ms:>8.2f} "
-                f"{s.weight_bytes / MIB:>11.1f} {s.working_set_mib:>8.1f}  "
-                f"{'yes' if self.fits_epc(s) else 'NO ':<4} {s.replicas:>8}"
+                f"{s.weight_bytes / MIB:>11.1f} {s.working_set_mib:>8.1f} "
+                + ((f"{s.measured.working_set_mib:>8.1f} " if s.measured is not None
+                    else f"{'-':>8} ") if measured else "")
+                + f" {'yes' if fits else 'NO ':<4} {s.replicas:>8}"
                 + (f"  {s.machine_class}" if classes else "")
             )
         lines.append(

@@ -125,3 +125,62 @@ def calibrate(*, threads: int) -> Calibration:
                        loopback_mib_per_s=rate, loopback_hop_latency_ms=latency,
                        matmul_gflop_per_s=matmul_gflop_per_s(threads=threads),
                        threads=threads)
+
+
+# -- the working-set constants ---------------------------------------------------------------
+@dataclass(frozen=True)
+class MemorySample:
+    """One stage: the bytes the cost model sees and the working set measured natively."""
+
+    label: str
+    touched_weight_bytes: int
+    peak_activation_bytes: int
+    measured_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """``weight_factor`` and ``runtime_overhead_mib`` fitted to measured working sets."""
+
+    weight_factor: float
+    runtime_overhead_mib: float
+    samples: int
+
+    def predict_bytes(self, sample: MemorySample) -> float:
+        return (self.weight_factor * sample.touched_weight_bytes + sample.peak_activation_bytes
+                + self.runtime_overhead_mib * MIB)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def fit_memory_constants(samples: list[MemorySample]) -> MemoryFit:
+    """Least squares for ``measured = k_w * W + A + R`` over ``samples`` (W touched weight
+    bytes, A peak activation bytes; the activations' coefficient stays 1), with k_w >= 0 and
+    R >= 0.
+
+    Residuals are relative (each divided by its measured size): the figure that matters is
+    the relative error per stage, and in absolute terms the largest stages would decide R,
+    which matters most for the small ones.
+
+    Raises:
+        ValueError: fewer than two samples, or every sample with the same weight bytes (k_w
+            and R cannot be told apart).
+    """
+    usable = [s for s in samples if s.measured_bytes > 0]
+    if len(usable) < 2 or len({s.touched_weight_bytes for s in usable}) < 2:
+        raise ValueError(f"fitting weight_factor and runtime_overhead_mib needs at least two "
+                         f"measured stages with different weight bytes, got {len(usable)}")
+    measured = np.array([s.measured_bytes for s in usable], dtype=float)
+    weights = np.array([s.touched_weight_bytes for s in usable], dtype=float)
+    target = (measured - np.array([s.peak_activation_bytes for s in usable], dtype=float))
+    scale = 1.0 / measured
+    design = np.column_stack([weights, np.ones_like(weights)]) * scale[:, None]
+    (k_w, runtime), *_ = np.linalg.lstsq(design, target * scale, rcond=None)
+    if k_w < 0:  # the constrained optimum lies on an edge: refit on it
+        k_w, runtime = 0.0, float(np.sum(target * scale * scale) / np.sum(scale * scale))
+    if runtime < 0:
+        k_w = float(np.sum(design[:, 0] * target * scale) / np.sum(design[:, 0] ** 2))
+        runtime = 0.0
+    return MemoryFit(weight_factor=float(max(k_w, 0.0)),
+                     runtime_overhead_mib=float(max(runtime, 0.0)) / MIB, samples=len(usable))

@@ -1,8 +1,12 @@
 """Canonical hashes of tensors, and the Merkle tree over a batch's requests (pure).
 
-A tensor set's digest is SHA-256 over, for each tensor in name order, its name, dtype and
-shape and its bytes (C order; a BYTES tensor in Triton's length-prefixed layout), each
-length-prefixed, so that no two different sets share a digest. A request's rows of a batched
+A tensor set's digest is BLAKE3 (256 bits, the ``blake3`` library) over, for each tensor in
+name order, its name, dtype and shape and its bytes (C order; a BYTES tensor in Triton's
+length-prefixed layout), each length-prefixed, so that no two different sets share a digest.
+BLAKE3 because every activation of every receipted request is hashed: on this machine it runs
+at 7.5 GB/s against SHA-256's 1.9 GB/s (SHA-NI), which took receipts' CPU per ResNet-50
+request from 1.33 ms to well under half a millisecond. Bytes a receipt holder checks
+themselves (the request and the response) are hashed with SHA-256. A request's rows of a batched
 tensor set are the rows ``start:stop`` of every tensor.
 
 A stage that ran a batch signs the root of a Merkle tree over one leaf per request in the
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+import blake3
 import numpy as np
 
 from smlaas.transport.tensors import BYTES, serialize_bytes, wire_dtype
@@ -31,7 +36,7 @@ PathStep = tuple[bool, bytes]
 
 def tensors_digest(tensors: Mapping[str, np.ndarray], rows: slice | None = None) -> bytes:
     """The canonical digest of ``tensors`` (or of their rows ``rows``)."""
-    digest = hashlib.sha256(b"smlaas tensors v1")
+    digest = blake3.blake3(b"smlaas tensors v2")
     for name in sorted(tensors):
         value = tensors[name] if rows is None else tensors[name][rows]
         array = np.asarray(value, order="C")

@@ -68,6 +68,7 @@ PROBE_TIMEOUT_S = 2.0
 RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
 EVIDENCE_TTL_S = 10.0
+INLINE_SIGN_BYTES = 64 * 1024
 """How long the evidence bundle is served before it is asked of the stages again (a replica
 restarted since has a new receipt key)."""
 DECODE_THREADS = 2
@@ -474,10 +475,17 @@ class DataPlane:
         signer, pending = self.receipts.signer, answer.receipt
         first, last = pending.stages[0].leaves, pending.stages[-1].leaves
         digest = await request_digest
-        return await self.encode(lambda: signer.sign_request(
-            request_id=request.id or "", request_digest=digest, response_bytes=response_bytes,
-            received=first[pending.index].received, sent=last[pending.index].sent,
-            salt=pending.salt, stages=pending.stages, index=pending.index))
+
+        def sign() -> bytes:
+            return signer.sign_request(
+                request_id=request.id or "", request_digest=digest,
+                response_bytes=response_bytes, received=first[pending.index].received,
+                sent=last[pending.index].sent, salt=pending.salt, stages=pending.stages,
+                index=pending.index)
+
+        # A small response is signed on the loop (about 0.1 ms: less than a thread's
+        # hand-over); a large one's hash goes to the encoding thread.
+        return sign() if len(response_bytes) <= INLINE_SIGN_BYTES else await self.encode(sign)
 
     async def evidence_bundle(self) -> bytes:
         """The evidence every receipt refers to (CBOR; rebuilt when EVIDENCE_TTL_S old)."""
