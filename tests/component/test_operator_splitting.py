@@ -78,7 +78,7 @@ def test_oversize_matmul_is_split_and_every_stage_fits(tmp_path: Path, tiny_epc:
 def test_gpt2_like_tied_head_is_split_by_output(tmp_path: Path, tiny_epc: Path) -> None:
     """A small GPT-2 whose tied LM head (a MatMul by the transposed embedding) is the one
     operator over the tiny EPC: short rows, long output, so the Concat split wins."""
-    config = GPT2Config(layers=1, d_model=32, heads=2, vocab_size=3000, max_positions=64)
+    config = GPT2Config(layers=1, d_model=32, heads=2, vocab_size=5000, max_positions=64)
     model = build_gpt2("gpt2_tiny", 8, config)
     result = _partition(model, tmp_path, tiny_epc, ["1,8"], planner=Planner.DP_THROUGHPUT,
                         machines=6)

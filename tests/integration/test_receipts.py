@@ -88,7 +88,8 @@ def test_every_clients_receipt_verifies_against_its_own_request_only(served) -> 
 
 def test_a_grpc_receipt_covers_the_message_bytes(served) -> None:
     """Over gRPC the receipt is the response parameter ``receipt``; it covers the request
-    message as sent and the response message without that parameter."""
+    message as sent and the response message without that parameter; the evidence comes
+    from ``/smlaas.Receipts/Evidence``."""
     running = served
     x = random_image(11)
     message = service_pb2.ModelInferRequest(model_name=running.model_name,
@@ -100,10 +101,10 @@ def test_a_grpc_receipt_covers_the_message_bytes(served) -> None:
     with grpc.secure_channel(running.grpc_address, credentials, options=[
             ("grpc.max_receive_message_length", -1)]) as channel:
         response = channel.unary_unary(MODEL_INFER)(request, timeout=30)
+        evidence = EvidenceBundle.decode(
+            channel.unary_unary("/smlaas.Receipts/Evidence")(b"", timeout=30))
     answer = service_pb2.ModelInferResponse.FromString(response)
     receipt = base64.b64decode(answer.parameters["receipt"].string_param)
-    with running.client(receipts=True) as client:
-        evidence = EvidenceBundle.decode(client.evidence())
     verdict = verify_receipt(receipt, evidence, owner_public_key=parse_public_key(
         Path(running.owner_public_key_path).read_text().strip()), request=request,
         response=without_receipt(response, receipt), allow_simulation=True)

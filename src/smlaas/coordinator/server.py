@@ -224,7 +224,8 @@ class CoordinatorServer:
 
 
 _HANDED_OUT: set[int] = set()
-LISTEN_PORTS_FLOOR = 10000
+LISTEN_PORTS_FLOOR = 20000
+"""Above Ray's default worker ports (10002-19999), which a Ray node claims as a whole."""
 
 
 def free_port() -> int:

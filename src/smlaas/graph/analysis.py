@@ -19,6 +19,11 @@ from onnx import helper
 from smlaas.errors import GraphError, UnknownShapesError, UnsupportedModelError
 from smlaas.graph.dims import fixed_dim, static_shape
 from smlaas.graph.input_size import model_inputs
+from smlaas.graph.session_constants import (
+    HALF_PRECISION_TYPES,
+    constant_node_positions,
+    widens_half_precision,
+)
 from smlaas.graph.subgraphs import has_subgraph, node_input_names
 
 
@@ -78,6 +83,8 @@ class ModelGraph:
         self.initializer_bytes: dict[str, int] = {
             t.name: math.prod(t.dims) * element_size(t.data_type) for t in graph.initializer
         }
+        self._initializer_types: dict[str, int] = {t.name: t.data_type
+                                                   for t in graph.initializer}
         self.input_names = [i.name for i in model_inputs(model)]
         self.output_names = [o.name for o in graph.output]
         self.node_inputs = [node_input_names(n) for n in self.nodes]
@@ -94,6 +101,13 @@ class ModelGraph:
         rank only, since the next input may give it another shape; its bytes in the memory
         and transfer estimates are those measured."""
         self.producer, self.last_use = self._liveness()
+        self.constant_positions: frozenset[int] = constant_node_positions(
+            self.nodes, self.node_inputs, self.initializer_bytes.keys(), self.output_names)
+        """Nodes ONNX Runtime folds into initializers at session start (see
+        NOTE_SESSION_CONSTANTS in :mod:`smlaas.graph.session_constants`): their outputs are
+        weights of the stage that reads them, not activations."""
+        self.folded_names: frozenset[str] = frozenset(
+            o for p in self.constant_positions for o in self.nodes[p].output if o)
 
     # -- construction --------------------------------------------------------------------
     def _collect_tensors(self, observed: Mapping[str, TensorInfo],
@@ -216,9 +230,12 @@ class ModelGraph:
 
     def live_bytes_by_step(self) -> np.ndarray:
         """Activation bytes alive while node k runs (its inputs, outputs and everything held
-        for later nodes), for k in 0..n-1. Liveness within any stage equals this global one."""
+        for later nodes), for k in 0..n-1. Liveness within any stage equals this global one.
+        Outputs of constant-folded nodes are weights (``session_weight_uses``), not counted."""
         delta = np.zeros(self.node_count + 1, dtype=np.int64)
         for name, info in self.tensors.items():
+            if name in self.folded_names:  # a session constant: counted as a weight
+                continue
             first = max(self.producer[name], 0)
             last = min(max(self.last_use[name], first), self.node_count - 1)
             delta[first] += info.nbytes
@@ -244,19 +261,53 @@ class ModelGraph:
                     uses.setdefault(name, []).append(position)
         return uses
 
-    def touched_initializer_bytes(self, name: str, position: int) -> int:
-        """Bytes of initializer ``name`` that node ``position`` reads per inference.
+    def session_weight_uses(self) -> dict[str, list[int]]:
+        """For every tensor a stage's ONNX Runtime session holds as a weight, the sorted
+        positions of the nodes that read it per inference.
 
-        A Gather from a weight table (an embedding) reads only the rows it indexes, each
-        rounded up to whole 4 KiB pages; every other use reads the whole tensor.
+        Those tensors are the initializers and the outputs of constant-folded nodes
+        (``constant_positions``) that some node outside the folded ones reads; an
+        initializer that only folded nodes read is dropped by ORT after folding. See
+        NOTE_SESSION_CONSTANTS in :mod:`smlaas.graph.session_constants`.
         """
-        full = self.initializer_bytes[name]
+        uses: dict[str, list[int]] = {}
+        for position, names in enumerate(self.node_inputs):
+            if position in self.constant_positions:
+                continue
+            for name in names:
+                if name in self.initializer_bytes or name in self.folded_names:
+                    uses.setdefault(name, []).append(position)
+        return uses
+
+    def is_session_weight(self, name: str) -> bool:
+        """Whether ``name`` is an initializer or the output of a constant-folded node."""
+        return name in self.initializer_bytes or name in self.folded_names
+
+    def _weight_layout(self, name: str) -> tuple[int, tuple[int, ...]]:
+        if name in self.initializer_bytes:
+            return self._initializer_types[name], self.initializer_dims[name]
+        info = self.tensors[name]
+        return info.elem_type, info.shape
+
+    def touched_initializer_bytes(self, name: str, position: int) -> int:
+        """Bytes of session weight ``name`` (see ``session_weight_uses``) that node
+        ``position`` reads per inference.
+
+        A half-precision weight that ORT's CPU provider widens for this node counts at
+        float32 size (see NOTE_SESSION_CONSTANTS). A Gather from a weight table (an
+        embedding) reads only the rows it indexes, each rounded up to whole 4 KiB pages;
+        every other use reads the whole tensor.
+        """
+        elem_type, table_dims = self._weight_layout(name)
         node = self.nodes[position]
+        item_bytes = element_size(elem_type)
+        if elem_type in HALF_PRECISION_TYPES and widens_half_precision(node):
+            item_bytes = element_size(onnx.TensorProto.FLOAT)
+        full = math.prod(table_dims) * item_bytes
         if node.op_type != "Gather" or node.domain or node.input[0] != name:
             return full
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         indices = self.tensors.get(node.input[1]) if len(node.input) > 1 else None
-        table_dims = self.initializer_dims[name]
         if indices is None or axis != 0 or not table_dims:
             return full
         row_bytes = full // max(table_dims[0], 1)

@@ -7,6 +7,7 @@ keeps planning of ~700-node models well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,38 +53,47 @@ def segment_memory(graph: ModelGraph) -> SegmentMemory:
 
 
 def _weight_matrices(graph: ModelGraph, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """W[i, j] = sum over initializers whose next use at or after i is before j.
+    """The stored and the touched weight matrices.
 
-    For each initializer, ``next_use[i]`` is its first use >= i (n + 1 if none); a segment
-    starting at i holds it exactly when ``next_use[i] < j``. Bytes touched are those of that
-    first use in the segment.
+    Stored: the initializers each segment's sub-model file holds. Touched: the weights its
+    ONNX Runtime session holds and reads per inference (``ModelGraph.session_weight_uses``:
+    outputs of constant-folded nodes included, half-precision weights widened where ORT's
+    CPU provider widens them).
     """
-    uses = graph.initializer_uses()
-    stored = np.zeros((n + 1, n + 1), dtype=np.int64)
-    touched = np.zeros((n + 1, n + 1), dtype=np.int64)
+    stored = _held_matrix(graph.initializer_uses(),
+                          lambda name, _position: graph.initializer_bytes[name], n)
+    touched = _held_matrix(graph.session_weight_uses(), graph.touched_initializer_bytes, n)
+    return stored, touched
+
+
+def _held_matrix(uses: dict[str, list[int]], bytes_at: Callable[[str, int], int],
+                 n: int) -> np.ndarray:
+    """H[i, j] = sum over tensors whose next use at or after i is before j, of their bytes
+    at that use.
+
+    For each tensor, ``next_use[i]`` is its first use >= i (n + 1 if none); a segment
+    starting at i holds it exactly when ``next_use[i] < j``.
+    """
+    held = np.zeros((n + 1, n + 1), dtype=np.int64)
     if not uses:
-        return stored, touched
+        return held
     names = list(uses)
     starts = np.arange(n + 1)
     next_use = np.full((len(names), n + 1), n + 1, dtype=np.int64)
-    touched_at_next = np.zeros((len(names), n + 1), dtype=np.int64)
-    full_bytes = np.array([graph.initializer_bytes[name] for name in names], dtype=np.int64)
+    bytes_at_next = np.zeros((len(names), n + 1), dtype=np.int64)
     for row, name in enumerate(names):
         positions = np.array(uses[name], dtype=np.int64)
-        per_use = np.array([graph.touched_initializer_bytes(name, int(p)) for p in positions],
-                           dtype=np.int64)
+        per_use = np.array([bytes_at(name, int(p)) for p in positions], dtype=np.int64)
         index = np.searchsorted(positions, starts)
         has_next = index < len(positions)
         next_use[row, has_next] = positions[index[has_next]]
-        touched_at_next[row, has_next] = per_use[index[has_next]]
+        bytes_at_next[row, has_next] = per_use[index[has_next]]
     for i in range(n + 1):
         column = next_use[:, i] + 1  # contributes to every j >= next_use + 1
         valid = column <= n
-        stored[i] = np.cumsum(np.bincount(column[valid], weights=full_bytes[valid],
-                                          minlength=n + 1)[: n + 1]).astype(np.int64)
-        touched[i] = np.cumsum(np.bincount(column[valid], weights=touched_at_next[valid, i],
-                                           minlength=n + 1)[: n + 1]).astype(np.int64)
-    return np.triu(stored, 1), np.triu(touched, 1)
+        held[i] = np.cumsum(np.bincount(column[valid], weights=bytes_at_next[valid, i],
+                                        minlength=n + 1)[: n + 1]).astype(np.int64)
+    return np.triu(held, 1)
 
 
 def _peak_activation_matrix(live_bytes: np.ndarray, n: int) -> np.ndarray:

@@ -213,7 +213,7 @@ def _node_bytes(graph: ModelGraph, position: int, live: np.ndarray,
                 weight_factor: float) -> float:
     """The node's working set on its own, as the cost model counts segment [p, p + 1)."""
     touched = sum(graph.touched_initializer_bytes(name, position)
-                  for name in graph.node_inputs[position] if name in graph.initializer_bytes)
+                  for name in graph.node_inputs[position] if graph.is_session_weight(name))
     return weight_factor * touched + float(live[position])
 
 

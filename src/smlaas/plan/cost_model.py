@@ -182,8 +182,10 @@ _SGX1 = CostModel(
     usable_epc_mib=93.5,  # [SGX-EPC]
     compute_overhead=1.2,  # [SEED]
     # Both [ASSUMED] for an enclave; measured natively (smlaas bench working-set,
-    # BENCHMARKS.md) a stage touches k_w ~1.03-1.09 of its weights (fp16 weights: 2, as ORT's
-    # CPU provider widens them) and 3.3-6.9 MiB of runtime; a LibOS adds its own pages.
+    # BENCHMARKS.md) a stage touches k_w ~1.03-1.09 of its weights as the analysis counts
+    # them (W includes constant-folded outputs and fp16 weights widened to fp32, as ORT's CPU
+    # provider holds them: NOTE_SESSION_CONSTANTS in graph/session_constants.py) and 3.3-6.9
+    # MiB of runtime; a LibOS adds its own pages.
     # `smlaas calibrate` fits both to this machine's measurements.
     weight_factor=1.0,  # [ASSUMED] ONNX Runtime keeps one copy of each initializer
     runtime_overhead_mib=8.0,  # [ASSUMED] runtime pages touched per inference

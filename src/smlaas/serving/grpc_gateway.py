@@ -97,6 +97,7 @@ UNARY_REQUESTS = {"ServerLive": service_pb2.ServerLiveRequest,
                   "ModelStatistics": service_pb2.ModelStatisticsRequest,
                   "RepositoryIndex": service_pb2.RepositoryIndexRequest}
 """The service's calls other than inference, with their request messages."""
+RECEIPTS_SERVICE = "smlaas.Receipts"
 
 class GrpcEndpoints:
     """The V2 gRPC calls over a data plane; its exceptions become gRPC codes here only."""
@@ -133,6 +134,18 @@ class GrpcEndpoints:
         methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             self.ModelStreamInfer)
         return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def receipts_handler(self) -> grpc.GenericRpcHandler:
+        """``/smlaas.Receipts/Evidence``: the evidence receipts refer to, as REST's
+        ``GET /v2/smlaas/evidence`` (request: empty; response: the CBOR bundle's bytes)."""
+        return grpc.method_handlers_generic_handler(RECEIPTS_SERVICE, {
+            "Evidence": grpc.unary_unary_rpc_method_handler(self.Evidence)})
+
+    async def Evidence(self, request: bytes, context: Any) -> bytes:  # noqa: N802
+        if request:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "Evidence takes an empty request")
+        return await _guard(context, self.plane.evidence_bundle())
 
     # -- health and metadata ---------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC names
@@ -344,7 +357,8 @@ def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_ch
     whose limits follow from the model (:mod:`~smlaas.serving.grpc_server`)."""
     endpoints = GrpcEndpoints(plane)
     credentials = grpc.ssl_server_credentials([(key_pem, certificate_chain_pem)])
-    return GrpcServer(endpoints.handler(), address=f"{host}:{port}", credentials=credentials,
+    return GrpcServer((endpoints.handler(), endpoints.receipts_handler()),
+                      address=f"{host}:{port}", credentials=credentials,
                       model_limits=endpoints.model_limits, on_limits=endpoints.use)
 
 

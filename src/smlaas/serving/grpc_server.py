@@ -33,7 +33,8 @@ HANDOVER_GRACE_S = 30.0
 class GrpcServer:
     """A TLS gRPC server on ``address`` serving ``handler`` (start with :meth:`start`)."""
 
-    def __init__(self, handler: grpc.GenericRpcHandler, *, address: str,
+    def __init__(self, handler: grpc.GenericRpcHandler | tuple[grpc.GenericRpcHandler, ...],
+                 *, address: str,
                  credentials: grpc.ServerCredentials,
                  model_limits: Callable[[], GrpcLimits | None],
                  on_limits: Callable[[GrpcLimits], None] = lambda limits: None) -> None:
@@ -67,7 +68,8 @@ class GrpcServer:
             ("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", limits.max_send_bytes),
             ("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.max_rpcs)
-        server.add_generic_rpc_handlers((self._handler,))
+        server.add_generic_rpc_handlers(
+            self._handler if isinstance(self._handler, tuple) else (self._handler,))
         server.add_secure_port(self.address, self._credentials)
         await server.start()
         self._servers.append(server)
