@@ -104,13 +104,15 @@ class GatewaySigner:
 
     def sign_request(self, *, request_id: str, request_digest: bytes,
                      response_bytes: bytes, received: bytes, sent: bytes, salt: bytes,
-                     stages: Sequence[StageReceipt], index: int) -> bytes:
+                     stages: Sequence[StageReceipt], index: int,
+                     release_version: int | None = None) -> bytes:
         """The receipt of one request: ``request_digest`` is SHA-256 of its bytes as
         received; its place ``index`` in each stage's batch, with the digests of its inputs
         (``received``) and outputs (``sent``)."""
         return self.key.sign({
             IAT: int(time.time()), "smlaas": FORMAT, "role": "gateway", "replica": 0,
-            "manifest": self.manifest_digest, "release": self.release_version,
+            "manifest": self.manifest_digest,
+            "release": self.release_version if release_version is None else release_version,
             "model": self.model_name, "request_id": request_id,
             "request": request_digest,
             "response": hashlib.sha256(response_bytes).digest(),

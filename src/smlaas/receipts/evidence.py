@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +77,29 @@ def key_evidence(backend: EnclaveBackend, key: ReceiptKey, *, role: str, replica
     root = backend.trusted_root.der if backend.simulated else None
     return KeyEvidence(role, replica, key.public_raw, quote, backend.collateral_json(),
                        backend.simulated, root)
+
+
+class KeyEvidenceSource:
+    """A role's current receipt key evidence: the quote (and its collateral) remade once it is
+    REFRESH_S old, so that a verifier's freshness check at a receipt's signing time holds however
+    long the role runs (a quote made once at start would fail it after the policy's collateral
+    age, 7 days by default)."""
+
+    REFRESH_S = 6 * 3600.0
+
+    def __init__(self, backend: EnclaveBackend, key: ReceiptKey, *, role: str, replica: int,
+                 manifest_digest: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._make = lambda: key_evidence(backend, key, role=role, replica=replica,
+                                          manifest_digest=manifest_digest)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._evidence, self._made = self._make(), clock()
+
+    def __call__(self) -> KeyEvidence:
+        with self._lock:
+            if self._clock() - self._made >= self.REFRESH_S:
+                self._evidence, self._made = self._make(), self._clock()
+            return self._evidence
 
 
 def key_evidence_to_json(evidence: KeyEvidence) -> dict[str, Any]:

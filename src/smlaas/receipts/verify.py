@@ -52,9 +52,10 @@ class ReceiptVerdict:
     def summary(self) -> str:
         kind = "SIMULATED (insecure: proves nothing about enclaves)" if self.simulated else \
             "hardware"
-        return (f"valid receipt: request {self.request_id} to model {self.model!r} through "
-                f"{self.stages} stage(s) under manifest {self.manifest_digest[:16]} release "
-                f"v{self.release_version}, {kind}")
+        return (f"valid receipt: request id {self.request_id!r} through the manifest's "
+                f"{self.stages} sub-model(s) (manifest {self.manifest_digest[:16]}, owner's "
+                f"release v{self.release_version}; served as {self.model!r}, a name the host "
+                f"chooses), {kind}")
 
 
 def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
@@ -78,6 +79,8 @@ def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
         signed_at = _int(unverified(receipt)[1], IAT, "the gateway's receipt")
     except ReceiptError as err:
         raise ReceiptError(f"the gateway's receipt: {err}") from err
+    if not 0 <= signed_at < 1 << 40:
+        raise ReceiptError(f"the gateway's receipt has an impossible time {signed_at}")
     checker = _KeyChecker(evidence, manifest, policy, allow_simulation=allow_simulation,
                           sim_root=sim_root, at=signed_at)
     claims = checker.verified(receipt, role="gateway", what="the gateway's receipt")
@@ -109,7 +112,10 @@ def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
         cose = _bytes(entry, "receipt", what)
         stage = checker.verified(cose, role=stage_role(index), what=what)
         _expect(stage, "manifest", manifest_digest, what)
-        _expect(stage, "release", release.version, what)
+        stage_release = _int(stage, "release", what)
+        if not 0 <= stage_release <= release.version:  # a stage signs under the release it
+            raise ReceiptError(f"{what} names release {stage_release}, after the gateway's "
+                               f"v{release.version}")  # registered with (same manifest)
         committed = manifest.stages.get(index)
         if committed is None or stage.get("model") != committed.sha256:
             raise ReceiptError(f"{what} names another sub-model than the manifest's stage "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -69,6 +70,7 @@ RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
 EVIDENCE_TTL_S = 10.0
 INLINE_SIGN_BYTES = 64 * 1024
+MAX_KEYS_KEPT = 1024
 """How long the evidence bundle is served before it is asked of the stages again (a replica
 restarted since has a new receipt key)."""
 DECODE_THREADS = 2
@@ -139,20 +141,35 @@ class Answer:
 class GatewayReceipts:
     """The gateway's receipt signer and the evidence bundle (cached EVIDENCE_TTL_S)."""
 
-    def __init__(self, signer: GatewaySigner, own: KeyEvidence, manifest_json: str,
-                 release: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, signer: GatewaySigner, own: Callable[[], KeyEvidence],
+                 manifest_json: str, release: Callable[[], dict[str, Any] | None]) -> None:
         self.signer, self.own = signer, own
         self.manifest_json, self.release = manifest_json, release
         self._bundle: bytes | None = None
         self._made = 0.0
         self._lock = asyncio.Lock()
+        self._keys: dict[bytes, KeyEvidence] = {}
+        """Every stage key seen (the latest evidence of each), so that the bundle still holds
+        the key of a replica that restarted or went quiet since it signed."""
+
+    def release_version(self) -> int:
+        """The version of the owner's release the gateway serves under now (0: none yet)."""
+        current = self.release()
+        try:
+            return int(json.loads(current["release"])["version"]) if current else 0
+        except (KeyError, TypeError, ValueError):
+            return 0
 
     async def bundle(self, plane: DataPlane) -> bytes:
         async with self._lock:
             if self._bundle is None or time.monotonic() - self._made > EVIDENCE_TTL_S:
-                keys = await plane.pipeline.key_evidence()
+                for key in await plane.pipeline.key_evidence():
+                    self._keys.pop(key.kid, None)
+                    self._keys[key.kid] = key
+                while len(self._keys) > MAX_KEYS_KEPT:  # the oldest first
+                    self._keys.pop(next(iter(self._keys)))
                 self._bundle = EvidenceBundle(self.manifest_json, self.release(),
-                                              (self.own, *keys)).encode()
+                                              (self.own(), *self._keys.values())).encode()
                 self._made = time.monotonic()
             return self._bundle
 
@@ -476,12 +493,14 @@ class DataPlane:
         first, last = pending.stages[0].leaves, pending.stages[-1].leaves
         digest = await request_digest
 
+        version = self.receipts.release_version()
+
         def sign() -> bytes:
             return signer.sign_request(
                 request_id=request.id or "", request_digest=digest,
                 response_bytes=response_bytes, received=first[pending.index].received,
                 sent=last[pending.index].sent, salt=pending.salt, stages=pending.stages,
-                index=pending.index)
+                index=pending.index, release_version=version)
 
         # A small response is signed on the loop (about 0.1 ms: less than a thread's
         # hand-over); a large one's hash goes to the encoding thread.

@@ -30,7 +30,7 @@ from smlaas.enclave.verification import INTEL_ROOT
 from smlaas.errors import ConfigError, ProtocolError, SmlaasError
 from smlaas.receipts.claims import GatewaySigner
 from smlaas.receipts.cose import ReceiptKey
-from smlaas.receipts.evidence import key_evidence
+from smlaas.receipts.evidence import KeyEvidenceSource
 from smlaas.roles import GatewaySpec
 from smlaas.serving.data_plane import DataPlane, GatewayReceipts
 from smlaas.serving.enrol import check_replica_count, enrol
@@ -193,8 +193,8 @@ def run_gateway(spec: GatewaySpec) -> None:
         GatewaySigner(receipt_key, registration.manifest_digest,
                       registration.release.release.version if registration.release else 0,
                       spec.model_name),
-        key_evidence(enclave, receipt_key, role=GATEWAY_ROLE, replica=0,
-                     manifest_digest=registration.manifest_digest),
+        KeyEvidenceSource(enclave, receipt_key, role=GATEWAY_ROLE, replica=0,
+                          manifest_digest=registration.manifest_digest),
         registration.manifest_json, releases.current)
     plane = DataPlane(settings, link, evidence=lambda: {**quoted(),
                                                         "release": releases.current()},

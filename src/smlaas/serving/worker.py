@@ -44,7 +44,7 @@ from smlaas.graph.dims import fixed_dim
 from smlaas.plan.plan import Plan
 from smlaas.receipts.claims import StageReceipt, StageSigner, chain_link
 from smlaas.receipts.cose import ReceiptKey
-from smlaas.receipts.evidence import key_evidence, key_evidence_to_json
+from smlaas.receipts.evidence import KeyEvidence, KeyEvidenceSource, key_evidence_to_json
 from smlaas.roles import StageSpec
 from smlaas.runtime.sealed_stage import unseal_stage
 from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
@@ -140,7 +140,7 @@ class StageWorker:
                  server_context: ssl.SSLContext | None, upstream_role: str,
                  manifest_digest: str, next_link: Hop | None, queue_size: int = 4,
                  stats: StageStats | None = None, signer: StageSigner | None = None,
-                 evidence: dict[str, Any] | None = None) -> None:
+                 evidence: Callable[[], KeyEvidence] | None = None) -> None:
         self.index, self.runner = index, runner
         self.stats = stats or StageStats(index, attested_at=time.time())
         self.upstream_role, self.manifest_digest = upstream_role, manifest_digest
@@ -154,7 +154,7 @@ class StageWorker:
         self._runner_task: asyncio.Task[None] | None = None
         self._signer = signer
         self._evidence = evidence
-        """This stage's receipt key evidence (JSON form), reported on describes asking."""
+        """This stage's current receipt key evidence, reported on describes asking."""
 
     async def start(self) -> None:
         """Starts running queued requests (call from the loop that will handle them)."""
@@ -292,7 +292,7 @@ class StageWorker:
             return reply
         report = self.stats.snapshot(self._queue.qsize())
         if message.evidence and self._evidence is not None:
-            report["receipt_key"] = self._evidence
+            report["receipt_key"] = key_evidence_to_json(self._evidence())
         return reply.through(self.index, tuple(self._inputs), report)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -375,8 +375,8 @@ def run_worker(spec: StageSpec) -> None:
                                                   registration.plan_sha256))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     receipt_key = ReceiptKey()  # made in the enclave; its quote binds it to role and replica
-    evidence = key_evidence(enclave, receipt_key, role=role, replica=spec.replica,
-                            manifest_digest=registration.manifest_digest)
+    evidence = KeyEvidenceSource(enclave, receipt_key, role=role, replica=spec.replica,
+                                 manifest_digest=registration.manifest_digest)
     signer = StageSigner(receipt_key, role, spec.replica, registration.manifest_digest,
                          registration.release.release.version if registration.release else 0,
                          release.sha256)
@@ -398,7 +398,7 @@ def run_worker(spec: StageSpec) -> None:
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
                              manifest_digest=registration.manifest_digest,
                              next_link=next_link, queue_size=spec.queue_size, stats=stats,
-                             signer=signer, evidence=key_evidence_to_json(evidence))
+                             signer=signer, evidence=evidence)
         await worker.serve(*spec.listen, stop=stop)
 
     try:

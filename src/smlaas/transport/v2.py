@@ -143,6 +143,10 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"'id' must be a string, got {type(request_id).__name__}")
+    if request_id is not None and not request_id.isprintable() or \
+            not _encodable(request_id or ""):
+        raise BadRequest("'id' must be printable text (no control characters or lone "
+                         "surrogates)")
     specs = {s.name: s for s in inputs}
     tensors: dict[str, np.ndarray] = {}
     offset = 0
@@ -171,6 +175,14 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
                         binary_default=_flag(parameters, "binary_data_output", "the request"),
                         timeout_us=timeout_us_of(parameters),
                         receipt=_flag(parameters, "receipt", "the request"))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def timeout_us_of(parameters: Mapping[str, Any]) -> int:
