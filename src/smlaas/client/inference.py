@@ -59,8 +59,8 @@ from smlaas.transport.v2 import (
     HEADER_LENGTH,
     decode_infer_response,
     encode_infer_request,
-    without_receipt,
 )
+from smlaas.transport.v2_receipts import without_receipt
 from smlaas.version_memory import VersionMemory
 
 ATTESTATION_PATH = "/v2/smlaas/attestation"

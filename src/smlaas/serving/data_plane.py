@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import secrets
 import time
@@ -41,11 +40,16 @@ from smlaas.errors import (
     Status,
     Unavailable,
 )
-from smlaas.receipts.claims import GatewaySigner, StageReceipt
 from smlaas.receipts.digests import SALT_BYTES
-from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, key_evidence_from_json
+from smlaas.receipts.evidence import KeyEvidence, key_evidence_from_json
 from smlaas.roles import GatewaySpec
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
+from smlaas.serving.gateway_receipts import (
+    INLINE_SIGN_BYTES,
+    Answer,
+    GatewayReceipts,
+    PendingReceipt,
+)
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
 from smlaas.serving.protocol import (
@@ -68,11 +72,6 @@ READY_CACHE_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 RETRY_DELAY_S = 0.3
 PROBE_INTERVAL_S = 5.0
-EVIDENCE_TTL_S = 10.0
-INLINE_SIGN_BYTES = 64 * 1024
-MAX_KEYS_KEPT = 1024
-"""How long the evidence bundle is served before it is asked of the stages again (a replica
-restarted since has a new receipt key)."""
 DECODE_THREADS = 2
 ENCODE_THREADS = 1
 """Responses are encoded by one thread: JSON encoding holds the GIL, so a second thread would
@@ -119,59 +118,6 @@ class GatewaySettings:
     max_json_response_bytes: int = MAX_JSON_RESPONSE_BYTES
     """What the outputs asked for as JSON may take; past it the client is told to ask for
     binary outputs (400)."""
-
-
-@dataclass(frozen=True)
-class PendingReceipt:
-    """What the gateway's receipt for a request needs from the pipeline's answer."""
-
-    stages: tuple[StageReceipt, ...]
-    index: int
-    salt: bytes
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The outputs of one request (its rows), and its stage receipts when it asked."""
-
-    tensors: dict[str, np.ndarray]
-    receipt: PendingReceipt | None = None
-
-
-class GatewayReceipts:
-    """The gateway's receipt signer and the evidence bundle (cached EVIDENCE_TTL_S)."""
-
-    def __init__(self, signer: GatewaySigner, own: Callable[[], KeyEvidence],
-                 manifest_json: str, release: Callable[[], dict[str, Any] | None]) -> None:
-        self.signer, self.own = signer, own
-        self.manifest_json, self.release = manifest_json, release
-        self._bundle: bytes | None = None
-        self._made = 0.0
-        self._lock = asyncio.Lock()
-        self._keys: dict[bytes, KeyEvidence] = {}
-        """Every stage key seen (the latest evidence of each), so that the bundle still holds
-        the key of a replica that restarted or went quiet since it signed."""
-
-    def release_version(self) -> int:
-        """The version of the owner's release the gateway serves under now (0: none yet)."""
-        current = self.release()
-        try:
-            return int(json.loads(current["release"])["version"]) if current else 0
-        except (KeyError, TypeError, ValueError):
-            return 0
-
-    async def bundle(self, plane: DataPlane) -> bytes:
-        async with self._lock:
-            if self._bundle is None or time.monotonic() - self._made > EVIDENCE_TTL_S:
-                for key in await plane.pipeline.key_evidence():
-                    self._keys.pop(key.kid, None)
-                    self._keys[key.kid] = key
-                while len(self._keys) > MAX_KEYS_KEPT:  # the oldest first
-                    self._keys.pop(next(iter(self._keys)))
-                self._bundle = EvidenceBundle(self.manifest_json, self.release(),
-                                              (self.own(), *self._keys.values())).encode()
-                self._made = time.monotonic()
-            return self._bundle
 
 
 @dataclass(frozen=True)
@@ -510,7 +456,7 @@ class DataPlane:
         """The evidence every receipt refers to (CBOR; rebuilt when EVIDENCE_TTL_S old)."""
         if self.receipts is None:
             raise ModelNotFound("this gateway does not sign receipts")
-        return await self.receipts.bundle(self)
+        return await self.receipts.bundle(self.pipeline.key_evidence)
 
     def record(self, *, code: str, ok: bool, started: float, decode_s: float = 0.0,
                encode_s: float = 0.0, unknown_model: bool = False,

@@ -66,9 +66,9 @@ from smlaas.transport.v2 import (
     InferRequest,
     encode_infer_response,
     parse_infer_request,
-    with_receipt,
 )
 from smlaas.transport.v2_limits import RequestLimits
+from smlaas.transport.v2_receipts import with_receipt
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

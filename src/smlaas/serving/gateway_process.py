@@ -32,9 +32,10 @@ from smlaas.receipts.claims import GatewaySigner
 from smlaas.receipts.cose import ReceiptKey
 from smlaas.receipts.evidence import KeyEvidenceSource
 from smlaas.roles import GatewaySpec
-from smlaas.serving.data_plane import DataPlane, GatewayReceipts
+from smlaas.serving.data_plane import DataPlane
 from smlaas.serving.enrol import check_replica_count, enrol
 from smlaas.serving.gateway import GatewaySettings, create_app
+from smlaas.serving.gateway_receipts import GatewayReceipts
 from smlaas.serving.http_limits import KEEP_ALIVE_S, MAX_CONNECTIONS, deadline_protocol
 from smlaas.serving.link import replica_set, run_event_loop
 from smlaas.transport.tls import client_context

@@ -41,11 +41,10 @@ from smlaas.transport.v2 import (
     check_shape,
     check_shapes,
     datatype,
-    refuse_sequences,
     response_outputs,
-    timeout_us_of,
 )
 from smlaas.transport.v2_limits import MAX_JSON_DEPTH, RequestLimits
+from smlaas.transport.v2_parameters import refuse_sequences, shown, timeout_us_of
 
 __all__ = ["CONTENTS_FIELDS", "FINAL_REQUESTED", "GrpcRequestDecoder", "encode_infer_response",
            "parse_request", "request_parameters", "stream_error"]
@@ -136,11 +135,11 @@ class GrpcRequestDecoder:
     def _check_input(self, tensor: Any, index: int, message: Any, *, raw: bool) -> _Planned:
         spec = self.inputs.get(tensor.name)
         if spec is None:
-            raise BadRequest(f"unknown input {_shown(tensor.name)}; the model's inputs are "
+            raise BadRequest(f"unknown input {shown(tensor.name)}; the model's inputs are "
                              f"{sorted(self.inputs)}")
         name, declared = spec.name, tensor.datatype
         if declared not in DATATYPES:
-            raise BadRequest(f"input {name!r} has unsupported datatype {_shown(declared)} "
+            raise BadRequest(f"input {name!r} has unsupported datatype {shown(declared)} "
                              f"(supported: {', '.join(DATATYPES)})")
         if DATATYPES[declared] != spec.dtype:
             raise BadRequest(f"input {name!r} has datatype {declared}; the model expects "
@@ -148,11 +147,11 @@ class GrpcRequestDecoder:
         shape = list(tensor.shape)
         if len(shape) > MAX_JSON_DEPTH or any(d < 0 for d in shape):
             raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got "
-                             f"{_shown(shape)}")
+                             f"{shown(shape)}")
         check_shape(name, shape, spec, self.max_batch_size)  # before anything is allocated
         count = math.prod(shape)
         if count > self.limits.max_elements:
-            raise BadRequest(f"input {name!r}: shape {_shown(shape)} has {count} elements, "
+            raise BadRequest(f"input {name!r}: shape {shown(shape)} has {count} elements, "
                              f"more than the model takes ({self.limits.max_elements})")
         typed = [field.name for field, _ in tensor.contents.ListFields()]
         if raw:
@@ -184,7 +183,7 @@ class GrpcRequestDecoder:
         names, classes = [], {}
         for output in message.outputs:
             if output.name not in self.output_names:
-                raise BadRequest(f"unknown output {_shown(output.name)}; the model's outputs "
+                raise BadRequest(f"unknown output {shown(output.name)}; the model's outputs "
                                  f"are {sorted(self.output_names)}")
             names.append(output.name)
             if "classification" in output.parameters:
@@ -363,8 +362,3 @@ def stream_error(message: str, *, request_id: str, model_name: str, model_versio
         response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
     return bytes(response.SerializeToString())
 
-
-def _shown(value: Any) -> str:
-    """A client's value in a message: short, whatever it is."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -16,7 +16,6 @@ data is encoded in slices (:data:`JSON_CHUNK_VALUES`).
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Mapping
@@ -44,6 +43,12 @@ from smlaas.transport.v2_limits import (
     json_bytes_bound,
     spec_json_bytes_bound,
 )
+from smlaas.transport.v2_parameters import (
+    encodable,
+    refuse_sequences,
+    shown,
+    timeout_us_of,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
@@ -57,7 +62,6 @@ JSON_CHUNK_VALUES = 4096
 """Values encoded as JSON per call. ``tolist`` and ``json.dumps`` hold the GIL for a whole call;
 a slice of this size takes about a millisecond, so the event loop's thread gets to run between
 them while a large response is encoded in a worker thread."""
-SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 
 
@@ -144,7 +148,7 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"'id' must be a string, got {type(request_id).__name__}")
     if request_id is not None and not request_id.isprintable() or \
-            not _encodable(request_id or ""):
+            not encodable(request_id or ""):
         raise BadRequest("'id' must be printable text (no control characters or lone "
                          "surrogates)")
     specs = {s.name: s for s in inputs}
@@ -155,7 +159,7 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
             raise BadRequest("each input must be a JSON object")
         name = item.get("name")
         if not isinstance(name, str) or name not in specs:
-            raise BadRequest(f"unknown input {_shown(name)}; the model's inputs are "
+            raise BadRequest(f"unknown input {shown(name)}; the model's inputs are "
                              f"{sorted(specs)}")
         if name in tensors:
             raise BadRequest(f"input {name!r} is given twice")
@@ -177,41 +181,6 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
                         receipt=_flag(parameters, "receipt", "the request"))
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def timeout_us_of(parameters: Mapping[str, Any]) -> int:
-    """The `timeout` request parameter in microseconds (0: none); BadRequest if malformed."""
-    value = parameters.get("timeout", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of "
-                         f"microseconds (0: the gateway's deadline), got {_shown(value)}")
-    return value
-
-
-def refuse_sequences(parameters: Mapping[str, Any]) -> None:
-    """Sequence parameters ask for a stateful model's sequence batcher; saying "no sequence"
-    (an id of 0 or "", start and end false, as tritonclient does by default) is allowed."""
-    for key in SEQUENCE_PARAMETERS:
-        value = parameters.get(key)
-        if value is not None and value is not False and value != 0 and value != "":
-            raise BadRequest(f"parameter {key!r} ({_shown(value)}) asks for sequence batching, "
-                             f"which this model does not have (it keeps no state between "
-                             f"requests); send the request without sequence_id, "
-                             f"sequence_start and sequence_end")
-
-
-def _shown(value: Any) -> str:
-    """A client's value in a message: short, whatever it is."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
     parameters = item.get("parameters")
     if parameters is None:
@@ -226,7 +195,7 @@ def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
     value = parameters.get(key, False)
     if not isinstance(value, bool):
         raise BadRequest(f"parameter {key!r} of {where} must be true or false, got "
-                         f"{_shown(value)}")
+                         f"{shown(value)}")
     return value
 
 
@@ -254,34 +223,6 @@ def encode_infer_response(model_name: str, request: InferRequest,
     if request.id is not None:
         head["id"] = request.id
     return _body(head, "outputs", entries, chunks)
-
-
-def with_receipt(body: bytes, headers: dict[str, str], receipt: bytes
-                 ) -> tuple[bytes, dict[str, str]]:
-    """The response ``body`` (as :func:`encode_infer_response` made it) with the response
-    parameter ``receipt`` (base64) appended to its JSON part: the receipt covers ``body``
-    exactly, which :func:`without_receipt` gives back."""
-    length = int(headers.get(HEADER_LENGTH, len(body)))
-    head, rest = body[:length], body[length:]
-    suffix = (',"parameters":{"receipt":"' + base64.b64encode(receipt).decode() + '"}}'
-              ).encode()
-    text = head[:-1] + suffix
-    if HEADER_LENGTH in headers:
-        headers = {**headers, HEADER_LENGTH: str(len(text))}
-    return text + rest, headers
-
-
-def without_receipt(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
-    """The response as the receipt covers it (the ``receipt`` parameter taken out) and the
-    receipt; ``(body, None)`` when it carries none."""
-    length = int(header_length) if header_length is not None else len(body)
-    head, rest = body[:length], body[length:]
-    marker = b',"parameters":{"receipt":"'
-    at = head.rfind(marker)
-    if at < 0 or not head.endswith(b'"}}'):
-        return body, None
-    receipt = base64.b64decode(head[at + len(marker):-3])
-    return head[:at] + b"}" + rest, receipt
 
 
 def json_output_bounds(request: InferRequest, outputs: list[TensorSpec], *,
@@ -404,7 +345,7 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: memoryview,
     name = spec.name
     declared = item.get("datatype")
     if not isinstance(declared, str) or declared not in DATATYPES:
-        raise BadRequest(f"input {name!r} has unsupported datatype {_shown(declared)} "
+        raise BadRequest(f"input {name!r} has unsupported datatype {shown(declared)} "
                          f"(supported: {', '.join(DATATYPES)})")
     if DATATYPES[declared] != spec.dtype:
         raise BadRequest(f"input {name!r} has datatype {declared}; the model expects "
@@ -413,17 +354,17 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: memoryview,
     if not isinstance(shape, list) or len(shape) > MAX_JSON_DEPTH or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r} needs a shape of non-negative integers, got "
-                         f"{_shown(shape)}")
+                         f"{shown(shape)}")
     check_shape(name, shape, spec, max_batch_size)  # before anything is allocated
     count = math.prod(shape)  # Python ints: no overflow
     if count > max_elements:
-        raise BadRequest(f"input {name!r}: shape {_shown(shape)} has {count} elements, more "
+        raise BadRequest(f"input {name!r}: shape {shown(shape)} has {count} elements, more "
                          f"than the model takes ({max_elements})")
     size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative "
-                             f"integer, got {_shown(size)}")
+                             f"integer, got {shown(size)}")
         if offset + size > len(binary):
             raise BadRequest(f"input {name!r}: binary data ends after {len(binary) - offset} "
                              f"of {size} bytes")
@@ -524,7 +465,7 @@ def _requested_outputs(request: dict[str, Any], known: set[str]
     for item in items:
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str) or name not in known:
-            raise BadRequest(f"unknown output {_shown(name)}; the model's outputs are "
+            raise BadRequest(f"unknown output {shown(name)}; the model's outputs are "
                              f"{sorted(known)}")
         names.append(name)
         parameters = _parameters(item, f"output {name!r}")
@@ -534,6 +475,6 @@ def _requested_outputs(request: dict[str, Any], known: set[str]
             k = parameters["classification"]
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CLASSES:
                 raise BadRequest(f"output {name!r}: classification must be an integer in "
-                                 f"1..{MAX_CLASSES}, got {_shown(k)}")
+                                 f"1..{MAX_CLASSES}, got {shown(k)}")
             classes[name] = k
     return names, binary, classes

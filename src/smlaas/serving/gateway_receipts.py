@@ -1,0 +1,79 @@
+"""What the gateway keeps for receipts (:mod:`smlaas.receipts`): a request's part of the
+stages' batch receipts until it signs its own, and the evidence bundle it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from smlaas.receipts.claims import GatewaySigner, StageReceipt
+from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence
+
+EVIDENCE_TTL_S = 10.0
+"""How long the evidence bundle is served before it is asked of the stages again (a replica
+restarted since has a new receipt key)."""
+INLINE_SIGN_BYTES = 64 * 1024
+"""A response up to this size is signed on the event loop (about 0.1 ms: less than a thread's
+hand-over); a larger one's hash goes to the encoding thread."""
+MAX_KEYS_KEPT = 1024
+
+
+@dataclass(frozen=True)
+class PendingReceipt:
+    """What the gateway's receipt for a request needs from the pipeline's answer."""
+
+    stages: tuple[StageReceipt, ...]
+    index: int
+    salt: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outputs of one request (its rows), and its stage receipts when it asked."""
+
+    tensors: dict[str, np.ndarray]
+    receipt: PendingReceipt | None = None
+
+
+class GatewayReceipts:
+    """The gateway's receipt signer and the evidence bundle (cached EVIDENCE_TTL_S)."""
+
+    def __init__(self, signer: GatewaySigner, own: Callable[[], KeyEvidence],
+                 manifest_json: str, release: Callable[[], dict[str, Any] | None]) -> None:
+        self.signer, self.own = signer, own
+        self.manifest_json, self.release = manifest_json, release
+        self._bundle: bytes | None = None
+        self._made = 0.0
+        self._lock = asyncio.Lock()
+        self._keys: dict[bytes, KeyEvidence] = {}
+        """Every stage key seen (the latest evidence of each), so that the bundle still holds
+        the key of a replica that restarted or went quiet since it signed."""
+
+    def release_version(self) -> int:
+        """The version of the owner's release the gateway serves under now (0: none yet)."""
+        current = self.release()
+        try:
+            return int(json.loads(current["release"])["version"]) if current else 0
+        except (KeyError, TypeError, ValueError):
+            return 0
+
+    async def bundle(self, stage_keys: Callable[[], Awaitable[list[KeyEvidence]]]) -> bytes:
+        """The CBOR bundle: this gateway's key, every stage key seen (``stage_keys`` asks
+        the stages for theirs), the manifest and the current release."""
+        async with self._lock:
+            if self._bundle is None or time.monotonic() - self._made > EVIDENCE_TTL_S:
+                for key in await stage_keys():
+                    self._keys.pop(key.kid, None)
+                    self._keys[key.kid] = key
+                while len(self._keys) > MAX_KEYS_KEPT:  # the oldest first
+                    self._keys.pop(next(iter(self._keys)))
+                self._bundle = EvidenceBundle(self.manifest_json, self.release(),
+                                              (self.own(), *self._keys.values())).encode()
+                self._made = time.monotonic()
+            return self._bundle
