@@ -41,7 +41,7 @@ from smlaas.enclave.verification import (
     collateral_facts,
     report_verdict,
 )
-from smlaas.errors import InputError, QuoteFormatError
+from smlaas.errors import AttestationError, InputError, QuoteFormatError
 
 VERIFIER_LABEL = "raw PCS fallback (no CRLs: revocation NOT checked)"
 
@@ -80,10 +80,6 @@ def load_pcs_collateral(tcb_info: Path, qe_identity: Path, certs: Path) -> PcsCo
     return PcsCollateral(tcb_text, tcb_sig, qe_text, qe_sig, chain)
 
 
-class _Failed(Exception):
-    pass
-
-
 def verify_quote_pcs(raw: bytes, collateral: PcsCollateral, *, at: dt.datetime,
                      root: TrustedRoot = INTEL_ROOT) -> QuoteVerdict:
     """Verifies ``raw`` against raw PCS collateral without CRLs (see the module docstring)."""
@@ -92,7 +88,7 @@ def verify_quote_pcs(raw: bytes, collateral: PcsCollateral, *, at: dt.datetime,
                                "verified_at": at.isoformat()}
     try:
         status, advisories = _verify(quote, collateral, at, root, details)
-    except _Failed as failure:
+    except AttestationError as failure:
         return _verdict(quote, root, details, error=str(failure))
     return _verdict(quote, root, details, tcb_status=status, advisories=advisories)
 
@@ -102,7 +98,7 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
     try:
         pck_chain = quote.pck_chain()
     except QuoteFormatError as err:
-        raise _Failed(str(err)) from err
+        raise AttestationError(str(err)) from err
     _check_chain(pck_chain, at, root, "PCK")
     _check_pck_structure(pck_chain)
     _check_chain(pcs.signing_chain, at, root, "TCB signing")
@@ -115,17 +111,17 @@ def _verify(quote: Quote, pcs: PcsCollateral, at: dt.datetime, root: TrustedRoot
     pck_key = pck_chain[0].public_key()
     assert isinstance(pck_key, ec.EllipticCurvePublicKey)
     if not _ecdsa_ok(pck_key, quote.qe_report_signature, quote.qe_report.raw):
-        raise _Failed("QE report signature is invalid (not signed by the PCK key)")
+        raise AttestationError("QE report signature is invalid (not signed by the PCK key)")
     binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest()
     if quote.qe_report.report_data[:32] != binding:
-        raise _Failed("QE report does not bind the attestation key")
+        raise AttestationError("QE report does not bind the attestation key")
     qe_status = _check_qe_identity(quote, qe_identity)
     details["qe_tcb_status"] = qe_status
     attestation_key = ec.EllipticCurvePublicNumbers(
         int.from_bytes(quote.attestation_key[:32], "big"),
         int.from_bytes(quote.attestation_key[32:], "big"), ec.SECP256R1()).public_key()
     if not _ecdsa_ok(attestation_key, quote.signature, quote.signed_bytes):
-        raise _Failed("ISV enclave report signature is invalid")
+        raise AttestationError("ISV enclave report signature is invalid")
     platform_status, advisories = _tcb_level(pck_chain[0], tcb)
     details["platform_tcb_status"] = platform_status
     return converge_tcb_status(platform_status, qe_status), advisories
@@ -145,26 +141,28 @@ def converge_tcb_status(platform: str, qe: str) -> str:
         if platform in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
             return "OutOfDateConfigurationNeeded"
         return platform
-    raise _Failed(f"the QE identity's TCB status {qe!r} is not one this verifier knows")
+    raise AttestationError(f"the QE identity's TCB status {qe!r} is not one this verifier knows")
 
 
 def _check_chain(chain: list[x509.Certificate], at: dt.datetime, root: TrustedRoot,
                  label: str) -> None:
     top = chain[-1]
     if hashlib.sha256(top.public_bytes(serialization.Encoding.DER)).hexdigest() != root.sha256:
-        raise _Failed(f"the {label} chain does not end in the trusted {root.name}")
+        raise AttestationError(f"the {label} chain does not end in the trusted {root.name}")
     for index, cert in enumerate(chain):
         name = cert.subject.rfc4514_string()
         if at < cert.not_valid_before_utc:
-            raise _Failed(f"{label} certificate {name} is not yet valid at {at.isoformat()}")
+            raise AttestationError(f"{label} certificate {name} is not yet valid at "
+                                   f"{at.isoformat()}")
         if at > cert.not_valid_after_utc:
-            raise _Failed(f"{label} certificate {name} expired at "
-                          f"{cert.not_valid_after_utc.isoformat()}")
+            raise AttestationError(f"{label} certificate {name} expired at "
+                                   f"{cert.not_valid_after_utc.isoformat()}")
         issuer = chain[min(index + 1, len(chain) - 1)]
         try:
             cert.verify_directly_issued_by(issuer)
         except (ValueError, TypeError, InvalidSignature) as err:
-            raise _Failed(f"{label} certificate {name} is not signed by its issuer") from err
+            raise AttestationError(f"{label} certificate {name} is not signed by its "
+                                   f"issuer") from err
 
 
 def _constraints(cert: x509.Certificate, label: str
@@ -173,8 +171,8 @@ def _constraints(cert: x509.Certificate, label: str
         return (cert.extensions.get_extension_for_class(x509.BasicConstraints).value,
                 cert.extensions.get_extension_for_class(x509.KeyUsage).value)
     except x509.ExtensionNotFound as err:
-        raise _Failed(f"{label} certificate {cert.subject.rfc4514_string()} lacks an "
-                      f"extension it must have: {err}") from err
+        raise AttestationError(f"{label} certificate {cert.subject.rfc4514_string()} lacks an "
+                               f"extension it must have: {err}") from err
 
 
 def _has_sgx_extension(cert: x509.Certificate) -> bool:
@@ -186,35 +184,36 @@ def _check_pck_structure(chain: list[x509.Certificate]) -> None:
     CAs that may sign certificates, and a leaf that is an end entity with the SGX extension
     (so one platform's PCK key cannot mint PCK certificates for others)."""
     if len(chain) != 3:
-        raise _Failed(f"the PCK chain has {len(chain)} certificates; expected the PCK "
-                      f"certificate, its PCK CA and the root")
+        raise AttestationError(f"the PCK chain has {len(chain)} certificates; expected the PCK "
+                               f"certificate, its PCK CA and the root")
     for position, cert in enumerate(chain):
         constraints, usage = _constraints(cert, "PCK chain")
         is_leaf = position == 0
         if constraints.ca == is_leaf or usage.key_cert_sign == is_leaf:
-            raise _Failed(f"PCK chain certificate {cert.subject.rfc4514_string()} is "
-                          f"{'a CA' if is_leaf else 'not a CA'} where the chain needs "
-                          f"{'an end entity' if is_leaf else 'a CA'}")
+            raise AttestationError(f"PCK chain certificate {cert.subject.rfc4514_string()} is "
+                                   f"{'a CA' if is_leaf else 'not a CA'} where the chain needs "
+                                   f"{'an end entity' if is_leaf else 'a CA'}")
     if not _has_sgx_extension(chain[0]):
-        raise _Failed("the PCK certificate carries no SGX extension")
+        raise AttestationError("the PCK certificate carries no SGX extension")
 
 
 def _check_tcb_signer(chain: list[x509.Certificate], root: TrustedRoot) -> None:
     """Only the root's TCB signing certificate may sign TCB info and QE identities."""
     if len(chain) != 2:
-        raise _Failed(f"the TCB signing chain has {len(chain)} certificates; expected the TCB "
-                      f"signing certificate issued directly by the {root.name}")
+        raise AttestationError(f"the TCB signing chain has {len(chain)} certificates; "
+                               f"expected the TCB signing certificate issued directly by the "
+                               f"{root.name}")
     signer = chain[0]
     names = signer.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     name = str(names[0].value) if names else signer.subject.rfc4514_string()
     if name != root.tcb_signer:
-        raise _Failed(f"TCB info is signed by {name!r}, not by {root.tcb_signer!r}")
+        raise AttestationError(f"TCB info is signed by {name!r}, not by {root.tcb_signer!r}")
     constraints, usage = _constraints(signer, "TCB signing")
     if constraints.ca or not usage.digital_signature or usage.key_cert_sign:
-        raise _Failed("the TCB signing certificate is not a signing-only end-entity "
+        raise AttestationError("the TCB signing certificate is not a signing-only end-entity "
                       "certificate (basic constraints / key usage)")
     if _has_sgx_extension(signer):
-        raise _Failed("the TCB signing certificate is a PCK certificate (it carries SGX "
+        raise AttestationError("the TCB signing certificate is a PCK certificate (it carries SGX "
                       "platform extensions)")
 
 
@@ -232,15 +231,15 @@ def _signed_document(text: str, signature: bytes, signer: Any, at: dt.datetime,
                      label: str) -> dict[str, Any]:
     if not isinstance(signer, ec.EllipticCurvePublicKey) or not _ecdsa_ok(
             signer, signature, text.encode()):
-        raise _Failed(f"{label} signature is invalid")
+        raise AttestationError(f"{label} signature is invalid")
     document = json.loads(text)
     issued = dt.datetime.fromisoformat(document["issueDate"].replace("Z", "+00:00"))
     next_update = dt.datetime.fromisoformat(document["nextUpdate"].replace("Z", "+00:00"))
     if at < issued:
-        raise _Failed(f"{label} is not yet valid at {at.isoformat()} (issued "
-                      f"{document['issueDate']})")
+        raise AttestationError(f"{label} is not yet valid at {at.isoformat()} (issued "
+                               f"{document['issueDate']})")
     if at > next_update:
-        raise _Failed(f"{label} expired at {document['nextUpdate']}")
+        raise AttestationError(f"{label} expired at {document['nextUpdate']}")
     return dict(document)
 
 
@@ -252,34 +251,34 @@ def _masked_equal(value: bytes, expected_hex: str, mask_hex: str) -> bool:
 def _check_qe_identity(quote: Quote, identity: dict[str, Any]) -> str:
     report = quote.qe_report
     if report.mr_signer.hex().upper() != identity["mrsigner"].upper():
-        raise _Failed("QE MRSIGNER does not match the QE identity")
+        raise AttestationError("QE MRSIGNER does not match the QE identity")
     if report.isv_prod_id != identity["isvprodid"]:
-        raise _Failed("QE product id does not match the QE identity")
+        raise AttestationError("QE product id does not match the QE identity")
     if not _masked_equal(report.misc_select.to_bytes(4, "little"), identity["miscselect"],
                          identity["miscselectMask"]):
-        raise _Failed("QE MISCSELECT does not match the QE identity")
+        raise AttestationError("QE MISCSELECT does not match the QE identity")
     if not _masked_equal(report.attributes, identity["attributes"],
                          identity["attributesMask"]):
-        raise _Failed("QE attributes do not match the QE identity")
+        raise AttestationError("QE attributes do not match the QE identity")
     for level in identity["tcbLevels"]:
         if report.isv_svn >= level["tcb"]["isvsvn"]:
             return str(level["tcbStatus"])
-    raise _Failed(f"QE ISV SVN {report.isv_svn} is below every QE identity TCB level")
+    raise AttestationError(f"QE ISV SVN {report.isv_svn} is below every QE identity TCB level")
 
 
 def _tcb_level(pck: x509.Certificate, tcb: dict[str, Any]) -> tuple[str, list[str]]:
     extension = dcap_qvl.parse_pck_extension_from_pem(
         pck.public_bytes(serialization.Encoding.PEM))
     if extension.fmspc.hex().upper() != str(tcb["fmspc"]).upper():
-        raise _Failed(f"PCK FMSPC {extension.fmspc.hex()} does not match the TCB info's "
-                      f"{tcb['fmspc']}")
+        raise AttestationError(f"PCK FMSPC {extension.fmspc.hex()} does not match the TCB info's "
+                               f"{tcb['fmspc']}")
     components = list(extension.cpu_svn)
     for level in tcb["tcbLevels"]:
         wanted = [c["svn"] for c in level["tcb"]["sgxtcbcomponents"]]
         if all(have >= want for have, want in zip(components, wanted)) and \
                 extension.pce_svn >= level["tcb"]["pcesvn"]:
             return str(level["tcbStatus"]), sorted(level.get("advisoryIDs", []))
-    raise _Failed("the platform's TCB is below every level of the TCB info")
+    raise AttestationError("the platform's TCB is below every level of the TCB info")
 
 
 def _verdict(quote: Quote, root: TrustedRoot, details: dict[str, Any],

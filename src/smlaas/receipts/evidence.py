@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import cbor2
 
 from smlaas.coordinator.protocol import bound
+from smlaas.enclave.attestation import RefreshedEvidence
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.errors import ReceiptError
 from smlaas.receipts.cose import ReceiptKey, key_id
@@ -79,27 +79,15 @@ def key_evidence(backend: EnclaveBackend, key: ReceiptKey, *, role: str, replica
                        backend.simulated, root)
 
 
-class KeyEvidenceSource:
-    """A role's current receipt key evidence: the quote (and its collateral) remade once it is
-    REFRESH_S old, so that a verifier's freshness check at a receipt's signing time holds however
-    long the role runs (a quote made once at start would fail it after the policy's collateral
-    age, 7 days by default)."""
-
-    REFRESH_S = 6 * 3600.0
+class KeyEvidenceSource(RefreshedEvidence[KeyEvidence]):
+    """A role's current receipt key evidence, its quote remade as it ages: a verifier checks
+    the collateral's age at a receipt's signing time, which a quote made once at start would
+    fail after a week."""
 
     def __init__(self, backend: EnclaveBackend, key: ReceiptKey, *, role: str, replica: int,
                  manifest_digest: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self._make = lambda: key_evidence(backend, key, role=role, replica=replica,
-                                          manifest_digest=manifest_digest)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._evidence, self._made = self._make(), clock()
-
-    def __call__(self) -> KeyEvidence:
-        with self._lock:
-            if self._clock() - self._made >= self.REFRESH_S:
-                self._evidence, self._made = self._make(), self._clock()
-            return self._evidence
+        super().__init__(lambda: key_evidence(backend, key, role=role, replica=replica,
+                                              manifest_digest=manifest_digest), clock=clock)
 
 
 def key_evidence_to_json(evidence: KeyEvidence) -> dict[str, Any]:

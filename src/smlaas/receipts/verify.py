@@ -31,8 +31,8 @@ from smlaas.errors import (
     ReceiptError,
     ReleaseError,
 )
-from smlaas.receipts.claims import IAT
-from smlaas.receipts.cose import digest, unverified, verified
+from smlaas.receipts.claims import IAT, chain_link
+from smlaas.receipts.cose import unverified, verified
 from smlaas.receipts.digests import leaf_hash, root_from_path
 from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, receipt_binding
 
@@ -123,7 +123,7 @@ def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
         if index == 0:
             if "prev" in stage:
                 raise ReceiptError(f"{what} claims a previous stage")
-        elif stage.get("prev") != digest(previous or b""):
+        elif stage.get("prev") != chain_link(previous or b""):
             raise ReceiptError(f"{what} does not follow stage {index - 1}'s receipt (the "
                                f"stages are out of order, or from different batches)")
         received, sent = _bytes(entry, "received", what), _bytes(entry, "sent", what)

@@ -417,8 +417,8 @@ class DataPlane:
             raise PipelineFailed(f"the pipeline returned no {missing}", status=Status.INTERNAL)
         pending = None
         if salt is not None:
-            if len(reply.receipts) != (self.settings.stage_count or len(reply.receipts)) or \
-                    not reply.receipts:
+            expected = self.settings.stage_count
+            if not reply.receipts or (expected and len(reply.receipts) != expected):
                 raise Unavailable("a stage did not sign its receipt; retry later")
             pending = PendingReceipt(reply.receipts, reply.index, salt)
         return Answer(dict(reply.tensors), pending)

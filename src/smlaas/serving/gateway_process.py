@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.coordinator.client import CoordinatorClient, coordinator_policy
 from smlaas.coordinator.manifest import GATEWAY_ROLE, stage_role
 from smlaas.coordinator.release import SignedRelease
+from smlaas.enclave.attestation import RefreshedEvidence
 from smlaas.enclave.backends import create_backend
 from smlaas.enclave.backends.base import EnclaveBackend
 from smlaas.enclave.keys import spki_sha256
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 WILDCARDS = {"0.0.0.0", "::", ""}
 # The default policy accepts collateral up to 7 days old; sim and PCCS collateral is about a
 # day old when fetched.
-EVIDENCE_REFRESH_S = 6 * 3600.0
 RELEASE_POLL_S = 30.0
 """How often the gateway asks the coordinator for the owner's latest release (a refreshed
 release reaches clients within this; releases live for hours)."""
@@ -63,23 +63,6 @@ def attestation_evidence(backend: EnclaveBackend, key: ec.EllipticCurvePrivateKe
             "collateral": backend.collateral_json(), "certificate": certificate_pem,
             "ca": ca_pem, "manifest_digest": manifest_digest, "report_data": report_data.hex(),
             "binding": "report_data = SHA-256(SubjectPublicKeyInfo DER of the certificate)"}
-
-
-class GatewayEvidence:
-    """The current evidence, remade once it is EVIDENCE_REFRESH_S old, so that the
-    collateral in it stays within what clients' policies accept (max_collateral_age_days)."""
-
-    def __init__(self, make: Callable[[], dict[str, Any]], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._make, self._clock = make, clock
-        self._lock = threading.Lock()
-        self._evidence, self._made = make(), clock()
-
-    def __call__(self) -> dict[str, Any]:
-        with self._lock:
-            if self._clock() - self._made >= EVIDENCE_REFRESH_S:
-                self._evidence, self._made = self._make(), self._clock()
-            return self._evidence
 
 
 class ReleaseWatcher:
@@ -186,7 +169,7 @@ def run_gateway(spec: GatewaySpec) -> None:
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
         request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
-    quoted = GatewayEvidence(lambda: attestation_evidence(
+    quoted = RefreshedEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,
         registration.manifest_digest))
     receipt_key = ReceiptKey()  # made in the enclave; its quote binds it to the gateway role
