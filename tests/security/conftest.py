@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def vacated(deployment: Any, name: str) -> Iterator[None]:
     host's own copy of that stage (while the genuine one lives, a copy is refused
     ``slot_taken`` and never gets the key); the genuine one is started again after."""
     from smlaas.deploy.launchers import LocalLauncher
+    from smlaas.serving.data_plane import READY_CACHE_S
 
     launcher = deployment.launcher
     assert isinstance(launcher, LocalLauncher)
@@ -129,6 +131,9 @@ def vacated(deployment: Any, name: str) -> Iterator[None]:
         yield
     finally:
         launcher.start(spec)
+        # the gateway remembers a good probe for READY_CACHE_S: one made before the stop
+        # must not pass for the restarted process
+        time.sleep(READY_CACHE_S + 0.2)
         deployment.wait_ready(timeout_s=60)
 
 
