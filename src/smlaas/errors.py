@@ -102,6 +102,13 @@ class UnsupportedModelError(ModelError):
     naming the node, its op and why."""
 
 
+class GenerationError(InputError):
+    """Generation parameters, a prompt or a sequence that cannot be served (too long, a bad
+    sampling setting); the gateway answers it with HTTP 400."""
+
+    status: ClassVar[Status] = Status.BAD_INPUT
+
+
 class ZooError(InputError):
     """Unknown zoo model or bad zoo option."""
 

@@ -26,6 +26,7 @@ from smlaas.errors import (
     InfeasiblePlanError,
     ModelError,
     PlanError,
+    UnsupportedModelError,
     VerificationError,
 )
 from smlaas.export import (
@@ -40,7 +41,7 @@ from smlaas.export import (
     stage_paths,
     verify_chain,
 )
-from smlaas.export.build_dir import PLAN_FILE
+from smlaas.export.build_dir import PLAN_FILE, TOKENIZER_FILE
 from smlaas.export.stage_memory import apply_stage_memory, measure_stage_memory
 from smlaas.export.stage_timing import measure_stages, stage_inputs
 from smlaas.graph import (
@@ -60,6 +61,8 @@ from smlaas.graph import (
     split_oversize_operators,
 )
 from smlaas.graph.dynamic_axes import parse_dynamic_axes, prepare_symbolic, symbolic_axes
+from smlaas.graph.input_size import input_dims, model_inputs
+from smlaas.graph.kv_cache import find_kv_pairs
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
     CostModel,
@@ -73,6 +76,14 @@ from smlaas.plan import (
     choose_layout,
     segment_costs,
 )
+from smlaas.plan.generation import (
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_SEQUENCES,
+    PREFILL_FRACTION,
+    GenerationPlan,
+    check_generation_sizes,
+    decode_step_sizes,
+)
 from smlaas.profile import (
     NodeProfile,
     ProfileCache,
@@ -85,6 +96,7 @@ from smlaas.profile import (
     profile_nodes,
     random_inputs,
 )
+from smlaas.profile.profiler import run_times_ms
 from smlaas.profile.samples import (
     SAMPLES_FILE,
     load_sample_file,
@@ -93,6 +105,7 @@ from smlaas.profile.samples import (
     samples_digest,
     save_sample_file,
 )
+from smlaas.profile.session import create_session
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +126,16 @@ class ModelSource:
 
 
 def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
-               sample_shapes: Mapping[str, tuple[int, ...]] | None = None
+               sample_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               generation: GenerationSizes | None = None
                ) -> tuple[ModelSource, InputSizes]:
     """Opens ``spec`` (a file path, or a zoo name when no such file exists) and resolves the
     ``--input-size`` specs against its inputs; an input without one takes the shape of its
-    sample (``sample_shapes``), if any."""
+    sample (``sample_shapes``), if any. A decoder takes the sizes of its decode step at
+    ``generation``'s sizes instead (:func:`decoder_input_sizes`)."""
+    if generation is not None and input_size_specs:
+        raise ConfigError("--max-context/--max-sequences size a decoder's inputs; drop "
+                          "--input-size")
     sizes = parse_input_sizes(input_size_specs)
     if sample_shapes and "" not in sizes:
         sizes = {**{k: tuple(v) for k, v in sample_shapes.items()}, **sizes}
@@ -130,19 +148,59 @@ def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
     else:
         entry = zoo.get(spec.removeprefix(zoo.ZOO_PREFIX))
         size = sizes.get("") or (next(iter(sizes.values())) if sizes else None)
-        model = entry.build(size)
+        model = entry.build(None if generation is not None else size)
         source = ModelSource(name=entry.name, source=zoo.ZOO_PREFIX + entry.name,
                              sha256=model_digest(model), model=model)
-        if not sizes:
+        if not sizes and not find_kv_pairs(model):
             sizes = {"": entry.default_input_size}
+    if find_kv_pairs(source.model):
+        sizes = decoder_input_sizes(source.model, generation or GenerationSizes())
+    elif generation is not None:
+        raise ConfigError(f"{spec} is not a decoder with a KV cache (no past_key_values.N / "
+                          f"present.N pairs): --max-context/--max-sequences do not apply")
     return source, resolve_input_sizes(source.model, sizes)
+
+
+@dataclass(frozen=True)
+class GenerationSizes:
+    """``--max-context`` and ``--max-sequences``: what a decoder's stages hold caches for."""
+
+    max_context: int = DEFAULT_MAX_CONTEXT
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+
+
+def decoder_input_sizes(model: onnx.ModelProto, generation: GenerationSizes, *,
+                        tokens: int = 1) -> dict[str, tuple[int, ...]]:
+    """A decoder's input sizes for a step adding ``tokens`` tokens to each of S sequences
+    that then hold T tokens (:func:`smlaas.plan.generation.decode_step_sizes`)."""
+    check_generation_sizes(generation.max_context, generation.max_sequences)
+    pairs = find_kv_pairs(model)
+    for pair in pairs:
+        if pair.batch_axis != 0:
+            raise UnsupportedModelError(f"KV cache input {pair.past!r} has its batch on axis "
+                                        f"{pair.batch_axis}; smlaas serves caches batched on "
+                                        f"axis 0")
+    return decode_step_sizes({value.name: tuple(input_dims(value))
+                              for value in model_inputs(model)},
+                             max_context=generation.max_context,
+                             max_sequences=generation.max_sequences,
+                             sequence_axes={p.past: p.sequence_axis for p in pairs},
+                             tokens=tokens)
+
+
+def decoder_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every symbolic axis of a decoder's inputs (batch, sequence, past and total length):
+    its stages serve any number of sequences, tokens and cached tokens."""
+    return {value.name: tuple(axis for axis, dim in enumerate(input_dims(value))
+                              if isinstance(dim, str)) for value in model_inputs(model)}
 
 
 def reopen_model(ref: ModelRef) -> onnx.ModelProto:
     """The model a plan was made from, checked against the plan's hash."""
     if ref.source.startswith(zoo.ZOO_PREFIX):
         first_shape = next(iter(ref.input_shapes.values()))
-        model = zoo.build_model(ref.source.removeprefix(zoo.ZOO_PREFIX), first_shape)
+        entry = zoo.get(ref.source.removeprefix(zoo.ZOO_PREFIX))
+        model = entry.build(None if entry.is_decoder else first_shape)
         digest = model_digest(model)
     else:
         model = load_model(ref.source)
@@ -184,7 +242,8 @@ class Analysis:
                         sha256=self.source.sha256,
                         input_shapes={k: list(v) for k, v in self.input_shapes.items()},
                         inputs=list(self.graph.input_names),
-                        outputs=list(self.graph.output_names),
+                        outputs=[name for name in self.graph.output_names
+                                 if name not in self.graph.stage_local],
                         node_count=self.graph.node_count,
                         dynamic_axes={k: list(v) for k, v in self.dynamic_axes.items()})
 
@@ -383,7 +442,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
               sample_arrays: Mapping[str, np.ndarray] | None = None,
               input_values: Sequence[str] = (),
               dynamic_axes: Sequence[str] = (),
-              measure_memory: bool = True) -> PartitionResult:
+              measure_memory: bool = True,
+              generation: GenerationSizes | None = None) -> PartitionResult:
     """Runs the partition job and writes the build directory (all of it, or nothing).
 
     ``sample_arrays`` (``--sample-inputs``) and ``input_values`` (``--input-value``) are
@@ -391,7 +451,9 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     ``dynamic_axes`` (``--dynamic-axis NAME:AXIS``) stay symbolic in the stages, as the
     batch axis does. With ``measure_memory``, each exported stage's working set is measured
     natively (:mod:`smlaas.runtime.working_set`) into ``stages[k].measured``; with
-    ``options.fit_epc``, a stage measured above its usable EPC refuses the plan.
+    ``options.fit_epc``, a stage measured above its usable EPC refuses the plan. A decoder
+    (KV cache inputs) is planned for its decode step at ``generation``'s sizes (defaults
+    when None), with each layer's cache kept in the stage holding the layer.
 
     Raises:
         InfeasiblePlanError: ``--fit-epc`` cannot be met, by the prediction or (with
@@ -415,11 +477,19 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     writer = BuildWriter(build_dir)  # fail on an unusable build dir before any work
     with writer:
         source, shapes = open_model(spec, input_size_specs, sample_shapes={
-            k: tuple(v.shape) for k, v in (sample_arrays or {}).items()})
+            k: tuple(v.shape) for k, v in (sample_arrays or {}).items()},
+            generation=generation)
+        decoder = bool(find_kv_pairs(source.model))
+        if decoder and options.planner is Planner.DP_REPLICAS:
+            raise ConfigError("a decoder's stages keep their sequences' caches and are not "
+                              "replicated: use dp-latency or dp-throughput")
         samples = sample_feeds(source.model, shapes, arrays=sample_arrays,
                                values=parse_input_values(input_values))
+        axes = parse_dynamic_axes(dynamic_axes)
+        if decoder:
+            axes = {**decoder_axes(source.model), **axes}
         analysis = analyse(source, shapes, threads=settings.threads, samples=samples,
-                           dynamic_axes=parse_dynamic_axes(dynamic_axes),
+                           dynamic_axes=axes,
                            split=split_budget(cost_model, options.pool)
                            if options.splits_oversize else None)
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
@@ -435,6 +505,10 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         costs = cost_table(analysis, profile, cost_model)
         plan = make_plan(analysis, costs, options)
         planning_ms = (time.perf_counter() - plan_start) * 1000.0
+        if decoder:
+            plan = replace(plan, generation=generation_plan(
+                source.model, analysis, generation or GenerationSizes(), settings))
+            plan.check()
         comparison = compare_planners(analysis, costs, machines=options.machines,
                                       fit_epc=options.fit_epc, pool=options.pool)
         phase("planned")
@@ -467,6 +541,10 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
             phase("verified chain")
         if samples:
             save_sample_file(writer.directory / SAMPLES_FILE, samples)
+        if decoder and source.source.startswith(zoo.ZOO_PREFIX):
+            entry = zoo.get(source.name)
+            if entry.tokenizer_json is not None:  # `smlaas seal` seals it with the model
+                writer.write_text(TOKENIZER_FILE, entry.tokenizer_json())
         writer.write_text(PLAN_FILE, plan.to_json())
         writer.write_text("report.md", render_markdown(plan, verification=verification,
                                                        comparison=comparison,
@@ -479,6 +557,26 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     return PartitionResult(plan=plan, build_dir=Path(build_dir), verification=verification,
                            comparison=comparison, planning_ms=planning_ms, timings_s=timings,
                            splits=analysis.splits)
+
+
+def generation_plan(model: onnx.ModelProto, analysis: Analysis, sizes: GenerationSizes,
+                    settings: ProfileSettings) -> GenerationPlan:
+    """The decoder's generation sizes, with the whole model's native time for the decode
+    step it was planned for and for a prefill of max_context / PREFILL_FRACTION tokens."""
+    session = create_session(model, threads=settings.threads)
+    prefill = decoder_input_sizes(model, GenerationSizes(sizes.max_context // PREFILL_FRACTION,
+                                                          1),
+                                  tokens=sizes.max_context // PREFILL_FRACTION)
+    timings = {}
+    for label, shapes in (("decode", analysis.input_shapes), ("prefill", prefill)):
+        feeds = random_inputs(model, shapes, seed=0)
+        timings[label] = statistics.median(run_times_ms(
+            session, feeds, warmup_runs=1, measured_runs=max(3, settings.measured_runs // 3)))
+    per_token = sum(pair.bytes_per_token() for pair in analysis.graph.kv_pairs)
+    return GenerationPlan(max_context=sizes.max_context, max_sequences=sizes.max_sequences,
+                          cache_bytes_per_token=per_token,
+                          decode_step_ms=round(timings["decode"], 3),
+                          prefill_ms=round(timings["prefill"], 3))
 
 
 def measured_refusal(plan: Plan) -> str | None:

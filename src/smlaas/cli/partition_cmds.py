@@ -15,6 +15,7 @@ from smlaas.errors import VerificationError
 from smlaas.export import read_plan
 from smlaas.export.stage_memory import median_working_set_error, working_set_summary
 from smlaas.partition import (
+    GenerationSizes,
     PlanOptions,
     analyse,
     compare_planners,
@@ -30,6 +31,7 @@ from smlaas.partition import (
     partition as run_partition,
 )
 from smlaas.plan import MACHINE_FILE_PLANNERS, PRESETS, CostModel, MachinePool, Planner, preset
+from smlaas.plan.generation import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_SEQUENCES
 from smlaas.profile import ProfileCache, ProfileSettings
 from smlaas.profile.samples import load_sample_file, parse_input_values, sample_feeds
 
@@ -128,12 +130,19 @@ def _settings(threads: int, runs: int) -> ProfileSettings:
               help="Measure each exported stage's working set natively (a process per "
                    "stage, as a worker runs it) into plan.json's stages[k].measured; with "
                    "--fit-epc a stage measured above the usable EPC refuses the plan.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help=f"A decoder (KV cache inputs): tokens per sequence, prompt and generated, "
+                   f"that every stage keeps a cache for [default: {DEFAULT_MAX_CONTEXT}].")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=None,
+              help=f"A decoder: sequences generated at once, each with its cache in every "
+                   f"stage [default: {DEFAULT_MAX_SEQUENCES}].")
 def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | None,
               input_values: tuple[str, ...], preset: str,
               cost_model_file: str | None, machines: int | None, machines_file: str | None,
               fit_epc: bool, split_oversize: bool | None, threads: int, runs: int,
               no_cache: bool, as_json: bool, build_dir: str, planner: str, no_verify: bool,
-              dynamic_axes: tuple[str, ...], measure_memory: bool) -> int:
+              dynamic_axes: tuple[str, ...], measure_memory: bool, max_context: int | None,
+              max_sequences: int | None) -> int:
     """Partition MODEL into enclave-sized stages and write BUILD_DIR.
 
     BUILD_DIR gets plan.json, stage_<k>.onnx, report.md and report.png, or nothing at all if
@@ -154,7 +163,10 @@ def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | Non
                                verify=not no_verify, progress=progress,
                                sample_arrays=load_sample_file(sample_inputs)
                                if sample_inputs else None, input_values=input_values,
-                               dynamic_axes=dynamic_axes, measure_memory=measure_memory)
+                               dynamic_axes=dynamic_axes, measure_memory=measure_memory,
+                               generation=None if max_context is None and max_sequences is None
+                               else GenerationSizes(max_context or DEFAULT_MAX_CONTEXT,
+                                                    max_sequences or DEFAULT_MAX_SEQUENCES))
     plan = result.plan
     verification = result.verification
     if as_json:
@@ -173,6 +185,9 @@ def partition(model: str, input_sizes: tuple[str, ...], sample_inputs: str | Non
         console.print(f"planning took {result.planning_ms:.1f} ms; median stage prediction "
                       f"error {100 * (result.median_prediction_error or 0):.1f}% (native)")
         console.print(working_set_summary(plan), soft_wrap=True)
+        if plan.generation is not None:
+            console.print(f"generation: every stage holds its layers' KV cache for "
+                          f"{plan.generation.describe()}", soft_wrap=True)
         if verification is not None:
             console.print(verification.summary())
         console.print(f"build written to {result.build_dir} (report: "
@@ -195,17 +210,18 @@ def verify(build_dir: str, seeds: int, rtol: float, atol: float, threads: int,
            as_json: bool) -> int:
     """Check that BUILD_DIR's chain of stages computes what the whole model computes.
 
-    Exits 0 when every output is close (rtol/atol), 1 when not.
+    Exits 0 when every output is close (rtol/atol; float16/bfloat16 outputs: ulps or the
+    whole model's own spread), 1 when not. --json prints the report either way; the error
+    line goes to stderr.
     """
     report = verify_build(Path(build_dir), threads=threads, seeds=range(seeds), rtol=rtol,
-                          atol=atol)
+                          atol=atol, check=False)
     if as_json:
-        print_json({"ok": report.ok, "max_abs_error": report.max_abs_error,
-                    "max_rel_error": report.max_rel_error, "rtol": rtol, "atol": atol,
-                    "stages": report.stage_count,
-                    "outputs": [o.__dict__ for o in report.outputs]})
-    else:
+        print_json(report.to_dict())
+    elif report.ok:
         console.print(report.summary())
+    if not report.ok:
+        raise VerificationError(report.summary())
     return 0
 
 

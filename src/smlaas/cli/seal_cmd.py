@@ -21,14 +21,19 @@ from smlaas.private_files import is_private
 @click.option("--max-batch-size", type=click.IntRange(min=0), default=DEFAULT_MAX_BATCH,
               show_default=True, help="Largest dynamic batch to allow if the stages batch "
               "correctly (checked now, on the plaintext); 0: never batch.")
-def seal(build_dir: str, keys_path: str, out_dir: str | None, max_batch_size: int) -> int:
+@click.option("--tokenizer", type=click.Path(dir_okay=False, exists=True),
+              help="A decoder's tokenizer.json, bound into the sealed plan for the gateway's "
+                   "text endpoints (default: BUILD_DIR/tokenizer.json if there is one).")
+def seal(build_dir: str, keys_path: str, out_dir: str | None, max_batch_size: int,
+         tokenizer: str | None) -> int:
     """Seal every stage of BUILD_DIR with its own AES-256-GCM key.
 
     Writes the keyfile first, then a directory holding plan.json and the sealed stages
     only: deploy that directory; the plaintext build never leaves your machine."""
     out = Path(out_dir) if out_dir else Path(build_dir) / SEALED_DIR
     keys = seal_build(Path(build_dir), Path(keys_path), out_dir=out,
-                      max_batch_size=max_batch_size)
+                      max_batch_size=max_batch_size,
+                      tokenizer=Path(tokenizer) if tokenizer else None)
     mode = "mode 0600" if is_private(Path(keys_path)) else "WARNING: not mode 0600"
     console.print(f"sealed {len(keys.stage_keys)} stage(s) into {out} (plan.json and sealed "
                   f"stages only; {ServingNote.of(read_plan(out)).batching}); keys in "

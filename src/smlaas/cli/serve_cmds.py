@@ -45,12 +45,16 @@ def host_options(spec_class: type[RoleSpec]) -> Callable[[Any], Any]:
     return decorate
 
 
+def _int(bound: float | None) -> int | None:
+    return None if bound is None else int(bound)
+
+
 def _click_settings(option: HostOption, spec_class: type[RoleSpec]) -> dict[str, Any]:
     default = option.default_of(spec_class)
     kind = _TYPES.get(option.kind)
     if kind is not None and (option.minimum is not None or option.maximum is not None):
-        bounded: Any = (click.IntRange if kind is int else click.FloatRange)(
-            option.minimum, option.maximum)
+        bounded: Any = click.IntRange(_int(option.minimum), _int(option.maximum)) \
+            if kind is int else click.FloatRange(option.minimum, option.maximum)
     elif option.kind == "path":
         bounded = click.Path()
     else:

@@ -25,6 +25,8 @@ from smlaas.plan.plan import Plan
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
+TOKENIZER_FILE = "tokenizer.json"
+"""A decoder's tokenizer, when the build has one (`smlaas seal` puts it in plan.json)."""
 # Protobuf's 2 GiB limit; larger sub-models keep their weights in a side file.
 _EXTERNAL_DATA_BYTES = 1 << 30
 

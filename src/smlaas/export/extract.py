@@ -27,11 +27,15 @@ class StageExtractor:
 
     def extract(self, start: int, end: int, *, name: str) -> onnx.ModelProto:
         """The sub-model of nodes ``[start, end)`` with inputs ``cut_tensors(start)`` and
-        outputs ``cut_tensors(end)``, each with its fixed type and shape."""
+        outputs ``cut_tensors(end)``, each with its fixed type and shape, and the KV pasts
+        and presents of the layers it holds."""
         graph = self._graph
         nodes = graph.nodes[start:end]
-        inputs = [self._boundary_value(t) for t in graph.cut_tensors(start)]
-        outputs = [self._boundary_value(t) for t in graph.cut_tensors(end)]
+        cache = graph.stage_kv_pairs(start, end)  # its KV pasts in, presents out
+        inputs = [self._boundary_value(t)
+                  for t in [*graph.cut_tensors(start), *(p.past for p in cache)]]
+        outputs = [self._boundary_value(t)
+                   for t in [*graph.cut_tensors(end), *(p.present for p in cache)]]
         used = {n for names in graph.node_inputs[start:end] for n in names}
         initializers = [self._initializers[n] for n in sorted(used & self._initializers.keys())]
         produced = {o for node in nodes for o in node.output}

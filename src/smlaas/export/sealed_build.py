@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from tokenizers import Tokenizer
 
 from smlaas.enclave.sealing import KEY_BYTES, OwnerKeys, seal
 from smlaas.errors import BuildDirError
 from smlaas.export.batching import batching_problem
-from smlaas.export.build_dir import PLAN_FILE, read_plan, stage_paths
+from smlaas.export.build_dir import PLAN_FILE, TOKENIZER_FILE, read_plan, stage_paths
 from smlaas.plan.plan import Plan
 from smlaas.profile.inputs import random_inputs
 from smlaas.runtime.sealed_stage import sealed_path, unseal_stage
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 SEALED_DIR = "sealed"
 DEFAULT_MAX_BATCH = 8
 SERVING_NOTE = "serving"
+TOKENIZER_NOTE = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,23 @@ class ServingNote:
 
 
 def seal_build(build_dir: Path, keys_path: Path, *, out_dir: Path | None = None,
-               max_batch_size: int = DEFAULT_MAX_BATCH) -> OwnerKeys:
+               max_batch_size: int = DEFAULT_MAX_BATCH,
+               tokenizer: Path | None = None) -> OwnerKeys:
     """Seals every stage of ``build_dir`` with a fresh random key into a sealed-only
-    directory (default ``BUILD/sealed``); writes the keyfile first."""
+    directory (default ``BUILD/sealed``); writes the keyfile first. A decoder's
+    ``tokenizer`` (default: the build's tokenizer.json, if any) goes into plan.json, which
+    the owner's manifest binds (see NOTE_TOKENIZER)."""
     build_dir = Path(build_dir)
     out = Path(out_dir) if out_dir else build_dir / SEALED_DIR
     plan = read_plan(build_dir)
+    if tokenizer is None and (build_dir / TOKENIZER_FILE).is_file():
+        tokenizer = build_dir / TOKENIZER_FILE
     paths = stage_paths(build_dir, plan)
     if any(p.with_name(p.name + ".data").exists() for p in paths):
         raise BuildDirError("stages with external weight files cannot be sealed yet")
     plaintexts = [p.read_bytes() for p in paths]
     note = _serving_note(plan, plaintexts, max_batch_size)
-    plan_json = _plan_with_note(build_dir, note)
+    plan_json = _plan_with_note(build_dir, note, _tokenizer_note(plan, tokenizer))
     keys = OwnerKeys(
         hashlib.sha256(plan_json).hexdigest(),
         {s.index: os.urandom(KEY_BYTES) for s in plan.stages},
@@ -129,8 +136,38 @@ def _serving_note(plan: Plan, plaintexts: list[bytes], max_batch_size: int) -> S
                                        f"seal time: batch 2 equals 2 requests)")
 
 
-def _plan_with_note(build_dir: Path, note: ServingNote) -> bytes:
+NOTE_TOKENIZER = """A decoder's tokenizer is bound, not encrypted: its text goes into
+plan.json, whose SHA-256 the owner's signed manifest names, so stage 0 (which reads it from
+there and checks that hash) hands the gateway exactly the owner's tokenizer, and a host that
+swaps it stops the deployment. It is not secret: it is the model's public interface, which a
+client sending token ids must know anyway."""
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def _tokenizer_note(plan: Plan, path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    if plan.generation is None:
+        raise BuildDirError(f"--tokenizer {path}: the build is not a decoder's (partition a "
+                            f"model with a KV cache)")
+    try:
+        text = Path(path).read_text()
+        tokenizer = Tokenizer.from_str(text)
+    except (OSError, UnicodeDecodeError, Exception) as err:  # noqa: BLE001 - its parser's
+        raise BuildDirError(f"--tokenizer {path} is not a tokenizer.json the tokenizers "
+                            f"library reads: {err}") from err
+    eos = next((tokenizer.token_to_id(name) for name in EOS_NAMES
+                if tokenizer.token_to_id(name) is not None), None)
+    return {"json": text, "eos_token_id": eos,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _plan_with_note(build_dir: Path, note: ServingNote,
+                    tokenizer: dict[str, Any] | None = None) -> bytes:
     data: dict[str, Any] = json.loads((build_dir / PLAN_FILE).read_text())
     data.setdefault("notes", {})[SERVING_NOTE] = {"max_batch_size": note.max_batch_size,
                                                   "batching": note.batching}
+    if tokenizer is not None:
+        data["notes"][TOKENIZER_NOTE] = tokenizer
     return (json.dumps(data, indent=2) + "\n").encode()

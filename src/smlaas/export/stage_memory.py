@@ -67,8 +67,14 @@ def measure_stage_memory(stage_files: Sequence[Path],
 
 
 def apply_stage_memory(plan: Plan, memory: StageMemory) -> Plan:
-    """``plan`` with the measurements, or with the reason there are none in its notes."""
-    plan = plan.with_measured_memory(memory.measured)
+    """``plan`` with the measurements, or with the reason there are none in its notes. A
+    decoder stage's measurement gains its KV cache store: the worker keeps every sequence's
+    cache beside the session (the measured process is fed one step's pasts only)."""
+    plan = plan.with_measured_memory([
+        None if m is None else m if not stage.kv_cache_bytes else replace(
+            m, working_set_bytes=m.working_set_bytes + stage.kv_cache_bytes,
+            method=f"{m.method}, plus the KV cache store it keeps (counted)")
+        for stage, m in zip(plan.stages, memory.measured)])
     if memory.unavailable_reason is None:
         return plan
     return replace(plan, notes={**plan.notes, MEMORY_NOTE: {

@@ -18,12 +18,7 @@ MEASURE_ROUNDS = 3
 def stage_inputs(chain: Chain, feeds: Mapping[str, np.ndarray]
                  ) -> list[dict[str, np.ndarray]]:
     """Each stage's own inputs: the tensors the chain produces from the model's ``feeds``."""
-    tensors: dict[str, np.ndarray] = dict(feeds)
-    inputs = []
-    for runner in chain.stages:
-        inputs.append({name: tensors[name] for name in runner.inputs})
-        tensors = runner.run(tensors)
-    return inputs
+    return chain.stage_feeds(feeds)[:-1]
 
 
 def measure_stages(chain: Chain, stage_feeds: Sequence[Mapping[str, np.ndarray]],

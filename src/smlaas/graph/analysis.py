@@ -4,6 +4,12 @@ A *cut position* ``p`` lies between node ``p - 1`` and node ``p`` of the topolog
 (0 <= p <= n). The tensors crossing it are the activations produced before ``p`` (graph inputs
 count as produced at -1) and still needed at or after ``p`` (graph outputs are needed at ``n``).
 A stage ``[i, j)`` receives ``cut_tensors(i)`` and emits ``cut_tensors(j)``.
+
+A decoder's KV cache is the exception (:mod:`smlaas.graph.kv_cache`): each layer's past input
+and present output belong to the stage that holds the layer, which keeps the cache in its
+enclave between steps. They never cross a cut: no position inside a pair's span (from its
+first reader to its last node) is a valid cut, and a stage ``[i, j)`` also takes the pasts
+its nodes read and emits the presents they make (``stage_kv_pairs``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from onnx import helper
 from smlaas.errors import GraphError, UnknownShapesError, UnsupportedModelError
 from smlaas.graph.dims import fixed_dim, static_shape
 from smlaas.graph.input_size import model_inputs
+from smlaas.graph.kv_cache import KvPair, find_kv_pairs
 from smlaas.graph.session_constants import (
     HALF_PRECISION_TYPES,
     constant_node_positions,
@@ -88,6 +95,11 @@ class ModelGraph:
         self.input_names = [i.name for i in model_inputs(model)]
         self.output_names = [o.name for o in graph.output]
         self.node_inputs = [node_input_names(n) for n in self.nodes]
+        self.kv_pairs: tuple[KvPair, ...] = tuple(find_kv_pairs(model))
+        """The decoder's past/present pairs (empty for other models)."""
+        self.stage_local: frozenset[str] = frozenset(
+            name for pair in self.kv_pairs for name in (pair.past, pair.present))
+        """Tensors that stay in one stage: KV pasts and presents."""
         self.tensors = self._collect_tensors(observed or {}, concrete)
         self.symbolic_dims: dict[str, tuple[int | str | None, ...]] = (
             self._symbolic_dims() if concrete is not None else {})
@@ -198,6 +210,14 @@ class ModelGraph:
                     f"graph output {name!r} is an initializer: unsupported by design, every "
                     f"output must come from a node of some stage")
             last_use[name] = len(self.nodes)
+        for pair in self.kv_pairs:  # live where their layer runs, never beyond it
+            readers = [p for p, names in enumerate(self.node_inputs) if pair.past in names]
+            if not readers:
+                raise UnsupportedModelError(f"KV cache input {pair.past!r} is read by no node")
+            producer[pair.past] = min(readers)
+            last_use[pair.past] = max(readers)
+            last_use[pair.present] = max([producer[pair.present]] + [
+                p for p, names in enumerate(self.node_inputs) if pair.present in names])
         return producer, last_use
 
     # -- queries -------------------------------------------------------------------------
@@ -208,8 +228,8 @@ class ModelGraph:
     def cut_tensors(self, position: int) -> list[str]:
         """Names of the tensors crossing cut ``position``, in a stable order."""
         self._check_position(position)
-        return [name for name in self.tensors
-                if self.producer[name] < position <= self.last_use[name]]
+        return [name for name in self.tensors if name not in self.stage_local
+                and self.producer[name] < position <= self.last_use[name]]
 
     def cut_bytes_by_position(self) -> np.ndarray:
         """Bytes crossing each cut position 0..n, as one array."""
@@ -222,6 +242,8 @@ class ModelGraph:
     def _sum_over_crossings(self, value: Callable[[TensorInfo], int]) -> np.ndarray:
         delta = np.zeros(self.node_count + 2, dtype=np.int64)
         for name, info in self.tensors.items():
+            if name in self.stage_local:
+                continue
             first, last = self.producer[name] + 1, self.last_use[name]
             if first <= last:
                 delta[first] += value(info)
@@ -243,11 +265,30 @@ class ModelGraph:
         return np.cumsum(delta)[: self.node_count]
 
     def valid_cut_positions(self) -> np.ndarray:
-        """Boolean mask over positions 0..n. Every position is valid: nodes with subgraphs
-        are atomic, so no cut can fall inside one, and a data-dependent tensor may cross a
-        cut because stages declare it with its rank only (see ``data_dependent``). Kept as
-        a mask so that planners honour future restrictions."""
-        return np.ones(self.node_count + 1, dtype=bool)
+        """Boolean mask over positions 0..n. Nodes with subgraphs are atomic, so no cut can
+        fall inside one, and a data-dependent tensor may cross a cut because stages declare
+        it with its rank only (see ``data_dependent``). The one restriction: no cut inside
+        a KV pair's span, so that its cache stays in one stage."""
+        valid = np.ones(self.node_count + 1, dtype=bool)
+        for first, last in self.kv_spans().values():
+            valid[first + 1:last + 1] = False
+        return valid
+
+    def kv_spans(self) -> dict[KvPair, tuple[int, int]]:
+        """For each KV pair, the positions of its first and last node (the past's first
+        reader; the last reader of the past or the present, or the present's producer)."""
+        return {pair: (min(self.producer[pair.past], self.producer[pair.present]),
+                       max(self.last_use[pair.past], self.last_use[pair.present]))
+                for pair in self.kv_pairs}
+
+    def stage_kv_pairs(self, start: int, end: int) -> list[KvPair]:
+        """The KV pairs stage ``[start, end)`` holds (those whose span starts in it)."""
+        return [pair for pair, (first, _) in self.kv_spans().items() if start <= first < end]
+
+    def kv_cache_bytes(self, pair: KvPair) -> int:
+        """The cache one pair keeps at the analysed sizes: its present, which holds every
+        sequence's every token (``--max-sequences`` x ``--max-context``)."""
+        return self.tensors[pair.present].nbytes
 
     def subgraph_nodes(self) -> list[str]:
         return [n.name for n in self.nodes if has_subgraph(n)]

@@ -26,6 +26,8 @@ class SegmentMemory:
         peak_activation_bytes: the largest live activation set while the segment runs.
         cut_bytes: bytes crossing each cut position 0..n.
         cut_tensor_count: number of tensors crossing each cut position 0..n.
+        kv_cache_bytes: bytes of the KV cache a segment keeps between steps (its layers'
+            caches for every sequence at full context); None for models without one.
     """
 
     weight_bytes: np.ndarray
@@ -33,6 +35,7 @@ class SegmentMemory:
     peak_activation_bytes: np.ndarray
     cut_bytes: np.ndarray
     cut_tensor_count: np.ndarray
+    kv_cache_bytes: np.ndarray | None = None
 
     @property
     def node_count(self) -> int:
@@ -49,6 +52,10 @@ def segment_memory(graph: ModelGraph) -> SegmentMemory:
         peak_activation_bytes=_peak_activation_matrix(graph.live_bytes_by_step(), n),
         cut_bytes=graph.cut_bytes_by_position(),
         cut_tensor_count=graph.cut_count_by_position(),
+        kv_cache_bytes=_held_matrix(
+            {pair.present: [first] for pair, (first, _) in graph.kv_spans().items()},
+            lambda name, _position: graph.tensors[name].nbytes, n)
+        if graph.kv_pairs else None,
     )
 
 

@@ -19,6 +19,7 @@ from smlaas.errors import PlanError
 from smlaas.graph.analysis import ModelGraph
 from smlaas.plan.cost_model import MIB, CostModel
 from smlaas.plan.costs import SegmentCosts
+from smlaas.plan.generation import GenerationPlan
 from smlaas.plan.machines import MachineClass, MachinePool
 
 FORMAT_VERSION = 1
@@ -115,6 +116,10 @@ class StagePlan:
     measured: MeasuredMemory | None = None
     """The working set measured natively after export (None: not measured, or older plans;
     ``working_set_bytes`` above stays the cost model's prediction)."""
+    kv_cache: list[str] = field(default_factory=list)
+    """A decoder's KV pasts this stage keeps (their presents are its own outputs too)."""
+    kv_cache_bytes: int = 0
+    """Bytes of those caches for the plan's ``generation`` sizes (in ``working_set_bytes``)."""
 
     @property
     def node_count(self) -> int:
@@ -162,6 +167,8 @@ class Plan:
     machine_classes: tuple[MachineClass, ...] = ()
     """The machines file's classes (empty: every stage is on the cost model's machine and
     ``machines`` bounds their number)."""
+    generation: GenerationPlan | None = None
+    """A decoder's generation sizes (None: not a decoder, or an older plan)."""
 
     # -- predictions ---------------------------------------------------------------------
     @property
@@ -268,6 +275,9 @@ class Plan:
                     or stage.replicas < 1:
                 problems.append(f"stage {stage.index} has {stage.replicas!r} replicas, "
                                 f"expected an integer >= 1")
+            elif self.generation is not None and stage.replicas > 1:
+                problems.append(f"stage {stage.index} of a decoder has {stage.replicas} "
+                                f"replicas; a stage keeps its sequences' caches, so it has one")
         problems.extend(self._machine_problems())
         if self.fit_epc:
             for stage in self.stages:
@@ -342,6 +352,8 @@ class Plan:
                 stages=tuple(StagePlan.from_dict(s) for s in data.pop("stages")),
                 machine_classes=tuple(MachineClass(**c)
                                       for c in data.pop("machine_classes", None) or ()),
+                generation=GenerationPlan.from_dict(generation)
+                if (generation := data.pop("generation", None)) is not None else None,
                 **data,
             )
         except (TypeError, KeyError, ValueError) as err:
@@ -458,6 +470,9 @@ def build_plan(cuts: Sequence[int], *, costs: SegmentCosts, graph: ModelGraph,
             peak_activation_bytes=int(memory.peak_activation_bytes[start, end]),
             working_set_bytes=int(costs.working_set_bytes[start, end]),
             replicas=int(replicas[index]), machine_class=name, transfer_out_ms=transfer_out,
+            kv_cache=[pair.past for pair in graph.stage_kv_pairs(start, end)],
+            kv_cache_bytes=int(memory.kv_cache_bytes[start, end])
+            if memory.kv_cache_bytes is not None else 0,
         ))
     plan = Plan(model=model, planner=planner, cost_model=base,
                 stages=tuple(stages), machines=machines, fit_epc=fit_epc,

@@ -30,8 +30,8 @@ from smlaas.receipts.claims import Leaf, StageReceipt
 from smlaas.transport.tensors import TensorMessage, TensorSpec
 
 __all__ = ["Description", "Describe", "Failure", "Infer", "Outputs", "ReceiptAsk", "Reply",
-           "Request", "StageReceipt", "Status", "TensorSpec", "deadline_in", "from_frame",
-           "to_frame"]
+           "Request", "StageReceipt", "Status", "Step", "StepRow", "TensorSpec", "deadline_in",
+           "from_frame", "to_frame"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,30 @@ class ReceiptAsk:
 
     rows: tuple[int, ...]
     salts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One sequence's row of a generation step (see :class:`Step`)."""
+
+    sequence: str
+    """The gateway's id for the sequence (random, never a client's)."""
+    past: int
+    """Tokens this sequence already holds in every stage's cache."""
+    new: int
+    """Tokens this step adds (the prompt on a sequence's first step, then 1)."""
+    sampling: Mapping[str, Any] | None = None
+    """On a sequence's first step: how the last stage chooses its tokens."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """A decoder's generation step: its rows are the batch's sequences, in order. Stages
+    holding KV caches feed each row's cache and keep what the step adds to it; the last
+    stage answers each row's next token. ``ended`` sequences are freed (after the step)."""
+
+    rows: tuple[StepRow, ...]
+    ended: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +80,8 @@ class Infer:
     """Each stage signs a receipt for the batch (None: none asked for)."""
     receipts: tuple[StageReceipt, ...] = ()
     """The receipts of the stages before this one, in stage order."""
+    step: Step | None = None
+    """A decoder's generation step (None: a stateless inference)."""
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -69,7 +95,7 @@ class Infer:
         receipt added."""
         return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms),
                      self.receipt, self.receipts if receipt is None else
-                     (*self.receipts, receipt))
+                     (*self.receipts, receipt), self.step)
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class Describe:
 
     deadline: float
     evidence: bool = False
+    generation: bool = False
+    """Stage 0's report carries the decoder's generation settings and tokenizer."""
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -149,10 +177,16 @@ def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
             meta["receipt"] = {"rows": list(message.receipt.rows),
                                "salts": [s.hex() for s in message.receipt.salts]}
             meta["receipts"] = [_receipt_json(r) for r in message.receipts]
+        if message.step is not None:
+            meta["step"] = {"rows": [[r.sequence, r.past, r.new, r.sampling]
+                                     for r in message.step.rows],
+                            "ended": list(message.step.ended)}
     elif isinstance(message, Describe):
         meta["deadline"] = message.deadline
         if message.evidence:
             meta["evidence"] = True
+        if message.generation:
+            meta["generation"] = True
     elif isinstance(message, Outputs):
         tensors = message.tensors
         meta["stage_ms"] = list(message.stage_ms)
@@ -176,13 +210,16 @@ def from_frame(frame: TensorMessage) -> Request | Reply:
     try:
         if kind == "infer":
             ask = meta.get("receipt")
+            step = meta.get("step")
             return Infer(frame.tensors, _time(meta["deadline"]), _count(meta["requests"]),
                          _milliseconds(meta["stage_ms"]),
                          None if ask is None else _receipt_ask(ask),
-                         _receipts(meta.get("receipts", [])))
+                         _receipts(meta.get("receipts", [])),
+                         None if step is None else _step(step))
         if kind == "describe":
             _no_tensors(frame)
-            return Describe(_time(meta["deadline"]), meta.get("evidence") is True)
+            return Describe(_time(meta["deadline"]), meta.get("evidence") is True,
+                            meta.get("generation") is True)
         if kind == "outputs":
             return Outputs(frame.tensors, _milliseconds(meta["stage_ms"]),
                            _receipts(meta.get("receipts", [])))
@@ -230,6 +267,18 @@ def _receipt_ask(value: Any) -> ReceiptAsk:
     if not rows or len(rows) != len(salts):
         raise ValueError("a receipt request needs one salt per request")
     return ReceiptAsk(rows, salts)
+
+
+def _step(value: Any) -> Step:
+    if not isinstance(value, dict):
+        raise TypeError("a generation step is an object")
+    rows = []
+    for item in _list(value["rows"]):
+        sequence, past, new, sampling = _list(item)
+        if sampling is not None and not isinstance(sampling, dict):
+            raise TypeError("a row's sampling is an object")
+        rows.append(StepRow(_text(sequence), _count(past, least=0), _count(new), sampling))
+    return Step(tuple(rows), tuple(_text(s) for s in _list(value["ended"])))
 
 
 def _status(value: Any) -> Status:

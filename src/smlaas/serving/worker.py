@@ -18,7 +18,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,12 +35,16 @@ from smlaas.errors import (
     AttestationError,
     ConfigError,
     DeployError,
+    GenerationError,
     ProfileError,
     ProtocolError,
     SmlaasError,
     Status,
+    Unavailable,
+    status_of,
 )
 from smlaas.graph.dims import fixed_dim
+from smlaas.graph.kv_cache import find_kv_pairs
 from smlaas.plan.plan import Plan
 from smlaas.receipts.claims import StageReceipt, StageSigner, chain_link
 from smlaas.receipts.cose import ReceiptKey
@@ -63,6 +67,7 @@ from smlaas.serving.protocol import (
     from_frame,
     to_frame,
 )
+from smlaas.serving.sequences import GenerationStage, generation_report
 from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
@@ -114,21 +119,41 @@ class StageStats:
         return {**asdict(self), "queue_depth": queue_depth}
 
 
-def predicted_memory(sealed_dir: Path, index: int, plan_sha256: str) -> dict[str, int]:
-    """The plan's prediction for stage ``index``, from the plan.json the owner's manifest
-    binds (a host's other plan.json is ignored; for metrics only)."""
+def bound_plan(sealed_dir: Path, plan_sha256: str) -> Plan | None:
+    """The plan.json the owner's manifest binds (None, logged, if the host's is another or
+    none: a host cannot change what it says)."""
     try:
         data = (sealed_dir / "plan.json").read_bytes()
         if hashlib.sha256(data).hexdigest() != plan_sha256:
             logger.warning("plan.json is not the plan the owner's manifest binds (SHA-256 "
-                           "differs); no predicted working set")
-            return {}
-        plan = Plan.from_json(data.decode())
-        return {"working_set_bytes": plan.stages[index].working_set_bytes,
-                "usable_epc_bytes": int(plan.cost_model.usable_epc_bytes)}
-    except (OSError, IndexError, UnicodeDecodeError, SmlaasError) as err:
-        logger.info("no predicted working set for stage %d: %s", index, err)
+                           "differs); it is ignored")
+            return None
+        return Plan.from_json(data.decode())
+    except (OSError, UnicodeDecodeError, SmlaasError) as err:
+        logger.info("no plan.json to read: %s", err)
+        return None
+
+
+def predicted_memory(plan: Plan | None, index: int) -> dict[str, int]:
+    """The plan's prediction for stage ``index`` (for metrics only)."""
+    if plan is None or not 0 <= index < len(plan.stages):
         return {}
+    return {"working_set_bytes": plan.stages[index].working_set_bytes,
+            "usable_epc_bytes": int(plan.cost_model.usable_epc_bytes)}
+
+
+def generation_stage(plan: Plan | None, runner: StageRunner, model: onnx.ModelProto, *,
+                     index: int) -> GenerationStage | None:
+    """A decoder stage's generation state, sized by the owner's plan; None for other
+    models. ConfigError for a stage holding a KV cache without the plan that sizes it."""
+    if plan is None or plan.generation is None:
+        if find_kv_pairs(model):
+            raise ConfigError(f"stage {index} holds a KV cache but the plan.json the owner's "
+                              f"manifest binds is not at hand to size it")
+        return None
+    return GenerationStage(runner, model, max_sequences=plan.generation.max_sequences,
+                           max_context=plan.generation.max_context,
+                           last=index == len(plan.stages) - 1)
 
 
 class StageWorker:
@@ -140,7 +165,9 @@ class StageWorker:
                  server_context: ssl.SSLContext | None, upstream_role: str,
                  manifest_digest: str, next_link: Hop | None, queue_size: int = 4,
                  stats: StageStats | None = None, signer: StageSigner | None = None,
-                 evidence: Callable[[], KeyEvidence] | None = None) -> None:
+                 evidence: Callable[[], KeyEvidence] | None = None,
+                 generation: GenerationStage | None = None,
+                 generation_report: Mapping[str, Any] | None = None) -> None:
         self.index, self.runner = index, runner
         self.stats = stats or StageStats(index, attested_at=time.time())
         self.upstream_role, self.manifest_digest = upstream_role, manifest_digest
@@ -155,6 +182,10 @@ class StageWorker:
         self._signer = signer
         self._evidence = evidence
         """This stage's current receipt key evidence, reported on describes asking."""
+        self._generation = generation
+        self._generation_report = generation_report
+        """Stage 0's answer to a describe asking for generation: the plan's sizes and the
+        tokenizer sealed with the model."""
 
     async def start(self) -> None:
         """Starts running queued requests (call from the loop that will handle them)."""
@@ -235,6 +266,10 @@ class StageWorker:
             try:
                 outputs, elapsed, receipt = await loop.run_in_executor(
                     self._executor, self._timed_run, message)
+            except (GenerationError, Unavailable) as err:  # a step this stage cannot take
+                self.stats.errors += 1
+                _settle(future, Failure(status_of(err), f"stage {self.index}: {err}"))
+                continue
             except ProfileError as err:
                 # ONNX Runtime's text names the sub-model's nodes and shapes: it stays in this
                 # stage's log, and the client gets a short reason with a reference to it.
@@ -263,7 +298,12 @@ class StageWorker:
         the batch; in the run thread. The run time is the session's alone (not the
         hand-over to and from this thread, nor the receipt)."""
         started = time.perf_counter()
-        outputs = self.runner.run(message.tensors)
+        if message.step is None:
+            outputs = self.runner.run(message.tensors)
+        elif self._generation is None:
+            raise GenerationError("this model does not generate")
+        else:
+            outputs = self._generation.run(message.tensors, message.step)
         elapsed = time.perf_counter() - started
         receipt = None
         if message.receipt is not None and self._signer is not None:
@@ -291,6 +331,10 @@ class StageWorker:
         if isinstance(reply, Failure):
             return reply
         report = self.stats.snapshot(self._queue.qsize())
+        if self._generation is not None:
+            report["sequences"] = self._generation.cache.active
+        if message.generation and self._generation_report is not None:
+            report["generation"] = dict(self._generation_report)
         if message.evidence and self._evidence is not None:
             report["receipt_key"] = key_evidence_to_json(self._evidence())
         return reply.through(self.index, tuple(self._inputs), report)
@@ -370,9 +414,10 @@ def run_worker(spec: StageSpec) -> None:
         check_replica_count(spec.next_stages, stage_role(index + 1),
                             registration.replicas_of(index + 1))
     runner, model = load_stage(Path(spec.sealed_dir), release, threads=spec.threads)
+    plan = bound_plan(Path(spec.sealed_dir), registration.plan_sha256)
+    generation = generation_stage(plan, runner, model, index=index)
     stats = StageStats(index, attested_at=attested_at, replica=spec.replica,
-                       predicted=predicted_memory(Path(spec.sealed_dir), index,
-                                                  registration.plan_sha256))
+                       predicted=predicted_memory(plan, index))
     identity = (registration.certificate_pem, registration.key, registration.ca_pem)
     receipt_key = ReceiptKey()  # made in the enclave; its quote binds it to role and replica
     evidence = KeyEvidenceSource(enclave, receipt_key, role=role, replica=spec.replica,
@@ -398,7 +443,8 @@ def run_worker(spec: StageSpec) -> None:
                              upstream_role=GATEWAY_ROLE if index == 0 else stage_role(index - 1),
                              manifest_digest=registration.manifest_digest,
                              next_link=next_link, queue_size=spec.queue_size, stats=stats,
-                             signer=signer, evidence=evidence)
+                             signer=signer, evidence=evidence, generation=generation,
+                             generation_report=generation_report(plan) if index == 0 else None)
         await worker.serve(*spec.listen, stop=stop)
 
     try:

@@ -1,0 +1,262 @@
+"""The gateway's side of generation: sequences through the stage pipeline, a token at a time.
+
+A request becomes a sequence with a random id the gateway makes (a client never names one, so
+no client can read or extend another's). Its prompt is one step (the prefill); then each
+step adds the token the last stage chose. Sequences waiting for their next step are batched
+into one step, and the batches are kept small enough that every stage has one to work on
+(``ceil(waiting / max_inflight)`` rows each): stages work on different sequences at the same
+moment (pipelining) and each step batches the decode of several. The caches stay in the
+stages (:mod:`smlaas.serving.sequences`); what travels is token ids, the attention mask and
+positions here, hidden states between stages, and one token id per row back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from smlaas.errors import GenerationError, PipelineFailed, Unavailable
+from smlaas.generation.sampling import SamplingParams
+from smlaas.serving.hop import Hop
+from smlaas.serving.protocol import Failure, Infer, Outputs, Step, StepRow, deadline_in
+from smlaas.serving.sequences import TOKEN_OUTPUT
+
+logger = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """What the deployment's plan sized every stage's caches for."""
+
+    max_context: int
+    max_sequences: int
+    eos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a sequence ended: ``stop`` (the end-of-text token) or ``length`` (max_tokens
+    or the context is full)."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Sequence:
+    id: str
+    tokens: list[int]
+    past: int
+    """Tokens the stages' caches hold for it."""
+    left: int
+    """Tokens it may still generate."""
+    sampling: dict[str, Any] | None
+    deadline: float
+    prompt_length: int
+    stop_at_eos: bool
+    out: asyncio.Queue[int | Finished | BaseException] = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class Generator:
+    """Runs sequences through ``link`` (the hop to stage 0)."""
+
+    def __init__(self, link: Hop, limits: GenerationLimits, *, max_inflight: int,
+                 timeout_s: float) -> None:
+        self.link, self.limits = link, limits
+        self.timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(max(1, max_inflight))
+        self._inflight = max(1, max_inflight)
+        self._waiting: list[_Sequence] = []
+        self._wake = asyncio.Event()
+        self._active = 0
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def check(self, prompt: list[int], max_tokens: int) -> None:
+        """GenerationError for a request this deployment cannot serve."""
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if len(prompt) >= self.limits.max_context:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; this deployment "
+                                  f"keeps {self.limits.max_context} per sequence, generated "
+                                  f"ones included")
+        if max_tokens < 1:
+            raise GenerationError(f"max_tokens must be at least 1, got {max_tokens}")
+
+    async def generate(self, prompt: list[int], *, max_tokens: int,
+                       sampling: SamplingParams, stop_at_eos: bool = True,
+                       timeout_s: float | None = None
+                       ) -> AsyncIterator[int | Finished]:
+        """Each new token as the last stage chooses it, then :class:`Finished`. Leaving the
+        iteration early (a client gone) ends the sequence in every stage."""
+        self.check(prompt, max_tokens)
+        if self._active >= self.limits.max_sequences:
+            raise Unavailable(f"{self._active} sequences are being generated, as many as this "
+                              f"deployment holds; try again shortly")
+        self._active += 1
+        left = min(max_tokens, self.limits.max_context - len(prompt))
+        sequence = _Sequence(secrets.token_hex(16), list(prompt), 0, left,
+                             {"temperature": sampling.temperature, "top_k": sampling.top_k,
+                              "top_p": sampling.top_p, "seed": sampling.seed},
+                             deadline_in(timeout_s or self.timeout_s), len(prompt),
+                             stop_at_eos and self.limits.eos_token_id is not None)
+        self._start()
+        self._spawn(self._step([sequence]))  # the prefill, alone
+        finished = False
+        try:
+            while True:
+                item = await sequence.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    finished = True
+                    return
+        finally:
+            self._active -= 1
+            if not finished:
+                sequence.done = True
+                self._release([sequence.id])
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch_forever())
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                await self._slots.acquire()
+                waiting = [s for s in self._waiting if not s.done]
+                self._waiting = []
+                if not waiting:
+                    self._slots.release()
+                    break
+                size = max(1, math.ceil(len(waiting) / self._inflight))
+                batch, rest = waiting[:size], waiting[size:]
+                self._waiting = rest + self._waiting
+                self._spawn(self._step(batch, slot_held=True))
+
+    async def _step(self, batch: list[_Sequence], *, slot_held: bool = False) -> None:
+        if not slot_held:
+            await self._slots.acquire()
+        try:
+            reply = await self.link.request(self._message(batch))
+        except Exception as err:  # noqa: BLE001 - every sequence of the batch must hear
+            logger.exception("a generation step failed")
+            reply = Failure(PipelineFailed.status, f"the step failed: {err}")
+        finally:
+            self._slots.release()
+        if isinstance(reply, Failure):
+            error = Unavailable(reply.message) if reply.status == Unavailable.status else \
+                PipelineFailed(reply.message, status=reply.status)
+            for sequence in batch:
+                sequence.done = True
+                sequence.out.put_nowait(error)
+            self._release([s.id for s in batch])
+            return
+        tokens = reply.tensors.get(TOKEN_OUTPUT) if isinstance(reply, Outputs) else None
+        if tokens is None or tokens.shape != (len(batch),):
+            for sequence in batch:
+                sequence.done = True
+                sequence.out.put_nowait(PipelineFailed(
+                    "the last stage answered a step without its tokens",
+                    status=PipelineFailed.status))
+            return
+        ended = []
+        for sequence, token in zip(batch, tokens.tolist()):
+            sequence.past = len(sequence.tokens)
+            sequence.sampling = None
+            if sequence.done:  # its client left while the step ran
+                ended.append(sequence.id)
+                continue
+            sequence.tokens.append(int(token))
+            sequence.left -= 1
+            sequence.out.put_nowait(int(token))
+            reason = "stop" if sequence.stop_at_eos and \
+                int(token) == self.limits.eos_token_id else \
+                "length" if sequence.left <= 0 or \
+                len(sequence.tokens) >= self.limits.max_context else None
+            if reason is not None:
+                sequence.done = True
+                sequence.out.put_nowait(Finished(
+                    reason, sequence.prompt_length,
+                    len(sequence.tokens) - sequence.prompt_length))
+                ended.append(sequence.id)
+            else:
+                self._waiting.append(sequence)
+                self._wake.set()
+        if ended:
+            self._release(ended)
+
+    def _message(self, batch: list[_Sequence]) -> Infer:
+        new = [s.tokens[s.past:] for s in batch]
+        width = len(new[0])
+        longest = max(s.past for s in batch)
+        ids = np.array(new, dtype=np.int64).reshape(len(batch), width)
+        mask = np.zeros((len(batch), longest + width), dtype=np.int64)
+        positions = np.empty((len(batch), width), dtype=np.int64)
+        for r, sequence in enumerate(batch):
+            mask[r, longest - sequence.past:] = 1
+            positions[r] = np.arange(sequence.past, sequence.past + width)
+        rows = tuple(StepRow(s.id, s.past, width, s.sampling) for s in batch)
+        return Infer({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+                     min(s.deadline for s in batch), requests=len(batch), step=Step(rows))
+
+    def _release(self, sequences: list[str]) -> None:
+        self._spawn(self.link.request(Infer({}, deadline_in(RELEASE_TIMEOUT_S), requests=1,
+                                            step=Step((), tuple(sequences)))))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class GenerationService:
+    """What the gateway's generate endpoints use: the generator, and the tokenizer sealed
+    with the model (None: clients send and get token ids only)."""
+
+    generator: Generator
+    tokenizer: Tokenizer | None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError("this model was sealed without a tokenizer: send input_ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def service_from_report(link: Hop, report: Mapping[str, Any], *, max_inflight: int,
+                        timeout_s: float) -> GenerationService:
+    """The service stage 0's generation report describes (ValueError if malformed)."""
+    eos = report.get("eos_token_id")
+    limits = GenerationLimits(int(report["max_context"]), int(report["max_sequences"]),
+                              None if eos is None else int(eos))
+    text = report.get("tokenizer")
+    tokenizer = Tokenizer.from_str(text) if isinstance(text, str) else None
+    return GenerationService(Generator(link, limits, max_inflight=max_inflight,
+                                       timeout_s=timeout_s), tokenizer)
