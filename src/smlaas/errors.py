@@ -7,6 +7,7 @@
      │   ├─ ModelError               not an ONNX model, truncated, does not run in ONNX Runtime
      │   │   └─ UnsupportedModelError  a construct unsupported by design (names node, op, why)
      │   ├─ InputSizeError           --input-size does not fit the model's inputs
+     │   ├─ GenerationError          a prompt, sampling setting or sequence that cannot be served
      │   ├─ ZooError                 unknown zoo model or bad zoo option
      │   ├─ ConfigError              bad TOML override / preset name
      │   ├─ BuildDirError            build directory cannot be written or read

@@ -26,7 +26,6 @@ from smlaas.errors import (
     InfeasiblePlanError,
     ModelError,
     PlanError,
-    UnsupportedModelError,
     VerificationError,
 )
 from smlaas.export import (
@@ -61,7 +60,6 @@ from smlaas.graph import (
     split_oversize_operators,
 )
 from smlaas.graph.dynamic_axes import parse_dynamic_axes, prepare_symbolic, symbolic_axes
-from smlaas.graph.input_size import input_dims, model_inputs
 from smlaas.graph.kv_cache import find_kv_pairs
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
@@ -77,12 +75,11 @@ from smlaas.plan import (
     segment_costs,
 )
 from smlaas.plan.generation import (
-    DEFAULT_MAX_CONTEXT,
-    DEFAULT_MAX_SEQUENCES,
     PREFILL_FRACTION,
     GenerationPlan,
-    check_generation_sizes,
-    decode_step_sizes,
+    GenerationSizes,
+    decoder_axes,
+    decoder_input_sizes,
 )
 from smlaas.profile import (
     NodeProfile,
@@ -159,40 +156,6 @@ def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
         raise ConfigError(f"{spec} is not a decoder with a KV cache (no past_key_values.N / "
                           f"present.N pairs): --max-context/--max-sequences do not apply")
     return source, resolve_input_sizes(source.model, sizes)
-
-
-@dataclass(frozen=True)
-class GenerationSizes:
-    """``--max-context`` and ``--max-sequences``: what a decoder's stages hold caches for."""
-
-    max_context: int = DEFAULT_MAX_CONTEXT
-    max_sequences: int = DEFAULT_MAX_SEQUENCES
-
-
-def decoder_input_sizes(model: onnx.ModelProto, generation: GenerationSizes, *,
-                        tokens: int = 1) -> dict[str, tuple[int, ...]]:
-    """A decoder's input sizes for a step adding ``tokens`` tokens to each of S sequences
-    that then hold T tokens (:func:`smlaas.plan.generation.decode_step_sizes`)."""
-    check_generation_sizes(generation.max_context, generation.max_sequences)
-    pairs = find_kv_pairs(model)
-    for pair in pairs:
-        if pair.batch_axis != 0:
-            raise UnsupportedModelError(f"KV cache input {pair.past!r} has its batch on axis "
-                                        f"{pair.batch_axis}; smlaas serves caches batched on "
-                                        f"axis 0")
-    return decode_step_sizes({value.name: tuple(input_dims(value))
-                              for value in model_inputs(model)},
-                             max_context=generation.max_context,
-                             max_sequences=generation.max_sequences,
-                             sequence_axes={p.past: p.sequence_axis for p in pairs},
-                             tokens=tokens)
-
-
-def decoder_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Every symbolic axis of a decoder's inputs (batch, sequence, past and total length):
-    its stages serve any number of sequences, tokens and cached tokens."""
-    return {value.name: tuple(axis for axis, dim in enumerate(input_dims(value))
-                              if isinstance(dim, str)) for value in model_inputs(model)}
 
 
 def reopen_model(ref: ModelRef) -> onnx.ModelProto:

@@ -258,6 +258,9 @@ class GatewaySpec(RoleSpec):
     """0: no gRPC endpoint."""
     max_connections_per_source: int = 64
     max_open_connections: int = 1024
+    max_sequences_per_client: int = 0
+    """A decoder's sequences one client address may generate at once (0: half the plan's
+    --max-sequences, at least 1)."""
     labels_path: str = ""
     """Class labels for the classification extension, one per line ('' = none); the file
     must have the SHA-256 the manifest names."""
@@ -300,6 +303,9 @@ class GatewaySpec(RoleSpec):
                    "its oldest idle one is closed)."),
         HostOption("--max-open-connections", "max_open_connections", "int", minimum=1,
                    help="Open connections in all."),
+        HostOption("--max-sequences-per-client", "max_sequences_per_client", "int", minimum=0,
+                   help="A decoder's sequences one client address may generate at once (0: "
+                        "half the plan's --max-sequences, at least 1)."),
         HostOption("--labels", "labels_path", "path", written_when_default=False,
                    help="Class labels (one per line) for the classification extension; "
                         "must be the file whose SHA-256 the manifest names."))

@@ -71,8 +71,8 @@ class Tap:
 
 
 @contextlib.asynccontextmanager
-async def pipeline(model: onnx.ModelProto, seen: list[Infer] | None = None
-                   ) -> AsyncIterator[Generator]:
+async def pipeline(model: onnx.ModelProto, seen: list[Infer] | None = None, *,
+                   per_client: int = SEQUENCES) -> AsyncIterator[Generator]:
     stages = three_stages(model)
     workers: list[StageWorker] = []
     next_hop = None
@@ -89,11 +89,14 @@ async def pipeline(model: onnx.ModelProto, seen: list[Infer] | None = None
         hop = LocalHop(f"stage-{index}", worker)
         next_hop = Tap(hop, seen) if seen is not None and index > 0 else hop
     assert next_hop is not None
-    generator = Generator(next_hop, GenerationLimits(CONTEXT, SEQUENCES, None),  # type: ignore[arg-type]
+    generator = Generator(next_hop, GenerationLimits(CONTEXT, SEQUENCES, None,  # type: ignore[arg-type]
+                                                     max_per_client=per_client),
                           max_inflight=3, timeout_s=60)
     try:
         yield generator
     finally:
+        await asyncio.sleep(0.05)  # the last releases reach the stages
+        await generator.close()
         for worker in workers:
             await worker.stop()
 
@@ -201,6 +204,30 @@ def test_limits_are_answered_not_crashed() -> None:
                 await stream.aclose()
             await asyncio.sleep(0.2)  # the releases reach every stage
             assert len(await collect(generator, prompt_of(8, 99), 2, SamplingParams())) == 2
+
+    asyncio.run(run())
+
+
+def test_one_client_cannot_hold_every_sequence() -> None:
+    """Past its share (half the slots by default), a client's next sequence is refused while
+    another client's is served."""
+    model = zoo_decoder()
+
+    async def run() -> None:
+        async with pipeline(model, per_client=0) as generator:
+            assert generator.limits.per_client == SEQUENCES // 2
+            streams = [generator.generate(prompt_of(8, k), max_tokens=100, client="hog",
+                                          sampling=SamplingParams()) for k in range(4)]
+            for stream in streams:
+                await anext(stream)
+            with pytest.raises(Unavailable, match="as many as one client may"):
+                await anext(generator.generate(prompt_of(8, 9), max_tokens=2, client="hog",
+                                               sampling=SamplingParams()))
+            other = [t async for t in generator.generate(
+                prompt_of(8, 9), max_tokens=2, client="other", sampling=SamplingParams())]
+            assert isinstance(other[-1], Finished) and len(other) == 3
+            for stream in streams:
+                await stream.aclose()
 
     asyncio.run(run())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from smlaas.export.stage_memory import median_working_set_error, unmeasured_reason
+from smlaas.export.tolerance import NOISE_FACTOR
 from smlaas.export.verify import VerificationReport
 from smlaas.graph.splitting import SPLIT_NOTE, SplitAxis, SplitOperator
 from smlaas.plan.cost_model import MIB
@@ -71,6 +72,7 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
         "",
     ]
     lines += _split_lines(plan)
+    lines += _generation_lines(plan)
     lines += _working_set_lines(plan)
     errors = prediction_errors(plan)
     if errors:
@@ -111,7 +113,13 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                   "of the least precise float type among itself and the cut tensors it "
                   "depends on: float16/bfloat16 get rtol = 10 eps and atol = 1 eps x "
                   "max|expected|, because ONNX Runtime keeps such intermediates in float32 "
-                  "inside one session and rounds them only where they cross a cut.", ""]
+                  "inside one session and rounds them only where they cross a cut. The layers "
+                  "after a cut can amplify that rounding, as they amplify any change of "
+                  "execution in the whole model, so such outputs get atol at least "
+                  f"{NOISE_FACTOR:g} x the whole model's own spread: its largest deviation "
+                  "from reference execution under full optimisations, another thread count "
+                  "and with every intermediate rounded to its type (the tolerance column "
+                  "gives the spread measured).", ""]
     lines += ["![per-node time and memory, cuts and the EPC line](report.png)", ""]
     return "\n".join(lines)
 
@@ -243,3 +251,24 @@ def render_plot(plan: Plan, node_ms: np.ndarray, live_bytes: np.ndarray, path: P
     fig.subplots_adjust(left=0.07, right=0.8, top=0.93, bottom=0.06)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _generation_lines(plan: Plan) -> list[str]:
+    """A decoder's KV caches: what each stage keeps, and how many sequences of what length
+    fit."""
+    generation = plan.generation
+    if generation is None:
+        return []
+    lines = ["## Generation: KV caches in the stages", "",
+             f"Planned for the decode step: {generation.describe()}; each layer's cache stays "
+             f"in the stage that holds the layer (no cut carries one). Whole model, native: "
+             f"decode step of {generation.max_sequences} sequence(s) "
+             f"{generation.decode_step_ms or 0:.2f} ms, prefill of "
+             f"{generation.max_context // 2} tokens {generation.prefill_ms or 0:.2f} ms.", "",
+             "| stage | KV caches held | cache MiB | working set MiB (predicted, caches "
+             "included) | fits EPC |", "|---:|---|---:|---:|:---:|"]
+    for s in plan.stages:
+        held = ", ".join(f"`{name}`" for name in s.kv_cache) or "-"
+        lines.append(f"| {s.index} | {held} | {s.kv_cache_bytes / MIB:.1f} | "
+                     f"{s.working_set_mib:.1f} | {'yes' if plan.fits_epc(s) else '**no**'} |")
+    return [*lines, ""]

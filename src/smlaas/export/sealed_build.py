@@ -34,6 +34,7 @@ from smlaas.enclave.sealing import KEY_BYTES, OwnerKeys, seal
 from smlaas.errors import BuildDirError
 from smlaas.export.batching import batching_problem
 from smlaas.export.build_dir import PLAN_FILE, TOKENIZER_FILE, read_plan, stage_paths
+from smlaas.plan.generation import TOKENIZER_NOTE
 from smlaas.plan.plan import Plan
 from smlaas.profile.inputs import random_inputs
 from smlaas.runtime.sealed_stage import sealed_path, unseal_stage
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 SEALED_DIR = "sealed"
 DEFAULT_MAX_BATCH = 8
 SERVING_NOTE = "serving"
-TOKENIZER_NOTE = "tokenizer"
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,9 @@ def plaintext_stages(directory: Path) -> list[Path]:
 def _serving_note(plan: Plan, plaintexts: list[bytes], max_batch_size: int) -> ServingNote:
     if max_batch_size == 0:
         return ServingNote(0, "dynamic batching off (--max-batch-size 0)")
+    if plan.generation is not None:
+        return ServingNote(0, "dynamic batching off: a decoder is served by generation steps, "
+                              "which batch its sequences")
     models = [onnx.load_model_from_string(data) for data in plaintexts]
     shapes = {k: tuple(v) for k, v in plan.model.input_shapes.items()}
     problem = batching_problem(models, random_inputs(models[0], shapes))

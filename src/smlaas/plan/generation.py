@@ -13,12 +13,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from smlaas.errors import ConfigError
+import onnx
+
+from smlaas.errors import ConfigError, UnsupportedModelError
+from smlaas.graph.input_size import input_dims, model_inputs
+from smlaas.graph.kv_cache import find_kv_pairs
 
 DEFAULT_MAX_CONTEXT = 256
 DEFAULT_MAX_SEQUENCES = 4
 PREFILL_FRACTION = 2
 """The prefill is profiled for a prompt of max_context / PREFILL_FRACTION tokens."""
+TOKENIZER_NOTE = "tokenizer"
+"""``plan.notes`` key where ``smlaas seal`` puts a decoder's tokenizer.json text, its SHA-256
+and end-of-text id (see NOTE_TOKENIZER in :mod:`smlaas.export.sealed_build`)."""
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 """The inputs a decoder of the supported layout takes besides its cache."""
 
@@ -52,6 +59,40 @@ class GenerationPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationPlan:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationSizes:
+    """``--max-context`` and ``--max-sequences``: what a decoder's stages hold caches for."""
+
+    max_context: int = DEFAULT_MAX_CONTEXT
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+
+
+def decoder_input_sizes(model: onnx.ModelProto, generation: GenerationSizes, *,
+                        tokens: int = 1) -> dict[str, tuple[int, ...]]:
+    """A decoder's input sizes for a step adding ``tokens`` tokens to each of S sequences
+    that then hold T tokens (:func:`smlaas.plan.generation.decode_step_sizes`)."""
+    check_generation_sizes(generation.max_context, generation.max_sequences)
+    pairs = find_kv_pairs(model)
+    for pair in pairs:
+        if pair.batch_axis != 0:
+            raise UnsupportedModelError(f"KV cache input {pair.past!r} has its batch on axis "
+                                        f"{pair.batch_axis}; smlaas serves caches batched on "
+                                        f"axis 0")
+    return decode_step_sizes({value.name: tuple(input_dims(value))
+                              for value in model_inputs(model)},
+                             max_context=generation.max_context,
+                             max_sequences=generation.max_sequences,
+                             sequence_axes={p.past: p.sequence_axis for p in pairs},
+                             tokens=tokens)
+
+
+def decoder_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every symbolic axis of a decoder's inputs (batch, sequence, past and total length):
+    its stages serve any number of sequences, tokens and cached tokens."""
+    return {value.name: tuple(axis for axis, dim in enumerate(input_dims(value))
+                              if isinstance(dim, str)) for value in model_inputs(model)}
 
 
 def check_generation_sizes(max_context: int, max_sequences: int, *,

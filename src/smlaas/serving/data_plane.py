@@ -117,6 +117,8 @@ class GatewaySettings:
     (a host that cut the chain short gets "not ready", not wrong answers)."""
     labels: tuple[str, ...] | None = None
     """Class labels for the classification extension (index -> label)."""
+    max_sequences_per_client: int = _default("max_sequences_per_client")
+    """A decoder's sequences one client address may generate at once (0: half of them)."""
     max_json_response_bytes: int = MAX_JSON_RESPONSE_BYTES
     """What the outputs asked for as JSON may take; past it the client is told to ask for
     binary outputs (400)."""
@@ -251,7 +253,8 @@ class DataPlane:
                 try:
                     self._generation = service_from_report(
                         self._link, report, max_inflight=self.settings.max_inflight,
-                        timeout_s=self.settings.request_timeout_s)
+                        timeout_s=self.settings.request_timeout_s,
+                        max_per_client=self.settings.max_sequences_per_client)
                 except (KeyError, TypeError, ValueError) as err:
                     raise Unavailable(f"stage 0 sent a malformed generation report: "
                                       f"{err}") from err

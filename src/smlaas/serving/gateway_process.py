@@ -168,6 +168,7 @@ def run_gateway(spec: GatewaySpec) -> None:
         labels=read_labels(spec.labels_path, registration.labels_sha256),
         max_queue_delay_us=spec.max_queue_delay_us, max_inflight=spec.max_inflight,
         request_timeout_s=spec.request_timeout_s, max_queue=spec.max_queue,
+        max_sequences_per_client=spec.max_sequences_per_client,
         stage_count=sum(1 for role in registration.topology if role != GATEWAY_ROLE))
     quoted = RefreshedEvidence(lambda: attestation_evidence(
         enclave, registration.key, registration.certificate_pem, registration.ca_pem,

@@ -41,6 +41,13 @@ class GenerationLimits:
     max_context: int
     max_sequences: int
     eos_token_id: int | None = None
+    max_per_client: int = 0
+    """Sequences one client (source address) may have at once; 0: half of max_sequences
+    (at least 1), so that no client holds every slot."""
+
+    @property
+    def per_client(self) -> int:
+        return self.max_per_client or max(1, math.ceil(self.max_sequences / 2))
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Generator:
         self._waiting: list[_Sequence] = []
         self._wake = asyncio.Event()
         self._active = 0
+        self._by_client: dict[str, int] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -101,15 +109,21 @@ class Generator:
 
     async def generate(self, prompt: list[int], *, max_tokens: int,
                        sampling: SamplingParams, stop_at_eos: bool = True,
-                       timeout_s: float | None = None
+                       timeout_s: float | None = None, client: str = ""
                        ) -> AsyncIterator[int | Finished]:
         """Each new token as the last stage chooses it, then :class:`Finished`. Leaving the
-        iteration early (a client gone) ends the sequence in every stage."""
+        iteration early (a client gone) ends the sequence in every stage. ``client`` (its
+        source address) may hold ``limits.per_client`` sequences at once."""
         self.check(prompt, max_tokens)
         if self._active >= self.limits.max_sequences:
             raise Unavailable(f"{self._active} sequences are being generated, as many as this "
                               f"deployment holds; try again shortly")
+        if self._by_client.get(client, 0) >= self.limits.per_client:
+            raise Unavailable(f"this client already has {self.limits.per_client} sequence(s) "
+                              f"being generated, as many as one client may; try again when "
+                              f"one ends")
         self._active += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         left = min(max_tokens, self.limits.max_context - len(prompt))
         sequence = _Sequence(secrets.token_hex(16), list(prompt), 0, left,
                              {"temperature": sampling.temperature, "top_k": sampling.top_k,
@@ -130,9 +144,20 @@ class Generator:
                     return
         finally:
             self._active -= 1
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
             if not finished:
                 sequence.done = True
                 self._release([sequence.id])
+
+    async def close(self) -> None:
+        """Stops dispatching; steps in flight are cancelled (their sequences expire in the
+        stages)."""
+        tasks = [*self._tasks, *([self._dispatcher] if self._dispatcher else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- scheduling ------------------------------------------------------------------------
     def _start(self) -> None:
@@ -251,11 +276,11 @@ class GenerationService:
 
 
 def service_from_report(link: Hop, report: Mapping[str, Any], *, max_inflight: int,
-                        timeout_s: float) -> GenerationService:
+                        timeout_s: float, max_per_client: int = 0) -> GenerationService:
     """The service stage 0's generation report describes (ValueError if malformed)."""
     eos = report.get("eos_token_id")
     limits = GenerationLimits(int(report["max_context"]), int(report["max_sequences"]),
-                              None if eos is None else int(eos))
+                              None if eos is None else int(eos), max_per_client)
     text = report.get("tokenizer")
     tokenizer = Tokenizer.from_str(text) if isinstance(text, str) else None
     return GenerationService(Generator(link, limits, max_inflight=max_inflight,

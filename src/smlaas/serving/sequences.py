@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from smlaas.errors import GenerationError, Unavailable
-from smlaas.export.sealed_build import TOKENIZER_NOTE
 from smlaas.generation.sampling import Sampler, SamplingParams
 from smlaas.graph.kv_cache import KvPair, find_kv_pairs
+from smlaas.plan.generation import TOKENIZER_NOTE
 from smlaas.plan.plan import Plan
 from smlaas.runtime.stage_runner import StageRunner
 from smlaas.serving.protocol import Step
