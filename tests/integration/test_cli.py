@@ -127,7 +127,8 @@ def test_zoo_export_is_byte_identical(tmp_path: Path) -> None:
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 96,
                                                                                       96]
     listing = smlaas("zoo", "list", "--json", cwd=tmp_path, check=True)
-    assert len(json.loads(listing.stdout)) == 13  # gpt2_small4 joined the twelve
+    # gpt2_small4 joined the twelve, then the two KV decoders
+    assert len(json.loads(listing.stdout)) == 15
 
 
 def test_plan_compare_dp_planners_are_never_beaten(tmp_path: Path) -> None:

@@ -26,6 +26,9 @@ REFERENCE_PARAMETERS = {
     "mobilenet_v2": 3_504_872,
     "bert_base": 109_482_240,
     "gpt2_small4": 124_439_808 - 8 * 7_087_872,
+    # the KV decoders: GPT-2 small's layers, a byte-level vocabulary of 257 for 50257
+    "gpt2_small4_kv": 124_439_808 - 8 * 7_087_872 - 50_000 * 768,
+    "gpt2_small_kv": 124_439_808 - 50_000 * 768,
 }
 
 

@@ -228,6 +228,40 @@ def receipts(model: str, clients: int, latency_requests: int, latency_blocks: in
     return 0
 
 
+@bench.command("generation")
+@click.option("--model", "-m", default="gpt2_small4_kv", show_default=True,
+              help="A decoder with a KV cache (zoo name or file).")
+@click.option("--stages", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Stages, each pinned to its own core.")
+@click.option("--streams", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent streams (and the plan's --max-sequences).")
+@click.option("--prompt", "prompt_tokens", type=click.IntRange(min=1), default=32,
+              show_default=True, help="Prompt tokens.")
+@click.option("--tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="New tokens per stream.")
+@click.option("--pin/--no-pin", default=True, show_default=True,
+              help="Pin each stage to its own core (the only mode: kept for the record).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def generation(model: str, stages: int, streams: int, prompt_tokens: int, tokens: int,
+               pin: bool, out: str | None) -> int:
+    """Generation through pinned stages against plain ONNX Runtime decoding of the whole
+    model with its KV cache, side by side in one run: time to first token, tokens/s at 1 and
+    at --streams streams, per core, and what the hops cost per token."""
+    from smlaas.bench.generation import markdown, run_generation_benchmark
+
+    if not pin:
+        raise click.UsageError("the generation benchmark always pins its stages (--pin)")
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    results = run_generation_benchmark(model=model, stages=stages, streams=streams,
+                                       prompt=prompt_tokens, tokens=tokens, say=say)
+    console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
+    _write(out, results)
+    return 0
+
+
 def _write(out: str | None, data: object) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

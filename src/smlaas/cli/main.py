@@ -39,6 +39,7 @@ COMMANDS = {
     "gramine": "gramine_cmd:gramine", "worker": "serve_cmds:worker",
     "gateway": "serve_cmds:gateway", "deploy": "deploy_cmd:deploy",
     "operator": "operator_cmd:operator", "infer": "infer_cmd:infer",
+    "generate": "generate_cmd:generate",
     "bench": "bench_cmds:bench", "receipt": "receipt_cmd:receipt",
 }
 

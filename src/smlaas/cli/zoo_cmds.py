@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import onnx
 
 from smlaas import zoo as zoo_models
 from smlaas.cli.console import console, print_json, table
-from smlaas.errors import BuildDirError
+from smlaas.errors import BuildDirError, ZooError
 from smlaas.graph import fix_input_sizes, parse_input_sizes, resolve_input_sizes
 
 
@@ -26,12 +27,18 @@ def zoo_list(as_json: bool) -> int:
     entries = zoo_models.list_models()
     if as_json:
         print_json([{"name": e.name, "description": e.description,
-                     "default_input_size": list(e.default_input_size)} for e in entries])
+                     "default_input_size": list(e.default_input_size),
+                     "kv_cache": e.is_decoder} for e in entries])
         return 0
     console.print(table("smlaas zoo", ["name", "default input", "description"],
-                        [[e.name, ",".join(map(str, e.default_input_size)), e.description]
-                         for e in entries]))
+                        [[e.name, _default_input(e), e.description] for e in entries]))
     return 0
+
+
+def _default_input(entry: zoo_models.ZooModel) -> str:
+    if entry.is_decoder:
+        return "symbolic"
+    return ",".join(map(str, entry.default_input_size))
 
 
 @zoo_group.command("export")
@@ -41,8 +48,12 @@ def zoo_list(as_json: bool) -> int:
 @click.option("--input-size", "--input_size", "input_size", default=None,
               help="Fix the input shape, e.g. 1,3,224,224 (default: symbolic batch).")
 def zoo_export(name: str, output: str, input_size: str | None) -> int:
-    """Write zoo model NAME as an ONNX file (byte-identical on every run)."""
+    """Write zoo model NAME as an ONNX file (byte-identical on every run); a text generator's
+    tokenizer.json goes next to it."""
     entry = zoo_models.get(name)
+    if entry.is_decoder and input_size:
+        raise ZooError(f"{name} is a KV-cache decoder whose batch and sequence axes stay "
+                       f"symbolic; export it without --input-size")
     sizes = parse_input_sizes([input_size]) if input_size else {}
     model = entry.build(sizes.get("") if sizes else None)
     if sizes:
@@ -50,12 +61,22 @@ def zoo_export(name: str, output: str, input_size: str | None) -> int:
     path = Path(output)
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise BuildDirError(f"cannot write {path}: {path.parent} is not a writable directory")
+    _write_atomically(path, lambda tmp: onnx.save(model, str(tmp)))
+    also = ""
+    if entry.tokenizer_json is not None:
+        text = entry.tokenizer_json()
+        tokenizer_path = path.with_name("tokenizer.json")
+        _write_atomically(tokenizer_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        also = f" and its tokenizer {tokenizer_path}"
+    console.print(f"wrote {path} ({zoo_models.count_parameters(model):,} parameters, "
+                  f"{path.stat().st_size / 2**20:.1f} MiB){also}")
+    return 0
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        onnx.save(model, str(tmp))
+        write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    console.print(f"wrote {path} ({zoo_models.count_parameters(model):,} parameters, "
-                  f"{path.stat().st_size / 2**20:.1f} MiB)")
-    return 0

@@ -24,16 +24,23 @@ import asyncio
 import base64
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from smlaas.client.generate import (
+    Generation,
+    GenerationPiece,
+    generate_request,
+    parse_generation,
+    stream_pieces,
+)
 from smlaas.client.release_check import ReleaseCheck
 from smlaas.coordinator.release import Release
 from smlaas.enclave.attestation import attest as attest_evidence
@@ -213,13 +220,13 @@ class InferenceClient(_ClientCore):
         self._http.close()
 
     def _send(self, method: str, path: str, *, timeout_s: float | None = None,
-              **kwargs: Any) -> httpx.Response:
+              stream: bool = False, **kwargs: Any) -> httpx.Response:
         if path != ATTESTATION_PATH and self._needs_attestation():
             assert self.policy is not None  # checked in __init__
             self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
         try:
-            return self._http.request(method, path, timeout=timeout_s or self.timeout_s,
-                                      **kwargs)
+            return self._http.send(self._http.build_request(
+                method, path, timeout=timeout_s or self.timeout_s, **kwargs), stream=stream)
         except httpx.HTTPError as err:
             raise self._transport_error(err) from err
 
@@ -245,6 +252,32 @@ class InferenceClient(_ClientCore):
                                             content=body, headers=headers,
                                             timeout_s=timeout_s))
         return _result(body, response, receipts=self.receipts)
+
+    @overload
+    def generate(self, prompt: str | list[int], *, max_tokens: int = ...,
+                 temperature: float = ..., top_k: int = ..., top_p: float = ...,
+                 seed: int | None = ..., stream: Literal[False] = ...) -> Generation: ...
+
+    @overload
+    def generate(self, prompt: str | list[int], *, max_tokens: int = ...,
+                 temperature: float = ..., top_k: int = ..., top_p: float = ...,
+                 seed: int | None = ..., stream: Literal[True]) -> Iterator[GenerationPiece]: ...
+
+    def generate(self, prompt: str | list[int], *, max_tokens: int = 16,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, stream: bool = False
+                 ) -> Generation | Iterator[GenerationPiece]:
+        """New tokens after ``prompt`` (text, or token ids), greedy by default; with
+        ``stream``, an iterator of pieces as they arrive (closing it early ends the
+        generation). See :mod:`smlaas.client.generate`."""
+        body = generate_request(prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        path = f"/v2/models/{self.model}/generate" + ("_stream" if stream else "")
+        response = self._send("POST", path, json=body, stream=stream)
+        if not stream:
+            return parse_generation(self._checked(response).json())
+        return stream_pieces(response, checked=self._checked,
+                             transport_error=self._transport_error)
 
     def evidence(self) -> bytes:
         """The evidence the gateway's receipts refer to (CBOR; see :mod:`smlaas.receipts`)."""

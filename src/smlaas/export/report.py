@@ -104,7 +104,7 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                   "|---|---|---:|---:|---|:---:|"]
         for o in verification.outputs:
             lines.append(f"| `{o.name}` | {list(o.shape)} | {o.max_abs_error:.3g} | "
-                         f"{o.max_rel_error:.3g} | {o.tolerance or '-'} | "
+                         f"{o.max_rel_error:.3g} | {_table_cell(o.tolerance)} | "
                          f"{'yes' if o.close else '**no**'} |")
         lines += ["", "The verdict uses reference execution (no graph optimisations), where the "
                   "whole model and the chain run identical kernels. With ONNX Runtime's full "
@@ -122,6 +122,11 @@ def render_markdown(plan: Plan, *, verification: VerificationReport | None,
                   "gives the spread measured).", ""]
     lines += ["![per-node time and memory, cuts and the EPC line](report.png)", ""]
     return "\n".join(lines)
+
+
+def _table_cell(text: str) -> str:
+    """``text`` for a Markdown table cell: its pipes (``max|expected|``) escaped."""
+    return text.replace("|", "\\|") or "-"
 
 
 def _working_set_lines(plan: Plan) -> list[str]:

@@ -8,21 +8,33 @@ by ~1e-5; that deviation is measured and reported too, but does not decide the v
 
 Each output is held to the tolerance of its element type and of the cut tensors it depends on
 (float16 cuts round what one session keeps in float32): see :mod:`smlaas.export.tolerance`.
+When some output is float16/bfloat16, the whole model is also run under other execution
+settings (:func:`measure_model_noise`) and such outputs are held to at least NOISE_FACTOR
+times its own spread; float32 verification runs nothing more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from smlaas.errors import ProfileError
 from smlaas.export.chain import Chain, StageRunner
-from smlaas.export.tolerance import Tolerance, describe_tolerances, output_tolerances
+from smlaas.export.tolerance import (
+    ModelNoise,
+    Tolerance,
+    describe_tolerances,
+    output_tolerances,
+    with_model_noise,
+)
 from smlaas.profile.inputs import random_inputs
-from smlaas.profile.session import Optimization
+from smlaas.profile.session import Optimization, create_session, run_session
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -73,6 +85,16 @@ class VerificationReport:
         if not self.tolerances or all(not t.scaled_atol for t in self.tolerances.values()):
             return f"rtol {self.rtol:g}, atol {self.atol:g}"
         return "tolerances " + describe_tolerances(self.tolerances)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything ``smlaas verify --json`` prints, on a match and on a mismatch."""
+        return {"ok": self.ok, "summary": self.summary(), "max_abs_error": self.max_abs_error,
+                "max_rel_error": self.max_rel_error, "rtol": self.rtol, "atol": self.atol,
+                "stages": self.stage_count, "seeds": list(self.seeds),
+                "mismatched": [o.name for o in self.outputs if not o.close],
+                "outputs": [asdict(o) for o in self.outputs],
+                "served": [asdict(o) for o in self.served],
+                "tolerances": {name: t.to_dict() for name, t in self.tolerances.items()}}
 
     def summary(self) -> str:
         verdict = "MATCH" if self.ok else "MISMATCH"
@@ -127,18 +149,98 @@ def verify_chain(whole_model: onnx.ModelProto | str | Path,
                  atol: float = DEFAULT_ATOL, served: bool = True,
                  samples: Mapping[str, np.ndarray] | None = None) -> VerificationReport:
     """Runs the whole model and the chain on the same seeded inputs (``samples`` where
-    given) and compares outputs (see the module docstring for the two execution modes)."""
+    given) and compares outputs (see the module docstring for the two execution modes).
+    Low-precision outputs are held to at least NOISE_FACTOR x the whole model's own spread
+    (:func:`measure_model_noise`)."""
     proto = _structure(whole_model)
     tolerances = output_tolerances([_structure(m) for m in stage_models], rtol=rtol, atol=atol)
-    reference = _compare(whole_model, stage_models, proto, input_shapes, threads=threads,
-                         seeds=seeds, tolerances=tolerances, optimization=Optimization.NONE,
-                         samples=samples)
-    optimized = _compare(whole_model, stage_models, proto, input_shapes, threads=threads,
-                         seeds=seeds[:1], tolerances=tolerances,
-                         optimization=Optimization.ALL, samples=samples) if served else []
+    feeds = [random_inputs(proto, input_shapes, seed=seed, samples=samples) for seed in seeds]
+    expected = _run_whole(whole_model, feeds, threads=threads,
+                          optimization=Optimization.NONE)
+    if any(t.low_precision for t in tolerances.values()):
+        tolerances = with_model_noise(tolerances, measure_model_noise(
+            whole_model, feeds, expected, threads=threads))
+    reference = _compare(expected, stage_models, feeds, threads=threads,
+                         tolerances=tolerances, optimization=Optimization.NONE)
+    optimized = _compare(
+        _run_whole(whole_model, feeds[:1], threads=threads, optimization=Optimization.ALL),
+        stage_models, feeds[:1], threads=threads, tolerances=tolerances,
+        optimization=Optimization.ALL) if served else []
     return VerificationReport(outputs=reference, seeds=list(seeds), rtol=rtol, atol=atol,
                               stage_count=len(stage_models), served=optimized,
                               tolerances=tolerances)
+
+
+def other_thread_count(threads: int) -> int:
+    """The intra-op thread count the noise is also measured at: 1, or 2 when ``threads``
+    is 1 (ONNX Runtime splits some reductions by thread)."""
+    return 2 if threads == 1 else 1
+
+
+def measure_model_noise(whole_model: onnx.ModelProto | str | Path,
+                        feeds: Sequence[Mapping[str, np.ndarray]],
+                        expected: Sequence[Mapping[str, np.ndarray]], *, threads: int
+                        ) -> dict[str, ModelNoise]:
+    """Per output, how far the whole model moves from ``expected`` (its reference execution:
+    no graph optimisations, ``threads`` threads, on ``feeds``) when only the execution
+    changes: full optimisations, the other thread count at both levels, and every
+    intermediate stored in its own type (float16 rounded as a float16 kernel stores it).
+    The last is skipped when ONNX Runtime cannot run the model that way."""
+    other = other_thread_count(threads)
+    spread: dict[str, float] = dict.fromkeys(expected[0] if expected else (), 0.0)
+    for optimization, count in ((Optimization.ALL, threads), (Optimization.NONE, other),
+                                (Optimization.ALL, other)):
+        _widen(spread, expected, _run_whole(whole_model, feeds, threads=count,
+                                            optimization=optimization))
+    sources = ["optimisation levels", "thread counts"]
+    try:
+        stored = _run_whole(_stored_intermediates(whole_model), feeds, threads=threads,
+                            optimization=Optimization.NONE, outputs=list(spread))
+    except ProfileError:
+        pass  # e.g. an intermediate ONNX Runtime cannot return; the others still count
+    else:
+        _widen(spread, expected, stored)
+        sources.append("intermediate rounding")
+    return {name: ModelNoise(value, _peak(run[name] for run in expected), tuple(sources))
+            for name, value in spread.items()}
+
+
+def _stored_intermediates(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """``model`` with every node output also a graph output. ONNX Runtime's CPU provider
+    then stores each float16 intermediate as float16 instead of keeping it in float32
+    between neighbouring float32-only kernels: the model as a chain cut at every node
+    computes it. Holds every intermediate until the run ends (memory of all activations)."""
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
+    names = {value.name for value in stored.graph.output}
+    for node in stored.graph.node:
+        for name in node.output:
+            if name and name not in names:
+                names.add(name)
+                stored.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return stored
+
+
+def _widen(spread: dict[str, float], expected: Sequence[Mapping[str, np.ndarray]],
+           runs: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Raises ``spread[name]`` to the largest finite |run - expected| of each output."""
+    for want, got in zip(expected, runs):
+        for name in spread:
+            a, b = want[name], got.get(name)
+            if b is None or a.shape != b.shape or a.dtype == object or b.dtype == object:
+                continue
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            finite = diff[np.isfinite(diff)]
+            spread[name] = max(spread[name], float(finite.max(initial=0.0)))
+
+
+def _peak(arrays: Iterable[np.ndarray]) -> float:
+    peak = 0.0
+    for array in arrays:
+        if array.dtype != object:
+            values = np.abs(array.astype(np.float64))
+            peak = max(peak, float(values[np.isfinite(values)].max(initial=0.0)))
+    return peak
 
 
 def _structure(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -146,19 +248,30 @@ def _structure(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         onnx.load(str(model), load_external_data=False)
 
 
-def _compare(whole_model: onnx.ModelProto | str | Path,
-             stage_models: Sequence[onnx.ModelProto | str | Path], proto: onnx.ModelProto,
-             input_shapes: Mapping[str, tuple[int, ...]], *, threads: int,
-             seeds: Sequence[int], tolerances: Mapping[str, Tolerance],
-             optimization: Optimization, samples: Mapping[str, np.ndarray] | None
+def _run_whole(model: onnx.ModelProto | str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+               *, threads: int, optimization: Optimization, outputs: list[str] | None = None
+               ) -> list[dict[str, np.ndarray]]:
+    """The whole model's outputs on each of ``feeds`` (only ``outputs`` when given)."""
+    if outputs is None:
+        whole = StageRunner(model, threads=threads, optimization=optimization,
+                            label="whole model")
+        return [whole.run(feed) for feed in feeds]
+    session = create_session(model, threads=threads, optimization=optimization)
+    declared = {value.name for value in session.get_inputs()}
+    return [dict(zip(outputs, (np.asarray(r) for r in run_session(
+        session, {k: v for k, v in feed.items() if k in declared}, outputs))))
+        for feed in feeds]
+
+
+def _compare(expected: Sequence[Mapping[str, np.ndarray]],
+             stage_models: Sequence[onnx.ModelProto | str | Path],
+             feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int,
+             tolerances: Mapping[str, Tolerance], optimization: Optimization
              ) -> list[OutputComparison]:
-    whole = StageRunner(whole_model, threads=threads, optimization=optimization,
-                        label="whole model")
     chain = Chain(stage_models, threads=threads, optimization=optimization)
     merged: dict[str, OutputComparison] = {}
-    for seed in seeds:
-        feeds = random_inputs(proto, input_shapes, seed=seed, samples=samples)
-        for item in compare_outputs(whole.run(feeds), chain.run(feeds), rtol=DEFAULT_RTOL,
+    for want, feed in zip(expected, feeds):
+        for item in compare_outputs(want, chain.run(feed), rtol=DEFAULT_RTOL,
                                     atol=DEFAULT_ATOL, tolerances=tolerances):
             previous = merged.get(item.name)
             merged[item.name] = item if previous is None else OutputComparison(

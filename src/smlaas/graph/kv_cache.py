@@ -53,6 +53,10 @@ _PRESENT_NAMES = (
 )
 
 
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""What a decoder of the supported layout takes besides its cache."""
+
 @dataclass(frozen=True)
 class TensorSignature:
     """A graph input's or output's name, dimensions and ONNX element type."""

@@ -17,7 +17,7 @@ import onnx
 
 from smlaas.errors import ConfigError, UnsupportedModelError
 from smlaas.graph.input_size import input_dims, model_inputs
-from smlaas.graph.kv_cache import find_kv_pairs
+from smlaas.graph.kv_cache import TOKEN_INPUTS, find_kv_pairs
 
 DEFAULT_MAX_CONTEXT = 256
 DEFAULT_MAX_SEQUENCES = 4
@@ -26,8 +26,6 @@ PREFILL_FRACTION = 2
 TOKENIZER_NOTE = "tokenizer"
 """``plan.notes`` key where ``smlaas seal`` puts a decoder's tokenizer.json text, its SHA-256
 and end-of-text id (see NOTE_TOKENIZER in :mod:`smlaas.export.sealed_build`)."""
-TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-"""The inputs a decoder of the supported layout takes besides its cache."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from smlaas.serving.data_plane import (
     GatewaySettings,
     ModelSpecs,
 )
+from smlaas.serving.generate_api import add_generate_routes
 from smlaas.serving.hop import Hop
 from smlaas.serving.http_bodies import BodyBudget
 from smlaas.serving.http_limits import CONNECTION_EXTENSION
@@ -101,6 +102,7 @@ def create_app(settings: GatewaySettings, link: Hop, *,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.plane = plane
     RestEndpoints(plane).register(app)
+    add_generate_routes(app, plane)
     return app
 
 

@@ -4,6 +4,8 @@
 >>> model = zoo.build_model("resnet18")            # symbolic batch, 3x224x224
 >>> zoo.get("inception_v3").default_input_size
 (1, 3, 299, 299)
+>>> zoo.get("gpt2_small4_kv").is_decoder           # every axis symbolic; ships a tokenizer
+True
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from smlaas.errors import ZooError
 from smlaas.zoo.bert import build_bert_base
 from smlaas.zoo.builder import count_parameters
 from smlaas.zoo.densenet import build_densenet
-from smlaas.zoo.gpt2 import build_gpt2
+from smlaas.zoo.gpt2 import GPT2Config, build_gpt2
+from smlaas.zoo.gpt2_kv import build_gpt2_kv
 from smlaas.zoo.inception import build_inception_v3
 from smlaas.zoo.mobilenet import build_mobilenet_v1, build_mobilenet_v2
 from smlaas.zoo.resnet import build_resnet
+from smlaas.zoo.tokenizer import VOCAB_SIZE, tokenizer_json
 from smlaas.zoo.vgg import build_vgg
 
 __all__ = ["ZooModel", "build_model", "count_parameters", "get", "list_models", "ZOO_PREFIX"]
@@ -38,15 +42,23 @@ class ZooModel:
     name: str
     description: str
     default_input_size: tuple[int, ...]
+    """Empty for a KV-cache decoder, whose axes are all symbolic."""
     _builder: Callable[[int], onnx.ModelProto]
     """Builds the model for one size parameter (image side, or sequence length)."""
+    tokenizer_json: Callable[[], str] | None = None
+    """The text of the ``tokenizer.json`` a text generator ships with; None for the others."""
+    is_decoder: bool = False
+    """A decoder with past key/value inputs and present outputs (``smlaas.graph.kv_cache``)."""
 
     @property
     def is_sequence_model(self) -> bool:
-        return len(self.default_input_size) == 2
+        return len(self.default_input_size) == 2 or self.is_decoder
 
     def size_parameter(self, input_size: Sequence[int] | None) -> int:
-        """The image side or sequence length an --input-size asks for (validated)."""
+        """The image side or sequence length an --input-size asks for (validated); 0 for a
+        KV-cache decoder, which takes any input size (its builder has no size parameter)."""
+        if self.is_decoder:
+            return 0
         if input_size is None:
             return self.default_input_size[-1]
         size = tuple(input_size)
@@ -66,7 +78,8 @@ class ZooModel:
         return size[-1]
 
     def build(self, input_size: Sequence[int] | None = None) -> onnx.ModelProto:
-        """The model with a symbolic batch dimension; other dims follow ``input_size``."""
+        """The model with a symbolic batch dimension; other dims follow ``input_size``
+        (which a KV-cache decoder ignores: its sequence axes are symbolic too)."""
         return self._builder(self.size_parameter(input_size))
 
 
@@ -85,6 +98,14 @@ _ENTRIES: dict[str, ZooModel] = {}
 def _register(name: str, description: str, default: tuple[int, ...],
               builder: Callable[[int], onnx.ModelProto]) -> None:
     _ENTRIES[name] = ZooModel(name, description, default, builder)
+
+
+def _register_kv_decoder(name: str, description: str, config: GPT2Config) -> None:
+    def build(_size: int) -> onnx.ModelProto:
+        return build_gpt2_kv(name, config)
+
+    _ENTRIES[name] = ZooModel(name, description, (), build, tokenizer_json=tokenizer_json,
+                              is_decoder=True)
 
 
 for _name in ("resnet18", "resnet50", "resnet152"):
@@ -106,6 +127,12 @@ _register("bert_base", "BERT-base encoder: 12 layers, hidden 768, two int64 inpu
           (1, 128), partial(build_bert_base, "bert_base"))
 _register("gpt2_small4", "GPT-2 small cut to 4 layers, LM head tied to the 50257x768 "
           "embedding (one int64 input)", (1, 128), partial(build_gpt2, "gpt2_small4"))
+_register_kv_decoder("gpt2_small4_kv", "GPT-2 small cut to 4 layers for text generation: KV "
+                     "cache inputs/outputs, byte-level tokenizer (257 tokens)",
+                     GPT2Config(layers=4, vocab_size=VOCAB_SIZE))
+_register_kv_decoder("gpt2_small_kv", "GPT-2 small (12 layers) for text generation: KV cache "
+                     "inputs/outputs, byte-level tokenizer (257 tokens)",
+                     GPT2Config(vocab_size=VOCAB_SIZE))
 
 
 def list_models() -> list[ZooModel]:

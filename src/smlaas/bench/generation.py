@@ -1,0 +1,224 @@
+"""``smlaas bench generation``: token generation through the enclave pipeline against plain ONNX
+Runtime decoding of the whole model with its KV cache, side by side in one run.
+
+- plain: the whole decoder in this process, 1 intra-op thread on a thread pinned to core 0;
+  one stream, then ``streams`` prompts decoded as one left-padded batch (its best case);
+- smlaas: the decoder partitioned into ``stages`` stages (dp-throughput on native time), sealed,
+  deployed on the sim backend with each stage pinned to its own core (``--pin``), the gateway
+  and clients on whatever cores are left (on a 2-core machine: shared), asked over HTTPS with
+  the generate_stream endpoint (server-sent events).
+
+Reported: time to first token (a ``prompt``-token prompt), tokens/s with 1 and with
+``streams`` concurrent streams, tokens/s per core used (plain: 1; smlaas: its stage cores),
+and what the hops cost per token: the gateway's time per decode step minus the stages' own
+session time for it (from the stages' run-time counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+from smlaas.bench.serving import deploy_settings
+from smlaas.deploy.deployment import Deployment
+from smlaas.deploy.launchers import LocalLauncher
+from smlaas.export.build_dir import read_plan
+from smlaas.export.sealed_build import seal_build
+from smlaas.generation.reference import decode_batch
+from smlaas.generation.sampling import SamplingParams
+from smlaas.partition import PlanOptions, partition
+from smlaas.plan import Planner, preset
+from smlaas.plan.generation import GenerationSizes
+from smlaas.profile import ProfileCache, ProfileSettings, machine_id
+from smlaas.serving.data_plane import PROBE_INTERVAL_S
+from smlaas.zoo import build_model
+
+
+def _prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, length).tolist() for _ in range(count)]
+
+
+def _plain_session(model: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(build_model(model).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _on_core(core: int, work: Callable[[], Any]) -> Any:
+    """Runs ``work`` on a thread pinned to ``core``; its result."""
+    out: list[Any] = []
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {core})
+        out.append(work())
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def plain_figures(model: str, prompts: list[list[int]], tokens: int, core: int
+                  ) -> dict[str, float]:
+    session = _plain_session(model)
+    greedy = SamplingParams()
+
+    def measure() -> dict[str, float]:
+        decode_batch(session, prompts[:1], 4, greedy)  # warm up
+        start = time.perf_counter()
+        decode_batch(session, prompts[:1], 1, greedy)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        one = decode_batch(session, prompts[:1], tokens, greedy)
+        single = len(one[0]) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        many = decode_batch(session, prompts, tokens, greedy)
+        batched = sum(len(t) for t in many) / (time.perf_counter() - start)
+        return {"ttft_ms": ttft * 1e3, "tokens_per_s_1": single,
+                "tokens_per_s_many": batched, "cores": 1}
+
+    return dict(_on_core(core, measure))
+
+
+async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], tokens: int
+                  ) -> tuple[float, int, float]:
+    """(time to first token, tokens, total seconds) of one generate_stream call."""
+    body = {"input_ids": prompt, "parameters": {"max_tokens": tokens, "temperature": 0,
+                                                "stop": False}}
+    start = time.perf_counter()
+    first, count = 0.0, 0
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"generate_stream answered {response.status_code}: "
+                               f"{(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"generation failed: {event['error']}")
+            got = len(event.get("output_ids") or [])
+            if got and not count:
+                first = time.perf_counter() - start
+            count += got
+    return first, count, time.perf_counter() - start
+
+
+def smlaas_figures(dep: Deployment, prompts: list[list[int]], tokens: int
+                   ) -> dict[str, float]:
+    url = f"{dep.url}/v2/models/{dep.model_name}/generate_stream"
+
+    async def run() -> dict[str, float]:
+        context = ssl.create_default_context(cafile=str(dep.ca_path))
+        async with httpx.AsyncClient(verify=context, timeout=300) as client:
+            await _stream(client, url, prompts[0], 4)  # warm up
+            ttfts = [(await _stream(client, url, prompts[0], 1))[0] for _ in range(5)]
+            before = await _stage_run_seconds(client, dep.url)
+            _, count, seconds = await _stream(client, url, prompts[0], tokens)
+            single = count / seconds
+            # the stages' counters reach the gateway's metrics with its next probe
+            await asyncio.sleep(PROBE_INTERVAL_S + 1.0)
+            staged = await _stage_run_seconds(client, dep.url) - before
+            start = time.perf_counter()
+            results = await asyncio.gather(*(_stream(client, url, p, tokens)
+                                             for p in prompts))
+            many = sum(r[1] for r in results) / (time.perf_counter() - start)
+        return {"ttft_ms": statistics.median(ttfts) * 1e3, "tokens_per_s_1": single,
+                "tokens_per_s_many": many,
+                "stage_ms_per_token": staged / count * 1e3,
+                "hop_ms_per_token": (seconds - staged) / count * 1e3}
+
+    return asyncio.run(run())
+
+
+def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
+                             streams: int = 8, prompt: int = 32, tokens: int = 64,
+                             max_context: int = 256, say: Callable[[str], None] = print
+                             ) -> dict[str, Any]:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < stages:
+        raise RuntimeError(f"--pin needs a core per stage: {stages} stages, {len(cores)} "
+                           f"cores")
+    prompts = _prompts(streams, prompt)
+    results: dict[str, Any] = {
+        "model": model, "stages": stages, "streams": streams, "prompt_tokens": prompt,
+        "new_tokens": tokens, "cores": len(cores),
+        "machine": {"id": machine_id(), "cpu": platform.processor(),
+                    "onnxruntime": ort.__version__}}
+    say(f"plain ONNX Runtime, 1 thread on core {cores[0]} ...")
+    results["plain"] = plain_figures(model, prompts, tokens, cores[0])
+    say(f"plain: {_line(results['plain'])}")
+    with tempfile.TemporaryDirectory(prefix="smlaas-bench-generation-") as tmp:
+        root = Path(tmp)
+        build = root / "build"
+        partition(model, build, cost_model=preset("native"),
+                  options=PlanOptions(Planner.DP_THROUGHPUT, stages, False),
+                  settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=3),
+                  cache=ProfileCache(), verify=False, measure_memory=False,
+                  generation=GenerationSizes(max_context, streams))
+        keys = root / "keys.json"
+        seal_build(build, keys)
+        settings = deploy_settings(build, keys, root, threads=1, batching=False, pin=True,
+                                   gateway_options={"max_sequences_per_client": streams})
+        with Deployment(settings, LocalLauncher(settings.state_dir / "logs"),
+                        progress=say) as dep:
+            figures = smlaas_figures(dep, prompts, tokens)
+        figures["stages"] = len(read_plan(build).stages)
+        figures["cores"] = figures["stages"]
+    results["smlaas"] = figures
+    plain_per_core = results["plain"]["tokens_per_s_many"] / results["plain"]["cores"]
+    results["per_core_ratio"] = figures["tokens_per_s_many"] / figures["cores"] / plain_per_core
+    say(f"smlaas ({figures['stages']} stages pinned): {_line(figures)}; per core "
+        f"{results['per_core_ratio']:.2f}x plain; per token at 1 stream: stages "
+        f"{figures['stage_ms_per_token']:.2f} ms, hops and gateway "
+        f"{figures['hop_ms_per_token']:.2f} ms")
+    return results
+
+
+async def _stage_run_seconds(client: httpx.AsyncClient, url: str) -> float:
+    """The stages' session time so far (their run-time counters, from the gateway's
+    metrics, as of its last probe)."""
+    text = (await client.get(f"{url}/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("smlaas_stage_run_seconds_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _line(figures: dict[str, float]) -> str:
+    return (f"time to first token {figures['ttft_ms']:.1f} ms, {figures['tokens_per_s_1']:.1f} "
+            f"tokens/s at 1 stream, {figures['tokens_per_s_many']:.1f} tokens/s at many")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    plain, ours = results["plain"], results["smlaas"]
+    return "\n".join([
+        f"| setup | cores | time to first token ms | tokens/s, 1 stream | tokens/s, "
+        f"{results['streams']} streams | per core |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| plain ONNX Runtime, whole model with KV cache (1 thread) | 1 | "
+        f"{plain['ttft_ms']:.1f} | {plain['tokens_per_s_1']:.1f} | "
+        f"{plain['tokens_per_s_many']:.1f} | {plain['tokens_per_s_many']:.1f} |",
+        f"| smlaas, {ours['stages']} stages pinned (sim) | {ours['cores']} | "
+        f"{ours['ttft_ms']:.1f} | {ours['tokens_per_s_1']:.1f} | "
+        f"{ours['tokens_per_s_many']:.1f} | "
+        f"{ours['tokens_per_s_many'] / ours['cores']:.1f} |",
+    ])
