@@ -130,10 +130,11 @@ def smlaas_figures(dep: Deployment, prompts: list[list[int]], tokens: int
         async with httpx.AsyncClient(verify=context, timeout=300) as client:
             await _stream(client, url, prompts[0], 4)  # warm up
             ttfts = [(await _stream(client, url, prompts[0], 1))[0] for _ in range(5)]
+            # the stages' counters reach the gateway's metrics with its next probe
+            await asyncio.sleep(PROBE_INTERVAL_S + 1.0)
             before = await _stage_run_seconds(client, dep.url)
             _, count, seconds = await _stream(client, url, prompts[0], tokens)
             single = count / seconds
-            # the stages' counters reach the gateway's metrics with its next probe
             await asyncio.sleep(PROBE_INTERVAL_S + 1.0)
             staged = await _stage_run_seconds(client, dep.url) - before
             start = time.perf_counter()
@@ -150,8 +151,8 @@ def smlaas_figures(dep: Deployment, prompts: list[list[int]], tokens: int
 
 def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
                              streams: int = 8, prompt: int = 32, tokens: int = 64,
-                             max_context: int = 256, say: Callable[[str], None] = print
-                             ) -> dict[str, Any]:
+                             max_context: int = 256, max_inflight: int | None = None,
+                             say: Callable[[str], None] = print) -> dict[str, Any]:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < stages:
         raise RuntimeError(f"--pin needs a core per stage: {stages} stages, {len(cores)} "
@@ -176,11 +177,13 @@ def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
         keys = root / "keys.json"
         seal_build(build, keys)
         settings = deploy_settings(build, keys, root, threads=1, batching=False, pin=True,
+                                   max_inflight=max_inflight,
                                    gateway_options={"max_sequences_per_client": streams})
         with Deployment(settings, LocalLauncher(settings.state_dir / "logs"),
                         progress=say) as dep:
             figures = smlaas_figures(dep, prompts, tokens)
         figures["stages"] = len(read_plan(build).stages)
+        figures["max_inflight"] = max_inflight or figures["stages"]
         figures["cores"] = figures["stages"]
     results["smlaas"] = figures
     plain_per_core = results["plain"]["tokens_per_s_many"] / results["plain"]["cores"]

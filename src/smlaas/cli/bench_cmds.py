@@ -239,11 +239,13 @@ def receipts(model: str, clients: int, latency_requests: int, latency_blocks: in
               show_default=True, help="Prompt tokens.")
 @click.option("--tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="New tokens per stream.")
+@click.option("--max-inflight", type=click.IntRange(min=1), default=None,
+              help="Steps in the pipeline at once [default: one per stage].")
 @click.option("--pin/--no-pin", default=True, show_default=True,
               help="Pin each stage to its own core (the only mode: kept for the record).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 def generation(model: str, stages: int, streams: int, prompt_tokens: int, tokens: int,
-               pin: bool, out: str | None) -> int:
+               max_inflight: int | None, pin: bool, out: str | None) -> int:
     """Generation through pinned stages against plain ONNX Runtime decoding of the whole
     model with its KV cache, side by side in one run: time to first token, tokens/s at 1 and
     at --streams streams, per core, and what the hops cost per token."""
@@ -256,7 +258,8 @@ def generation(model: str, stages: int, streams: int, prompt_tokens: int, tokens
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     results = run_generation_benchmark(model=model, stages=stages, streams=streams,
-                                       prompt=prompt_tokens, tokens=tokens, say=say)
+                                       prompt=prompt_tokens, tokens=tokens,
+                                       max_inflight=max_inflight, say=say)
     console.print(markdown(results), markup=False, highlight=False, soft_wrap=True)
     _write(out, results)
     return 0
