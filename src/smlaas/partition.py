@@ -5,7 +5,6 @@ This module is the only one that knows the whole sequence; each step lives in it
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import statistics
@@ -24,7 +23,6 @@ from smlaas import zoo
 from smlaas.errors import (
     ConfigError,
     InfeasiblePlanError,
-    ModelError,
     PlanError,
     VerificationError,
 )
@@ -41,6 +39,7 @@ from smlaas.export import (
     verify_chain,
 )
 from smlaas.export.build_dir import PLAN_FILE, TOKENIZER_FILE
+from smlaas.export.decoder_timing import decoder_generation_plan
 from smlaas.export.stage_memory import apply_stage_memory, measure_stage_memory
 from smlaas.export.stage_timing import measure_stages, stage_inputs
 from smlaas.graph import (
@@ -51,16 +50,13 @@ from smlaas.graph import (
     SplitBudget,
     SplitOperator,
     UnknownShapesError,
-    check_model,
-    load_model,
-    parse_input_sizes,
     prepare_model,
-    resolve_input_sizes,
     segment_memory,
     split_oversize_operators,
 )
 from smlaas.graph.dynamic_axes import parse_dynamic_axes, prepare_symbolic, symbolic_axes
 from smlaas.graph.kv_cache import find_kv_pairs
+from smlaas.model_source import ModelSource, open_model, reopen_model
 from smlaas.plan import (
     MACHINE_FILE_PLANNERS,
     CostModel,
@@ -75,11 +71,8 @@ from smlaas.plan import (
     segment_costs,
 )
 from smlaas.plan.generation import (
-    PREFILL_FRACTION,
-    GenerationPlan,
     GenerationSizes,
     decoder_axes,
-    decoder_input_sizes,
 )
 from smlaas.profile import (
     NodeProfile,
@@ -93,7 +86,6 @@ from smlaas.profile import (
     profile_nodes,
     random_inputs,
 )
-from smlaas.profile.profiler import run_times_ms
 from smlaas.profile.samples import (
     SAMPLES_FILE,
     load_sample_file,
@@ -102,84 +94,12 @@ from smlaas.profile.samples import (
     samples_digest,
     save_sample_file,
 )
-from smlaas.profile.session import create_session
 
 logger = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
     return os.cpu_count() or 1
-
-
-# -- opening models --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSource:
-    """A model as the user named it: a file or a zoo entry."""
-
-    name: str
-    source: str
-    sha256: str
-    model: onnx.ModelProto
-
-
-def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
-               sample_shapes: Mapping[str, tuple[int, ...]] | None = None,
-               generation: GenerationSizes | None = None
-               ) -> tuple[ModelSource, InputSizes]:
-    """Opens ``spec`` (a file path, or a zoo name when no such file exists) and resolves the
-    ``--input-size`` specs against its inputs; an input without one takes the shape of its
-    sample (``sample_shapes``), if any. A decoder takes the sizes of its decode step at
-    ``generation``'s sizes instead (:func:`decoder_input_sizes`)."""
-    if generation is not None and input_size_specs:
-        raise ConfigError("--max-context/--max-sequences size a decoder's inputs; drop "
-                          "--input-size")
-    sizes = parse_input_sizes(input_size_specs)
-    if sample_shapes and "" not in sizes:
-        sizes = {**{k: tuple(v) for k, v in sample_shapes.items()}, **sizes}
-    path = Path(spec)
-    if path.exists() or spec.endswith(".onnx") or os.sep in spec:
-        model = load_model(path)
-        check_model(model, source=str(path))
-        source = ModelSource(name=path.stem, source=str(path.resolve()),
-                             sha256=_file_sha256(path), model=model)
-    else:
-        entry = zoo.get(spec.removeprefix(zoo.ZOO_PREFIX))
-        size = sizes.get("") or (next(iter(sizes.values())) if sizes else None)
-        model = entry.build(None if generation is not None else size)
-        source = ModelSource(name=entry.name, source=zoo.ZOO_PREFIX + entry.name,
-                             sha256=model_digest(model), model=model)
-        if not sizes and not find_kv_pairs(model):
-            sizes = {"": entry.default_input_size}
-    if find_kv_pairs(source.model):
-        sizes = decoder_input_sizes(source.model, generation or GenerationSizes())
-    elif generation is not None:
-        raise ConfigError(f"{spec} is not a decoder with a KV cache (no past_key_values.N / "
-                          f"present.N pairs): --max-context/--max-sequences do not apply")
-    return source, resolve_input_sizes(source.model, sizes)
-
-
-def reopen_model(ref: ModelRef) -> onnx.ModelProto:
-    """The model a plan was made from, checked against the plan's hash."""
-    if ref.source.startswith(zoo.ZOO_PREFIX):
-        first_shape = next(iter(ref.input_shapes.values()))
-        entry = zoo.get(ref.source.removeprefix(zoo.ZOO_PREFIX))
-        model = entry.build(None if entry.is_decoder else first_shape)
-        digest = model_digest(model)
-    else:
-        model = load_model(ref.source)
-        digest = _file_sha256(Path(ref.source))
-    if digest != ref.sha256:
-        raise ModelError(f"{ref.source} has changed since it was partitioned (sha256 "
-                         f"{digest[:12]}... != {ref.sha256[:12]}...); partition it again")
-    return model
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- analysis --------------------------------------------------------------------------------
@@ -469,8 +389,9 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         plan = make_plan(analysis, costs, options)
         planning_ms = (time.perf_counter() - plan_start) * 1000.0
         if decoder:
-            plan = replace(plan, generation=generation_plan(
-                source.model, analysis, generation or GenerationSizes(), settings))
+            plan = replace(plan, generation=decoder_generation_plan(
+                source.model, analysis.graph, analysis.input_shapes,
+                generation or GenerationSizes(), settings))
             plan.check()
         comparison = compare_planners(analysis, costs, machines=options.machines,
                                       fit_epc=options.fit_epc, pool=options.pool)
@@ -520,26 +441,6 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
     return PartitionResult(plan=plan, build_dir=Path(build_dir), verification=verification,
                            comparison=comparison, planning_ms=planning_ms, timings_s=timings,
                            splits=analysis.splits)
-
-
-def generation_plan(model: onnx.ModelProto, analysis: Analysis, sizes: GenerationSizes,
-                    settings: ProfileSettings) -> GenerationPlan:
-    """The decoder's generation sizes, with the whole model's native time for the decode
-    step it was planned for and for a prefill of max_context / PREFILL_FRACTION tokens."""
-    session = create_session(model, threads=settings.threads)
-    prefill = decoder_input_sizes(model, GenerationSizes(sizes.max_context // PREFILL_FRACTION,
-                                                          1),
-                                  tokens=sizes.max_context // PREFILL_FRACTION)
-    timings = {}
-    for label, shapes in (("decode", analysis.input_shapes), ("prefill", prefill)):
-        feeds = random_inputs(model, shapes, seed=0)
-        timings[label] = statistics.median(run_times_ms(
-            session, feeds, warmup_runs=1, measured_runs=max(3, settings.measured_runs // 3)))
-    per_token = sum(pair.bytes_per_token() for pair in analysis.graph.kv_pairs)
-    return GenerationPlan(max_context=sizes.max_context, max_sequences=sizes.max_sequences,
-                          cache_bytes_per_token=per_token,
-                          decode_step_ms=round(timings["decode"], 3),
-                          prefill_ms=round(timings["prefill"], 3))
 
 
 def measured_refusal(plan: Plan) -> str | None:

@@ -19,13 +19,8 @@ from smlaas.errors import GenerationError, PipelineFailed, Unavailable
 from smlaas.export import StageExtractor
 from smlaas.generation.reference import decode_whole_model
 from smlaas.generation.sampling import SamplingParams
-from smlaas.partition import (
-    GenerationSizes,
-    ModelSource,
-    analyse,
-    decoder_axes,
-    decoder_input_sizes,
-)
+from smlaas.partition import ModelSource, analyse
+from smlaas.plan.generation import GenerationSizes, decoder_axes, decoder_input_sizes
 from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
 from smlaas.serving.generation import Finished, GenerationLimits, Generator
 from smlaas.serving.hop import LocalHop

@@ -107,3 +107,35 @@ def wait_for_stage_metrics(url: str, ca: Path, name: str, predicate: Any, *,
         if predicate(values) or time.monotonic() > end:
             return values
         time.sleep(0.5)
+
+
+DECODER_CONTEXT, DECODER_SEQUENCES = 128, 4
+
+
+@contextlib.contextmanager
+def decoder_deployment(root: Path, **overrides: Any) -> Iterator[Deployment]:
+    """A small GPT-2-style decoder (the zoo's layout, 3 layers) partitioned into 3 stages for
+    DECODER_SEQUENCES sequences of DECODER_CONTEXT tokens, sealed with its tokenizer and
+    deployed; the deployment's ``model_path`` is the whole model's file."""
+    from smlaas.plan.generation import GenerationSizes
+    from smlaas.zoo.gpt2 import GPT2Config
+    from smlaas.zoo.gpt2_kv import build_gpt2_kv
+    from smlaas.zoo.tokenizer import tokenizer_json
+
+    model_path = root / "tiny_kv.onnx"
+    onnx.save(build_gpt2_kv("tiny_kv", GPT2Config(layers=3, d_model=64, heads=4,
+                                                  vocab_size=257, max_positions=256)),
+              str(model_path))
+    (root / "tokenizer.json").write_text(tokenizer_json())
+    build, keys = root / "build", root / "owner-keys.json"
+    result = partition(str(model_path), build, cost_model=preset("sgx1"),
+                       options=PlanOptions(Planner.DP_THROUGHPUT, 3, True),
+                       settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
+                       verify=True, measure_memory=False,
+                       generation=GenerationSizes(DECODER_CONTEXT, DECODER_SEQUENCES))
+    assert result.plan.generation is not None and len(result.plan.stages) == 3
+    seal_build(build, keys, tokenizer=root / "tokenizer.json")
+    OwnerKey.load_or_create(owner_key_path(root))
+    with deployment(root, build, keys, **overrides) as running:
+        running.model_path = model_path  # type: ignore[attr-defined]
+        yield running

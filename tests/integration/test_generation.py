@@ -12,47 +12,21 @@ import ssl
 from pathlib import Path
 
 import httpx
-import onnx
 import onnxruntime as ort
 import pytest
 
-from smlaas.coordinator.owner import OwnerKey
-from smlaas.export.sealed_build import seal_build
 from smlaas.generation.reference import decode_whole_model
 from smlaas.generation.sampling import SamplingParams
-from smlaas.partition import GenerationSizes, PlanOptions, partition
-from smlaas.plan import Planner, preset
-from smlaas.profile import ProfileSettings
-from smlaas.zoo.gpt2 import GPT2Config
-from smlaas.zoo.gpt2_kv import build_gpt2_kv
-from smlaas.zoo.tokenizer import EOS_TOKEN_ID, byte_level_tokenizer, tokenizer_json
-from tests.integration.serving_setup import cache_env, deployment, owner_key_path
-
-CONTEXT, SEQUENCES = 128, 4
-MODEL = "tiny_kv"
+from smlaas.zoo.tokenizer import EOS_TOKEN_ID, byte_level_tokenizer
+from tests.integration.serving_setup import DECODER_CONTEXT, cache_env, decoder_deployment
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("generation")
-    model_path = root / f"{MODEL}.onnx"
-    onnx.save(build_gpt2_kv(MODEL, GPT2Config(layers=3, d_model=64, heads=4, vocab_size=257,
-                                              max_positions=256)), str(model_path))
-    (root / "tokenizer.json").write_text(tokenizer_json())
-    with cache_env(root / "cache"):
-        build, keys = root / "build", root / "owner-keys.json"
-        result = partition(str(model_path), build, cost_model=preset("sgx1"),
-                           options=PlanOptions(Planner.DP_THROUGHPUT, 3, True),
-                           settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
-                           verify=True, measure_memory=False,
-                           generation=GenerationSizes(CONTEXT, SEQUENCES))
-        assert result.plan.generation is not None and len(result.plan.stages) == 3
-        seal_build(build, keys, tokenizer=root / "tokenizer.json")
-        OwnerKey.load_or_create(owner_key_path(root))
-        with deployment(root, build, keys) as running:
-            running.model_path = model_path  # type: ignore[attr-defined]
-            running.test_cache = root / "cache"  # type: ignore[attr-defined]
-            yield running
+    with cache_env(root / "cache"), decoder_deployment(root) as running:
+        running.test_cache = root / "cache"  # type: ignore[attr-defined]
+        yield running
 
 
 def expected(model_path: Path, prompt: list[int], tokens: int) -> list[int]:
@@ -105,7 +79,7 @@ def test_generate_stream_and_openai_completions(served) -> None:
                         content=b"{not json")
         assert bad.status_code == 400
         too_long = http.post(f"{served.url}/v2/models/{served.model_name}/generate",
-                             json={"input_ids": [1] * CONTEXT,
+                             json={"input_ids": [1] * DECODER_CONTEXT,
                                    "parameters": {"max_tokens": 2}})
         assert too_long.status_code == 400, too_long.text
         assert "tokens" in json.dumps(too_long.json())
@@ -124,3 +98,12 @@ def test_smlaas_generate_cli_streams_the_tokens(served, tmp_path: Path) -> None:
         env={**os.environ, "SMLAAS_CACHE_DIR": str(served.test_cache)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["output_ids"] == want
+
+
+def test_plain_infer_on_a_decoder_is_a_clear_4xx(served) -> None:
+    context = ssl.create_default_context(cafile=str(served.ca_path))
+    with httpx.Client(verify=context, timeout=60) as http:
+        body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2],
+                            "data": [1, 2]}]}
+        answer = http.post(f"{served.url}/v2/models/{served.model_name}/infer", json=body)
+    assert 400 <= answer.status_code < 500, answer.text

@@ -15,7 +15,6 @@ from smlaas.errors import VerificationError
 from smlaas.export import read_plan
 from smlaas.export.stage_memory import median_working_set_error, working_set_summary
 from smlaas.partition import (
-    GenerationSizes,
     PlanOptions,
     analyse,
     compare_planners,
@@ -31,7 +30,7 @@ from smlaas.partition import (
     partition as run_partition,
 )
 from smlaas.plan import MACHINE_FILE_PLANNERS, PRESETS, CostModel, MachinePool, Planner, preset
-from smlaas.plan.generation import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_SEQUENCES
+from smlaas.plan.generation import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_SEQUENCES, GenerationSizes
 from smlaas.profile import ProfileCache, ProfileSettings
 from smlaas.profile.samples import load_sample_file, parse_input_values, sample_feeds
 

@@ -366,10 +366,13 @@ async def _prompt_ids(prompt: Any, service: GenerationService,
     if isinstance(prompt, str):
         encode = functools.partial(service.encode, prompt)
         return encode() if len(prompt) <= INLINE_JSON_BYTES else await plane.off_loop(encode)
+    vocabulary = service.vocabulary_size or 2**63
     if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                        and 0 <= i < 2**63 for i in prompt):
+                                        and 0 <= i < vocabulary for i in prompt):
         return list(prompt)
-    raise GenerationError("the prompt must be text or a list of token ids (integers >= 0)")
+    raise GenerationError("the prompt must be text or a list of token ids (integers >= 0"
+                          + (f" and below the vocabulary's {vocabulary})"
+                             if service.vocabulary_size else ")"))
 
 
 async def _openai_ask(body: Mapping[str, Any], service: GenerationService,

@@ -4,7 +4,7 @@ A request becomes a sequence with a random id the gateway makes (a client never 
 no client can read or extend another's). Its prompt is one step (the prefill); then each
 step adds the token the last stage chose. Sequences waiting for their next step are batched
 into one step, and the batches are kept small enough that every stage has one to work on
-(``ceil(waiting / max_inflight)`` rows each): stages work on different sequences at the same
+(``ceil(sequences / max_inflight)`` rows each): stages work on different sequences at the same
 moment (pipelining) and each step batches the decode of several. The caches stay in the
 stages (:mod:`smlaas.serving.sequences`); what travels is token ids, the attention mask and
 positions here, hidden states between stages, and one token id per row back.
@@ -175,7 +175,9 @@ class Generator:
                 if not waiting:
                     self._slots.release()
                     break
-                size = max(1, math.ceil(len(waiting) / self._inflight))
+                # a step for each pipeline slot, of the sequences being generated: groups
+                # stay together from step to step (the stages then feed their presents on)
+                size = max(1, math.ceil(self._active / self._inflight))
                 batch, rest = waiting[:size], waiting[size:]
                 self._waiting = rest + self._waiting
                 self._spawn(self._step(batch, slot_held=True))
@@ -263,6 +265,13 @@ class GenerationService:
 
     generator: Generator
     tokenizer: Tokenizer | None
+
+    @property
+    def vocabulary_size(self) -> int | None:
+        """Token ids a prompt may hold (None: no tokenizer to say)."""
+        if self.tokenizer is None:
+            return None
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

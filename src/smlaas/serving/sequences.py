@@ -6,7 +6,9 @@ bias and token ids, never a past or a present. Each pair's store is preallocated
 ``max_sequences`` sequences of ``max_context`` tokens (what the plan counted in the stage's
 working set). A step's rows may hold different numbers of tokens: their pasts are fed left-
 padded to the longest (the gateway's attention mask hides the padding), and what the step
-adds to each row is written back after that row's own tokens.
+adds to each row is written back after that row's own tokens. A group of sequences that
+steps together (the gateway keeps them together) is fed its last step's presents as they
+are, as plain decoding feeds them: the store is gathered from only when a group changes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class SequenceCache:
             self._stores[pair.past] = np.zeros(shape, dtype=dtype)
         self._slots: dict[str, _Slot] = {}
         self._free = list(range(max_sequences))[::-1]
+        self._kept: dict[tuple[str, ...], tuple[int, dict[str, np.ndarray]]] = {}
+        """Each group's last presents, by its rows: when its next step has the same rows one
+        token on, they are its pasts as they are (no gathering from the store)."""
 
     @property
     def nbytes(self) -> int:
@@ -91,6 +96,11 @@ class SequenceCache:
         for sequence in admitted:
             self._slots[sequence] = _Slot(self._free.pop(), 0, time.monotonic())
         longest = max(row.past for row in step.rows)
+        rows = tuple(row.sequence for row in step.rows)
+        kept = self._kept.pop(rows, None)
+        if kept is not None and kept[0] == longest:
+            return kept[1]
+        self._forget(set(rows))
         feeds = {}
         for pair in self.pairs:
             store = self._stores[pair.past]
@@ -118,6 +128,10 @@ class SequenceCache:
         for row in step.rows:
             slot = self._slots[row.sequence]
             slot.length, slot.touched = row.past + row.new, now
+        if step.rows:
+            self._kept[tuple(row.sequence for row in step.rows)] = (
+                longest + step.rows[0].new,
+                {pair.past: outputs[pair.present] for pair in self.pairs})
         self.end(step.ended)
 
     def end(self, sequences: tuple[str, ...] | list[str]) -> None:
@@ -125,6 +139,12 @@ class SequenceCache:
             slot = self._slots.pop(sequence, None)
             if slot is not None:
                 self._free.append(slot.index)
+        self._forget(set(sequences))
+
+    def _forget(self, sequences: set[str]) -> None:
+        """Drops the kept presents of every group holding one of ``sequences``."""
+        for rows in [rows for rows in self._kept if sequences.intersection(rows)]:
+            del self._kept[rows]
 
     def expire(self) -> None:
         idle = [s for s, slot in self._slots.items()

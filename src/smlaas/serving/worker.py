@@ -298,6 +298,10 @@ class StageWorker:
         the batch; in the run thread. The run time is the session's alone (not the
         hand-over to and from this thread, nor the receipt)."""
         started = time.perf_counter()
+        if message.step is None and self._generation is not None and \
+                self._generation.cache.pairs:
+            raise GenerationError("this model keeps a KV cache in its stages: ask it with "
+                                  "generate, generate_stream or /v1/completions")
         if message.step is None:
             outputs = self.runner.run(message.tensors)
         elif self._generation is None:
