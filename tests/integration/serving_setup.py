@@ -109,7 +109,7 @@ def wait_for_stage_metrics(url: str, ca: Path, name: str, predicate: Any, *,
         time.sleep(0.5)
 
 
-DECODER_CONTEXT, DECODER_SEQUENCES = 128, 4
+DECODER_CONTEXT, DECODER_SEQUENCES = 512, 4
 
 
 @contextlib.contextmanager
@@ -124,7 +124,8 @@ def decoder_deployment(root: Path, **overrides: Any) -> Iterator[Deployment]:
 
     model_path = root / "tiny_kv.onnx"
     onnx.save(build_gpt2_kv("tiny_kv", GPT2Config(layers=3, d_model=64, heads=4,
-                                                  vocab_size=257, max_positions=256)),
+                                                  vocab_size=257,
+                                                  max_positions=DECODER_CONTEXT)),
               str(model_path))
     (root / "tokenizer.json").write_text(tokenizer_json())
     build, keys = root / "build", root / "owner-keys.json"

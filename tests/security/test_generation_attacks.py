@@ -58,18 +58,19 @@ def test_one_client_cannot_hold_every_sequence_slot(served) -> None:
     slots are free again."""
     url = f"{served.url}/v2/models/{served.model_name}/generate_stream"
     share = DECODER_SEQUENCES // 2
-    opened: list[httpx.Response] = []
+    reading: list[object] = []  # each stream's line iterator: dropping one closes its stream
     with _client(served, HOG) as hog:
         streams = [hog.stream("POST", url, json={"input_ids": [5, 6, 7],
-                                                 "parameters": {"max_tokens": 120,
+                                                 "parameters": {"max_tokens": 500,
                                                                 "stop": False}})
                    for _ in range(share)]
         try:
             for stream in streams:
                 response = stream.__enter__()
                 assert response.status_code == 200
-                opened.append(response)
-                next(response.iter_lines())  # its first token: the sequence is running
+                lines = response.iter_lines()
+                reading.append(lines)
+                next(lines)  # its first token: the sequence is running
             refused = hog.post(url.replace("generate_stream", "generate"),
                                json={"input_ids": [1], "parameters": {"max_tokens": 1}})
             assert refused.status_code == 503, refused.text

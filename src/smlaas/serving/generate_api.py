@@ -209,6 +209,8 @@ class GenerateEndpoints:
             raise GenerationError("give exactly one of text_input (text) and input_ids "
                                   "(token ids)")
         prompt = body["text_input"] if "text_input" in body else body["input_ids"]
+        if ("input_ids" in body) != isinstance(prompt, list):
+            raise GenerationError("text_input is a string and input_ids a list of token ids")
         return service, _Ask(await _prompt_ids(prompt, service, self.plane),
                              _max_tokens(parameters), SamplingParams.from_parameters(parameters),
                              _flag(parameters, "stop", default=True), _client_of(request))
