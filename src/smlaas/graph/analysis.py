@@ -258,6 +258,8 @@ class ModelGraph:
         for name, info in self.tensors.items():
             if name in self.folded_names:  # a session constant: counted as a weight
                 continue
+            if name in self.stage_local:  # KV pasts and presents: held for the whole run,
+                continue                  # counted per stage (``kv_step_bytes``)
             first = max(self.producer[name], 0)
             last = min(max(self.last_use[name], first), self.node_count - 1)
             delta[first] += info.nbytes
@@ -289,6 +291,12 @@ class ModelGraph:
         """The cache one pair keeps at the analysed sizes: its present, which holds every
         sequence's every token (``--max-sequences`` x ``--max-context``)."""
         return self.tensors[pair.present].nbytes
+
+    def kv_step_bytes(self, pair: KvPair) -> int:
+        """What one pair takes while its stage runs a step, besides the cache it keeps: the
+        past fed in and the present given out, both held for the whole run (the caller owns
+        the one, ONNX Runtime returns the other)."""
+        return self.tensors[pair.past].nbytes + self.tensors[pair.present].nbytes
 
     def subgraph_nodes(self) -> list[str]:
         return [n.name for n in self.nodes if has_subgraph(n)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smlaas.graph.analysis import ModelGraph
+from smlaas.graph.kv_cache import KvPair
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class SegmentMemory:
         cut_tensor_count: number of tensors crossing each cut position 0..n.
         kv_cache_bytes: bytes of the KV cache a segment keeps between steps (its layers'
             caches for every sequence at full context); None for models without one.
+        kv_step_bytes: bytes its KV pasts and presents take while it runs a step (held for
+            the whole run, so not in ``peak_activation_bytes``); None as above.
     """
 
     weight_bytes: np.ndarray
@@ -36,6 +39,7 @@ class SegmentMemory:
     cut_bytes: np.ndarray
     cut_tensor_count: np.ndarray
     kv_cache_bytes: np.ndarray | None = None
+    kv_step_bytes: np.ndarray | None = None
 
     @property
     def node_count(self) -> int:
@@ -52,11 +56,16 @@ def segment_memory(graph: ModelGraph) -> SegmentMemory:
         peak_activation_bytes=_peak_activation_matrix(graph.live_bytes_by_step(), n),
         cut_bytes=graph.cut_bytes_by_position(),
         cut_tensor_count=graph.cut_count_by_position(),
-        kv_cache_bytes=_held_matrix(
-            {pair.present: [first] for pair, (first, _) in graph.kv_spans().items()},
-            lambda name, _position: graph.tensors[name].nbytes, n)
-        if graph.kv_pairs else None,
+        kv_cache_bytes=_kv_matrix(graph, graph.kv_cache_bytes, n) if graph.kv_pairs else None,
+        kv_step_bytes=_kv_matrix(graph, graph.kv_step_bytes, n) if graph.kv_pairs else None,
     )
+
+
+def _kv_matrix(graph: ModelGraph, bytes_of: Callable[[KvPair], int], n: int) -> np.ndarray:
+    """Per segment, ``bytes_of`` summed over the KV pairs it holds."""
+    pairs = {pair.present: pair for pair in graph.kv_pairs}
+    return _held_matrix({pair.present: [first] for pair, (first, _) in graph.kv_spans().items()},
+                        lambda name, _position: bytes_of(pairs[name]), n)
 
 
 def _weight_matrices(graph: ModelGraph, n: int) -> tuple[np.ndarray, np.ndarray]:

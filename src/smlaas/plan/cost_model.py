@@ -61,7 +61,8 @@ class CostModel:
         return self.usable_epc_mib * MIB
 
     def working_set_bytes(self, touched_weight_bytes: Any, peak_activation_bytes: Any) -> Any:
-        """M = k_w * W + A + R (works on scalars and numpy arrays)."""
+        """M = k_w * W + A + R (works on scalars and numpy arrays); a decoder's stage adds
+        its KV cache and a step's pasts and presents (:func:`smlaas.plan.costs.segment_costs`)."""
         return (self.weight_factor * np.asarray(touched_weight_bytes, dtype=float)
                 + np.asarray(peak_activation_bytes, dtype=float)
                 + self.runtime_overhead_mib * MIB)

@@ -77,6 +77,8 @@ def segment_costs(memory: SegmentMemory, node_ms: np.ndarray, cost_model: CostMo
         memory.touched_weight_bytes, memory.peak_activation_bytes), 0.0)
     if memory.kv_cache_bytes is not None:  # the cache stays resident between steps
         working_set = working_set + memory.kv_cache_bytes
+    if memory.kv_step_bytes is not None:  # a step's pasts and presents, the whole run
+        working_set = working_set + memory.kv_step_bytes
     enclave = np.where(upper, cost_model.enclave_time_ms(native, working_set), 0.0)
     transfer = np.asarray(cost_model.transfer_ms(memory.cut_bytes), dtype=float)
     cuts = np.ones(n + 1, dtype=bool) if valid_cut is None else np.asarray(valid_cut, bool)
