@@ -107,3 +107,19 @@ def test_plain_infer_on_a_decoder_is_a_clear_4xx(served) -> None:
                             "data": [1, 2]}]}
         answer = http.post(f"{served.url}/v2/models/{served.model_name}/infer", json=body)
     assert 400 <= answer.status_code < 500, answer.text
+
+
+def test_generation_shows_in_the_gateways_metrics(served) -> None:
+    with served.client() as client:
+        result = client.generate([1, 2, 3], max_tokens=5, temperature=0.0)
+    context = ssl.create_default_context(cafile=str(served.ca_path))
+    text = httpx.get(f"{served.url}/metrics", verify=context, timeout=30).text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("smlaas_generation")
+              or line.startswith("smlaas_time_to_first_token")}
+    model = served.model_name
+    assert values[f'smlaas_generation_tokens_total{{kind="generated",model="{model}"}}'] >= \
+        len(result.output_ids)
+    assert values[f'smlaas_generation_tokens_total{{kind="prompt",model="{model}"}}'] >= 3
+    assert values[f'smlaas_time_to_first_token_seconds_count{{model="{model}"}}'] >= 1
+    assert values[f'smlaas_generation_sequences{{model="{model}"}}'] == 0

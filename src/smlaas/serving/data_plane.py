@@ -254,7 +254,8 @@ class DataPlane:
                     self._generation = service_from_report(
                         self._link, report, max_inflight=self.settings.max_inflight,
                         timeout_s=self.settings.request_timeout_s,
-                        max_per_client=self.settings.max_sequences_per_client)
+                        max_per_client=self.settings.max_sequences_per_client,
+                        metrics=self.metrics.generation)
                 except (KeyError, TypeError, ValueError) as err:
                     raise Unavailable(f"stage 0 sent a malformed generation report: "
                                       f"{err}") from err

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer
 from smlaas.errors import GenerationError, PipelineFailed, Unavailable
 from smlaas.generation.sampling import SamplingParams
 from smlaas.serving.hop import Hop
+from smlaas.serving.metrics import GenerationMetrics
 from smlaas.serving.protocol import Failure, Infer, Outputs, Step, StepRow, deadline_in
 from smlaas.serving.sequences import TOKEN_OUTPUT
 
@@ -72,6 +74,7 @@ class _Sequence:
     deadline: float
     prompt_length: int
     stop_at_eos: bool
+    started: float = field(default_factory=time.monotonic)
     out: asyncio.Queue[int | Finished | BaseException] = field(default_factory=asyncio.Queue)
     done: bool = False
 
@@ -80,8 +83,9 @@ class Generator:
     """Runs sequences through ``link`` (the hop to stage 0)."""
 
     def __init__(self, link: Hop, limits: GenerationLimits, *, max_inflight: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, metrics: GenerationMetrics | None = None) -> None:
         self.link, self.limits = link, limits
+        self.metrics = metrics
         self.timeout_s = timeout_s
         self._slots = asyncio.Semaphore(max(1, max_inflight))
         self._inflight = max(1, max_inflight)
@@ -124,6 +128,8 @@ class Generator:
                               f"one ends")
         self._active += 1
         self._by_client[client] = self._by_client.get(client, 0) + 1
+        if self.metrics is not None:
+            self.metrics.started(len(prompt))
         left = min(max_tokens, self.limits.max_context - len(prompt))
         sequence = _Sequence(secrets.token_hex(16), list(prompt), 0, left,
                              {"temperature": sampling.temperature, "top_k": sampling.top_k,
@@ -143,6 +149,8 @@ class Generator:
                     finished = True
                     return
         finally:
+            if self.metrics is not None:
+                self.metrics.ended()
             self._active -= 1
             self._by_client[client] -= 1
             if not self._by_client[client]:
@@ -185,6 +193,8 @@ class Generator:
     async def _step(self, batch: list[_Sequence], *, slot_held: bool = False) -> None:
         if not slot_held:
             await self._slots.acquire()
+        if self.metrics is not None:
+            self.metrics.step(len(batch))
         try:
             reply = await self.link.request(self._message(batch))
         except Exception as err:  # noqa: BLE001 - every sequence of the batch must hear
@@ -215,6 +225,10 @@ class Generator:
             if sequence.done:  # its client left while the step ran
                 ended.append(sequence.id)
                 continue
+            if self.metrics is not None:
+                self.metrics.generated(first_after_s=time.monotonic() - sequence.started
+                                       if len(sequence.tokens) == sequence.prompt_length
+                                       else None)
             sequence.tokens.append(int(token))
             sequence.left -= 1
             sequence.out.put_nowait(int(token))
@@ -285,7 +299,8 @@ class GenerationService:
 
 
 def service_from_report(link: Hop, report: Mapping[str, Any], *, max_inflight: int,
-                        timeout_s: float, max_per_client: int = 0) -> GenerationService:
+                        timeout_s: float, max_per_client: int = 0,
+                        metrics: GenerationMetrics | None = None) -> GenerationService:
     """The service stage 0's generation report describes (ValueError if malformed)."""
     eos = report.get("eos_token_id")
     limits = GenerationLimits(int(report["max_context"]), int(report["max_sequences"]),
@@ -293,4 +308,4 @@ def service_from_report(link: Hop, report: Mapping[str, Any], *, max_inflight: i
     text = report.get("tokenizer")
     tokenizer = Tokenizer.from_str(text) if isinstance(text, str) else None
     return GenerationService(Generator(link, limits, max_inflight=max_inflight,
-                                       timeout_s=timeout_s), tokenizer)
+                                       timeout_s=timeout_s, metrics=metrics), tokenizer)

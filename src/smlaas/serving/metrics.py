@@ -131,6 +131,8 @@ class GatewayMetrics:
                                  "1 when every stage answered the last readiness probe",
                                  ["model"], registry=self.registry)
 
+        self.generation = GenerationMetrics(model, self.registry)
+
     def record_batch(self, model: str, stats: BatchStats) -> None:
         self.batch_rows.labels(model).observe(stats.rows)
         for wait in stats.queue_wait_s:
@@ -139,6 +141,40 @@ class GatewayMetrics:
     def record_stages(self, model: str, stage_ms: list[float]) -> None:
         for index, ms in enumerate(stage_ms):
             self.stage_time.labels(model, str(index)).observe(ms / 1e3)
+
+
+class GenerationMetrics:
+    """A decoder's generation: sequences in flight, tokens, time to first token, step rows."""
+
+    def __init__(self, model: str, registry: CollectorRegistry) -> None:
+        self.model = model
+        self.sequences = Gauge("smlaas_generation_sequences",
+                               "Sequences being generated", ["model"], registry=registry)
+        self.tokens = Counter("smlaas_generation_tokens",
+                              "Tokens of generation requests: the prompts' and the generated",
+                              ["model", "kind"], registry=registry)
+        self.first_token = Histogram("smlaas_time_to_first_token_seconds",
+                                     "Time from a sequence's start to its first token",
+                                     ["model"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.step_rows = Histogram("smlaas_generation_step_rows",
+                                   "Sequences batched in one generation step", ["model"],
+                                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.sequences.labels(model)
+
+    def started(self, prompt_tokens: int) -> None:
+        self.sequences.labels(self.model).inc()
+        self.tokens.labels(self.model, "prompt").inc(prompt_tokens)
+
+    def ended(self) -> None:
+        self.sequences.labels(self.model).dec()
+
+    def generated(self, *, first_after_s: float | None = None) -> None:
+        self.tokens.labels(self.model, "generated").inc()
+        if first_after_s is not None:
+            self.first_token.labels(self.model).observe(first_after_s)
+
+    def step(self, rows: int) -> None:
+        self.step_rows.labels(self.model).observe(rows)
 
 
 def _us(phase: str) -> Callable[[ModelStatistics], int]:
