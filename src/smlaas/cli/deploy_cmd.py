@@ -175,8 +175,8 @@ def deploy(build_dir: str, keys_path: str | None, owner_key_path: str | None,
                       + (f"  gRPC {deployment.grpc_address}\n" if deployment.grpc_address
                          else "")
                       + f"  CA   {deployment.ca_path}\n"
-                      f"  try  smlaas infer --url {deployment.url} --ca {deployment.ca_path} "
-                      f"--input x.npy (attests the gateway with "
+                      f"  try  smlaas {_try(deployment)} --url {deployment.url} "
+                      f"--ca {deployment.ca_path} (attests the gateway with "
                       f"{deployment.gateway_policy_path.name} and accepts only the owner's "
                       f"current release, checked with {deployment.owner_public_key_path.name})\n"
                       f"  Ctrl-C to stop")
@@ -201,3 +201,10 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _try(deployment: Deployment) -> str:
+    """What to try on the deployment: a generation for a decoder, an inference otherwise."""
+    if deployment.owner_plane.plan.generation is not None:
+        return 'generate "Hello"'
+    return "infer --input x.npy"
