@@ -31,6 +31,9 @@ from smlaas.transport.tensors import TensorDecoder, TensorMessage, encode_messag
 
 WRITE_CHUNK_BYTES = 256 * 1024
 """Measured best on loopback between two processes (64 KiB to 4 MiB tried): see BENCHMARKS."""
+COALESCE_BYTES = 16 * 1024
+"""A message whose tensors take at most this much is written in one piece: a generation step
+or a token costs one TLS record and one send, not one per tensor."""
 INBOX_MESSAGES = 2
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -59,6 +62,10 @@ class MessageStream:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the connection is closed")
         prefix, header, *payload = encode_message(request_id, tensors, meta)
+        views = [memoryview(buffer).cast("B") for buffer in payload]
+        if sum(len(view) for view in views) <= COALESCE_BYTES:  # one TLS record, one send
+            transport.write(b"".join([bytes(prefix), bytes(header), *views]))
+            return
         transport.write(bytes(prefix) + bytes(header))
         for buffer in payload:
             view = memoryview(buffer).cast("B")
