@@ -39,7 +39,7 @@ from smlaas.export import (
     verify_chain,
 )
 from smlaas.export.build_dir import PLAN_FILE, TOKENIZER_FILE
-from smlaas.export.decoder_timing import decoder_generation_plan
+from smlaas.export.decoder_timing import decoder_generation_plan, with_prefill
 from smlaas.export.stage_memory import apply_stage_memory, measure_stage_memory
 from smlaas.export.stage_timing import measure_stages, stage_inputs
 from smlaas.graph import (
@@ -375,6 +375,10 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
                            dynamic_axes=axes,
                            split=split_budget(cost_model, options.pool)
                            if options.splits_oversize else None)
+        if decoder:  # a stage must hold a prompt's prefill too, not only the decode step
+            analysis = replace(analysis, memory=with_prefill(
+                analysis.memory, analysis.graph, source.model, generation or GenerationSizes(),
+                {name: tuple(axes) for name, axes in analysis.dynamic_axes.items()}))
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
         check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
                                      cost_model,

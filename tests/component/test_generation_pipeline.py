@@ -56,11 +56,13 @@ def three_stages(model: onnx.ModelProto) -> list[onnx.ModelProto]:
 class Tap:
     """A hop that records every request it carries (what the host sees between stages)."""
 
-    def __init__(self, hop: LocalHop, seen: list[Infer]) -> None:
-        self.hop, self.seen = hop, seen
+    def __init__(self, hop: LocalHop, seen: list[Infer] | None, delay_s: float = 0.0) -> None:
+        self.hop, self.seen, self.delay_s = hop, seen, delay_s
 
     async def request(self, message: Infer, *, request_id: str | None = None) -> object:
-        self.seen.append(message)
+        if self.seen is not None:
+            self.seen.append(message)
+        await asyncio.sleep(self.delay_s)  # a slow network
         return await self.hop.request(message, request_id=request_id)
 
     async def describe(self, message: object, *, request_id: str | None = None) -> object:
@@ -72,7 +74,8 @@ class Tap:
 
 @contextlib.asynccontextmanager
 async def pipeline(model: onnx.ModelProto, seen: list[Infer] | None = None, *,
-                   per_client: int = SEQUENCES) -> AsyncIterator[Generator]:
+                   per_client: int = SEQUENCES, timeout_s: float = 60,
+                   hop_delay_s: float = 0.0) -> AsyncIterator[Generator]:
     stages = three_stages(model)
     workers: list[StageWorker] = []
     next_hop = None
@@ -87,11 +90,12 @@ async def pipeline(model: onnx.ModelProto, seen: list[Infer] | None = None, *,
         await worker.start()
         workers.append(worker)
         hop = LocalHop(f"stage-{index}", worker)
-        next_hop = Tap(hop, seen) if seen is not None and index > 0 else hop
+        next_hop = Tap(hop, seen, hop_delay_s) if (seen is not None or hop_delay_s) \
+            and index > 0 else hop
     assert next_hop is not None
     generator = Generator(next_hop, GenerationLimits(CONTEXT, SEQUENCES, None,  # type: ignore[arg-type]
                                                      max_per_client=per_client),
-                          max_inflight=3, timeout_s=60)
+                          max_inflight=3, timeout_s=timeout_s)
     try:
         yield generator
     finally:
@@ -208,6 +212,23 @@ def test_limits_are_answered_not_crashed() -> None:
     asyncio.run(run())
 
 
+def test_a_generation_may_last_longer_than_the_request_timeout() -> None:
+    """The timeout is per step: a long generation outlives it, and a sequence joining a
+    group never inherits another's deadline."""
+    model = zoo_decoder()
+
+    async def run() -> list[list[int]]:
+        async with pipeline(model, timeout_s=0.3, hop_delay_s=0.005) as generator:
+            first = asyncio.ensure_future(collect(generator, prompt_of(8, 0), 100,
+                                                  SamplingParams()))
+            await asyncio.sleep(0.25)
+            second = collect(generator, prompt_of(8, 1), 40, SamplingParams())
+            return list(await asyncio.gather(first, second))
+
+    long, joined = asyncio.run(run())
+    assert len(long) == 100 and len(joined) == 40
+
+
 def test_one_client_cannot_hold_every_sequence() -> None:
     """Past its share (half the slots by default), a client's next sequence is refused while
     another client's is served."""
@@ -250,3 +271,33 @@ def test_a_stage_refuses_a_step_out_of_step_with_its_cache() -> None:
 
     asyncio.run(run())
     assert PipelineFailed  # the generator maps such a failure to PipelineFailed
+
+
+def test_a_decoders_stages_are_never_replicated(tmp_path) -> None:
+    """A stage keeps its sequences' caches: a replica would not have them, so neither the
+    plan nor a deploy-time --replicas may give a decoder's stage a second one."""
+    from dataclasses import replace
+
+    from smlaas.deploy.topology import stage_replicas
+    from smlaas.errors import ConfigError, PlanError
+    from smlaas.partition import PlanOptions, partition
+    from smlaas.plan import Planner, preset
+    from smlaas.profile import ProfileSettings
+
+    path = tmp_path / "m.onnx"
+    onnx.save(zoo_decoder(), str(path))
+    plan = partition(str(path), tmp_path / "b", cost_model=preset("native"),
+                     options=PlanOptions(Planner.DP_THROUGHPUT, 2, False),
+                     settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
+                     verify=False, measure_memory=False,
+                     generation=GenerationSizes(CONTEXT, SEQUENCES)).plan
+    assert stage_replicas(plan, None) == [1] * len(plan.stages)
+    with pytest.raises(ConfigError, match="KV caches"):
+        stage_replicas(plan, {0: 2})
+    with pytest.raises(PlanError, match="not replicated|has one"):
+        replace(plan, stages=(replace(plan.stages[0], replicas=2), *plan.stages[1:])).check()
+    with pytest.raises(ConfigError, match="not replicated"):
+        partition(str(path), tmp_path / "c", cost_model=preset("native"),
+                  options=PlanOptions(Planner.DP_REPLICAS, 4, False),
+                  settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
+                  verify=False, measure_memory=False)

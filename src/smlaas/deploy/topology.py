@@ -72,6 +72,9 @@ def stage_replicas(plan: Plan, override: dict[int, int] | None) -> list[int]:
                               f"0..{len(replicas) - 1}")
         if count < 1:
             raise ConfigError(f"stage {index} needs at least 1 replica, not {count}")
+        if count > 1 and plan.generation is not None:
+            raise ConfigError(f"--replicas {index}={count}: a decoder's stage keeps its "
+                              f"sequences' KV caches, so it runs as one replica")
         replicas[index] = count
     return replicas
 

@@ -1,14 +1,19 @@
-"""A decoder's generation plan, with the whole model's native time for its two kinds of step:
-the decode step it was planned for, and the prefill of a prompt."""
+"""A decoder's two kinds of step, the decode step it is planned for and the prefill of a
+prompt: the memory of the larger one in every stage, and the whole model's native time for
+each in its generation plan."""
 
 from __future__ import annotations
 
+import logging
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import onnx
 
+from smlaas.errors import GraphError
 from smlaas.graph.analysis import ModelGraph
+from smlaas.graph.dynamic_axes import prepare_symbolic, symbolic_axes
+from smlaas.graph.memory import SegmentMemory, larger_of, segment_memory
 from smlaas.plan.generation import (
     PREFILL_FRACTION,
     GenerationPlan,
@@ -17,6 +22,24 @@ from smlaas.plan.generation import (
 )
 from smlaas.profile import ProfileSettings, random_inputs, run_times_ms
 from smlaas.profile.session import create_session
+
+logger = logging.getLogger(__name__)
+
+
+def with_prefill(memory: SegmentMemory, graph: ModelGraph, model: onnx.ModelProto,
+                 sizes: GenerationSizes, axes: Mapping[str, Sequence[int]]) -> SegmentMemory:
+    """``memory`` (the decode step's) with each segment's activations the larger of the
+    decode step's and those of the longest prompt's prefill (max_context - 1 tokens of one
+    sequence); as it was, with a warning, if the prefill cannot be analysed alike."""
+    tokens = sizes.max_context - 1
+    shapes = decoder_input_sizes(model, GenerationSizes(tokens, 1), tokens=tokens)
+    try:
+        symbolic, concrete = prepare_symbolic(model, shapes, symbolic_axes(model, axes))
+        prefill = ModelGraph(symbolic, concrete=concrete)
+        return larger_of(memory, graph, segment_memory(prefill), prefill)
+    except (GraphError, ValueError) as err:
+        logger.warning("the prefill's memory is not counted: %s", err)
+        return memory
 
 
 def decoder_generation_plan(model: onnx.ModelProto, graph: ModelGraph,

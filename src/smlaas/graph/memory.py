@@ -8,7 +8,7 @@ keeps planning of ~700-node models well under a second.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -118,3 +118,16 @@ def _peak_activation_matrix(live_bytes: np.ndarray, n: int) -> np.ndarray:
     for i in range(n):
         peak[i, i + 1:] = np.maximum.accumulate(live_bytes[i:])
     return peak
+
+
+def larger_of(memory: SegmentMemory, graph: ModelGraph, other: SegmentMemory,
+              other_graph: ModelGraph) -> SegmentMemory:
+    """``memory`` with each segment's activations and KV step bytes the larger of its own
+    and ``other``'s: the same model analysed at other input sizes (a decoder's prefill beside
+    its decode step). ValueError if the two orders of nodes differ."""
+    if [n.name for n in graph.nodes] != [n.name for n in other_graph.nodes]:
+        raise ValueError("the two analyses ordered the nodes differently")
+    step = memory.kv_step_bytes if other.kv_step_bytes is None or memory.kv_step_bytes is None \
+        else np.maximum(memory.kv_step_bytes, other.kv_step_bytes)
+    return replace(memory, kv_step_bytes=step, peak_activation_bytes=np.maximum(
+        memory.peak_activation_bytes, other.peak_activation_bytes))

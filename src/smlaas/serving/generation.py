@@ -71,7 +71,6 @@ class _Sequence:
     left: int
     """Tokens it may still generate."""
     sampling: dict[str, Any] | None
-    deadline: float
     prompt_length: int
     stop_at_eos: bool
     started: float = field(default_factory=time.monotonic)
@@ -113,11 +112,13 @@ class Generator:
 
     async def generate(self, prompt: list[int], *, max_tokens: int,
                        sampling: SamplingParams, stop_at_eos: bool = True,
-                       timeout_s: float | None = None, client: str = ""
-                       ) -> AsyncIterator[int | Finished]:
+                       client: str = "") -> AsyncIterator[int | Finished]:
         """Each new token as the last stage chooses it, then :class:`Finished`. Leaving the
         iteration early (a client gone) ends the sequence in every stage. ``client`` (its
-        source address) may hold ``limits.per_client`` sequences at once."""
+        source address) may hold ``limits.per_client`` sequences at once. Each step has the
+        gateway's request timeout to pass through the stages, from when it is sent (one
+        sequence's step never fails another's); a generation as a whole ends at max_tokens
+        or the context."""
         self.check(prompt, max_tokens)
         if self._active >= self.limits.max_sequences:
             raise Unavailable(f"{self._active} sequences are being generated, as many as this "
@@ -134,7 +135,7 @@ class Generator:
         sequence = _Sequence(secrets.token_hex(16), list(prompt), 0, left,
                              {"temperature": sampling.temperature, "top_k": sampling.top_k,
                               "top_p": sampling.top_p, "seed": sampling.seed},
-                             deadline_in(timeout_s or self.timeout_s), len(prompt),
+                             len(prompt),
                              stop_at_eos and self.limits.eos_token_id is not None)
         self._start()
         self._spawn(self._step([sequence]))  # the prefill, alone
@@ -260,7 +261,7 @@ class Generator:
             positions[r] = np.arange(sequence.past, sequence.past + width)
         rows = tuple(StepRow(s.id, s.past, width, s.sampling) for s in batch)
         return Infer({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
-                     min(s.deadline for s in batch), requests=len(batch), step=Step(rows))
+                     deadline_in(self.timeout_s), requests=len(batch), step=Step(rows))
 
     def _release(self, sequences: list[str]) -> None:
         self._spawn(self.link.request(Infer({}, deadline_in(RELEASE_TIMEOUT_S), requests=1,

@@ -87,9 +87,10 @@ class SequenceCache:
             slot = self._slots.get(row.sequence)
             if slot is None and row.past == 0 and row.sequence not in admitted:
                 admitted.append(row.sequence)
-            elif slot is None or slot.length != row.past:
-                raise GenerationError("a step for an unknown sequence, or out of step with "
-                                      "it (ended or expired?)")
+            elif slot is None or slot.length != row.past:  # this stage lost or never had it
+                raise Unavailable("this stage does not hold the sequence at that length "
+                                  "(unknown sequence: restarted, expired or ended); start "
+                                  "it again")
         if len(admitted) > len(self._free):
             raise Unavailable(f"every one of the {self.max_sequences} sequence slots is in "
                               f"use; try again shortly")
