@@ -38,7 +38,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 import smlaas
 from smlaas.errors import (
@@ -58,7 +57,7 @@ from smlaas.serving.data_plane import (
 )
 from smlaas.serving.generate_api import add_generate_routes
 from smlaas.serving.hop import Hop
-from smlaas.serving.http_bodies import BodyBudget
+from smlaas.serving.http_bodies import BodyBudget, read_body
 from smlaas.serving.http_limits import CONNECTION_EXTENSION
 from smlaas.serving.metrics import triton_metrics_text
 from smlaas.transport.compression import decode_content, encode_content
@@ -269,7 +268,8 @@ class RestEndpoints:
         try:
             async with self.bodies.reserve(source, size,
                                            timeout_s=plane.settings.request_timeout_s):
-                body = await read_body(request, limits.max_body_bytes)
+                body = await read_body(request, limits.max_body_bytes,
+                                       what="this model's inputs")
                 decoded_at = time.perf_counter()
                 header_length = request.headers.get(HEADER_LENGTH)
 
@@ -306,25 +306,6 @@ class RestEndpoints:
         if evidence is None:
             return error(404, "this gateway has no attestation evidence")
         return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, evidence))
-
-
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The body, refused from Content-Length (or as soon as it passes ``limit``) when larger
-    than the model can take; ClientGone if the client disconnects meanwhile."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"request body of {declared} bytes exceeds the {limit} bytes this "
-                         f"model's inputs can take")
-    body = bytearray()  # one buffer, not chunks and their join
-    try:
-        async for chunk in request.stream():
-            if len(body) + len(chunk) > limit:
-                raise BadRequest(f"request body exceeds the {limit} bytes this model's "
-                                 f"inputs can take")
-            body += chunk
-    except ClientDisconnect:
-        raise ClientGone("the client disconnected while sending its body") from None
-    return body
 
 
 def _connection_gone(request: Request) -> Callable[[], bool] | None:

@@ -30,7 +30,6 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from smlaas.errors import (
@@ -45,6 +44,7 @@ from smlaas.errors import (
 from smlaas.generation.sampling import SamplingParams
 from smlaas.serving.data_plane import MODEL_VERSION
 from smlaas.serving.generation import Finished, GenerationService
+from smlaas.serving.http_bodies import read_body
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -340,19 +340,7 @@ async def _read_json(request: Request, plane: GenerationPlane) -> dict[str, Any]
     """The body as a JSON object, at most MAX_BODY_BYTES (BadRequest otherwise)."""
     if request.headers.get("content-encoding", "identity") != "identity":
         raise BadRequest("generate requests are not accepted compressed")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BadRequest(f"request body of {declared} bytes exceeds the {MAX_BODY_BYTES} "
-                         f"bytes a generate request may take")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            if len(body) + len(chunk) > MAX_BODY_BYTES:
-                raise BadRequest(f"request body exceeds the {MAX_BODY_BYTES} bytes a "
-                                 f"generate request may take")
-            body += chunk
-    except ClientDisconnect:
-        raise ClientGone("the client disconnected while sending its body") from None
+    body = await read_body(request, MAX_BODY_BYTES, what="a generate request")
     parse = functools.partial(json.loads, bytes(body))
     try:
         value = parse() if len(body) <= INLINE_JSON_BYTES else await plane.off_loop(parse)

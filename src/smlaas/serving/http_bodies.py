@@ -1,5 +1,6 @@
-"""The request bodies the REST front end reads at once, bounded in bytes, in all and per source
-address (pure bookkeeping on one event loop: no sockets).
+"""The request bodies the REST front end reads, bounded in bytes: each body (``read_body``), and
+those read at once, in all and per source address (``BodyBudget``, pure bookkeeping on one
+event loop: no sockets).
 
 Each request's body limit follows from the model (``RequestLimits``), but nothing bounded how
 many bodies were read at once: 200 ResNet requests sent at once had their 600 KB bodies read
@@ -20,6 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+
+from starlette.requests import ClientDisconnect, Request
+
+from smlaas.errors import BadRequest, ClientGone
 
 REQUEST_BODY_BUDGET_BYTES = 32 * 1024 * 1024
 """Bytes of request bodies read at once (about 50 ResNet-sized images)."""
@@ -80,3 +85,21 @@ class BodyBudget:
         for waiter in self._waiters:  # each looks again whether it fits
             if not waiter.done():
                 waiter.set_result(None)
+
+
+async def read_body(request: Request, limit: int, *, what: str) -> bytearray:
+    """The body, refused from Content-Length (or as soon as it passes ``limit``: the bytes
+    ``what`` can take) with BadRequest; ClientGone if the client disconnects meanwhile."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body of {declared} bytes exceeds the {limit} bytes "
+                         f"{what} can take")
+    body = bytearray()  # one buffer, not chunks and their join
+    try:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:
+                raise BadRequest(f"request body exceeds the {limit} bytes {what} can take")
+            body += chunk
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected while sending its body") from None
+    return body
