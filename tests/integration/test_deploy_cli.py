@@ -132,3 +132,10 @@ def read_until(process: subprocess.Popen[str], marker: str, timeout_s: float = D
         if marker in line:
             return "".join(seen)
     raise AssertionError(f"no {marker!r} within {timeout_s:.0f} s:\n{''.join(seen)}")
+
+
+def test_demo_on_a_decoder_generates_the_whole_models_tokens(tmp_path: Path) -> None:
+    result = smlaas("demo", "--model", "gpt2_small4_kv", "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tokens equal greedy decoding of the whole model with its KV cache" in result.stdout
+    assert "time to first token" in result.stdout and "SIMULATED" in result.stdout

@@ -2,7 +2,8 @@
 
 Partition for SGX v1 enclaves, verify the chain, seal the stages, deploy them locally as an
 attested pipeline (sim backend: SIMULATED, INSECURE), attest the gateway, run inference through
-it, compare with the unpartitioned model, print a summary, shut everything down.
+it (a decoder: generate text, :mod:`smlaas.cli.demo_generation`), compare with the
+unpartitioned model, print a summary, shut everything down.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import click
 import numpy as np
 
 from smlaas.cli.console import console, progress_bar, table
+from smlaas.cli.demo_generation import generate_and_compare
 from smlaas.coordinator.manifest import GATEWAY_ROLE
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
@@ -80,7 +82,9 @@ def demo(model: str, machines: int, workdir: str | None, threads: int | None,
         settings = DeploySettings(build_dir=build / SEALED_DIR, keys_path=keys,
                                   state_dir=root / f"state-{time.strftime('%H%M%S')}",
                                   owner_key_path=owner_key, port=free_port(), threads=threads)
-        summary = _serve_and_compare(settings, model, requests, threads or default_threads())
+        summary = generate_and_compare(settings, model, threads or default_threads()) \
+            if result.plan.generation is not None else \
+            _serve_and_compare(settings, model, requests, threads or default_threads())
         console.print(table("summary", ["", "value"], summary))
         if workdir:
             console.print(f"build, keys and logs kept in {root}")
