@@ -54,20 +54,21 @@ def _prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
     return [rng.integers(0, vocab, length).tolist() for _ in range(count)]
 
 
-def _plain_session(model: str) -> ort.InferenceSession:
+def _plain_session(model: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(build_model(model).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
 
-def _on_core(core: int, work: Callable[[], Any]) -> Any:
-    """Runs ``work`` on a thread pinned to ``core``; its result."""
+def _on_cores(cores: list[int], work: Callable[[], Any]) -> Any:
+    """Runs ``work`` on a thread pinned to ``cores`` (threads it starts inherit them); its
+    result."""
     out: list[Any] = []
 
     def pinned() -> None:
-        os.sched_setaffinity(0, {core})
+        os.sched_setaffinity(0, set(cores))
         out.append(work())
 
     thread = threading.Thread(target=pinned)
@@ -76,12 +77,13 @@ def _on_core(core: int, work: Callable[[], Any]) -> Any:
     return out[0]
 
 
-def plain_figures(model: str, prompts: list[list[int]], tokens: int, core: int
+def plain_figures(model: str, prompts: list[list[int]], tokens: int, cores: list[int]
                   ) -> dict[str, float]:
-    session = _plain_session(model)
+    """Plain ONNX Runtime decoding on ``cores`` (one intra-op thread each)."""
     greedy = SamplingParams()
 
     def measure() -> dict[str, float]:
+        session = _plain_session(model, len(cores))
         decode_batch(session, prompts[:1], 4, greedy)  # warm up
         start = time.perf_counter()
         decode_batch(session, prompts[:1], 1, greedy)
@@ -93,9 +95,9 @@ def plain_figures(model: str, prompts: list[list[int]], tokens: int, core: int
         many = decode_batch(session, prompts, tokens, greedy)
         batched = sum(len(t) for t in many) / (time.perf_counter() - start)
         return {"ttft_ms": ttft * 1e3, "tokens_per_s_1": single,
-                "tokens_per_s_many": batched, "cores": 1}
+                "tokens_per_s_many": batched, "cores": len(cores)}
 
-    return dict(_on_core(core, measure))
+    return dict(_on_cores(cores, measure))
 
 
 async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], tokens: int
@@ -167,9 +169,12 @@ def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
         "new_tokens": tokens, "cores": len(cores),
         "machine": {"id": machine_id(), "cpu": platform.processor(),
                     "onnxruntime": ort.__version__}}
-    say(f"plain ONNX Runtime, 1 thread on core {cores[0]} ...")
-    results["plain"] = plain_figures(model, prompts, tokens, cores[0])
-    say(f"plain: {_line(results['plain'])}")
+    say(f"plain ONNX Runtime, 1 thread on core {cores[0]}, then {stages} on the stages' "
+        f"cores ...")
+    results["plain"] = plain_figures(model, prompts, tokens, cores[:1])
+    say(f"plain, 1 core: {_line(results['plain'])}")
+    results["plain_same_cores"] = plain_figures(model, prompts, tokens, cores[:stages])
+    say(f"plain, {stages} cores: {_line(results['plain_same_cores'])}")
     with tempfile.TemporaryDirectory(prefix="smlaas-bench-generation-") as tmp:
         root = Path(tmp)
         build = root / "build"
@@ -190,10 +195,14 @@ def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
         figures["max_inflight"] = max_inflight or figures["stages"]
         figures["cores"] = figures["stages"]
     results["smlaas"] = figures
-    plain_per_core = results["plain"]["tokens_per_s_many"] / results["plain"]["cores"]
-    results["per_core_ratio"] = figures["tokens_per_s_many"] / figures["cores"] / plain_per_core
+    ours_per_core = figures["tokens_per_s_many"] / figures["cores"]
+    results["per_core_ratio"] = ours_per_core / results["plain"]["tokens_per_s_many"]
+    same = results["plain_same_cores"]
+    results["per_core_ratio_same_cores"] = ours_per_core / (same["tokens_per_s_many"]
+                                                            / same["cores"])
     say(f"smlaas ({figures['stages']} stages pinned): {_line(figures)}; per core "
-        f"{results['per_core_ratio']:.2f}x plain (its processes kept "
+        f"{results['per_core_ratio']:.2f}x plain on 1 core, "
+        f"{results['per_core_ratio_same_cores']:.2f}x plain on the same cores (its processes kept "
         f"{figures['cpu_cores_busy_many']:.2f} cores busy); per token at 1 stream: stages "
         f"{figures['stage_ms_per_token']:.2f} ms, hops and gateway "
         f"{figures['hop_ms_per_token']:.2f} ms")
@@ -225,7 +234,7 @@ def _line(figures: dict[str, float]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    plain, ours = results["plain"], results["smlaas"]
+    plain, same, ours = results["plain"], results["plain_same_cores"], results["smlaas"]
     return "\n".join([
         f"| setup | cores | time to first token ms | tokens/s, 1 stream | tokens/s, "
         f"{results['streams']} streams | per core |",
@@ -233,6 +242,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"| plain ONNX Runtime, whole model with KV cache (1 thread) | 1 | "
         f"{plain['ttft_ms']:.1f} | {plain['tokens_per_s_1']:.1f} | "
         f"{plain['tokens_per_s_many']:.1f} | {plain['tokens_per_s_many']:.1f} |",
+        f"| plain ONNX Runtime, the same cores ({same['cores']} threads) | {same['cores']} | "
+        f"{same['ttft_ms']:.1f} | {same['tokens_per_s_1']:.1f} | "
+        f"{same['tokens_per_s_many']:.1f} | {same['tokens_per_s_many'] / same['cores']:.1f} |",
         f"| smlaas, {ours['stages']} stages pinned (sim; its processes kept "
         f"{ours['cpu_cores_busy_many']:.2f} cores busy at {results['streams']} streams) | "
         f"{ours['cores']} | "
