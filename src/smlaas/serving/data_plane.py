@@ -34,7 +34,6 @@ from smlaas.errors import (
     BadRequest,
     ClientGone,
     DeadlineExceeded,
-    GenerationError,
     ModelNotFound,
     PipelineFailed,
     QueueFull,
@@ -51,7 +50,7 @@ from smlaas.serving.gateway_receipts import (
     GatewayReceipts,
     PendingReceipt,
 )
-from smlaas.serving.generation import GenerationService, service_from_report
+from smlaas.serving.generation import GenerationService, open_generation
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
 from smlaas.serving.protocol import (
@@ -173,17 +172,6 @@ class Pipeline:
         self._ready_at = time.monotonic()
         return None
 
-    async def generation_report(self) -> dict[str, Any] | None:
-        """Stage 0's report of the decoder's generation settings and tokenizer (None: the
-        model does not generate)."""
-        reply = await self.link.describe(Describe(deadline_in(PROBE_TIMEOUT_S * 2),
-                                                  generation=True))
-        if isinstance(reply, Failure):
-            raise Unavailable(f"the pipeline is not ready: {reply.message}")
-        first = reply.stage_stats[0] if reply.stage_stats else {}
-        report = first.get("generation")
-        return dict(report) if isinstance(report, dict) else None
-
     async def key_evidence(self) -> list[KeyEvidence]:
         """Every stage replica's receipt key evidence (a describe that asks for it)."""
         reply = await self.link.describe(Describe(deadline_in(PROBE_TIMEOUT_S * 2),
@@ -246,19 +234,11 @@ class DataPlane:
         GenerationError: the model does not generate."""
         async with self._generation_lock:
             if self._generation is None:
-                report = await self.pipeline.generation_report()
-                if report is None:
-                    raise GenerationError(f"model {self.name!r} is not a decoder with a KV "
-                                          f"cache: it does not generate")
-                try:
-                    self._generation = service_from_report(
-                        self._link, report, max_inflight=self.settings.max_inflight,
-                        timeout_s=self.settings.request_timeout_s,
-                        max_per_client=self.settings.max_sequences_per_client,
-                        metrics=self.metrics.generation)
-                except (KeyError, TypeError, ValueError) as err:
-                    raise Unavailable(f"stage 0 sent a malformed generation report: "
-                                      f"{err}") from err
+                self._generation = await open_generation(
+                    self._link, self.name, max_inflight=self.settings.max_inflight,
+                    timeout_s=self.settings.request_timeout_s,
+                    max_per_client=self.settings.max_sequences_per_client,
+                    metrics=self.metrics.generation)
             return self._generation
 
     async def start(self) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +28,21 @@ from smlaas.errors import GenerationError, PipelineFailed, Unavailable
 from smlaas.generation.sampling import SamplingParams
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GenerationMetrics
-from smlaas.serving.protocol import Failure, Infer, Outputs, Step, StepRow, deadline_in
+from smlaas.serving.protocol import (
+    Describe,
+    Failure,
+    Infer,
+    Outputs,
+    Step,
+    StepRow,
+    deadline_in,
+)
 from smlaas.serving.sequences import TOKEN_OUTPUT
 
 logger = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 10.0
+DESCRIBE_TIMEOUT_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -299,14 +308,26 @@ class GenerationService:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def service_from_report(link: Hop, report: Mapping[str, Any], *, max_inflight: int,
-                        timeout_s: float, max_per_client: int = 0,
-                        metrics: GenerationMetrics | None = None) -> GenerationService:
-    """The service stage 0's generation report describes (ValueError if malformed)."""
-    eos = report.get("eos_token_id")
-    limits = GenerationLimits(int(report["max_context"]), int(report["max_sequences"]),
-                              None if eos is None else int(eos), max_per_client)
-    text = report.get("tokenizer")
-    tokenizer = Tokenizer.from_str(text) if isinstance(text, str) else None
+async def open_generation(link: Hop, model: str, *, max_inflight: int, timeout_s: float,
+                          max_per_client: int = 0, metrics: GenerationMetrics | None = None
+                          ) -> GenerationService:
+    """The service stage 0's generation report describes (a describe through the pipeline
+    asking for it). GenerationError: the model does not generate; Unavailable: the pipeline
+    is not ready, or the report is malformed."""
+    reply = await link.describe(Describe(deadline_in(DESCRIBE_TIMEOUT_S), generation=True))
+    if isinstance(reply, Failure):
+        raise Unavailable(f"the pipeline is not ready: {reply.message}")
+    report = (reply.stage_stats[0] if reply.stage_stats else {}).get("generation")
+    if not isinstance(report, dict):
+        raise GenerationError(f"model {model!r} is not a decoder with a KV cache: it does not "
+                              f"generate")
+    try:
+        eos = report.get("eos_token_id")
+        limits = GenerationLimits(int(report["max_context"]), int(report["max_sequences"]),
+                                  None if eos is None else int(eos), max_per_client)
+        text = report.get("tokenizer")
+        tokenizer = Tokenizer.from_str(text) if isinstance(text, str) else None
+    except Exception as err:  # noqa: BLE001 - int(), and the tokenizers library's own errors
+        raise Unavailable(f"stage 0 sent a malformed generation report: {err}") from err
     return GenerationService(Generator(link, limits, max_inflight=max_inflight,
                                        timeout_s=timeout_s, metrics=metrics), tokenizer)
