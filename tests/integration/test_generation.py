@@ -123,3 +123,25 @@ def test_generation_shows_in_the_gateways_metrics(served) -> None:
     assert values[f'smlaas_generation_tokens_total{{kind="prompt",model="{model}"}}'] >= 3
     assert values[f'smlaas_time_to_first_token_seconds_count{{model="{model}"}}'] >= 1
     assert values[f'smlaas_generation_sequences{{model="{model}"}}'] == 0
+
+
+def test_the_async_client_generates_and_streams(served) -> None:
+    import asyncio
+
+    from smlaas.client import AsyncInferenceClient
+
+    want = expected(served.model_path, [5, 6, 7], 10)
+
+    async def run() -> tuple[list[int], list[int]]:
+        client = AsyncInferenceClient(
+            served.url, ca=served.ca_path, policy=served.role_policy("gateway"),
+            roots=served.trusted_roots, owner_public_key=served.owner_public_key_path)
+        async with client:
+            whole = await client.generate([5, 6, 7], max_tokens=10)
+            streamed = [i async for piece in client.generate_stream([5, 6, 7], max_tokens=10)
+                        for i in piece.output_ids]
+            assert client.verdict is not None  # attested before the first request
+            return whole.output_ids, streamed
+
+    whole, streamed = asyncio.run(run())
+    assert whole == want and streamed == want

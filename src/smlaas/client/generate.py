@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,8 @@ import httpx
 
 from smlaas.errors import ConfigError, ServingError
 
-__all__ = ["Generation", "GenerationPiece", "generate_request", "parse_generation",
-           "stream_pieces"]
+__all__ = ["Generation", "GenerationPiece", "astream_pieces", "generate_request",
+           "parse_generation", "stream_pieces"]
 
 MID_STREAM_STATUS = 502
 """The status a ServingError raised for an error event carries (the gateway's answer was
@@ -113,21 +113,27 @@ def _pieces(response: httpx.Response, transport_error: Callable[[httpx.HTTPError
         response.close()
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of server-sent events (``data:`` lines joined, until a blank line);
-    comments and other fields are skipped, ``[DONE]`` ends the stream."""
-    data: list[str] = []
-    for line in itertools.chain(lines, [""]):  # a last blank line ends the last event
+class _Events:
+    """Server-sent events from lines: ``data:`` lines joined until a blank line; comments
+    and other fields skipped; ``[DONE]`` ends the stream."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self.done = False
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """The event a blank line completes (None: none yet, or ``[DONE]``)."""
         if line:
             field, _, value = line.partition(":")
             if field == "data":
-                data.append(value.removeprefix(" "))
-            continue
-        if not data:
-            continue
-        text, data = "\n".join(data), []
+                self._data.append(value.removeprefix(" "))
+            return None
+        if not self._data:
+            return None
+        text, self._data = "\n".join(self._data), []
         if text == "[DONE]":
-            return
+            self.done = True
+            return None
         try:
             event = json.loads(text)
         except ValueError as err:
@@ -136,7 +142,46 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         if not isinstance(event, dict):
             raise ServingError("the gateway sent an event that is not a JSON object",
                                status=MID_STREAM_STATUS)
-        yield event
+        return event
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of server-sent events (see :class:`_Events`)."""
+    events = _Events()
+    for line in itertools.chain(lines, [""]):  # a last blank line ends the last event
+        event = events.feed(line)
+        if events.done:
+            return
+        if event is not None:
+            yield event
+
+
+async def astream_pieces(response: httpx.Response, *,
+                         checked: Callable[[httpx.Response], httpx.Response],
+                         transport_error: Callable[[httpx.HTTPError], Exception]
+                         ) -> AsyncIterator[GenerationPiece]:
+    """:func:`stream_pieces` for an asyncio client (the check runs before the first piece)."""
+    try:
+        if response.status_code != 200:
+            await response.aread()
+        checked(response)
+        events = _Events()
+        async for line in response.aiter_lines():
+            event = events.feed(line)
+            if events.done:
+                return
+            if event is not None:
+                if "error" in event:
+                    raise ServingError(f"the generation failed: {event['error']}",
+                                       status=MID_STREAM_STATUS)
+                yield _piece(event)
+        event = events.feed("")
+        if event is not None and not events.done:
+            yield _piece(event)
+    except httpx.HTTPError as err:
+        raise transport_error(err) from err
+    finally:
+        await response.aclose()
 
 
 def _piece(event: dict[str, Any]) -> GenerationPiece:

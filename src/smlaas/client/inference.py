@@ -24,7 +24,7 @@ import asyncio
 import base64
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from smlaas.client.generate import (
     Generation,
     GenerationPiece,
+    astream_pieces,
     generate_request,
     parse_generation,
     stream_pieces,
@@ -319,15 +320,37 @@ class AsyncInferenceClient(_ClientCore):
         await self._http.aclose()
 
     async def _send(self, method: str, path: str, *, timeout_s: float | None = None,
-                    **kwargs: Any) -> httpx.Response:
+                    stream: bool = False, **kwargs: Any) -> httpx.Response:
         if path != ATTESTATION_PATH and self._needs_attestation():
             assert self.policy is not None  # checked in __init__
             await self.attest(self.policy, self.roots, manifest_digest=self.manifest_digest)
         try:
-            return await self._http.request(method, path, timeout=timeout_s or self.timeout_s,
-                                            **kwargs)
+            return await self._http.send(self._http.build_request(
+                method, path, timeout=timeout_s or self.timeout_s, **kwargs), stream=stream)
         except httpx.HTTPError as err:
             raise self._transport_error(err) from err
+
+    async def generate(self, prompt: str | list[int], *, max_tokens: int = 16,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int | None = None) -> Generation:
+        """:meth:`InferenceClient.generate`, whole."""
+        body = generate_request(prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        response = await self._send("POST", f"/v2/models/{await self.model()}/generate",
+                                    json=body)
+        return parse_generation(self._checked(response).json())
+
+    async def generate_stream(self, prompt: str | list[int], *, max_tokens: int = 16,
+                              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                              seed: int | None = None) -> AsyncIterator[GenerationPiece]:
+        """The pieces as they arrive (``async for``; leaving early ends the generation)."""
+        body = generate_request(prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        response = await self._send("POST", f"/v2/models/{await self.model()}/generate_stream",
+                                    json=body, stream=True)
+        async for piece in astream_pieces(response, checked=self._checked,
+                                          transport_error=self._transport_error):
+            yield piece
 
     async def model(self) -> str:
         return self._model or self._model_from_index(
