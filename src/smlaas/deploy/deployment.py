@@ -41,6 +41,7 @@ from smlaas.deploy.topology import (
     ServingLayout,
     pin_plan,
     prepare_stages,
+    reserve_beside,
     role_specs,
     shared_machine_threads,
     stage_replicas,
@@ -169,7 +170,7 @@ class Deployment:
                                   threads=s.threads or self._default_threads())
         prepare_stages(self.launcher, replicas=owner.replicas, layout=layout, cpus=cpus)
         coordinator = owner.coordinator_spec(
-            listen=self.launcher.reserve(COORDINATOR_ROLE),
+            listen=reserve_beside(self.launcher, layout, COORDINATOR_ROLE),
             state_path=str((s.state_dir / "coordinator.sealed").resolve()))
         coordinator_mr = owner.measure(coordinator)
         self.launcher.start(ProcessSpec(coordinator.role, coordinator.to_argv()))

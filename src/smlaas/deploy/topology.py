@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from smlaas.coordinator.manifest import stage_role
 from smlaas.deploy.settings import DeploySettings
-from smlaas.errors import ConfigError
+from smlaas.errors import ConfigError, DeployError
 from smlaas.plan.plan import Plan
 from smlaas.roles import Address, GatewaySpec, RoleSpec, StageSpec
 
@@ -136,6 +136,20 @@ def max_inflight(chosen: int | None, replicas: list[int]) -> int:
     return chosen or sum(replicas)
 
 
+RESERVE_ATTEMPTS = 8
+
+
+def reserve_beside(launcher: Launcher, layout: ServingLayout, name: str) -> Address:
+    """An address the launcher reserves for ``name``, never one of the gateway's ports: the
+    owner's process chose those, and an operator process hands out ports without knowing
+    them (a stage once took the gateway's port so)."""
+    for _ in range(RESERVE_ATTEMPTS):
+        host, port = launcher.reserve(name)
+        if port not in (layout.port, layout.grpc_port):
+            return host, port
+    raise DeployError(f"the launcher kept reserving the gateway's ports for {name}")
+
+
 def role_specs(launcher: Launcher, *, model_name: str, replicas: list[int],
                layout: ServingLayout, coordinator: Address, coordinator_mrenclave: str,
                sealed_dir: Path, cpus: CpuPlan) -> list[RoleSpec]:
@@ -144,8 +158,8 @@ def role_specs(launcher: Launcher, *, model_name: str, replicas: list[int],
     common: dict[str, Any] = {"backend": layout.backend,
                               "coordinator_mrenclave": coordinator_mrenclave,
                               "coordinator": coordinator}
-    addresses = [tuple(launcher.reserve(process_name(k, r)) for r in range(count))
-                 for k, count in enumerate(replicas)]
+    addresses = [tuple(reserve_beside(launcher, layout, process_name(k, r))
+                       for r in range(count)) for k, count in enumerate(replicas)]
     specs: list[RoleSpec] = [
         StageSpec(index=k, replica=r, listen=address, sealed_dir=str(Path(sealed_dir).resolve()),
                   next_stages=addresses[k + 1] if k + 1 < len(replicas) else (),
