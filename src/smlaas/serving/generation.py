@@ -85,6 +85,8 @@ class _Sequence:
     started: float = field(default_factory=time.monotonic)
     out: asyncio.Queue[int | Finished | BaseException] = field(default_factory=asyncio.Queue)
     done: bool = False
+    released: bool = False
+    """Its end was sent to the stages (once)."""
 
 
 class Generator:
@@ -167,7 +169,7 @@ class Generator:
                 del self._by_client[client]
             if not finished:
                 sequence.done = True
-                self._release([sequence.id])
+                self._release([sequence])
 
     async def close(self) -> None:
         """Stops dispatching; steps in flight are cancelled (their sequences expire in the
@@ -218,7 +220,7 @@ class Generator:
             for sequence in batch:
                 sequence.done = True
                 sequence.out.put_nowait(error)
-            self._release([s.id for s in batch])
+            self._release(batch)
             return
         tokens = reply.tensors.get(TOKEN_OUTPUT) if isinstance(reply, Outputs) else None
         if tokens is None or tokens.shape != (len(batch),):
@@ -227,13 +229,14 @@ class Generator:
                 sequence.out.put_nowait(PipelineFailed(
                     "the last stage answered a step without its tokens",
                     status=PipelineFailed.status))
+            self._release(batch)
             return
         ended = []
         for sequence, token in zip(batch, tokens.tolist()):
             sequence.past = len(sequence.tokens)
             sequence.sampling = None
             if sequence.done:  # its client left while the step ran
-                ended.append(sequence.id)
+                ended.append(sequence)
                 continue
             if self.metrics is not None:
                 self.metrics.generated(first_after_s=time.monotonic() - sequence.started
@@ -251,7 +254,7 @@ class Generator:
                 sequence.out.put_nowait(Finished(
                     reason, sequence.prompt_length,
                     len(sequence.tokens) - sequence.prompt_length))
-                ended.append(sequence.id)
+                ended.append(sequence)
             else:
                 self._waiting.append(sequence)
                 self._wake.set()
@@ -272,9 +275,14 @@ class Generator:
         return Infer({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
                      deadline_in(self.timeout_s), requests=len(batch), step=Step(rows))
 
-    def _release(self, sequences: list[str]) -> None:
-        self._spawn(self.link.request(Infer({}, deadline_in(RELEASE_TIMEOUT_S), requests=1,
-                                            step=Step((), tuple(sequences)))))
+    def _release(self, sequences: list[_Sequence]) -> None:
+        """Ends ``sequences`` in every stage (each once)."""
+        ids = tuple(s.id for s in sequences if not s.released)
+        for sequence in sequences:
+            sequence.released = True
+        if ids:
+            self._spawn(self.link.request(Infer({}, deadline_in(RELEASE_TIMEOUT_S),
+                                                requests=1, step=Step((), ids))))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
