@@ -145,3 +145,47 @@ def test_the_async_client_generates_and_streams(served) -> None:
 
     whole, streamed = asyncio.run(run())
     assert whole == want and streamed == want
+
+
+def test_a_stage_killed_mid_generation_ends_the_stream_and_the_next_one_is_right(served
+                                                                                  ) -> None:
+    """SIGKILL a stage while a stream runs: the stream ends promptly with an error event (no
+    hang, no wrong tokens); once the stage is back, generation is right again."""
+    import os
+    import signal
+    import threading
+    import time
+
+    url = f"{served.url}/v2/models/{served.model_name}/generate_stream"
+    context = ssl.create_default_context(cafile=str(served.ca_path))
+    events: list[dict] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with httpx.Client(verify=context, timeout=60) as http, http.stream(
+                "POST", url, json={"input_ids": [4, 5, 6],
+                                   "parameters": {"max_tokens": 500, "stop": False}}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30)
+    launcher = served.launcher
+    before = launcher.restarts()["stage-1"]
+    os.kill(launcher.pid("stage-1"), signal.SIGKILL)
+    killed_at = time.monotonic()
+    reader.join(30)
+    assert not reader.is_alive(), "the stream hung after its stage died"
+    assert time.monotonic() - killed_at < 30
+    assert "error" in events[-1] or events[-1].get("finish_reason"), events[-1]
+    deadline = time.monotonic() + 30
+    while launcher.restarts()["stage-1"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # past the gateway's cached readiness
+    served.wait_ready(timeout_s=60)
+    with served.client() as client:
+        result = client.generate([7, 8, 9], max_tokens=12, temperature=0.0)
+    assert result.output_ids == expected(served.model_path, [7, 8, 9], 12)
