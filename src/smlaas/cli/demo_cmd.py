@@ -16,11 +16,11 @@ import click
 import numpy as np
 
 from smlaas.cli.console import console, progress_bar, table
+from smlaas.cli.demo_deployment import attested_demo
 from smlaas.cli.demo_generation import generate_and_compare
-from smlaas.coordinator.manifest import GATEWAY_ROLE
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
-from smlaas.deploy.deployment import Deployment, DeploySettings
+from smlaas.deploy.deployment import DeploySettings
 from smlaas.errors import VerificationError
 from smlaas.export.sealed_build import SEALED_DIR, seal_build
 from smlaas.partition import PlanOptions, default_threads, open_model, partition
@@ -97,29 +97,15 @@ def _serve_and_compare(settings: DeploySettings, model: str, requests: int,
     inputs = random_inputs(source.model, {k: tuple(v) for k, v in shapes.items()})
     whole = create_session(source.model, threads=threads, serving=True)
     expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, inputs)))
-    started = time.perf_counter()
-    deployment = Deployment.on_this_machine(settings,
-                                            progress=lambda line: console.print(f"  {line}"))
-    with deployment as dep:
-        ready_s = time.perf_counter() - started
-        with dep.client() as client:
-            verdict = client.attest(dep.role_policy(GATEWAY_ROLE), dep.trusted_roots,
-                                    manifest_digest=dep.manifest.digest()
-                                    if dep.manifest else None)
-            release = client.release
-            console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
-                          f"(SIMULATED), its quote binds the HTTPS key of this connection; "
-                          f"it serves under the owner's release v"
-                          f"{release.version if release else '?'} (signed by the owner key, "
-                          f"unexpired, the current one)")
-            outputs = client.infer(inputs)
-            latencies = []
-            for _ in range(requests):
-                begin = time.perf_counter()
-                client.infer(inputs)
-                latencies.append(time.perf_counter() - begin)
-        stages = dep.stage_count
-    console.print("stopped the deployment (coordinator, workers, gateway)")
+    with attested_demo(settings) as demo:
+        client = demo.client
+        outputs = client.infer(inputs)
+        latencies = []
+        for _ in range(requests):
+            begin = time.perf_counter()
+            client.infer(inputs)
+            latencies.append(time.perf_counter() - begin)
+    ready_s, stages = demo.ready_s, demo.stages
     worst = 0.0
     for name, value in expected.items():
         got = outputs[name]

@@ -9,8 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from smlaas.cli.console import console
-from smlaas.coordinator.manifest import GATEWAY_ROLE
-from smlaas.deploy.deployment import Deployment, DeploySettings
+from smlaas.cli.demo_deployment import attested_demo
+from smlaas.deploy.deployment import DeploySettings
 from smlaas.errors import VerificationError
 from smlaas.export.build_dir import TOKENIZER_FILE
 from smlaas.export.sealed_build import EOS_NAMES
@@ -29,32 +29,21 @@ def generate_and_compare(settings: DeploySettings, model: str, threads: int
     timed), and checks them against plain decoding; the summary's rows."""
     source, _ = open_model(model)
     whole = create_session(source.model, threads=threads, serving=True)
-    started = time.perf_counter()
-    deployment = Deployment.on_this_machine(settings,
-                                            progress=lambda line: console.print(f"  {line}"))
-    with deployment as dep:
-        ready_s = time.perf_counter() - started
-        with dep.client() as client:
-            verdict = client.attest(dep.role_policy(GATEWAY_ROLE), dep.trusted_roots,
-                                    manifest_digest=dep.manifest.digest()
-                                    if dep.manifest else None)
-            console.print(f"gateway attested: MRENCLAVE {verdict.mrenclave[:16]}... "
-                          f"(SIMULATED), under the owner's release v"
-                          f"{client.release.version if client.release else '?'}")
-            console.print(f"generating after {PROMPT!r}: ", end="")
-            ids: list[int] = []
-            begin = time.perf_counter()
-            first = None
-            for piece in client.generate(PROMPT, max_tokens=NEW_TOKENS, stream=True):
-                first = first if first is not None or not piece.output_ids else \
-                    time.perf_counter() - begin
-                ids += piece.output_ids
-                console.print(repr(piece.text)[1:-1], end="", markup=False, highlight=False)
-            seconds = time.perf_counter() - begin
-            console.print()
-            prompt_ids = client.generate(PROMPT, max_tokens=1).prompt_tokens
-        stages = dep.stage_count
-    console.print("stopped the deployment (coordinator, workers, gateway)")
+    with attested_demo(settings) as demo:
+        client = demo.client
+        console.print(f"generating after {PROMPT!r}: ", end="")
+        ids: list[int] = []
+        begin = time.perf_counter()
+        first = None
+        for piece in client.generate(PROMPT, max_tokens=NEW_TOKENS, stream=True):
+            first = first if first is not None or not piece.output_ids else \
+                time.perf_counter() - begin
+            ids += piece.output_ids
+            console.print(repr(piece.text)[1:-1], end="", markup=False, highlight=False)
+        seconds = time.perf_counter() - begin
+        console.print()
+        prompt_ids = client.generate(PROMPT, max_tokens=1).prompt_tokens
+    ready_s, stages = demo.ready_s, demo.stages
     tokenizer_ids = _prompt_ids(settings, prompt_ids)
     expected = decode_whole_model(whole, tokenizer_ids, NEW_TOKENS, SamplingParams(),
                                   eos_id=_eos(settings))
