@@ -58,7 +58,7 @@ def open_model(spec: str, input_size_specs: Sequence[str] = (), *,
         model = entry.build(None if generation is not None else size)
         source = ModelSource(name=entry.name, source=zoo.ZOO_PREFIX + entry.name,
                              sha256=model_digest(model), model=model)
-        if not sizes and not find_kv_pairs(model):
+        if not sizes and not entry.is_decoder:
             sizes = {"": entry.default_input_size}
     if find_kv_pairs(source.model):
         sizes = decoder_input_sizes(source.model, generation or GenerationSizes())

@@ -93,16 +93,12 @@ def decoder_axes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
                               if isinstance(dim, str)) for value in model_inputs(model)}
 
 
-def check_generation_sizes(max_context: int, max_sequences: int, *,
-                           max_positions: int | None = None) -> None:
+def check_generation_sizes(max_context: int, max_sequences: int) -> None:
     """ConfigError for sizes no decoder can be planned for."""
     if max_context < 2:
         raise ConfigError(f"--max-context must be at least 2 tokens, got {max_context}")
     if max_sequences < 1:
         raise ConfigError(f"--max-sequences must be at least 1, got {max_sequences}")
-    if max_positions is not None and max_context > max_positions:
-        raise ConfigError(f"--max-context {max_context} exceeds the model's "
-                          f"{max_positions} positions")
 
 
 def decode_step_sizes(model_dims: Mapping[str, tuple[int | str, ...]], *, max_context: int,

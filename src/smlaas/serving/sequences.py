@@ -65,10 +65,6 @@ class SequenceCache:
         token on, they are its pasts as they are (no gathering from the store)."""
 
     @property
-    def nbytes(self) -> int:
-        return sum(store.nbytes for store in self._stores.values())
-
-    @property
     def active(self) -> int:
         return len(self._slots)
 
@@ -181,9 +177,12 @@ class TokenChooser:
                 raise GenerationError("a step for a sequence the last stage does not know")
             tokens[r] = sampler[0].choose(logits[r, -1])
             self._samplers[row.sequence] = (sampler[0], now)
-        for sequence in step.ended:
-            self._samplers.pop(sequence, None)
+        self.end(step.ended)
         return tokens
+
+    def end(self, sequences: tuple[str, ...]) -> None:
+        for sequence in sequences:
+            self._samplers.pop(sequence, None)
 
 
 class GenerationStage:
@@ -202,7 +201,7 @@ class GenerationStage:
         if not step.rows:  # only frees sequences
             self.cache.end(step.ended)
             if self.chooser is not None:
-                self.chooser.choose(step, np.zeros((0, 1, 1), np.float32))
+                self.chooser.end(step.ended)
             return {}
         outputs = self.runner.run({**tensors, **self.cache.feeds(step)})
         self.cache.keep(step, outputs)
