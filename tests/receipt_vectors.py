@@ -44,7 +44,7 @@ from smlaas.enclave.backends.sim import SimBackend
 from smlaas.enclave.measurement import measure
 from smlaas.receipts.claims import GatewaySigner, StageReceipt, StageSigner, chain_link
 from smlaas.receipts.cose import COSE_SIGN1_TAG, ReceiptKey
-from smlaas.receipts.digests import row_slices, tensors_digest
+from smlaas.receipts.digests import bytes_digest, row_slices, tensors_digest
 from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, key_evidence
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "receipts"
@@ -91,6 +91,9 @@ VECTORS: dict[str, Vector] = {
         "whoever holds the directory, without any enclave key",
         "the gateway's claims name another response (and response.bin is that response); "
         "the signature is the original one", "the gateway's receipt: the signature"),
+    "older-format": Vector(
+        "a gateway of an older smlaas (claims format 1: SHA-256 request and response digests)",
+        "the gateway's claims say format 1", "this verifier reads format 2"),
     "gateway-forged-output": Vector(
         "the gateway key (a compromised gateway)",
         "the gateway returns an output the last stage never sent, and signs it",
@@ -323,7 +326,7 @@ def gateway_receipt(signer: GatewaySigner, batch: Batch, index: int, *,
     if edit is None:
         return signer.sign_request(
             request_id=served.request_id,
-            request_digest=hashlib.sha256(served.request).digest(),
+            request_digest=bytes_digest(served.request),
             response_bytes=served.response, received=tensors_digest(served.inputs),
             sent=tensors_digest(served.outputs), salt=SALTS[index],
             stages=stages or batch.receipts, index=index)
@@ -386,8 +389,12 @@ def generate(out_dir: Path, *, pki_dir: Path) -> dict[str, Path]:
 
     claimed = one_byte_changed(served.response, len(served.response) // 2)
     claims = _claims(receipt)
-    claims["response"] = hashlib.sha256(claimed).digest()
+    claims["response"] = bytes_digest(claimed)
     out["tampered-receipt"] = with_payload(receipt, claims), evidence, served.request, claimed
+
+    older = _claims(receipt)
+    older["smlaas"] = 1
+    out["older-format"] = (gateway.key.sign(older), evidence, served.request, served.response)
 
     forged_outputs = {name: value + 1 for name, value in served.outputs.items()}
     forged = replace(served, outputs=forged_outputs, response=v2_body(

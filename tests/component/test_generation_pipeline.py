@@ -59,11 +59,13 @@ class Tap:
     def __init__(self, hop: LocalHop, seen: list[Infer] | None, delay_s: float = 0.0) -> None:
         self.hop, self.seen, self.delay_s = hop, seen, delay_s
 
-    async def request(self, message: Infer, *, request_id: str | None = None) -> object:
+    async def request(self, message: Infer, *, request_id: str | None = None,
+                      follow: object = None) -> object:
         if self.seen is not None:
             self.seen.append(message)
         await asyncio.sleep(self.delay_s)  # a slow network
-        return await self.hop.request(message, request_id=request_id)
+        return await self.hop.request(message, request_id=request_id,
+                                      follow=follow)  # type: ignore[arg-type]
 
     async def describe(self, message: object, *, request_id: str | None = None) -> object:
         return await self.hop.describe(message, request_id=request_id)  # type: ignore[arg-type]

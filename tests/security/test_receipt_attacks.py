@@ -20,7 +20,7 @@ from smlaas.enclave.backends import create_backend
 from smlaas.errors import ReceiptError
 from smlaas.receipts.claims import GatewaySigner, StageSigner, chain_link
 from smlaas.receipts.cose import ReceiptKey
-from smlaas.receipts.digests import tensors_digest
+from smlaas.receipts.digests import bytes_digest, tensors_digest
 from smlaas.receipts.evidence import EvidenceBundle, key_evidence
 from smlaas.receipts.verify import verify_receipt
 from tests.integration.serving_setup import cache_env, deployment, random_image, sealed_build
@@ -98,7 +98,7 @@ def test_a_chain_signed_by_enclaves_the_host_runs_is_refused(two_deployments) ->
         stages.append(stage)
         prev, x = chain_link(stage.cose), y
     forged = GatewaySigner(gateway_key, digest, version, "resnet18").sign_request(
-        request_id="", request_digest=hashlib.sha256(b"q").digest(), response_bytes=b"r",
+        request_id="", request_digest=bytes_digest(b"q"), response_bytes=b"r",
         received=tensors_digest({"input": random_image(4)}), sent=tensors_digest(y),
         salt=salt, stages=stages, index=0)
     bundle = dataclasses.replace(evidence, keys=tuple(keys))

@@ -27,7 +27,6 @@ per request is timed in this process with the real signers on tensors of the pla
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import ssl
@@ -53,7 +52,7 @@ from smlaas.errors import CheckFailed, ReceiptError, SmlaasError
 from smlaas.partition import default_threads
 from smlaas.receipts.claims import GatewaySigner, StageReceipt, StageSigner, chain_link
 from smlaas.receipts.cose import ReceiptKey
-from smlaas.receipts.digests import SALT_BYTES, tensors_digest
+from smlaas.receipts.digests import SALT_BYTES, bytes_digest, tensors_digest
 from smlaas.receipts.evidence import EvidenceBundle
 from smlaas.receipts.verify import verify_receipt
 from smlaas.transport.v2 import InferRequest, encode_infer_request, encode_infer_response
@@ -123,14 +122,14 @@ def receipt_costs(stage_bytes: Sequence[tuple[int, int]], request_body: bytes,
     gateway = GatewaySigner(ReceiptKey(), "00" * 32, 1, "model")
 
     def gateway_hashes() -> None:
-        hashlib.sha256(request_body).digest()
-        hashlib.sha256(response_body).digest()
+        bytes_digest(request_body)
+        bytes_digest(response_body)
 
     def gateway_receipt() -> bytes:
         # As the gateway does: the request's digest (hashed while the pipeline runs), the
         # response's, and the tensor digests of stage 0's and the last stage's leaves.
         return gateway.sign_request(
-            request_id="", request_digest=hashlib.sha256(request_body).digest(),
+            request_id="", request_digest=bytes_digest(request_body),
             response_bytes=response_body, received=receipts[0].leaves[0].received,
             sent=receipts[-1].leaves[0].sent, salt=salt, stages=receipts, index=0)
 
@@ -521,7 +520,7 @@ def markdown(results: dict[str, Any]) -> str:
                  + " | ".join(f"{on[part] - off[part]:+.2f}" for part in parts) + " |")
     lines += [
         "", "CPU per request for receipts (batch 1, this process, the real signers):", "",
-        "| signer | bytes hashed | SHA-256 ms | claims, CBOR, Ed25519 ms | total ms |",
+        "| signer | bytes hashed | hashing ms (BLAKE3) | claims, CBOR, Ed25519 ms | total ms |",
         "|---|---:|---:|---:|---:|"]
     costs = results["costs"]
     for stage in costs["stages"]:

@@ -10,7 +10,7 @@ A stage that ran a batch signs once for the batch (:class:`StageSigner`):
 - ``prev``: SHA-256 of the previous stage's receipt for this batch (absent for stage 0).
 
 The gateway signs once per request (:class:`GatewaySigner`): iat, role, manifest, release,
-``model`` (the served model's name), ``request_id``, ``request`` and ``response`` (SHA-256 of
+``model`` (the served model's name), ``request_id``, ``request`` and ``response`` (BLAKE3 of
 the request bytes exactly as received and of the response bytes returned), ``received`` and
 ``sent`` (the digests of the request's input tensors and of its outputs), the request's
 ``salt``, and ``stages``: for each stage in order its receipt, the request's leaf
@@ -20,7 +20,6 @@ receipt a client keeps: it closes the chain.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 
 from smlaas.receipts.cose import ReceiptKey, digest
 from smlaas.receipts.digests import (
+    bytes_digest,
     leaf_hash,
     merkle_path,
     merkle_root,
@@ -37,7 +37,8 @@ from smlaas.receipts.digests import (
     tensors_digest,
 )
 
-FORMAT = 1
+FORMAT = 2
+"""Claims format; 2: the request and response digests are BLAKE3 (1: SHA-256)."""
 IAT = 6
 
 
@@ -106,8 +107,8 @@ class GatewaySigner:
                      response_bytes: bytes, received: bytes, sent: bytes, salt: bytes,
                      stages: Sequence[StageReceipt], index: int,
                      release_version: int | None = None) -> bytes:
-        """The receipt of one request: ``request_digest`` is SHA-256 of its bytes as
-        received; its place ``index`` in each stage's batch, with the digests of its inputs
+        """The receipt of one request: ``request_digest`` is :func:`bytes_digest` of its bytes
+        as received; its place ``index`` in each stage's batch, with the digests of its inputs
         (``received``) and outputs (``sent``)."""
         return self.key.sign({
             IAT: int(time.time()), "smlaas": FORMAT, "role": "gateway", "replica": 0,
@@ -115,7 +116,7 @@ class GatewaySigner:
             "release": self.release_version if release_version is None else release_version,
             "model": self.model_name, "request_id": request_id,
             "request": request_digest,
-            "response": hashlib.sha256(response_bytes).digest(),
+            "response": bytes_digest(response_bytes),
             "received": received, "sent": sent, "salt": salt,
             "stages": [stage_entry(stage, index) for stage in stages]})
 

@@ -5,9 +5,11 @@ name order, its name, dtype and shape and its bytes (C order; a BYTES tensor in 
 length-prefixed layout), each length-prefixed, so that no two different sets share a digest.
 BLAKE3 because every activation of every receipted request is hashed: on this machine it runs
 at 7.5 GB/s against SHA-256's 1.9 GB/s (SHA-NI), which took receipts' CPU per ResNet-50
-request from 1.33 ms to well under half a millisecond. Bytes a receipt holder checks
-themselves (the request and the response) are hashed with SHA-256. A request's rows of a batched
-tensor set are the rows ``start:stop`` of every tensor.
+request from 1.33 ms to well under half a millisecond. The bytes a receipt holder checks
+themselves (the request and the response) are hashed with plain BLAKE3 too
+(:func:`bytes_digest`; ``b3sum request.bin`` prints the same): SHA-256 of a 600 KB request
+cost the gateway 0.31 ms, BLAKE3 0.07 ms. A request's rows of a batched tensor set are the
+rows ``start:stop`` of every tensor.
 
 A stage that ran a batch signs the root of a Merkle tree over one leaf per request in the
 batch, ``leaf = SHA-256(0x00 || salt || received || sent)``, where ``salt`` is a random value
@@ -32,6 +34,12 @@ DIGEST_BYTES = 32
 SALT_BYTES = 16
 PathStep = tuple[bool, bytes]
 """(sibling is on the left, sibling hash)."""
+
+
+def bytes_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3 (256 bits) of ``data`` as they are: what a receipt says of the request and
+    response bytes (``b3sum`` computes the same)."""
+    return blake3.blake3(data).digest()
 
 
 def tensors_digest(tensors: Mapping[str, np.ndarray], rows: slice | None = None) -> bytes:

@@ -12,7 +12,6 @@ prove nothing (the verdict says SIMULATED).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,9 +30,9 @@ from smlaas.errors import (
     ReceiptError,
     ReleaseError,
 )
-from smlaas.receipts.claims import IAT, chain_link
+from smlaas.receipts.claims import FORMAT, IAT, chain_link
 from smlaas.receipts.cose import unverified, verified
-from smlaas.receipts.digests import leaf_hash, root_from_path
+from smlaas.receipts.digests import bytes_digest, leaf_hash, root_from_path
 from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence, receipt_binding
 
 
@@ -93,10 +92,13 @@ def verify_receipt(receipt: bytes, evidence: EvidenceBundle, *,
     if not release.issued_at - MAX_VALIDITY_S <= issued < release.expires_at:
         raise ReceiptError(f"the gateway signed at {issued}, outside the owner's release "
                            f"v{release.version} ({release.issued_at} to {release.expires_at})")
+    if claims.get("smlaas") != FORMAT:
+        raise ReceiptError(f"the gateway's receipt is in format {claims.get('smlaas')!r}; "
+                           f"this verifier reads format {FORMAT}")
     for name, data in (("request", request), ("response", response)):
-        if data is not None and hashlib.sha256(data).digest() != claims.get(name):
+        if data is not None and bytes_digest(data) != claims.get(name):
             raise ReceiptError(f"the {name} file is not the {name} the receipt covers "
-                               f"(SHA-256 differs)")
+                               f"(BLAKE3 differs)")
     salt = _bytes(claims, "salt", "the gateway's receipt")
     entries = claims.get("stages")
     count = len(manifest.topology) - 1

@@ -17,7 +17,6 @@ batched or sent. Outputs asked for as JSON are bounded before anything runs
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -40,12 +39,12 @@ from smlaas.errors import (
     Status,
     Unavailable,
 )
-from smlaas.receipts.digests import SALT_BYTES
+from smlaas.receipts.digests import SALT_BYTES, bytes_digest
 from smlaas.receipts.evidence import KeyEvidence, key_evidence_from_json
 from smlaas.roles import GatewaySpec
 from smlaas.serving.batcher import BatchStats, DynamicBatcher
 from smlaas.serving.gateway_receipts import (
-    INLINE_SIGN_BYTES,
+    INLINE_HASH_BYTES,
     Answer,
     GatewayReceipts,
     PendingReceipt,
@@ -440,10 +439,14 @@ class DataPlane:
             pending = PendingReceipt(reply.receipts, reply.index, salt)
         return Answer(dict(reply.tensors), pending)
 
-    def request_digest(self, body: bytes | bytearray) -> asyncio.Future[bytes]:
-        """SHA-256 of a request's bytes, hashed in the encoding thread while the pipeline
-        runs (start it before :meth:`infer`)."""
-        return asyncio.ensure_future(self.encode(lambda: hashlib.sha256(body).digest()))
+    def request_digest(self, body: bytes | bytearray) -> Awaitable[bytes]:
+        """The digest of a request's bytes for its receipt: on the loop when small, else in
+        the encoding thread while the pipeline runs (start it before :meth:`infer`)."""
+        if len(body) <= INLINE_HASH_BYTES:
+            done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            done.set_result(bytes_digest(body))
+            return done
+        return asyncio.ensure_future(self.encode(lambda: bytes_digest(body)))
 
     async def sign_receipt(self, request: InferRequest, answer: Answer, *,
                            request_digest: Awaitable[bytes], response_bytes: bytes) -> bytes:
@@ -465,9 +468,7 @@ class DataPlane:
                 sent=last[pending.index].sent, salt=pending.salt, stages=pending.stages,
                 index=pending.index, release_version=version)
 
-        # A small response is signed on the loop (about 0.1 ms: less than a thread's
-        # hand-over); a large one's hash goes to the encoding thread.
-        return sign() if len(response_bytes) <= INLINE_SIGN_BYTES else await self.encode(sign)
+        return sign() if len(response_bytes) <= INLINE_HASH_BYTES else await self.encode(sign)
 
     async def evidence_bundle(self) -> bytes:
         """The evidence every receipt refers to (CBOR; rebuilt when EVIDENCE_TTL_S old)."""

@@ -222,13 +222,14 @@ class RestEndpoints:
                 max_json_bytes=plane.settings.max_json_response_bytes)
             small = sum(v.nbytes for v in outputs.values()) <= INLINE_TENSOR_BYTES
             content, headers = encode() if small else await plane.encode(encode)
+            plain = content
             if answer.receipt is not None and request_digest is not None:
                 content, headers = with_receipt(content, headers, await plane.sign_receipt(
                     parsed, answer, request_digest=request_digest, response_bytes=content))
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
                 content, coding = await plane.off_loop(functools.partial(
-                    encode_content, content, accepted))
+                    encode_content, content, accepted, judged_by=plain))
                 if coding:
                     headers["Content-Encoding"] = coding
         except ClientGone:

@@ -18,9 +18,10 @@ from smlaas.receipts.evidence import EvidenceBundle, KeyEvidence
 EVIDENCE_TTL_S = 10.0
 """How long the evidence bundle is served before it is asked of the stages again (a replica
 restarted since has a new receipt key)."""
-INLINE_SIGN_BYTES = 64 * 1024
-"""A response up to this size is signed on the event loop (about 0.1 ms: less than a thread's
-hand-over); a larger one's hash goes to the encoding thread."""
+INLINE_HASH_BYTES = 1024 * 1024
+"""Request and response bytes up to this size are hashed (BLAKE3, at most ~0.15 ms here) and
+a response's receipt signed on the event loop: less CPU than a hand-over to a thread and back;
+larger ones are hashed in the encoding thread."""
 MAX_KEYS_KEPT = 1024
 
 

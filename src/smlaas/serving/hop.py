@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from smlaas.errors import Status
+from smlaas.receipts.claims import StageReceipt
 from smlaas.serving.protocol import Describe, Description, Failure, Infer, Outputs, Reply, Request
+
+Follow = Callable[[], Awaitable[StageReceipt]]
 
 
 class Hop(Protocol):
@@ -23,8 +27,12 @@ class Hop(Protocol):
 
     role: str
 
-    async def request(self, message: Infer, *, request_id: str | None = None
-                      ) -> Outputs | Failure: ...
+    async def request(self, message: Infer, *, request_id: str | None = None,
+                      follow: Follow | None = None) -> Outputs | Failure:
+        """``follow``: called once ``message`` is written, the sender's receipt for the
+        batch, sent after it when it is ready (the next stage awaits it only to sign its
+        own)."""
+        ...
 
     async def describe(self, message: Describe, *, request_id: str | None = None
                        ) -> Description | Failure: ...
@@ -35,7 +43,8 @@ class Hop(Protocol):
 class Stage(Protocol):
     """A role that answers requests (a stage worker)."""
 
-    async def handle(self, request_id: str, message: Request) -> Reply: ...
+    async def handle(self, request_id: str, message: Request,
+                     previous: Awaitable[StageReceipt] | None = None) -> Reply: ...
 
 
 class LocalHop:
@@ -46,9 +55,9 @@ class LocalHop:
         self._stage = stage
         self._ids = itertools.count()
 
-    async def request(self, message: Infer, *, request_id: str | None = None
-                      ) -> Outputs | Failure:
-        reply = await self._call(message, request_id)
+    async def request(self, message: Infer, *, request_id: str | None = None,
+                      follow: Follow | None = None) -> Outputs | Failure:
+        reply = await self._call(message, request_id, None if follow is None else follow())
         assert isinstance(reply, (Outputs, Failure)), reply
         return reply
 
@@ -58,10 +67,11 @@ class LocalHop:
         assert isinstance(reply, (Description, Failure)), reply
         return reply
 
-    async def _call(self, message: Request, request_id: str | None) -> Reply:
+    async def _call(self, message: Request, request_id: str | None,
+                    follow: Awaitable[StageReceipt] | None = None) -> Reply:
         request_id = request_id or f"{self.role}-{next(self._ids)}"
         try:
-            return await asyncio.wait_for(self._stage.handle(request_id, message),
+            return await asyncio.wait_for(self._stage.handle(request_id, message, follow),
                                           message.remaining_s())
         except TimeoutError:
             return Failure(Status.DEADLINE, f"no reply from {self.role} before the deadline")

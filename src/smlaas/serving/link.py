@@ -18,10 +18,12 @@ import itertools
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 from smlaas.errors import AttestationError, ProtocolError, Status
+from smlaas.receipts.claims import StageReceipt
+from smlaas.serving.hop import Follow
 from smlaas.serving.protocol import (
     Describe,
     Description,
@@ -30,6 +32,7 @@ from smlaas.serving.protocol import (
     Outputs,
     Reply,
     Request,
+    Signed,
     from_frame,
     to_frame,
 )
@@ -56,16 +59,18 @@ class Link:
         self._pending: dict[str, asyncio.Future[TensorMessage]] = {}
         self._connecting = asyncio.Lock()
         self._ids = itertools.count()
+        self._following: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
         return self._stream is not None and not self._stream.is_closing()
 
-    async def request(self, message: Infer, *, request_id: str | None = None
-                      ) -> Outputs | Failure:
-        """Sends one request and waits for its reply until its deadline; failures come back
-        as a Failure, never as a hang."""
-        reply = await self._exchange(message, request_id)
+    async def request(self, message: Infer, *, request_id: str | None = None,
+                      follow: Follow | None = None) -> Outputs | Failure:
+        """Sends one request (and, once it is written, what ``follow`` gives when ready,
+        after it on the same connection) and waits for its reply until its deadline;
+        failures come back as a Failure, never as a hang."""
+        reply = await self._exchange(message, request_id, follow)
         return reply if isinstance(reply, (Outputs, Failure)) else \
             self._unexpected(reply, "an inference")
 
@@ -75,7 +80,8 @@ class Link:
         return reply if isinstance(reply, (Description, Failure)) else \
             self._unexpected(reply, "a describe")
 
-    async def _exchange(self, message: Request, request_id: str | None) -> Reply:
+    async def _exchange(self, message: Request, request_id: str | None,
+                        follow: Follow | None = None) -> Reply:
         request_id = request_id or f"{self.role}-{next(self._ids)}"
         timeout = message.remaining_s()
         try:
@@ -90,6 +96,10 @@ class Link:
         try:
             stream.write(to_frame(request_id, message))
             await asyncio.wait_for(stream.drain(), timeout)
+            if follow is not None:
+                task = asyncio.create_task(self._send_after(stream, request_id, follow()))
+                self._following.add(task)
+                task.add_done_callback(self._following.discard)
             frame = await asyncio.wait_for(asyncio.shield(future), message.remaining_s())
         except TimeoutError:
             return Failure(Status.DEADLINE, f"no reply from {self.role} before the deadline")
@@ -101,12 +111,25 @@ class Link:
             self._pending.pop(request_id, None)
         try:
             reply = from_frame(frame)
-            if isinstance(reply, (Infer, Describe)):
+            if isinstance(reply, (Infer, Describe, Signed)):
                 raise ProtocolError(f"a {type(reply).__name__} is not a reply")
         except ProtocolError as err:
             logger.warning("%s sent a malformed reply: %s", self.role, err)
             return Failure(Status.INTERNAL, f"{self.role} sent a malformed reply")
         return reply
+
+    @staticmethod
+    async def _send_after(stream: MessageStream, request_id: str,
+                          follow: Awaitable[StageReceipt]) -> None:
+        """Writes the sender's receipt once signed (if signing fails, the sender answers
+        the failure itself; the next stage's wait for it ends at the batch's deadline)."""
+        try:
+            receipt = await follow
+        except Exception:  # noqa: BLE001 - reported by the stage that failed to sign
+            return
+        if not stream.is_closing():
+            with contextlib.suppress(OSError, ssl.SSLError):
+                stream.write(to_frame(request_id, Signed(receipt)))
 
     def _unexpected(self, reply: Reply, what: str) -> Failure:
         logger.warning("%s answered %s with a %s", self.role, what, type(reply).__name__)
@@ -158,6 +181,8 @@ class Link:
         return Failure(Status.UNAVAILABLE, message, failed_link=self.role)
 
     async def close(self) -> None:
+        for task in list(self._following):
+            task.cancel()
         if self._stream is not None:
             self._stream.close()
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
@@ -188,14 +213,15 @@ class ReplicaSet:
         self._avoid_until = [0.0] * len(links)
         self._turn = itertools.count()
 
-    async def request(self, message: Infer, *, request_id: str | None = None
-                      ) -> Outputs | Failure:
+    async def request(self, message: Infer, *, request_id: str | None = None,
+                      follow: Follow | None = None) -> Outputs | Failure:
         tried: set[int] = set()
         while True:
             index = self._choose(tried)
             self._outstanding[index] += 1
             try:
-                reply = await self.links[index].request(message, request_id=request_id)
+                reply = await self.links[index].request(message, request_id=request_id,
+                                                        follow=follow)
             finally:
                 self._outstanding[index] -= 1
             if not isinstance(reply, Failure) or reply.status != Status.UNAVAILABLE:

@@ -63,6 +63,8 @@ class StageReports(Collector):
                         ("errors", "Requests a stage refused (bad input), since it started"),
                         ("expired", "Requests whose deadline passed before a stage ran them"),
                         ("run_seconds", "Seconds a stage spent running requests"),
+                        ("receipt_seconds", "Seconds a stage spent hashing and signing "
+                                            "receipts (outside its runs)"),
                         ("restarts", "New incarnations of a stage seen by the gateway"))}
         gauges = {key: GaugeMetricFamily(name, text, labels=labels) for key, name, text in (
             ("queue_depth", "smlaas_stage_queue_depth", "Requests waiting in a stage"),
@@ -77,7 +79,7 @@ class StageReports(Collector):
             age.add_metric([GATEWAY_ROLE], now - self.gateway_attested_at)
         for (index, replica), report in sorted(self._stages.items()):
             values = [self.model, str(index), str(replica)]
-            for key in ("requests", "errors", "expired", "run_seconds"):
+            for key in ("requests", "errors", "expired", "run_seconds", "receipt_seconds"):
                 counters[key].add_metric(values, float(report.get(key, 0)))
             # A stage that does not count batches apart counts each run as one request.
             counters["batches"].add_metric(values, float(report.get("batches",

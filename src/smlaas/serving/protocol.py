@@ -29,9 +29,9 @@ from smlaas.errors import ProtocolError, Status
 from smlaas.receipts.claims import Leaf, StageReceipt
 from smlaas.transport.tensors import TensorMessage, TensorSpec
 
-__all__ = ["Description", "Describe", "Failure", "Infer", "Outputs", "ReceiptAsk", "Reply",
-           "Request", "StageReceipt", "Status", "Step", "StepRow", "TensorSpec", "deadline_in",
-           "from_frame", "to_frame"]
+__all__ = ["Description", "Describe", "Failure", "Infer", "Message", "Outputs", "ReceiptAsk",
+           "Reply", "Request", "Signed", "StageReceipt", "Status", "Step", "StepRow",
+           "TensorSpec", "deadline_in", "from_frame", "to_frame"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,11 @@ class Infer:
     """Run times of the stages before this one, in stage order."""
     receipt: ReceiptAsk | None = None
     """Each stage signs a receipt for the batch (None: none asked for)."""
-    receipts: tuple[StageReceipt, ...] = ()
-    """The receipts of the stages before this one, in stage order."""
     step: Step | None = None
     """A decoder's generation step (None: a stateless inference)."""
+    signed: StageReceipt | None = None
+    """The previous stage's receipt for the batch when it signed before sending the batch on
+    (a busy stage); otherwise it follows the batch as a :class:`Signed` message."""
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -90,12 +91,19 @@ class Infer:
         return max(0.0, self.deadline - time.time())
 
     def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float,
-                    receipt: StageReceipt | None = None) -> Infer:
-        """The request for the next stage: this stage's outputs, its run time and its
-        receipt added."""
+                    signed: StageReceipt | None = None) -> Infer:
+        """The request for the next stage: this stage's outputs and its run time added (and
+        its receipt, when signed already)."""
         return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms),
-                     self.receipt, self.receipts if receipt is None else
-                     (*self.receipts, receipt), self.step)
+                     self.receipt, self.step, signed)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A stage's receipt for the batch it sent on under the same request id, sent after
+    the batch on the same connection: the next stage needs it only when it signs its own."""
+
+    receipt: StageReceipt
 
 
 @dataclass(frozen=True)
@@ -157,15 +165,16 @@ class Failure:
 
 Request = Infer | Describe
 Reply = Outputs | Description | Failure
+Message = Request | Reply | Signed
 _KINDS = {Infer: "infer", Describe: "describe", Outputs: "outputs", Description: "description",
-          Failure: "failure"}
+          Failure: "failure", Signed: "signed"}
 
 
 def deadline_in(seconds: float) -> float:
     return time.time() + seconds
 
 
-def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
+def to_frame(request_id: str, message: Message) -> TensorMessage:
     """``message`` as the wire's tensor message under ``request_id``."""
     meta: dict[str, Any] = {"kind": _KINDS[type(message)]}
     tensors: Mapping[str, np.ndarray] = {}
@@ -176,11 +185,14 @@ def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
         if message.receipt is not None:
             meta["receipt"] = {"rows": list(message.receipt.rows),
                                "salts": [s.hex() for s in message.receipt.salts]}
-            meta["receipts"] = [_receipt_json(r) for r in message.receipts]
+        if message.signed is not None:
+            meta["signed"] = _receipt_json(message.signed)
         if message.step is not None:
             meta["step"] = {"rows": [[r.sequence, r.past, r.new, r.sampling]
                                      for r in message.step.rows],
                             "ended": list(message.step.ended)}
+    elif isinstance(message, Signed):
+        meta["receipts"] = [_receipt_json(message.receipt)]
     elif isinstance(message, Describe):
         meta["deadline"] = message.deadline
         if message.evidence:
@@ -203,7 +215,7 @@ def to_frame(request_id: str, message: Request | Reply) -> TensorMessage:
     return TensorMessage(request_id, dict(tensors), meta)
 
 
-def from_frame(frame: TensorMessage) -> Request | Reply:
+def from_frame(frame: TensorMessage) -> Message:
     """The typed message a frame carries; ProtocolError for one that is not well formed."""
     meta = frame.meta
     kind = meta.get("kind")
@@ -214,8 +226,14 @@ def from_frame(frame: TensorMessage) -> Request | Reply:
             return Infer(frame.tensors, _time(meta["deadline"]), _count(meta["requests"]),
                          _milliseconds(meta["stage_ms"]),
                          None if ask is None else _receipt_ask(ask),
-                         _receipts(meta.get("receipts", [])),
-                         None if step is None else _step(step))
+                         None if step is None else _step(step),
+                         _receipts([meta["signed"]])[0] if "signed" in meta else None)
+        if kind == "signed":
+            _no_tensors(frame)
+            receipts = _receipts(meta["receipts"])
+            if len(receipts) != 1:
+                raise ValueError("a signed message carries one receipt")
+            return Signed(receipts[0])
         if kind == "describe":
             _no_tensors(frame)
             return Describe(_time(meta["deadline"]), meta.get("evidence") is True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -46,7 +47,7 @@ from smlaas.errors import (
 from smlaas.graph.dims import fixed_dim
 from smlaas.graph.kv_cache import find_kv_pairs
 from smlaas.plan.plan import Plan
-from smlaas.receipts.claims import StageReceipt, StageSigner, chain_link
+from smlaas.receipts.claims import StageReceipt, StageSigner
 from smlaas.receipts.cose import ReceiptKey
 from smlaas.receipts.evidence import KeyEvidence, KeyEvidenceSource, key_evidence_to_json
 from smlaas.roles import StageSpec
@@ -63,11 +64,13 @@ from smlaas.serving.protocol import (
     Outputs,
     Reply,
     Request,
+    Signed,
     TensorSpec,
     from_frame,
     to_frame,
 )
 from smlaas.serving.sequences import GenerationStage, generation_report
+from smlaas.serving.stage_receipts import AwaitedReceipts, PendingReceipt, StageReceipts
 from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
@@ -114,6 +117,8 @@ class StageStats:
     errors: int = 0
     expired: int = 0
     run_seconds: float = 0.0
+    receipt_seconds: float = 0.0
+    """Seconds spent hashing and signing receipts (outside ``run_seconds``)."""
 
     def snapshot(self, queue_depth: int) -> dict[str, Any]:
         return {**asdict(self), "queue_depth": queue_depth}
@@ -179,7 +184,9 @@ class StageWorker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-run")
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner_task: asyncio.Task[None] | None = None
-        self._signer = signer
+        self._receipts = None if signer is None else StageReceipts(
+            signer, index, self._executor, last=next_link is None,
+            on_signed=self._count_signing)
         self._evidence = evidence
         """This stage's current receipt key evidence, reported on describes asking."""
         self._generation = generation
@@ -199,16 +206,26 @@ class StageWorker:
         if self._next is not None:
             await self._next.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._receipts is not None:
+            self._receipts.shutdown()
 
-    async def handle(self, request_id: str, message: Request) -> Reply:
-        """The reply to one request; waits for room while the queue is full."""
+    async def handle(self, request_id: str, message: Request,
+                     previous: Awaitable[StageReceipt] | None = None) -> Reply:
+        """The reply to one request (``previous``: the previous stage's receipt for it, when
+        it asks for receipts); waits for room while the queue is full."""
         if isinstance(message, Describe):
             return await self._describe(request_id, message)
-        return await (await self._enqueue(request_id, message))
+        return await (await self._enqueue(request_id, message, previous))
 
-    async def _enqueue(self, request_id: str, message: Infer) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Queued(request_id, message, future))  # full: wait
+    async def _enqueue(self, request_id: str, message: Infer,
+                       previous: Awaitable[StageReceipt] | None = None
+                       ) -> asyncio.Future[Reply]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        if message.signed is not None:  # the previous stage's receipt came with the batch
+            previous = loop.create_future()
+            previous.set_result(message.signed)
+        await self._queue.put(_Queued(request_id, message, future, previous))  # full: wait
         return future
 
     async def serve(self, host: str, port: int, *, stop: asyncio.Event) -> None:
@@ -231,6 +248,7 @@ class StageWorker:
         """One upstream connection (its peer already checked: the upstream role, admitted
         under our manifest). While the queue is full, it stops reading (TCP pushes back)."""
         upstream = _Upstream(stream)
+        awaited = AwaitedReceipts()
         try:
             while True:
                 frame = await stream.read()
@@ -239,8 +257,12 @@ class StageWorker:
                     self._spawn(upstream.reply(frame.request_id,
                                                self._describe(frame.request_id, message)))
                 elif isinstance(message, Infer):
-                    self._spawn(upstream.reply(frame.request_id,
-                                               await self._enqueue(frame.request_id, message)))
+                    previous = awaited.expect(frame.request_id) if message.signed is None and \
+                        message.receipt is not None and self.index > 0 else None
+                    self._spawn(upstream.reply(frame.request_id, await self._enqueue(
+                        frame.request_id, message, previous)))
+                elif isinstance(message, Signed):
+                    awaited.arrived(frame.request_id, message.receipt)
                 else:
                     raise ProtocolError(f"a {type(message).__name__} is not a request")
         except (EOFError, OSError, ssl.SSLError) as err:
@@ -249,6 +271,7 @@ class StageWorker:
             logger.warning("stage %d dropped a connection from %s: %s", self.index,
                            self.upstream_role, err)
         finally:
+            awaited.close()
             stream.close()
 
     async def _run_forever(self) -> None:
@@ -264,7 +287,7 @@ class StageWorker:
                                           f"deadline passed before stage {self.index}"))
                 continue
             try:
-                outputs, elapsed, receipt = await loop.run_in_executor(
+                outputs, elapsed = await loop.run_in_executor(
                     self._executor, self._timed_run, message)
             except (GenerationError, Unavailable) as err:  # a step this stage cannot take
                 self.stats.errors += 1
@@ -285,18 +308,36 @@ class StageWorker:
             self.stats.requests += message.requests
             self.stats.batches += 1
             self.stats.run_seconds += elapsed
-            onward = message.after_stage(outputs, round(elapsed * 1e3, 3), receipt)
+            signed: PendingReceipt | StageReceipt | None = None
+            if message.receipt is not None and self._receipts is not None:
+                if self._next is not None and not self._queue.empty() and \
+                        _at_hand(queued.previous):  # busy: sign now, on the way
+                    try:
+                        signed = await self._receipts.now(message, outputs, queued.previous)
+                    except Exception as err:  # noqa: BLE001 - the batch fails, not the stage
+                        logger.warning("stage %d could not sign its receipt: %s",
+                                       self.index, err)
+                        _settle(future, Failure(Status.UNAVAILABLE, f"stage {self.index} "
+                                                f"could not sign its receipt"))
+                        continue
+                else:  # idle: sign once the batch is on its way
+                    signed = self._receipts.pending(message, outputs, queued.previous)
+            onward = message.after_stage(outputs, round(elapsed * 1e3, 3),
+                                         signed if isinstance(signed, StageReceipt) else None)
             if self._next is None:
-                _settle(future, Outputs(onward.tensors, onward.stage_ms, onward.receipts))
+                assert not isinstance(signed, StageReceipt)
+                answer = Outputs(onward.tensors, onward.stage_ms)
+                if signed is None:
+                    _settle(future, answer)
+                else:
+                    self._spawn(self._with_receipt(future, answer, signed.start()))
             else:
                 await self._downstream_slots.acquire()
-                self._spawn(self._forward(queued.request_id, onward, future))
+                self._spawn(self._forward(queued.request_id, onward, future, signed))
 
-    def _timed_run(self, message: Infer
-                   ) -> tuple[dict[str, np.ndarray], float, StageReceipt | None]:
-        """The stage's outputs, its own run time (s) and, when asked for, its receipt for
-        the batch; in the run thread. The run time is the session's alone (not the
-        hand-over to and from this thread, nor the receipt)."""
+    def _timed_run(self, message: Infer) -> tuple[dict[str, np.ndarray], float]:
+        """The stage's outputs and its own run time (s); in the run thread. The run time is
+        the session's alone (not the hand-over to and from this thread)."""
         started = time.perf_counter()
         if message.step is None and self._generation is not None and \
                 self._generation.cache.pairs:
@@ -308,24 +349,39 @@ class StageWorker:
             raise GenerationError("this model does not generate")
         else:
             outputs = self._generation.run(message.tensors, message.step)
-        elapsed = time.perf_counter() - started
-        receipt = None
-        if message.receipt is not None and self._signer is not None:
-            received = [leaf.sent for leaf in message.receipts[-1].leaves] \
-                if message.receipts else message.tensors
-            receipt = self._signer.sign_batch(
-                received, outputs, rows=message.receipt.rows,
-                salts=message.receipt.salts,
-                prev=chain_link(message.receipts[-1].cose) if message.receipts else None)
-        return outputs, elapsed, receipt
+        return outputs, time.perf_counter() - started
 
-    async def _forward(self, request_id: str, message: Infer,
-                       future: asyncio.Future[Reply]) -> None:
+    async def _forward(self, request_id: str, message: Infer, future: asyncio.Future[Reply],
+                       signed: PendingReceipt | StageReceipt | None) -> None:
+        """Sends ``message`` on (with this stage's receipt, or followed by it once signed)
+        and answers the next stage's reply, with this stage's receipt in front of the later
+        ones."""
         assert self._next is not None
         try:
-            _settle(future, await self._next.request(message, request_id=request_id))
+            reply = await self._next.request(
+                message, request_id=request_id,
+                follow=signed.start if isinstance(signed, PendingReceipt) else None)
         finally:
             self._downstream_slots.release()
+        if signed is None or not isinstance(reply, Outputs):
+            _settle(future, reply)
+        else:
+            await self._with_receipt(future, reply, signed.start()
+                                     if isinstance(signed, PendingReceipt) else signed)
+
+    async def _with_receipt(self, future: asyncio.Future[Reply], reply: Outputs,
+                            signed: Awaitable[StageReceipt] | StageReceipt) -> None:
+        try:
+            receipt = signed if isinstance(signed, StageReceipt) else await signed
+        except Exception as err:  # noqa: BLE001 - the batch fails, the stage goes on
+            logger.warning("stage %d could not sign its receipt: %s", self.index, err)
+            _settle(future, Failure(Status.UNAVAILABLE,
+                                    f"stage {self.index} could not sign its receipt"))
+            return
+        _settle(future, dataclasses.replace(reply, receipts=(receipt, *reply.receipts)))
+
+    def _count_signing(self, seconds: float) -> None:
+        self.stats.receipt_seconds += seconds
 
     async def _describe(self, request_id: str, message: Describe) -> Description | Failure:
         if self._next is None:
@@ -354,6 +410,13 @@ class _Queued:
     request_id: str
     message: Infer
     future: asyncio.Future[Reply]
+    previous: Awaitable[StageReceipt] | None = None
+    """The previous stage's receipt for the batch, when it asks for receipts."""
+
+
+def _at_hand(previous: Awaitable[StageReceipt] | None) -> bool:
+    """Whether the previous stage's receipt is here (or none is needed: stage 0)."""
+    return previous is None or (isinstance(previous, asyncio.Future) and previous.done())
 
 
 def _settle(future: asyncio.Future[Reply], reply: Reply) -> None:

@@ -44,11 +44,14 @@ def worth_compressing(body: bytes) -> bool:
     return len(zlib.compress(sample, 1)) < COMPRESSIBLE_RATIO * len(sample)
 
 
-def encode_content(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+def encode_content(body: bytes, accept_encoding: str | None, *,
+                   judged_by: bytes | None = None) -> tuple[bytes, str | None]:
     """The body compressed as the client accepts (gzip preferred), and its encoding; as is
-    when it would not shrink (:func:`worth_compressing`)."""
+    when it (or ``judged_by``: the response without its receipt, whose base64 alone would
+    make raw tensors look compressible) would not shrink (:func:`worth_compressing`)."""
     accepted = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
-    if not accepted & {"gzip", "deflate"} or not worth_compressing(body):
+    if not accepted & {"gzip", "deflate"} or not worth_compressing(
+            body if judged_by is None else judged_by):
         return body, None
     if "gzip" in accepted:
         return gzip.compress(body, compresslevel=1), "gzip"
