@@ -18,7 +18,7 @@ from smlaas.receipts.cose import ReceiptKey, unverified
 from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
 from smlaas.serving.hop import LocalHop
 from smlaas.serving.protocol import Failure, Infer, Outputs, ReceiptAsk, deadline_in
-from smlaas.serving.stage_receipts import MAX_AWAITED, AwaitedReceipts
+from smlaas.serving.stage_receipts import MAX_AWAITED, AwaitedReceipts, for_batch
 from smlaas.serving.worker import StageWorker
 from tests.component.test_in_process_pipeline import TOKENS, VOCAB, embedding_model, three_stages
 
@@ -185,3 +185,13 @@ def test_an_upstream_cannot_promise_receipts_without_bound() -> None:
         assert all(f.cancelled() for f in futures[1:])
 
     asyncio.run(run())
+
+
+def test_a_previous_receipt_for_another_batch_is_refused() -> None:
+    signer = StageSigner(ReceiptKey(), "stage-0", 0, "ab" * 32, 1, "cd" * 32)
+    sent = {"y": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    ours, theirs = (bytes([1]) * 16, bytes([2]) * 16), (bytes([3]) * 16, bytes([4]) * 16)
+    receipt = signer.sign_batch(sent, sent, rows=[1, 2], salts=ours, prev=None)
+    assert for_batch(receipt, ours)
+    assert not for_batch(receipt, theirs)  # same shape, other requests
+    assert not for_batch(receipt, ours[:1])

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,42 @@ def test_pinned_sets_are_disjoint_and_equal() -> None:
     assert pin_cpu_sets(2, available=(0, 1)) == [(0,), (1,)]
     assert pin_cpu_sets(2, available=(0, 1, 2, 3, 4)) == [(0, 1), (2, 3)]
     assert pin_cpu_sets(3, available=(0, 1)) is None
+
+
+def test_receipts_through_a_replicated_stage_verify(served) -> None:
+    """Receipts over real mutual-TLS hops with stage 1 replicated: a stage's receipt that
+    follows its batch reaches whichever replica ran it, and every chain verifies offline
+    (after the kill above, the restarted replica's new key included)."""
+    from smlaas.coordinator.owner import parse_public_key
+    from smlaas.receipts.cose import unverified
+    from smlaas.receipts.evidence import EvidenceBundle
+    from smlaas.receipts.verify import verify_receipt
+
+    running, _ = served
+    results: list[object] = []
+
+    def client_thread(seed: int) -> None:
+        x = np.random.default_rng(seed).standard_normal((1, WIDTH)).astype(np.float32)
+        with running.client(receipts=True) as client:
+            for _ in range(6):
+                results.append(client.infer({"x": x}))
+
+    threads = [threading.Thread(target=client_thread, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 36
+    with running.client(receipts=True) as client:
+        evidence = EvidenceBundle.decode(client.evidence())
+    owner = parse_public_key(Path(running.owner_public_key_path).read_text().strip())
+    replicas = set()
+    for result in results:
+        receipt = result.receipt  # type: ignore[attr-defined]
+        verdict = verify_receipt(receipt.cose, evidence, owner_public_key=owner,
+                                 request=receipt.request, response=receipt.response,
+                                 allow_simulation=True)
+        assert verdict.stages == 2
+        stage_1 = unverified(unverified(receipt.cose)[1]["stages"][1]["receipt"])[1]
+        replicas.add(stage_1["replica"])
+    assert replicas == {0, 1}

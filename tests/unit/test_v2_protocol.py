@@ -370,3 +370,17 @@ def test_json_data_encoded_in_slices_equals_one_encoding(rows: int, width: int,
     text = json_data_text(value)
     assert json.loads(text) == json.loads(json.dumps(json_values(value)))
     assert text == json.dumps(json_values(value), separators=(",", ":"))
+
+
+def test_a_receipt_does_not_make_raw_tensors_worth_compressing() -> None:
+    """A response of raw float bytes stays as it is once a receipt's base64 is added to it:
+    the decision is made on the response without the receipt."""
+    import base64
+    import os
+
+    from smlaas.transport.compression import encode_content
+
+    plain = b'{"outputs":[]}' + np.random.default_rng(0).random(1000).astype(np.float32).tobytes()
+    with_receipt = plain + b',"receipt":"' + base64.b64encode(os.urandom(1800)) * 3 + b'"'
+    assert encode_content(with_receipt, "gzip")[1] == "gzip"  # judged alone, it would be
+    assert encode_content(with_receipt, "gzip", judged_by=plain) == (with_receipt, None)

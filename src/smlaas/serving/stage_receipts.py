@@ -22,18 +22,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from smlaas.errors import ProtocolError, Unavailable
+from smlaas.errors import ProtocolError, ReceiptError, Unavailable
 from smlaas.receipts.claims import StageReceipt, StageSigner, chain_link
+from smlaas.receipts.cose import unverified
+from smlaas.receipts.digests import leaf_hash, merkle_root
 from smlaas.serving.protocol import Infer
 
 MAX_AWAITED = 1024
 """Receipts one upstream connection may have promised and not yet sent."""
+READ_AHEAD = 64
+"""Requests one upstream connection may have waiting for room in a stage's queue before the
+stage stops reading it: reading on lets a receipt that follows its batch reach the batches
+that wait on it (its upstream's own bound on requests in flight keeps this small)."""
+
+
+def for_batch(receipt: StageReceipt, salts: Sequence[bytes]) -> bool:
+    """Whether ``receipt`` (the previous stage's) is for the batch whose requests have
+    ``salts``: one leaf per request, each hashed with that request's salt (random, per
+    request), under the root it signed."""
+    try:
+        claims = unverified(receipt.cose)[1]
+    except ReceiptError:
+        return False
+    return len(receipt.leaves) == len(salts) and claims.get("root") == merkle_root(
+        [leaf_hash(salt, leaf.received, leaf.sent)
+         for salt, leaf in zip(salts, receipt.leaves, strict=True)])
 
 
 class AwaitedReceipts:
@@ -76,6 +95,8 @@ class PendingReceipt:
     def start(self) -> asyncio.Task[StageReceipt]:
         if self._task is None:
             self._task = asyncio.ensure_future(self._sign())
+            # a batch whose reply failed never awaits it: its failure is not an error here
+            self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
         return self._task
 
 
@@ -115,6 +136,7 @@ class StageReceipts:
                 prev = waiting.result() if waiting.done() else \
                     await asyncio.wait_for(asyncio.shield(waiting), message.remaining_s())
             except TimeoutError as err:
+                waiting.cancel()  # it is no longer awaited
                 raise Unavailable(f"stage {self.index - 1}'s receipt did not come by the "
                                   f"deadline") from err
             except asyncio.CancelledError:
@@ -132,6 +154,8 @@ class StageReceipts:
                   prev: StageReceipt | None) -> tuple[StageReceipt, float]:
         assert message.receipt is not None
         started = time.perf_counter()
+        if prev is not None and not for_batch(prev, message.receipt.salts):
+            raise Unavailable(f"stage {self.index - 1}'s receipt is not for this batch")
         receipt = self._signer.sign_batch(
             message.tensors if prev is None else [leaf.sent for leaf in prev.leaves],
             outputs, rows=message.receipt.rows, salts=message.receipt.salts,

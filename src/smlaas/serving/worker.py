@@ -3,8 +3,9 @@
 Requests arrive from the previous role (the gateway for stage 0) on a TLS stream; the stage
 runs them one at a time on its session, in arrival order, while the requests before them are
 already in the next stages (pipelining). Queues are bounded: when ``queue_size`` requests wait
-here, the worker stops reading its upstream connection and TCP pushes back; at most
-``queue_size`` requests are in flight downstream. Every reply, success or error, goes back on
+here, further requests wait for room (up to :data:`READ_AHEAD` per upstream connection; past
+that the worker stops reading it and TCP pushes back); at most ``queue_size`` requests are in
+flight downstream. Every reply, success or error, goes back on
 the connection the request came from.
 """
 
@@ -70,7 +71,12 @@ from smlaas.serving.protocol import (
     to_frame,
 )
 from smlaas.serving.sequences import GenerationStage, generation_report
-from smlaas.serving.stage_receipts import AwaitedReceipts, PendingReceipt, StageReceipts
+from smlaas.serving.stage_receipts import (
+    READ_AHEAD,
+    AwaitedReceipts,
+    PendingReceipt,
+    StageReceipts,
+)
 from smlaas.transport.streams import MessageStream, start_stream_server
 from smlaas.transport.tensors import TensorMessage, wire_dtype
 from smlaas.transport.tls import client_context, require_peer, server_context
@@ -217,6 +223,15 @@ class StageWorker:
             return await self._describe(request_id, message)
         return await (await self._enqueue(request_id, message, previous))
 
+    async def _admit(self, upstream: _Upstream, request_id: str, message: Infer,
+                     previous: Awaitable[StageReceipt] | None,
+                     admitting: asyncio.Semaphore) -> None:
+        try:
+            future = await self._enqueue(request_id, message, previous)
+        finally:
+            admitting.release()
+        await upstream.reply(request_id, future)
+
     async def _enqueue(self, request_id: str, message: Infer,
                        previous: Awaitable[StageReceipt] | None = None
                        ) -> asyncio.Future[Reply]:
@@ -246,9 +261,12 @@ class StageWorker:
 
     async def _connection(self, stream: MessageStream) -> None:
         """One upstream connection (its peer already checked: the upstream role, admitted
-        under our manifest). While the queue is full, it stops reading (TCP pushes back)."""
+        under our manifest). It reads on while the queue is full (a receipt that follows its
+        batch must reach the batches waiting on it), up to READ_AHEAD requests waiting for
+        room; then it stops reading (TCP pushes back)."""
         upstream = _Upstream(stream)
         awaited = AwaitedReceipts()
+        admitting = asyncio.Semaphore(READ_AHEAD)
         try:
             while True:
                 frame = await stream.read()
@@ -259,8 +277,9 @@ class StageWorker:
                 elif isinstance(message, Infer):
                     previous = awaited.expect(frame.request_id) if message.signed is None and \
                         message.receipt is not None and self.index > 0 else None
-                    self._spawn(upstream.reply(frame.request_id, await self._enqueue(
-                        frame.request_id, message, previous)))
+                    await admitting.acquire()
+                    self._spawn(self._admit(upstream, frame.request_id, message, previous,
+                                            admitting))
                 elif isinstance(message, Signed):
                     awaited.arrived(frame.request_id, message.receipt)
                 else:
@@ -280,8 +299,10 @@ class StageWorker:
             queued = await self._queue.get()
             message, future = queued.message, queued.future
             if future.done():  # its asker has gone
+                _forget(queued.previous)
                 continue
             if message.expired():
+                _forget(queued.previous)
                 self.stats.expired += 1
                 future.set_result(Failure(Status.DEADLINE,
                                           f"deadline passed before stage {self.index}"))
@@ -290,12 +311,14 @@ class StageWorker:
                 outputs, elapsed = await loop.run_in_executor(
                     self._executor, self._timed_run, message)
             except (GenerationError, Unavailable) as err:  # a step this stage cannot take
+                _forget(queued.previous)
                 self.stats.errors += 1
                 _settle(future, Failure(status_of(err), f"stage {self.index}: {err}"))
                 continue
             except ProfileError as err:
                 # ONNX Runtime's text names the sub-model's nodes and shapes: it stays in this
                 # stage's log, and the client gets a short reason with a reference to it.
+                _forget(queued.previous)
                 self.stats.errors += 1
                 reference = secrets.token_hex(4)
                 logger.warning("stage %d could not run request %s (reference %s): %s",
@@ -358,9 +381,10 @@ class StageWorker:
         ones."""
         assert self._next is not None
         try:
+            # a request id of this hop's own (the upstream's could repeat across its
+            # replicas' connections; a receipt that follows is matched by this one)
             reply = await self._next.request(
-                message, request_id=request_id,
-                follow=signed.start if isinstance(signed, PendingReceipt) else None)
+                message, follow=signed.start if isinstance(signed, PendingReceipt) else None)
         finally:
             self._downstream_slots.release()
         if signed is None or not isinstance(reply, Outputs):
@@ -375,10 +399,11 @@ class StageWorker:
             receipt = signed if isinstance(signed, StageReceipt) else await signed
         except Exception as err:  # noqa: BLE001 - the batch fails, the stage goes on
             logger.warning("stage %d could not sign its receipt: %s", self.index, err)
+        else:
+            _settle(future, dataclasses.replace(reply, receipts=(receipt, *reply.receipts)))
+        finally:  # failed, or cancelled (shutting down): never leave the asker waiting
             _settle(future, Failure(Status.UNAVAILABLE,
                                     f"stage {self.index} could not sign its receipt"))
-            return
-        _settle(future, dataclasses.replace(reply, receipts=(receipt, *reply.receipts)))
 
     def _count_signing(self, seconds: float) -> None:
         self.stats.receipt_seconds += seconds
@@ -412,6 +437,12 @@ class _Queued:
     future: asyncio.Future[Reply]
     previous: Awaitable[StageReceipt] | None = None
     """The previous stage's receipt for the batch, when it asks for receipts."""
+
+
+def _forget(previous: Awaitable[StageReceipt] | None) -> None:
+    """A batch that will not be signed no longer waits for the previous stage's receipt."""
+    if isinstance(previous, asyncio.Future) and not previous.done():
+        previous.cancel()
 
 
 def _at_hand(previous: Awaitable[StageReceipt] | None) -> bool:
