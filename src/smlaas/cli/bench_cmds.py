@@ -200,13 +200,13 @@ def working_set(models: tuple[str, ...], no_exporters: bool, threads: int, runs:
 @click.option("--model", "-m", default="resnet50", show_default=True)
 @click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True,
               help="Concurrent clients for the throughput blocks.")
-@click.option("--requests", "latency_requests", type=click.IntRange(min=2), default=200,
+@click.option("--requests", "latency_requests", type=click.IntRange(min=2), default=400,
               show_default=True, help="Latency: sequential requests per mode (off, on).")
-@click.option("--blocks", "latency_blocks", type=click.IntRange(min=1), default=8,
+@click.option("--blocks", "latency_blocks", type=click.IntRange(min=1), default=40,
               show_default=True, help="Latency: alternating blocks the requests go in.")
-@click.option("--seconds", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=4.0, show_default=True,
               help="Throughput: measured seconds per block (after 1 s of warm-up).")
-@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True,
               help="Throughput: blocks per mode, the order alternating.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 def receipts(model: str, clients: int, latency_requests: int, latency_blocks: int,

@@ -77,12 +77,10 @@ class Infer:
     stage_ms: tuple[float, ...] = ()
     """Run times of the stages before this one, in stage order."""
     receipt: ReceiptAsk | None = None
-    """Each stage signs a receipt for the batch (None: none asked for)."""
+    """Each stage signs a receipt for the batch (None: none asked for); a stage's receipt
+    follows its batch to the next stage as a :class:`Signed` message."""
     step: Step | None = None
     """A decoder's generation step (None: a stateless inference)."""
-    signed: StageReceipt | None = None
-    """The previous stage's receipt for the batch when it signed before sending the batch on
-    (a busy stage); otherwise it follows the batch as a :class:`Signed` message."""
 
     def expired(self) -> bool:
         return time.time() > self.deadline
@@ -90,12 +88,10 @@ class Infer:
     def remaining_s(self) -> float:
         return max(0.0, self.deadline - time.time())
 
-    def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float,
-                    signed: StageReceipt | None = None) -> Infer:
-        """The request for the next stage: this stage's outputs and its run time added (and
-        its receipt, when signed already)."""
+    def after_stage(self, tensors: Mapping[str, np.ndarray], run_ms: float) -> Infer:
+        """The request for the next stage: this stage's outputs and its run time added."""
         return Infer(tensors, self.deadline, self.requests, (*self.stage_ms, run_ms),
-                     self.receipt, self.step, signed)
+                     self.receipt, self.step)
 
 
 @dataclass(frozen=True)
@@ -185,8 +181,6 @@ def to_frame(request_id: str, message: Message) -> TensorMessage:
         if message.receipt is not None:
             meta["receipt"] = {"rows": list(message.receipt.rows),
                                "salts": [s.hex() for s in message.receipt.salts]}
-        if message.signed is not None:
-            meta["signed"] = _receipt_json(message.signed)
         if message.step is not None:
             meta["step"] = {"rows": [[r.sequence, r.past, r.new, r.sampling]
                                      for r in message.step.rows],
@@ -226,8 +220,7 @@ def from_frame(frame: TensorMessage) -> Message:
             return Infer(frame.tensors, _time(meta["deadline"]), _count(meta["requests"]),
                          _milliseconds(meta["stage_ms"]),
                          None if ask is None else _receipt_ask(ask),
-                         None if step is None else _step(step),
-                         _receipts([meta["signed"]])[0] if "signed" in meta else None)
+                         None if step is None else _step(step))
         if kind == "signed":
             _no_tensors(frame)
             receipts = _receipts(meta["receipts"])

@@ -101,32 +101,23 @@ class PendingReceipt:
 
 
 class StageReceipts:
-    """Signs stage ``index``'s batch receipts: later (:meth:`pending`) in a thread of their
-    own, or now (:meth:`now`) in the stage's run thread (``run_executor``)."""
+    """Signs stage ``index``'s batch receipts once each batch is on its way, in a thread of
+    their own (the last stage: on its event loop)."""
 
-    def __init__(self, signer: StageSigner, index: int, run_executor: ThreadPoolExecutor, *,
-                 last: bool = False,
+    def __init__(self, signer: StageSigner, index: int, *, last: bool = False,
                  on_signed: Callable[[float], None] = lambda seconds: None) -> None:
         self._signer, self.index, self.last = signer, index, last
         self._on_signed = on_signed
-        self._run_executor = run_executor
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-receipts")
 
     def pending(self, message: Infer, outputs: Mapping[str, np.ndarray],
                 previous: Awaitable[StageReceipt] | None) -> PendingReceipt:
         """This stage's receipt for ``message``'s batch, which gave ``outputs``, to sign
         once the previous stage's (``previous``; None for stage 0) has come."""
-        return PendingReceipt(lambda: self._sign(message, outputs, previous, self._executor))
-
-    async def now(self, message: Infer, outputs: Mapping[str, np.ndarray],
-                  previous: Awaitable[StageReceipt] | None) -> StageReceipt:
-        """This stage's receipt, signed now in the run thread (the previous stage's receipt
-        is at hand)."""
-        return await self._sign(message, outputs, previous, self._run_executor)
+        return PendingReceipt(lambda: self._sign(message, outputs, previous))
 
     async def _sign(self, message: Infer, outputs: Mapping[str, np.ndarray],
-                    previous: Awaitable[StageReceipt] | None,
-                    executor: ThreadPoolExecutor) -> StageReceipt:
+                    previous: Awaitable[StageReceipt] | None) -> StageReceipt:
         prev = None
         if self.index > 0:
             if previous is None:
@@ -144,16 +135,20 @@ class StageReceipts:
                     raise  # this task was cancelled
                 raise Unavailable(f"the connection from stage {self.index - 1} closed "
                                   f"before its receipt came") from None
-        receipt, seconds = self._sign_now(message, outputs, prev) if self.last else \
+        receipt, seconds = self.sign_now(message, outputs, prev) if self.last else \
             await asyncio.get_running_loop().run_in_executor(
-                executor, self._sign_now, message, outputs, prev)
+                self._executor, self.sign_now, message, outputs, prev)
         self._on_signed(seconds)
         return receipt
 
-    def _sign_now(self, message: Infer, outputs: Mapping[str, np.ndarray],
-                  prev: StageReceipt | None) -> tuple[StageReceipt, float]:
+    def sign_now(self, message: Infer, outputs: Mapping[str, np.ndarray],
+                 prev: StageReceipt | None) -> tuple[StageReceipt, float]:
+        """This stage's receipt and the seconds it took (any thread); Unavailable when
+        ``prev`` (the previous stage's) is not for this batch."""
         assert message.receipt is not None
         started = time.perf_counter()
+        if prev is None and self.index > 0:
+            raise Unavailable(f"stage {self.index - 1} sent no receipt for this batch")
         if prev is not None and not for_batch(prev, message.receipt.salts):
             raise Unavailable(f"stage {self.index - 1}'s receipt is not for this batch")
         receipt = self._signer.sign_batch(

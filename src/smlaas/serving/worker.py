@@ -191,8 +191,7 @@ class StageWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner_task: asyncio.Task[None] | None = None
         self._receipts = None if signer is None else StageReceipts(
-            signer, index, self._executor, last=next_link is None,
-            on_signed=self._count_signing)
+            signer, index, last=next_link is None, on_signed=self._count_signing)
         self._evidence = evidence
         """This stage's current receipt key evidence, reported on describes asking."""
         self._generation = generation
@@ -237,9 +236,6 @@ class StageWorker:
                        ) -> asyncio.Future[Reply]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        if message.signed is not None:  # the previous stage's receipt came with the batch
-            previous = loop.create_future()
-            previous.set_result(message.signed)
         await self._queue.put(_Queued(request_id, message, future, previous))  # full: wait
         return future
 
@@ -275,8 +271,8 @@ class StageWorker:
                     self._spawn(upstream.reply(frame.request_id,
                                                self._describe(frame.request_id, message)))
                 elif isinstance(message, Infer):
-                    previous = awaited.expect(frame.request_id) if message.signed is None and \
-                        message.receipt is not None and self.index > 0 else None
+                    previous = awaited.expect(frame.request_id) \
+                        if message.receipt is not None and self.index > 0 else None
                     await admitting.acquire()
                     self._spawn(self._admit(upstream, frame.request_id, message, previous,
                                             admitting))
@@ -331,24 +327,11 @@ class StageWorker:
             self.stats.requests += message.requests
             self.stats.batches += 1
             self.stats.run_seconds += elapsed
-            signed: PendingReceipt | StageReceipt | None = None
-            if message.receipt is not None and self._receipts is not None:
-                if self._next is not None and not self._queue.empty() and \
-                        _at_hand(queued.previous):  # busy: sign now, on the way
-                    try:
-                        signed = await self._receipts.now(message, outputs, queued.previous)
-                    except Exception as err:  # noqa: BLE001 - the batch fails, not the stage
-                        logger.warning("stage %d could not sign its receipt: %s",
-                                       self.index, err)
-                        _settle(future, Failure(Status.UNAVAILABLE, f"stage {self.index} "
-                                                f"could not sign its receipt"))
-                        continue
-                else:  # idle: sign once the batch is on its way
-                    signed = self._receipts.pending(message, outputs, queued.previous)
-            onward = message.after_stage(outputs, round(elapsed * 1e3, 3),
-                                         signed if isinstance(signed, StageReceipt) else None)
+            # signed once the batch is on its way (the last stage: at once, on this loop)
+            signed = None if message.receipt is None or self._receipts is None else \
+                self._receipts.pending(message, outputs, queued.previous)
+            onward = message.after_stage(outputs, round(elapsed * 1e3, 3))
             if self._next is None:
-                assert not isinstance(signed, StageReceipt)
                 answer = Outputs(onward.tensors, onward.stage_ms)
                 if signed is None:
                     _settle(future, answer)
@@ -375,28 +358,26 @@ class StageWorker:
         return outputs, time.perf_counter() - started
 
     async def _forward(self, request_id: str, message: Infer, future: asyncio.Future[Reply],
-                       signed: PendingReceipt | StageReceipt | None) -> None:
-        """Sends ``message`` on (with this stage's receipt, or followed by it once signed)
-        and answers the next stage's reply, with this stage's receipt in front of the later
-        ones."""
+                       signed: PendingReceipt | None) -> None:
+        """Sends ``message`` on (followed by this stage's receipt once signed) and answers
+        the next stage's reply, with this stage's receipt in front of the later ones."""
         assert self._next is not None
         try:
             # a request id of this hop's own (the upstream's could repeat across its
             # replicas' connections; a receipt that follows is matched by this one)
             reply = await self._next.request(
-                message, follow=signed.start if isinstance(signed, PendingReceipt) else None)
+                message, follow=None if signed is None else signed.start)
         finally:
             self._downstream_slots.release()
         if signed is None or not isinstance(reply, Outputs):
             _settle(future, reply)
         else:
-            await self._with_receipt(future, reply, signed.start()
-                                     if isinstance(signed, PendingReceipt) else signed)
+            await self._with_receipt(future, reply, signed.start())
 
     async def _with_receipt(self, future: asyncio.Future[Reply], reply: Outputs,
-                            signed: Awaitable[StageReceipt] | StageReceipt) -> None:
+                            signed: Awaitable[StageReceipt]) -> None:
         try:
-            receipt = signed if isinstance(signed, StageReceipt) else await signed
+            receipt = await signed
         except Exception as err:  # noqa: BLE001 - the batch fails, the stage goes on
             logger.warning("stage %d could not sign its receipt: %s", self.index, err)
         else:
@@ -443,11 +424,6 @@ def _forget(previous: Awaitable[StageReceipt] | None) -> None:
     """A batch that will not be signed no longer waits for the previous stage's receipt."""
     if isinstance(previous, asyncio.Future) and not previous.done():
         previous.cancel()
-
-
-def _at_hand(previous: Awaitable[StageReceipt] | None) -> bool:
-    """Whether the previous stage's receipt is here (or none is needed: stage 0)."""
-    return previous is None or (isinstance(previous, asyncio.Future) and previous.done())
 
 
 def _settle(future: asyncio.Future[Reply], reply: Reply) -> None:
