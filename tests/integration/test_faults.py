@@ -123,7 +123,7 @@ def _wait_restart(launcher: LocalLauncher, name: str, before: int) -> bool:
 IMPOSTOR = """
 import sys
 from smlaas.roles import StageSpec
-import smlaas.serving.worker as worker
+import smlaas.serving.worker_process as worker
 # Different code: a patched configuration changes the measurement, as a changed binary would.
 StageSpec.measured_config = lambda self: {"argv": self.measured_argv(), "patched": True}
 worker.run_worker(StageSpec(index=1, backend="sim", coordinator_mrenclave=sys.argv[4],

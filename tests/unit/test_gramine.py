@@ -234,7 +234,8 @@ def test_worker_command_line_takes_host_options_from_the_environment(
     from smlaas.cli import serve_cmds
 
     seen = {}
-    monkeypatch.setattr("smlaas.serving.worker.run_worker", lambda spec: seen.update(s=spec))
+    monkeypatch.setattr("smlaas.serving.worker_process.run_worker",
+                        lambda spec: seen.update(s=spec))
     spec = StageSpec(index=1, backend="sim", coordinator_mrenclave="cd" * 32,
                      coordinator=("10.0.0.1", 7443), listen=("0.0.0.0", 9000),
                      sealed_dir="/smlaas/sealed", threads=2)

@@ -88,7 +88,7 @@ def _log_to_stderr() -> None:
 def worker(role: str, backend: str, coordinator_mrenclave: str, **options: Any) -> int:
     """Run one stage: register, unseal the stage, serve it over mutual TLS."""
     from smlaas.coordinator.manifest import stage_index
-    from smlaas.serving.worker import run_worker
+    from smlaas.serving.worker_process import run_worker
 
     _log_to_stderr()
     run_worker(StageSpec(index=stage_index(role), backend=backend,

@@ -292,7 +292,7 @@ def _child_main(argv: list[str] | None = None) -> int:
 
         from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
 
-        # As smlaas.serving.worker.load_stage opens a released stage.
+        # As smlaas.serving.worker_process.load_stage opens a released stage.
         model = onnx.load(args.model)
         runner = StageRunner(relax_batch_dim(model), threads=args.threads,
                              label="measured stage", serving=True)
