@@ -59,7 +59,6 @@ class Link:
         self._pending: dict[str, asyncio.Future[TensorMessage]] = {}
         self._connecting = asyncio.Lock()
         self._ids = itertools.count()
-        self._following: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -97,9 +96,7 @@ class Link:
             stream.write(to_frame(request_id, message))
             await asyncio.wait_for(stream.drain(), timeout)
             if follow is not None:
-                task = asyncio.create_task(self._send_after(stream, request_id, follow()))
-                self._following.add(task)
-                task.add_done_callback(self._following.discard)
+                _send_after(stream, request_id, follow())
             frame = await asyncio.wait_for(asyncio.shield(future), message.remaining_s())
         except TimeoutError:
             return Failure(Status.DEADLINE, f"no reply from {self.role} before the deadline")
@@ -117,19 +114,6 @@ class Link:
             logger.warning("%s sent a malformed reply: %s", self.role, err)
             return Failure(Status.INTERNAL, f"{self.role} sent a malformed reply")
         return reply
-
-    @staticmethod
-    async def _send_after(stream: MessageStream, request_id: str,
-                          follow: Awaitable[StageReceipt]) -> None:
-        """Writes the sender's receipt once signed (if signing fails, the sender answers
-        the failure itself; the next stage's wait for it ends at the batch's deadline)."""
-        try:
-            receipt = await follow
-        except Exception:  # noqa: BLE001 - reported by the stage that failed to sign
-            return
-        if not stream.is_closing():
-            with contextlib.suppress(OSError, ssl.SSLError):
-                stream.write(to_frame(request_id, Signed(receipt)))
 
     def _unexpected(self, reply: Reply, what: str) -> Failure:
         logger.warning("%s answered %s with a %s", self.role, what, type(reply).__name__)
@@ -181,8 +165,6 @@ class Link:
         return Failure(Status.UNAVAILABLE, message, failed_link=self.role)
 
     async def close(self) -> None:
-        for task in list(self._following):
-            task.cancel()
         if self._stream is not None:
             self._stream.close()
             with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
@@ -265,6 +247,19 @@ def replica_set(role: str, addresses: tuple[tuple[str, int], ...], context: ssl.
                 *, manifest_digest: str) -> ReplicaSet:
     return ReplicaSet([Link(role, host, port, context, manifest_digest=manifest_digest)
                        for host, port in addresses])
+
+
+def _send_after(stream: MessageStream, request_id: str,
+                follow: Awaitable[StageReceipt]) -> None:
+    """Writes the sender's receipt on ``stream`` once signed (if signing fails, the sender
+    answers the failure itself; the next stage's wait for it ends at the batch's deadline)."""
+    def write(signed: asyncio.Future[StageReceipt]) -> None:
+        if signed.cancelled() or signed.exception() is not None or stream.is_closing():
+            return
+        with contextlib.suppress(OSError, ssl.SSLError, ConnectionError):
+            stream.write(to_frame(request_id, Signed(signed.result())))
+
+    asyncio.ensure_future(follow).add_done_callback(write)
 
 
 def _describe(err: BaseException) -> str:

@@ -10,12 +10,11 @@ claim and the digests of what it received), after its own run. On the way back e
 puts its receipt in front of the reply's receipts, so the gateway gets every stage's in order.
 
 Signing starts when the hop has handed the batch to the network (on two cores, hashing a
-784 KB activation while the hop was still writing it slowed that hop from 0.8 to 1.2 ms), in a
-thread of its own. (Not at a lower CPU priority: the thread holds the GIL between hashes, and
-a low-priority holder descheduled under load stalls the stage's other threads.) The last
-stage signs on its
-event loop: its receipt is on the path anyway (the gateway waits for it), and a hand-over to a
-thread and back cost more than its hash of the outputs and its signature.
+784 KB activation while the hop was still writing it slowed that hop from 0.8 to 1.2 ms): in a
+thread of its own when there is much to hash (:data:`INLINE_SIGN_BYTES`), else on the stage's
+event loop, as the last stage always does (its receipt is on the path anyway: the gateway
+waits for it). (Not at a lower CPU priority: the thread holds the GIL between hashes, and a
+low-priority holder descheduled under load stalls the stage's other threads.)
 """
 
 from __future__ import annotations
@@ -36,6 +35,9 @@ from smlaas.serving.protocol import Infer
 
 MAX_AWAITED = 1024
 """Receipts one upstream connection may have promised and not yet sent."""
+INLINE_SIGN_BYTES = 256 * 1024
+"""A receipt hashing at most this much (BLAKE3: about 35 us here, plus about 0.07 ms to sign)
+is signed on the stage's event loop: a hand-over to the signing thread and back costs more."""
 READ_AHEAD = 64
 """Requests one upstream connection may have waiting for room in a stage's queue before the
 stage stops reading it: reading on lets a receipt that follows its batch reach the batches
@@ -135,7 +137,10 @@ class StageReceipts:
                     raise  # this task was cancelled
                 raise Unavailable(f"the connection from stage {self.index - 1} closed "
                                   f"before its receipt came") from None
-        receipt, seconds = self.sign_now(message, outputs, prev) if self.last else \
+        hashed = sum(np.asarray(v).nbytes for v in outputs.values()) + (
+            0 if prev is not None else sum(np.asarray(v).nbytes for v in message.tensors.values()))
+        receipt, seconds = self.sign_now(message, outputs, prev) \
+            if self.last or hashed <= INLINE_SIGN_BYTES else \
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.sign_now, message, outputs, prev)
         self._on_signed(seconds)
