@@ -114,3 +114,38 @@ def test_a_receipt_does_not_verify_with_another_deployments_evidence(two_deploym
     with pytest.raises(ReceiptError, match="does not hold"):
         verify_receipt(receipt.cose, other, owner_public_key=_owner(first),
                        allow_simulation=True)
+
+
+def test_the_host_cannot_slip_a_stage_a_receipt_to_chain_on(two_deployments) -> None:
+    """A stage takes the previous stage's receipt (a ``Signed`` message, which it chains its
+    own onto) only on the mutual-TLS connection from that stage's attested replica. The host,
+    holding no deployment certificate, cannot open one to slip in a receipt of its making;
+    the stage goes on signing genuine chains."""
+    import socket
+    import ssl
+
+    from smlaas.receipts.claims import Leaf, StageReceipt
+    from smlaas.serving.protocol import Signed, to_frame
+    from smlaas.transport.tensors import encode_message
+
+    first, _ = two_deployments
+    argv = first.launcher._processes["stage-1"].spec.argv  # type: ignore[attr-defined]
+    host, port = argv[argv.index("--listen") + 1].rsplit(":", 1)
+    forged = to_frame("stage-0-0", Signed(StageReceipt(
+        b"made by the host", (Leaf(bytes(32), bytes(32)),), (bytes(32),))))
+    wire = b"".join(bytes(memoryview(part).cast("B"))
+                    for part in encode_message(forged.request_id, forged.tensors, forged.meta))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    answered = b""
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="stage-1") as tls:
+                tls.sendall(wire)
+                answered = tls.recv(1)
+        except (ssl.SSLError, ConnectionError, OSError):
+            pass  # refused during or right after the handshake
+    assert answered == b""  # never read as a message: the connection ended
+    receipt, evidence = _receipt(first)
+    verify_receipt(receipt.cose, evidence, owner_public_key=_owner(first),
+                   request=receipt.request, response=receipt.response, allow_simulation=True)
