@@ -275,7 +275,7 @@ class StageWorker:
                     self._spawn(self._with_receipt(future, answer, signed.start()))
             else:
                 await self._downstream_slots.acquire()
-                self._spawn(self._forward(queued.request_id, onward, future, signed))
+                self._spawn(self._forward(onward, future, signed))
 
     def _timed_run(self, message: Infer) -> tuple[dict[str, np.ndarray], float]:
         """The stage's outputs and its own run time (s); in the run thread. The run time is
@@ -293,7 +293,7 @@ class StageWorker:
             outputs = self._generation.run(message.tensors, message.step)
         return outputs, time.perf_counter() - started
 
-    async def _forward(self, request_id: str, message: Infer, future: asyncio.Future[Reply],
+    async def _forward(self, message: Infer, future: asyncio.Future[Reply],
                        signed: PendingReceipt | None) -> None:
         """Sends ``message`` on (followed by this stage's receipt once signed) and answers
         the next stage's reply, with this stage's receipt in front of the later ones."""
