@@ -228,8 +228,11 @@ class RestEndpoints:
                     parsed, answer, request_digest=request_digest, response_bytes=content))
             accepted = request.headers.get("accept-encoding")
             if accepted and len(content) > COMPRESS_ABOVE_BYTES:
-                content, coding = await plane.off_loop(functools.partial(
-                    encode_content, content, accepted, judged_by=plain))
+                compress = functools.partial(encode_content, content, accepted,
+                                             judged_by=plain)
+                # a small body is judged (and compressed) on the loop: less than a hand-over
+                content, coding = compress() if len(content) <= INLINE_TENSOR_BYTES else \
+                    await plane.off_loop(compress)
                 if coding:
                     headers["Content-Encoding"] = coding
         except ClientGone:
