@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from smlaas.bench.gateway import ServerCounters
+from smlaas.bench.receipt_costs import receipt_costs
 from smlaas.bench.receipts import (
     ReceiptBenchOptions,
     _results,
     markdown,
-    receipt_costs,
     server_breakdown,
     targets_verdict,
 )
