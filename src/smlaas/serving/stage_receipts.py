@@ -103,8 +103,9 @@ class PendingReceipt:
 
 
 class StageReceipts:
-    """Signs stage ``index``'s batch receipts once each batch is on its way, in a thread of
-    their own (the last stage: on its event loop)."""
+    """Signs stage ``index``'s batch receipts once each batch is on its way: in a thread of
+    their own when there is much to hash, else (and always for the last stage) on the
+    stage's event loop."""
 
     def __init__(self, signer: StageSigner, index: int, *, last: bool = False,
                  on_signed: Callable[[float], None] = lambda seconds: None) -> None:
