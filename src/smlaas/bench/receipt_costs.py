@@ -5,13 +5,12 @@ tensors of a plan's sizes (batch 1): each stage's hashing and signature, and the
 from __future__ import annotations
 
 import secrets
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from smlaas.bench.security import timed
 from smlaas.receipts.claims import GatewaySigner, StageReceipt, StageSigner, chain_link
 from smlaas.receipts.cose import ReceiptKey
 from smlaas.receipts.digests import SALT_BYTES, bytes_digest, tensors_digest
@@ -46,8 +45,8 @@ def receipt_costs(stage_bytes: Sequence[tuple[int, int]], request_body: bytes,
             response_bytes=response_body, received=receipts[0].leaves[0].received,
             sent=receipts[-1].leaves[0].sent, salt=salt, stages=receipts, index=0)
 
-    gateway_hash_ms = _median_ms(gateway_hashes, repeats)
-    gateway_total_ms = _median_ms(gateway_receipt, repeats)
+    gateway_hash_ms = 1e3 * timed(gateway_hashes, repeats)
+    gateway_total_ms = 1e3 * timed(gateway_receipt, repeats)
     hashed = len(request_body) + len(response_body)
     gateway_entry = {"hashed_bytes": hashed, "hash_ms": gateway_hash_ms,
                      "sign_ms": max(0.0, gateway_total_ms - gateway_hash_ms),
@@ -78,18 +77,9 @@ def _stage_cost(index: int, received_bytes: int, sent_bytes: int, *, salt: bytes
             tensors_digest(received)
         tensors_digest(sent)
 
-    hash_ms = _median_ms(digests, repeats)
-    total_ms = _median_ms(receipt, repeats)
+    hash_ms = 1e3 * timed(digests, repeats)
+    total_ms = 1e3 * timed(receipt, repeats)
     hashed = sent_bytes + (received_bytes if prev is None else 0)
     return ({"stage": index, "hashed_bytes": hashed, "hash_ms": hash_ms,
              "sign_ms": max(0.0, total_ms - hash_ms), "total_ms": total_ms}, receipt())
 
-
-def _median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
