@@ -1,5 +1,12 @@
 """Receipt signatures: COSE_Sign1 (RFC 9052) over a CBOR claims map, EdDSA with Ed25519, the
-key named by its key id in the protected header (through the ``cwt`` library).
+key named by its key id in the protected header.
+
+Signing builds the COSE_Sign1 with ``cbor2`` and signs with ``cryptography`` (RFC 9052 4.4:
+Ed25519 over the CBOR ``Sig_structure`` ``["Signature1", protected, h'', payload]``): every
+stage signs every receipted batch, and the ``cwt`` library's encoder cost 0.15 ms per
+signature in a stage just after a run, against 0.03 ms for the Ed25519 signature itself.
+Verification goes through ``cwt``, an implementation of its own; a test checks that ``cwt``
+encodes the same bytes.
 
 A key id is the first 16 bytes of SHA-256 of the raw public key; the evidence bundle maps key
 ids to keys and to the quotes that bind them (:mod:`~smlaas.receipts.evidence`).
@@ -20,6 +27,8 @@ from smlaas.errors import ReceiptError
 COSE_SIGN1_TAG = 18
 HEADER_ALG, HEADER_KID = 1, 4
 EDDSA = -8
+SIGNATURE1 = "Signature1"
+"""The context of a COSE_Sign1's Sig_structure (RFC 9052 4.4)."""
 
 
 def key_id(public_key_raw: bytes) -> bytes:
@@ -37,15 +46,14 @@ class ReceiptKey:
         self._key = key or Ed25519PrivateKey.generate()
         self.public_raw = raw_public_key(self._key.public_key())
         self.kid = key_id(self.public_raw)
-        self._cose_key = COSEKey.from_pem(self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), kid=self.kid)
-        self._cose = COSE.new()
+        self._protected = cbor2.dumps({HEADER_ALG: EDDSA, HEADER_KID: self.kid})
 
     def sign(self, claims: dict[Any, Any]) -> bytes:
-        """A tagged COSE_Sign1 whose payload is ``claims`` as CBOR."""
-        return bytes(self._cose.encode(cbor2.dumps(claims, canonical=True), self._cose_key,
-                                       protected={"alg": "EdDSA", "kid": self.kid}))
+        """A tagged COSE_Sign1 whose payload is ``claims`` as (canonical) CBOR."""
+        payload = cbor2.dumps(claims, canonical=True)
+        signature = self._key.sign(cbor2.dumps([SIGNATURE1, self._protected, b"", payload]))
+        return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG,
+                                         [self._protected, {}, payload, signature]))
 
 
 def unverified(message: bytes) -> tuple[bytes, dict[Any, Any]]:

@@ -23,6 +23,7 @@ and whether it is on the left.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Mapping, Sequence
 
 import blake3
@@ -46,17 +47,16 @@ def tensors_digest(tensors: Mapping[str, np.ndarray], rows: slice | None = None)
     """The canonical digest of ``tensors`` (or of their rows ``rows``)."""
     digest = blake3.blake3(b"smlaas tensors v2")
     for name in sorted(tensors):
-        value = tensors[name] if rows is None else tensors[name][rows]
-        array = np.asarray(value, order="C")
+        array = np.asarray(tensors[name] if rows is None else tensors[name][rows])
         dtype = wire_dtype(array.dtype)
         data = serialize_bytes(array) if dtype == BYTES else \
             np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
-        for part in (name.encode(), dtype.encode()):
-            digest.update(len(part).to_bytes(4, "big") + part)
-        digest.update(len(array.shape).to_bytes(4, "big"))
-        for dim in array.shape:
-            digest.update(int(dim).to_bytes(8, "big"))
-        digest.update(len(data).to_bytes(8, "big"))
+        name_bytes, dtype_bytes, shape = name.encode(), dtype.encode(), array.shape
+        # one piece for the prefixes (a stage hashes just after its run, with cold caches:
+        # every call counts)
+        digest.update(struct.pack(
+            f">I{len(name_bytes)}sI{len(dtype_bytes)}sI{len(shape)}QQ", len(name_bytes),
+            name_bytes, len(dtype_bytes), dtype_bytes, len(shape), *shape, len(data)))
         digest.update(data)
     return digest.digest()
 

@@ -52,17 +52,24 @@ class GatewayReceipts:
         self._bundle: bytes | None = None
         self._made = 0.0
         self._lock = asyncio.Lock()
+        self._release_text: Any = None
+        self._release_version = 0
         self._keys: dict[bytes, KeyEvidence] = {}
         """Every stage key seen (the latest evidence of each), so that the bundle still holds
         the key of a replica that restarted or went quiet since it signed."""
 
     def release_version(self) -> int:
-        """The version of the owner's release the gateway serves under now (0: none yet)."""
+        """The version of the owner's release the gateway serves under now (0: none yet);
+        parsed once per release, not per receipt."""
         current = self.release()
-        try:
-            return int(json.loads(current["release"])["version"]) if current else 0
-        except (KeyError, TypeError, ValueError):
-            return 0
+        text = current.get("release") if current else None
+        if text is not self._release_text:
+            try:
+                self._release_version = int(json.loads(text)["version"]) if text else 0
+            except (KeyError, TypeError, ValueError):
+                self._release_version = 0
+            self._release_text = text
+        return self._release_version
 
     async def bundle(self, stage_keys: Callable[[], Awaitable[list[KeyEvidence]]]) -> bytes:
         """The CBOR bundle: this gateway's key, every stage key seen (``stage_keys`` asks
