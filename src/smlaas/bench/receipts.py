@@ -43,6 +43,13 @@ import httpx
 import numpy as np
 
 from smlaas.bench.gateway import ServerCounters, _deployed, _machine
+from smlaas.bench.process_cpu import (
+    cpu_seconds,
+    cpu_table,
+    mean_by_role,
+    ms_per_request,
+    role_processes,
+)
 from smlaas.bench.receipt_costs import receipt_costs
 from smlaas.bench.serving import build, percentiles
 from smlaas.client.inference import InferenceClient, Receipt
@@ -153,6 +160,9 @@ class _ReceiptsRun:
         self.receipt_sizes: list[int] = []
         self.server: dict[str, list[ServerCounters]] = {mode: [] for mode in MODES}
         """Per latency block, the gateway's figures (differences of its /metrics)."""
+        self.cpu: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+        """Per throughput block, each role's CPU ms per request (:mod:`process_cpu`)."""
+        self._processes = role_processes(dep.settings.state_dir / "logs")
         self._scraper: httpx.Client | None = None
 
     @contextlib.contextmanager
@@ -264,7 +274,10 @@ class _ReceiptsRun:
         begin = time.perf_counter()
         for thread in threads:
             thread.start()
-        time.sleep(options.warmup_s + options.seconds)
+        time.sleep(options.warmup_s)
+        cpu_before = cpu_seconds(self._processes)
+        time.sleep(max(0.0, begin + options.warmup_s + options.seconds - time.perf_counter()))
+        cpu_after = cpu_seconds(self._processes)
         stop.set()
         for thread in threads:
             thread.join(timeout=90)
@@ -272,6 +285,7 @@ class _ReceiptsRun:
         window_end = window_start + options.seconds
         counted = [duration for start, duration in outcomes
                    if start >= window_start and start + duration <= window_end]
+        self.cpu[mode].append(ms_per_request(cpu_before, cpu_after, len(counted)))
         return counted, len(failures)
 
     # -- the receipts are real ------------------------------------------------------------
@@ -354,7 +368,8 @@ def run_receipts_benchmark(options: ReceiptBenchOptions | None = None, *,
         outputs)
     costs = receipt_costs(stage_bytes, body, response, {INPUT_NAME: x}, outputs)
     results = _results(options, deployment, latency, windows, verified, costs,
-                       server=run.server, receipt_sizes=run.receipt_sizes)
+                       server=run.server, receipt_sizes=run.receipt_sizes,
+                       cpu=run.cpu)
     results["runtime_s"] = time.perf_counter() - began
     say(markdown(results))
     return results
@@ -364,8 +379,8 @@ def _results(options: ReceiptBenchOptions, deployment: dict[str, Any],
              latency: dict[str, list[float]],
              windows: dict[str, list[tuple[float, list[float], int]]],
              verified: dict[str, Any], costs: dict[str, Any], *,
-             server: dict[str, list[ServerCounters]], receipt_sizes: list[int]
-             ) -> dict[str, Any]:
+             server: dict[str, list[ServerCounters]], receipt_sizes: list[int],
+             cpu: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Any]:
     latency_entry: dict[str, dict[str, Any]] = {mode: {**percentiles(latency[mode]),
                             "mean_ms": statistics.fmean(latency[mode]) * 1e3,
                             "requests": len(latency[mode])} for mode in MODES}
@@ -392,7 +407,9 @@ def _results(options: ReceiptBenchOptions, deployment: dict[str, Any],
             "verdict": verdict, "receipts": {
                 **verified, "mean_receipt_bytes": statistics.fmean(receipt_sizes)
                 if receipt_sizes else 0.0, "received": len(receipt_sizes)},
-            "costs": costs, "cpu_ms_per_request": cpu_ms_per_request}
+            "costs": costs, "cpu_ms_per_request": cpu_ms_per_request,
+            "process_cpu_ms_per_request": {m: mean_by_role((cpu or {}).get(m, []))
+                                           for m in MODES}}
 
 
 def _cores() -> int:
@@ -461,6 +478,9 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{throughput['off']['per_s']:.1f} req/s); the receipts' "
                       f"{costs['total_ms']:.2f} ms is {costs['total_ms'] / cpu['off']:.1%} of "
                       f"it"]
+    lines += ["", "CPU per request under load, each process (/proc, mean of the throughput "
+                  "blocks):", "", *cpu_table(results.get("process_cpu_ms_per_request", {}),
+                                             "off", "on")]
     return "\n".join(lines)
 
 
