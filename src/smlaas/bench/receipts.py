@@ -43,13 +43,7 @@ import httpx
 import numpy as np
 
 from smlaas.bench.gateway import ServerCounters, _deployed, _machine
-from smlaas.bench.process_cpu import (
-    cpu_seconds,
-    cpu_table,
-    mean_by_role,
-    ms_per_request,
-    role_processes,
-)
+from smlaas.bench.process_cpu import cpu_table, mean_by_role, ms_per_request, read_cpu
 from smlaas.bench.receipt_costs import receipt_costs
 from smlaas.bench.serving import build, percentiles
 from smlaas.client.inference import InferenceClient, Receipt
@@ -162,7 +156,7 @@ class _ReceiptsRun:
         """Per latency block, the gateway's figures (differences of its /metrics)."""
         self.cpu: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
         """Per throughput block, each role's CPU ms per request (:mod:`process_cpu`)."""
-        self._processes = role_processes(dep.settings.state_dir / "logs")
+        self._logs = dep.settings.state_dir / "logs"
         self._scraper: httpx.Client | None = None
 
     @contextlib.contextmanager
@@ -275,9 +269,9 @@ class _ReceiptsRun:
         for thread in threads:
             thread.start()
         time.sleep(options.warmup_s)
-        cpu_before = cpu_seconds(self._processes)
+        cpu_before, read_from = read_cpu(self._logs), time.perf_counter()
         time.sleep(max(0.0, begin + options.warmup_s + options.seconds - time.perf_counter()))
-        cpu_after = cpu_seconds(self._processes)
+        cpu_after, read_to = read_cpu(self._logs), time.perf_counter()
         stop.set()
         for thread in threads:
             thread.join(timeout=90)
@@ -285,7 +279,8 @@ class _ReceiptsRun:
         window_end = window_start + options.seconds
         counted = [duration for start, duration in outcomes
                    if start >= window_start and start + duration <= window_end]
-        self.cpu[mode].append(ms_per_request(cpu_before, cpu_after, len(counted)))
+        completed = sum(read_from <= start + duration <= read_to for start, duration in outcomes)
+        self.cpu[mode].append(ms_per_request(cpu_before, cpu_after, completed))
         return counted, len(failures)
 
     # -- the receipts are real ------------------------------------------------------------

@@ -63,7 +63,7 @@ class GatewayReceipts:
         parsed once per release, not per receipt."""
         current = self.release()
         text = current.get("release") if current else None
-        if text is not self._release_text:
+        if text != self._release_text:  # the watcher makes a new string on every call
             try:
                 self._release_version = int(json.loads(text)["version"]) if text else 0
             except (KeyError, TypeError, ValueError):
