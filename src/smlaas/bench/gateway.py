@@ -24,7 +24,9 @@ differences from the previous reading (one request at a time, so nothing else is
   batcher's wait for the pipeline, i.e. the hop to the stage and back plus the stage's run.
 
 ``server_side = gateway - stage`` (the gateway plus one hop), split into ``hop = pipeline -
-stage`` and ``front_end = gateway - pipeline`` (body, decoding, checks, queue, encoding).
+stage`` and ``front_end = gateway - pipeline`` (body, decoding, checks, queue, encoding). After
+the deployment stops, the transport alone (:mod:`~smlaas.bench.transport_floor`: the same
+messages over the same mutual TLS to an echo process) shows what of the hop is moving bytes.
 
     smlaas bench gateway --out docs/results/gateway.json
 
@@ -57,6 +59,7 @@ import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
 from smlaas.bench.serving import build, percentiles, plain_session
+from smlaas.bench.transport_floor import floor_lines, transport_round_trip
 from smlaas.coordinator.owner import OwnerKey
 from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment, DeploySettings
@@ -197,6 +200,8 @@ def run_gateway_benchmark(*, model: str = "resnet50", threads: int = 1, runs: in
     results["server_side_ms"] = {path: results["server_side"][path]["mean_ms"]
                                  for path in PATHS[1:]}
     results["server_side_target_ms"] = SERVER_SIDE_TARGET_MS
+    say("timing the transport alone (an echo process over the same mutual TLS)")
+    results["transport_floor"] = transport_round_trip({"input": x}, reply_bytes=4000)
     say(markdown(results))
     return results
 
@@ -462,6 +467,9 @@ def markdown(results: dict[str, Any]) -> str:
                          f"**{s['mean_ms']:.2f}** | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
                          f"{s['hop_mean_ms']:.2f} | {s['front_end_mean_ms']:.2f} | "
                          f"{_met(s['target_met'])} |")
+        if "transport_floor" in results:
+            lines += floor_lines(results["transport_floor"], {
+                path: results["server_side"][path]["hop_mean_ms"] for path in TARGET_PATHS})
     return "\n".join(lines)
 
 
