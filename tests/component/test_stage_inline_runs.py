@@ -1,0 +1,112 @@
+"""A stage runs a request on its event loop when it is the only one in the stage (no hand-over
+to the run thread and back), and in the run thread otherwise (``INLINE_RUN_MAX_S``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import smlaas.serving.worker as worker_module
+from smlaas.runtime.stage_runner import StageRunner, relax_batch_dim
+from smlaas.serving.protocol import Describe, Description, Infer, Outputs, deadline_in
+from smlaas.serving.worker import StageWorker
+from tests.component.test_in_process_pipeline import TOKENS, embedding_model
+
+STAGE = relax_batch_dim(embedding_model())
+
+
+class NotingRunner(StageRunner):
+    """Runs the model, noting the thread of each run (and taking ``delay_s`` more)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(STAGE, threads=1, serving=True, label="stage 0")
+        self.delay_s, self.threads = delay_s, []
+
+    def run(self, tensors: Any) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        time.sleep(self.delay_s)
+        return super().run(tensors)
+
+
+def _ids(value: int, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"ids": np.full((rows, TOKENS), value, np.int64)}
+
+
+def _expected(value: int) -> np.ndarray:
+    session = ort.InferenceSession(STAGE.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, _ids(value))[0]
+
+
+async def _worker(runner: NotingRunner) -> StageWorker:
+    worker = StageWorker(index=0, runner=runner, model=STAGE, server_context=None,
+                         upstream_role="gateway", manifest_digest="-", next_link=None)
+    await worker.start()
+    return worker
+
+
+def test_a_request_alone_in_the_stage_runs_on_its_loop() -> None:
+    async def main() -> tuple[list[Any], list[int], int]:
+        runner = NotingRunner()
+        worker = await _worker(runner)
+        try:
+            replies = [await worker.handle(f"r{i}", Infer(_ids(i), deadline_in(10)))
+                       for i in range(4)]
+        finally:
+            await worker.stop()
+        return replies, runner.threads, threading.get_ident()
+
+    replies, threads, loop_thread = asyncio.run(main())
+    assert threads[0] != loop_thread  # the first run's length is not known yet
+    assert threads[1:] == [loop_thread] * 3
+    for value, reply in enumerate(replies):
+        assert isinstance(reply, Outputs)
+        np.testing.assert_allclose(next(iter(reply.tensors.values())), _expected(value),
+                                   rtol=1e-6)
+
+
+def test_requests_together_run_in_the_run_thread() -> None:
+    async def main() -> tuple[list[Any], list[int], int]:
+        runner = NotingRunner(delay_s=0.05)
+        worker = await _worker(runner)
+        try:
+            await worker.handle("warm", Infer(_ids(0), deadline_in(10)))
+            replies = await asyncio.gather(*(
+                worker.handle(f"r{i}", Infer(_ids(i), deadline_in(10))) for i in range(4)))
+        finally:
+            await worker.stop()
+        return list(replies), runner.threads[1:], threading.get_ident()
+
+    replies, threads, loop_thread = asyncio.run(main())
+    assert all(isinstance(reply, Outputs) for reply in replies)
+    # while others wait in the stage a run goes to the run thread (the last may run alone)
+    assert threads[:3] == [threads[0]] * 3 and threads[0] != loop_thread
+
+
+def test_a_slow_stage_keeps_its_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "INLINE_RUN_MAX_S", 0.01)
+
+    async def main() -> tuple[list[int], int, float]:
+        runner = NotingRunner(delay_s=0.3)
+        worker = await _worker(runner)
+        try:
+            await worker.handle("warm", Infer(_ids(0), deadline_in(10)))
+            running = asyncio.ensure_future(worker.handle("r", Infer(_ids(1), deadline_in(10))))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            described = await worker.handle("d", Describe(deadline_in(10)))
+            answered_in = time.monotonic() - started
+            assert isinstance(described, Description)
+            assert isinstance(await running, Outputs)
+        finally:
+            await worker.stop()
+        return runner.threads, threading.get_ident(), answered_in
+
+    threads, loop_thread, answered_in = asyncio.run(main())
+    assert loop_thread not in threads
+    assert answered_in < 0.2  # not behind the 0.3 s run
