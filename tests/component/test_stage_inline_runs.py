@@ -110,3 +110,21 @@ def test_a_slow_stage_keeps_its_loop_free(monkeypatch: pytest.MonkeyPatch) -> No
     threads, loop_thread, answered_in = asyncio.run(main())
     assert loop_thread not in threads
     assert answered_in < 0.2  # not behind the 0.3 s run
+
+
+def test_a_larger_input_than_the_last_runs_in_the_run_thread() -> None:
+    async def main() -> tuple[list[int], int]:
+        runner = NotingRunner()
+        worker = await _worker(runner)
+        try:
+            for request, rows in enumerate((1, 1, 8, 8, 1)):
+                reply = await worker.handle(f"r{request}", Infer(_ids(2, rows), deadline_in(10)))
+                assert isinstance(reply, Outputs)
+        finally:
+            await worker.stop()
+        return runner.threads, threading.get_ident()
+
+    threads, loop_thread = asyncio.run(main())
+    # the first (nothing known), and the first of 8 rows (its run time is not known) in the
+    # run thread; the rest, no larger than the run before, on the loop
+    assert [thread == loop_thread for thread in threads] == [False, True, False, True, True]
