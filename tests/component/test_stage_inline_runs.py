@@ -50,6 +50,13 @@ async def _worker(runner: NotingRunner) -> StageWorker:
     return worker
 
 
+@pytest.fixture(autouse=True)
+def _runs_count_as_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded machine must not make the tiny model's runs look long (tests that need a
+    long run set their own bound)."""
+    monkeypatch.setattr(worker_module, "INLINE_RUN_MAX_S", 10.0)
+
+
 def test_a_request_alone_in_the_stage_runs_on_its_loop() -> None:
     async def main() -> tuple[list[Any], list[int], int]:
         runner = NotingRunner()
