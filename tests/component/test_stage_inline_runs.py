@@ -135,3 +135,28 @@ def test_a_larger_input_than_the_last_runs_in_the_run_thread() -> None:
     # the first (nothing known), and the first of 8 rows (its run time is not known) in the
     # run thread; the rest, no larger than the run before, on the loop
     assert [thread == loop_thread for thread in threads] == [False, True, False, True, True]
+
+
+def test_one_long_run_or_control_flow_keeps_the_loop_free_for_good(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "INLINE_RUN_MAX_S", 0.25)
+
+    async def main(runner: NotingRunner, delays: list[float]) -> list[bool]:
+        worker = await _worker(runner)
+        on_loop = []
+        try:
+            for request, delay in enumerate(delays):
+                runner.delay_s = delay
+                reply = await worker.handle(f"r{request}", Infer(_ids(1), deadline_in(10)))
+                assert isinstance(reply, Outputs)
+                on_loop.append(runner.threads[-1] == threading.get_ident())
+        finally:
+            await worker.stop()
+        return on_loop
+
+    # a run as long as a hostile input could make one: never on the loop again
+    assert asyncio.run(main(NotingRunner(), [0, 0, 0.5, 0, 0])) == \
+        [False, True, True, False, False]
+    # a model with control flow: a run's length could follow the input's values
+    monkeypatch.setattr(worker_module, "INLINE_UNSAFE_OPS", frozenset({"Gather"}))
+    assert asyncio.run(main(NotingRunner(), [0, 0, 0])) == [False, False, False]

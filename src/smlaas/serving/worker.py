@@ -68,14 +68,16 @@ from smlaas.transport.tls import require_peer
 
 logger = logging.getLogger(__name__)
 
-INLINE_RUN_MAX_S = 0.2
-"""A stage whose last run took at most this long runs a request on its event loop when that
-request is the only one in the stage (nothing queued, nothing downstream, no reply or receipt
-outstanding): the loop has nothing else to do meanwhile, and the hand-over to the run thread
-and back cost 0.28 and 0.35 ms per request in a deployed stage (timestamps in each process,
-ResNet-50 as one stage, sequential requests). A describe that comes meanwhile waits for the
-run, hence the bound, which the last run's time stands for only for inputs no larger than
-its."""
+INLINE_RUN_MAX_S = 0.1
+"""A stage runs a request on its event loop when that request is the only one in the stage
+(nothing queued, nothing downstream, no reply or receipt outstanding), its input is no larger
+than one it has run, and every run so far took at most this long: the loop has nothing else
+to do meanwhile, and the hand-over to the run thread and back cost 0.28 and 0.35 ms per
+request in a deployed stage (timestamps in each process, ResNet-50 as one stage, sequential
+requests). A describe (a readiness probe) that comes meanwhile waits for the run, hence the
+bound; a stage that ever ran longer, or whose model has control flow (a run's length could
+follow the input's values, not its size), keeps its loop free for good."""
+INLINE_UNSAFE_OPS = frozenset({"Loop", "If", "Scan"})
 
 
 def tensor_specs(values: Any) -> list[TensorSpec]:
@@ -135,10 +137,10 @@ class StageWorker:
         self._queue_size = queue_size
         self._in_stage = 0
         """Requests from their arrival to their reply's sending."""
-        self._last_run_s = float("inf")
-        self._last_run_bytes = 0
-        """The last run's time and input size: a request no larger runs on the loop (when
-        alone in the stage), so that a larger input cannot hold the loop for longer."""
+        self._inline = not any(node.op_type in INLINE_UNSAFE_OPS for node in model.graph.node)
+        """Whether requests may still run on the loop (see INLINE_RUN_MAX_S)."""
+        self._largest_run_bytes = -1
+        """The largest input run so far: one no larger runs on the loop, when alone."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{index}-run")
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner_task: asyncio.Task[None] | None = None
@@ -265,13 +267,13 @@ class StageWorker:
                 continue
             try:
                 size = sum(np.asarray(v).nbytes for v in message.tensors.values())
-                if self._in_stage == 1 and self._last_run_s <= INLINE_RUN_MAX_S and \
-                        size <= self._last_run_bytes:
+                if self._inline and self._in_stage == 1 and size <= self._largest_run_bytes:
                     outputs, elapsed = self._timed_run(message)  # see INLINE_RUN_MAX_S
                 else:
                     outputs, elapsed = await loop.run_in_executor(
                         self._executor, self._timed_run, message)
-                self._last_run_s, self._last_run_bytes = elapsed, size
+                self._inline = self._inline and elapsed <= INLINE_RUN_MAX_S
+                self._largest_run_bytes = max(self._largest_run_bytes, size)
             except (GenerationError, Unavailable) as err:  # a step this stage cannot take
                 _forget(queued.previous)
                 self.stats.errors += 1
