@@ -75,8 +75,9 @@ than one it has run, and every run so far took at most this long: the loop has n
 to do meanwhile, and the hand-over to the run thread and back cost 0.28 and 0.35 ms per
 request in a deployed stage (timestamps in each process, ResNet-50 as one stage, sequential
 requests). A describe (a readiness probe) that comes meanwhile waits for the run, hence the
-bound; a stage that ever ran longer, or whose model has control flow (a run's length could
-follow the input's values, not its size), keeps its loop free for good."""
+bound; a stage that ever ran longer after its first (cold) run, or whose model has control
+flow (a run's length could follow the input's values, not its size), keeps its loop free for
+good."""
 INLINE_UNSAFE_OPS = frozenset({"Loop", "If", "Scan"})
 
 
@@ -272,7 +273,8 @@ class StageWorker:
                 else:
                     outputs, elapsed = await loop.run_in_executor(
                         self._executor, self._timed_run, message)
-                self._inline = self._inline and elapsed <= INLINE_RUN_MAX_S
+                if self._largest_run_bytes >= 0:  # the first run is cold: not a measure
+                    self._inline = self._inline and elapsed <= INLINE_RUN_MAX_S
                 self._largest_run_bytes = max(self._largest_run_bytes, size)
             except (GenerationError, Unavailable) as err:  # a step this stage cannot take
                 _forget(queued.previous)
