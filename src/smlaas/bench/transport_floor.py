@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from smlaas.bench.serving import percentiles
 from smlaas.coordinator.ca import DeploymentCA
 from smlaas.coordinator.server import free_port
+from smlaas.errors import DeployError
 from smlaas.serving.link import run_event_loop
 from smlaas.transport.streams import MessageStream, open_stream, start_stream_server
 from smlaas.transport.tensors import TensorMessage
@@ -103,7 +104,7 @@ async def _connect(port: int, context: Any, echo: subprocess.Popen[bytes]) -> Me
         except OSError as err:
             if echo.poll() is not None or time.monotonic() > deadline:
                 error = echo.stderr.read().decode(errors="replace") if echo.stderr else ""
-                raise RuntimeError(f"the echo process did not listen: {err} {error}") from err
+                raise DeployError(f"the echo process did not listen: {err} {error}") from err
             await asyncio.sleep(0.1)
 
 
