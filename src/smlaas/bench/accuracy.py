@@ -100,7 +100,8 @@ def _median_ms(work: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None, *, say: Callable[[str], None]) -> None:
+    """Runs the benchmark; ``say`` shows its progress and tables (the CLI's echo)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", nargs="*", default=[m.name for m in zoo.list_models()])
     parser.add_argument("--machines", type=int, default=4)
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                          "median_error": statistics.median(errors),
                          "verified": bool(result.verification and result.verification.ok),
                          "seconds": time.perf_counter() - started})
-            print(f"{name}: {len(stages)} stages, median error "
-                  f"{100 * rows[-1]['median_error']:.1f}%", flush=True)
+            say(f"{name}: {len(stages)} stages, median error "
+                f"{100 * rows[-1]['median_error']:.1f}%")
     planning = [planning_time_ms(name, settings) for name in ("resnet152", "densenet201",
                                                               "bert_base")]
     synthetic = synthetic_planning_ms()
@@ -147,27 +148,24 @@ def main(argv: list[str] | None = None) -> None:
                "planning_synthetic": synthetic}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print("\n| model | stages | median error | max error | verified |")
-    print("|---|---:|---:|---:|:---:|")
+    say("\n| model | stages | median error | max error | verified |")
+    say("|---|---:|---:|---:|:---:|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['model']} | - | - | - | {row['error']} |")
+            say(f"| {row['model']} | - | - | - | {row['error']} |")
             continue
         errors = [s["error"] for s in row["stages"]]
-        print(f"| {row['model']} | {len(errors)} | {100 * row['median_error']:.1f}% | "
+        say(f"| {row['model']} | {len(errors)} | {100 * row['median_error']:.1f}% | "
               f"{100 * max(errors):.1f}% | {'yes' if row['verified'] else 'NO'} |")
-    print(f"\nmedian over all {len(all_errors)} stages: "
+    say(f"\nmedian over all {len(all_errors)} stages: "
           f"{100 * summary['median_error_all_stages']:.1f}%")
-    print("\n| model | nodes | segment memory ms | dp-latency ms | dp-throughput K=8 ms |")
-    print("|---|---:|---:|---:|---:|")
+    say("\n| model | nodes | segment memory ms | dp-latency ms | dp-throughput K=8 ms |")
+    say("|---|---:|---:|---:|---:|")
     for p in planning:
-        print(f"| {p['model']} | {p['nodes']} | {p['segment_memory_ms']:.1f} | "
+        say(f"| {p['model']} | {p['nodes']} | {p['segment_memory_ms']:.1f} | "
               f"{p['dp_latency_ms']:.1f} | {p['dp_throughput_k8_ms']:.1f} |")
-    print("\n| cost table | planner | ms |")
-    print("|---|---|---:|")
+    say("\n| cost table | planner | ms |")
+    say("|---|---|---:|")
     for row in synthetic:
-        print(f"| {row['table']} | {row['planner']} | {row['ms']:.1f} |")
+        say(f"| {row['table']} | {row['planner']} | {row['ms']:.1f} |")
 
-
-if __name__ == "__main__":
-    main()

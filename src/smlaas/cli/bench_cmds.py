@@ -291,7 +291,7 @@ def accuracy(args: tuple[str, ...]) -> int:
     """Predicted vs measured native stage times over the zoo (options: --help)."""
     from smlaas.bench.accuracy import main
 
-    main(list(args))
+    main(list(args), say=click.echo)
     return 0
 
 
