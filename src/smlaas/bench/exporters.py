@@ -290,7 +290,8 @@ def _size_mib(path: Path) -> float:
     return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None, *, say: Callable[[str], None]) -> None:
+    """Runs the benchmark; ``say`` shows its progress and tables (the CLI's echo)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", nargs="*", help="Only these models (default: all).")
     parser.add_argument("--threads", type=int, default=2)
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for case in chosen:
             rows.append(run_case(case, work, settings, cache))
-            print(_line(rows[-1]), flush=True)
+            say(_line(rows[-1]))
     errors = [s["error"] for row in rows for run in row["runs"] for s in run.get("stages", [])]
     summary = {"machine": machine_id(), "python": platform.python_version(),
                "threads": args.threads, "runs": args.runs, "models": rows,
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
                "stage_count": len(errors)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(markdown(summary))
+    say(markdown(summary))
 
 
 def _line(row: dict) -> str:
@@ -355,6 +356,3 @@ def markdown(summary: dict) -> str:
                  f"stages: {100 * median:.1f}%" if median is not None else "no stages measured")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    main()

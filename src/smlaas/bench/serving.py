@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import signal
@@ -47,6 +48,8 @@ from smlaas.plan import Planner, preset
 from smlaas.profile import ProfileCache, ProfileSettings, machine_id
 from smlaas.transport.v2 import encode_infer_request
 from smlaas.zoo import build_model
+
+logger = logging.getLogger(__name__)
 
 
 def plain_session(model_name: str, threads: int) -> ort.InferenceSession:
@@ -141,7 +144,7 @@ def build(model: str, stages: int, root: Path, threads: int) -> tuple[Path, Path
               cache=ProfileCache(), verify=False)
     got = len(read_plan(path).stages)
     if got != stages:
-        print(f"  note: the planner chose {got} stages for K={stages}")
+        logger.warning("the planner chose %d stages for K=%d", got, stages)
     keys = root / f"{model}-{stages}.keys"
     seal_build(path, keys)
     return path, keys
@@ -256,7 +259,8 @@ def run_serving_benchmark(*, model: str, stages: list[int], threads: int,
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None, *, say: Callable[[str], None]) -> None:
+    """Runs the benchmark; ``say`` shows its progress and tables (the CLI's echo)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--stages", default="1,2,3,4")
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or Path("docs/results/serving-pinned.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(pinned, indent=2))
-        print(pinned_markdown(pinned))
+        say(pinned_markdown(pinned))
         return
     args.out = args.out or Path("docs/results/serving.json")
     results = run_serving_benchmark(
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         runs=args.runs, fault=args.fault)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(markdown(results))
+    say(markdown(results))
 
 
 def markdown(results: dict) -> str:
@@ -317,6 +321,3 @@ def markdown(results: dict) -> str:
                           f"{json.dumps(entry['fault'])}"]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    main()

@@ -281,7 +281,7 @@ def serving(args: tuple[str, ...]) -> int:
     """Deployed pipeline vs plain ONNX Runtime (options: --help)."""
     from smlaas.bench.serving import main
 
-    main(list(args))
+    main(list(args), say=click.echo)
     return 0
 
 
@@ -302,5 +302,5 @@ def exporters(args: tuple[str, ...]) -> int:
     under two planners, with prediction errors (options: --help)."""
     from smlaas.bench.exporters import main
 
-    main(list(args))
+    main(list(args), say=click.echo)
     return 0
