@@ -15,6 +15,7 @@ import httpx
 import onnxruntime as ort
 import pytest
 
+from smlaas.coordinator.server import free_port
 from smlaas.generation.reference import decode_whole_model
 from smlaas.generation.sampling import SamplingParams
 from smlaas.zoo.tokenizer import EOS_TOKEN_ID, byte_level_tokenizer
@@ -24,7 +25,7 @@ from tests.integration.serving_setup import DECODER_CONTEXT, cache_env, decoder_
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("generation")
-    with cache_env(root / "cache"), decoder_deployment(root) as running:
+    with cache_env(root / "cache"), decoder_deployment(root, grpc_port=free_port()) as running:
         running.test_cache = root / "cache"  # type: ignore[attr-defined]
         yield running
 
@@ -189,3 +190,102 @@ def test_a_stage_killed_mid_generation_ends_the_stream_and_the_next_one_is_right
     with served.client() as client:
         result = client.generate([7, 8, 9], max_tokens=12, temperature=0.0)
     assert result.output_ids == expected(served.model_path, [7, 8, 9], 12)
+
+
+def _grpc_inputs(grpcclient, **values):
+    """tritonclient InferInputs for the named generation inputs."""
+    import numpy as np
+
+    kinds = {"text_input": "BYTES", "sampling_parameters": "BYTES", "input_ids": "INT64",
+             "stream": "BOOL", "exclude_input_in_output": "BOOL"}
+    inputs = []
+    for name, value in values.items():
+        array = np.array(value if isinstance(value, list) else [value],
+                         dtype={"BYTES": object, "INT64": np.int64, "BOOL": bool}[kinds[name]])
+        tensor = grpcclient.InferInput(name, list(array.shape), kinds[name])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_tritonclient_grpc_generates_whole_and_streamed(served) -> None:
+    """tritonclient.grpc as Triton's LLM clients use it: ModelInfer answers the whole text,
+    ModelStreamInfer (start_stream / async_stream_infer) a response per token, ending with the
+    final flag; tokens equal the whole model's greedy decoding; the model's config says it
+    is decoupled."""
+    import queue
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    tokenizer = byte_level_tokenizer()
+    prompt = "Hello, enclave"
+    ids = tokenizer.encode(prompt).ids
+    want = expected(served.model_path, ids, 12)
+    client = grpcclient.InferenceServerClient(served.grpc_address, ssl=True,
+                                              root_certificates=str(served.ca_path))
+    model = served.model_name
+    config = client.get_model_config(model, as_json=True)["config"]
+    assert config["model_transaction_policy"]["decoupled"] is True
+    metadata = client.get_model_metadata(model, as_json=True)
+    assert {"text_input", "input_ids"} <= {i["name"] for i in metadata["inputs"]}
+
+    whole = client.infer(model, _grpc_inputs(grpcclient, text_input=prompt.encode()),
+                         parameters={"max_tokens": 12, "temperature": 0})
+    assert list(whole.as_numpy("output_ids")) == want
+    assert whole.as_numpy("text_output")[0].decode() == tokenizer.decode(
+        want, skip_special_tokens=True)
+    assert whole.get_response().parameters["finish_reason"].string_param in ("stop", "length")
+    with_prompt = client.infer(model, _grpc_inputs(
+        grpcclient, text_input=prompt.encode(), exclude_input_in_output=False,
+        sampling_parameters=json.dumps({"max_tokens": "12", "temperature": "0"}).encode()))
+    assert with_prompt.as_numpy("text_output")[0].decode() == \
+        prompt + tokenizer.decode(want, skip_special_tokens=True)
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(model, _grpc_inputs(grpcclient, input_ids=ids, stream=True),
+                                  request_id="r1", parameters={"max_tokens": 12},
+                                  enable_empty_final_response=True)
+        streamed, text, last = [], "", None
+        while True:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            response = result.get_response()
+            assert response.id == "r1"
+            streamed += list(result.as_numpy("output_ids"))
+            text += result.as_numpy("text_output")[0].decode()
+            if response.parameters["triton_final_response"].bool_param:
+                last = response
+                break
+        assert streamed == want
+        assert text == tokenizer.decode(want, skip_special_tokens=True)
+        assert last.parameters["completion_tokens"].int64_param == len(want)
+        client.async_stream_infer(model, _grpc_inputs(grpcclient, input_ids=[1, 2],
+                                                      text_input=b"both"),
+                                  request_id="bad")
+        result, error = answers.get(timeout=60)
+        assert error is not None and "exactly one" in str(error)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_grpc_generation_refuses_what_it_cannot_do(served) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    client = grpcclient.InferenceServerClient(served.grpc_address, ssl=True,
+                                              root_certificates=str(served.ca_path))
+    model = served.model_name
+    for inputs, options, message in (
+            ({"text_input": b"hi", "stream": True}, {}, "ModelStreamInfer"),
+            ({"text_input": b"hi"}, {"parameters": {"max_tokens": 0}}, "max_tokens"),
+            ({"text_input": b"hi"}, {"parameters": {"temperature": "hot"}}, "temperature"),
+            ({"text_input": b"hi"}, {"sequence_id": 3}, "unknown parameters"),
+            ({"input_ids": [1, 2, 10**6]}, {}, "vocabulary"),
+            ({"text_input": b"x" * (DECODER_CONTEXT + 1)}, {}, "keeps"),
+            ({"sampling_parameters": b"[1]", "text_input": b"hi"}, {}, "JSON object")):
+        with pytest.raises(InferenceServerException, match=message) as caught:
+            client.infer(model, _grpc_inputs(grpcclient, **inputs), **options)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+    client.close()

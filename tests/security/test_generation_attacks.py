@@ -1,7 +1,8 @@
 """Attacks on generation, against a real deployment of a decoder (sim backend, real processes
 on 127.0.0.1): a client naming another's sequence, a client holding every sequence slot,
-and hostile generate bodies. The KV cache never leaving a stage is driven in process, where
-every message between stages can be read: tests/component/test_generation_pipeline.py
+and hostile generate bodies and messages, over REST and gRPC. The KV cache never leaving a
+stage is driven in process, where every message between stages can be read:
+tests/component/test_generation_pipeline.py
 (``test_no_message_between_stages_carries_a_kv_cache``, and a forged step out of step with a
 stage's cache: ``test_a_stage_refuses_a_step_out_of_step_with_its_cache``)."""
 
@@ -12,13 +13,27 @@ import ssl
 import threading
 
 import httpx
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
 
+from smlaas.coordinator.server import free_port
 from tests.integration.serving_setup import (
     DECODER_CONTEXT,
     DECODER_SEQUENCES,
     cache_env,
     decoder_deployment,
+)
+from tests.integration.test_grpc_fuzz import (
+    DATATYPES,
+    INFER,
+    NEVER,
+    PARAMETER_VALUES,
+    STREAM,
+    contents,
+    message,
 )
 
 HOG = "127.0.0.2"  # another loopback source address: another client
@@ -27,7 +42,7 @@ HOG = "127.0.0.2"  # another loopback source address: another client
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("generation-attacks")
-    with cache_env(root / "cache"), decoder_deployment(root) as running:
+    with cache_env(root / "cache"), decoder_deployment(root, grpc_port=free_port()) as running:
         yield running
 
 
@@ -131,3 +146,209 @@ def test_hostile_generate_bodies_get_4xx_and_the_gateway_stays_up(served) -> Non
         ok = http.post(f"{base}/generate", json={"input_ids": [1, 2],
                                                  "parameters": {"max_tokens": 2}})
         assert ok.status_code == 200
+
+
+def _grpc(running):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    return grpcclient, grpcclient.InferenceServerClient(
+        running.grpc_address, ssl=True, root_certificates=str(running.ca_path))
+
+
+def _ids(grpcclient, ids, *, stream: bool = False):
+    tensor = grpcclient.InferInput("input_ids", [len(ids)], "INT64")
+    tensor.set_data_from_numpy(np.array(ids, dtype=np.int64))
+    flag = grpcclient.InferInput("stream", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([stream]))
+    return [tensor, flag]
+
+
+def test_a_grpc_client_holds_only_its_share_and_hanging_up_frees_it(served) -> None:
+    """The share a client's address may hold counts gRPC streams too: with its share running
+    on one stream, its next generation is refused UNAVAILABLE at once while another client is
+    served; cancelling the stream ends its sequences in every stage, and its share is
+    served again."""
+    import queue
+
+    from tritonclient.utils import InferenceServerException
+
+    grpcclient, hog = _grpc(served)
+    model, share = served.model_name, DECODER_SEQUENCES // 2
+    answers: queue.Queue = queue.Queue()
+    hog.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for k in range(share):
+            hog.async_stream_infer(model, _ids(grpcclient, [5, 6, 7], stream=True),
+                                   request_id=str(k),
+                                   parameters={"max_tokens": 500, "stop": False})
+        started: set[str] = set()
+        while len(started) < share:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            started.add(result.get_response().id)
+        _, again = _grpc(served)
+        with pytest.raises(InferenceServerException, match="one client") as caught:
+            again.infer(model, _ids(grpcclient, [1]), parameters={"max_tokens": 1})
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        again.close()
+        with _client(served, HOG) as other:
+            answer = other.post(f"{served.url}/v2/models/{model}/generate",
+                                json={"input_ids": [1], "parameters": {"max_tokens": 2}})
+            assert answer.status_code == 200, answer.text
+    finally:
+        hog.stop_stream(cancel_requests=True)
+    served_again = []
+    for _ in range(20):
+        try:
+            results = [hog.infer(model, _ids(grpcclient, [3]), parameters={"max_tokens": 2})
+                       for _ in range(share)]
+            served_again = [list(r.as_numpy("output_ids")) for r in results]
+            break
+        except InferenceServerException as err:  # the stages are still ending them
+            assert "one client" in str(err) or "no free" in str(err), err
+            import time
+            time.sleep(0.5)
+    assert len(served_again) == share and all(len(ids) == 2 for ids in served_again)
+    hog.close()
+
+
+def test_hostile_grpc_generation_messages_are_refused_and_the_gateway_stays_up(served
+                                                                                ) -> None:
+    """Inference messages a hostile client sends a decoder over gRPC: wrong datatypes,
+    shapes that disagree with their contents, raw contents of the wrong size, text that is
+    not UTF-8, far too many token ids. Each is refused with a 4xx-class code, and the
+    gateway still answers health and generates."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    grpcclient, client = _grpc(served)
+    model = served.model_name
+
+    def built(*tensors, raw=None, **parameters):
+        request = service_pb2.ModelInferRequest(model_name=model)
+        for name, kind, shape, typed in tensors:
+            tensor = request.inputs.add(name=name, datatype=kind, shape=shape)
+            for field, values in (typed or {}).items():
+                getattr(tensor.contents, field).extend(values)
+        for key, value in parameters.items():
+            request.parameters[key].string_param = value
+        if raw is not None:
+            request.raw_input_contents.extend(raw)
+        return request.SerializeToString()
+
+    hostile = [
+        built(("input_ids", "FP32", [2], {"fp32_contents": [1.0, 2.0]})),
+        built(("input_ids", "INT64", [3], {"int64_contents": [1, 2]})),
+        built(("input_ids", "INT64", [-1], {"int64_contents": [1]})),
+        built(("input_ids", "INT64", [2], None), raw=[b"\x01" * 5]),
+        built(("text_input", "BYTES", [1], None), raw=[b"\x09\x00\x00\x00ab"]),
+        built(("text_input", "BYTES", [1], {"bytes_contents": [b"\xff\xfe"]})),
+        built(("text_input", "BYTES", [2], {"bytes_contents": [b"a", b"b"]})),
+        built(("input_ids", "INT64", [1], {"int64_contents": [1]}),
+                ("input_ids", "INT64", [1], {"int64_contents": [1]})),
+        built(("other", "INT64", [1], {"int64_contents": [1]})),
+        built(("input_ids", "INT64", [200_000], {"int64_contents": [1] * 200_000})),
+        built(("input_ids", "INT64", [1], {"int64_contents": [1]}), max_tokens="many"),
+        built(),
+    ]
+    channel = grpc.secure_channel(served.grpc_address, grpc.ssl_channel_credentials(
+        served.ca_path.read_bytes()))
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    refused = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    for data in hostile:
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(data, timeout=30)
+        assert caught.value.code() in refused, (data[:80], caught.value)
+    channel.close()
+    assert client.is_server_ready()
+    result = client.infer(model, _ids(grpcclient, [1, 2]), parameters={"max_tokens": 3})
+    assert len(result.as_numpy("output_ids")) == 3
+    client.close()
+
+
+# -- gRPC generation fuzzed over the real socket ----------------------------------------------
+GENERATION_NAMES = st.sampled_from(["text_input", "input_ids", "stream", "sampling_parameters",
+                                    "exclude_input_in_output"]) | st.text(max_size=5)
+GENERATION_PARAMETERS = st.dictionaries(
+    st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                     "sequence_id", "triton_enable_empty_final_response"]) | st.text(max_size=5),
+    st.sampled_from(sorted(PARAMETER_VALUES)).flatmap(
+        lambda kind: st.tuples(st.just(kind), PARAMETER_VALUES[kind])), max_size=3)
+SMALL_RUN = st.fixed_dictionaries({"max_tokens": st.tuples(st.just("int64_param"),
+                                                           st.integers(1, 4) | st.just(0))})
+GENERATION_INPUT = st.fixed_dictionaries({
+    "name": GENERATION_NAMES, "datatype": DATATYPES, "shape": st.lists(
+        st.integers(-2, 5) | st.sampled_from([2**31, 2**63 - 1]), max_size=3),
+    "contents": contents(), "parameters": st.just({})})
+GENERATION_REQUESTS = st.fixed_dictionaries({
+    "model_name": st.sampled_from(["decoder", "decoder", "decoder", "nope"]),
+    "model_version": st.sampled_from(["", "", "1", "2"]),
+    "id": st.text(max_size=10),
+    "inputs": st.lists(GENERATION_INPUT, max_size=3),
+    "raw": st.none() | st.lists(st.binary(max_size=40), max_size=3),
+    "outputs": st.just([]),
+    "parameters": SMALL_RUN.flatmap(lambda small: GENERATION_PARAMETERS.map(
+        lambda other: {**other, **small}))})
+
+
+@st.composite
+def near_valid_generation(draw) -> dict:
+    """A request close to a right one (token ids or text, maybe a stream flag), so that some
+    generate."""
+    if draw(st.booleans()):
+        ids = draw(st.lists(st.integers(0, 256), min_size=1, max_size=8)
+                   | st.lists(st.sampled_from([-1, 0, 257, 2**40]), max_size=2))
+        prompt = {"name": "input_ids", "datatype": draw(st.sampled_from(["INT64", "INT32"])),
+                  "shape": [len(ids) + draw(st.sampled_from([0, 0, 0, 1]))],
+                  "contents": {"int64_contents": ids}, "parameters": {}}
+        if prompt["datatype"] == "INT32":
+            prompt["contents"] = {"int_contents": [max(min(i, 2**31 - 1), -2**31)
+                                                   for i in ids]}
+    else:
+        prompt = {"name": "text_input", "datatype": "BYTES", "shape": [1],
+                  "contents": {"bytes_contents": [draw(
+                      st.text(min_size=1, max_size=12).map(str.encode)
+                      | st.binary(max_size=12))]},
+                  "parameters": {}}
+    extra = draw(st.lists(st.sampled_from([
+        {"name": "stream", "datatype": "BOOL", "shape": [1],
+         "contents": {"bool_contents": [draw(st.booleans())]}, "parameters": {}},
+        {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1],
+         "contents": {"bytes_contents": [draw(st.sampled_from(
+             [b"{}", b'{"temperature": "0.5", "seed": "3"}', b'{"top_k": -1}', b"{"]))]},
+         "parameters": {}}]), max_size=2, unique_by=lambda item: item["name"]))
+    return {"model_name": "decoder", "model_version": "", "id": draw(st.text(max_size=4)),
+            "inputs": [prompt, *extra], "raw": None, "outputs": [],
+            "parameters": draw(SMALL_RUN)}
+
+
+def _generation_message(request: dict, model: str) -> bytes:
+    if request["model_name"] == "decoder":
+        request = {**request, "model_name": model}
+    return message(request)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(request=st.one_of(near_valid_generation(), near_valid_generation(), GENERATION_REQUESTS))
+def test_fuzzed_grpc_generation_is_never_internal(served, request: dict) -> None:
+    """Random generation requests to the decoder over gRPC, through ModelInfer and
+    ModelStreamInfer: no answer is INTERNAL or UNKNOWN, and every request on a stream is
+    answered."""
+    import grpc
+
+    data = _generation_message(request, served.model_name)
+    credentials = grpc.ssl_channel_credentials(served.ca_path.read_bytes())
+    with grpc.secure_channel(served.grpc_address, credentials) as channel:
+        try:
+            channel.unary_unary(INFER)(data, timeout=60)
+            event("ModelInfer OK")
+        except grpc.RpcError as err:
+            event(f"{err.code().name} {err.details()[:50]}")
+            assert err.code() not in NEVER, (err.code(), err.details(), data[:200])
+        answers = [service_pb2.ModelStreamInferResponse.FromString(raw) for raw in
+                   channel.stream_stream(STREAM)(iter([data]), timeout=60)]
+    assert answers
+    for answer in answers:
+        reason = answer.error_message.split("] ", 1)[-1]
+        event(f"stream {reason.split(':')[0] or 'OK'}")
+        assert not reason.startswith(("INTERNAL", "UNKNOWN")), answer.error_message

@@ -33,6 +33,7 @@ from smlaas.errors import (
     BadRequest,
     ClientGone,
     DeadlineExceeded,
+    GenerationError,
     ModelNotFound,
     PipelineFailed,
     QueueFull,
@@ -50,6 +51,7 @@ from smlaas.serving.gateway_receipts import (
     PendingReceipt,
 )
 from smlaas.serving.generation import GenerationService, open_generation
+from smlaas.serving.generation_requests import GENERATION_INPUTS, GENERATION_OUTPUTS
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
 from smlaas.serving.protocol import (
@@ -227,18 +229,34 @@ class DataPlane:
         self.metrics.abandoned.labels(self.name)  # shown from 0, not from the first one
         self._generation: GenerationService | None = None
         self._generation_lock = asyncio.Lock()
+        self._not_generating: GenerationError | None = None
 
     async def generation(self) -> GenerationService:
         """The decoder's generation service, set up from stage 0's report on first use.
-        GenerationError: the model does not generate."""
+        GenerationError: the model does not generate (remembered: a deployment's model does
+        not change); Unavailable: the pipeline could not say (asked again next time)."""
         async with self._generation_lock:
+            if self._not_generating is not None:
+                raise self._not_generating
             if self._generation is None:
-                self._generation = await open_generation(
-                    self._link, self.name, max_inflight=self.settings.max_inflight,
-                    timeout_s=self.settings.request_timeout_s,
-                    max_per_client=self.settings.max_sequences_per_client,
-                    metrics=self.metrics.generation)
+                try:
+                    self._generation = await open_generation(
+                        self._link, self.name, max_inflight=self.settings.max_inflight,
+                        timeout_s=self.settings.request_timeout_s,
+                        max_per_client=self.settings.max_sequences_per_client,
+                        metrics=self.metrics.generation)
+                except GenerationError as err:
+                    self._not_generating = err
+                    raise
             return self._generation
+
+    async def generates(self) -> bool:
+        """Whether the model is a decoder that generates (Unavailable: not known yet)."""
+        try:
+            await self.generation()
+        except GenerationError:
+            return False
+        return True
 
     async def start(self) -> None:
         self.batcher.start()
@@ -290,23 +308,37 @@ class DataPlane:
         return {"name": spec.name, "datatype": datatype(spec.dtype),
                 "shape": public_shape(spec, self.batching)}
 
+    async def interface(self) -> ModelSpecs:
+        """The model's inputs and outputs as V2 inference requests give them: a decoder's
+        are generation's (text or token ids in, text and token ids out)."""
+        specs = await self.specs()
+        if await self.generates():
+            return ModelSpecs(list(GENERATION_INPUTS), list(GENERATION_OUTPUTS))
+        return specs
+
     async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
         self.check_model(model, version)
-        specs = await self.specs()
+        specs = await self.interface()
         return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
                 "inputs": [self.tensor_metadata(s) for s in specs.inputs],
                 "outputs": [self.tensor_metadata(s) for s in specs.outputs]}
 
-    def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
         """Triton's model configuration (the JSON form of its ``ModelConfig``), from the
-        inputs and outputs the pipeline described (Unavailable until it has). As in Triton,
-        with batching on (``max_batch_size`` > 0) ``dims`` leave out the batch dimension;
-        a dynamic dimension is -1. Callers that can wait call :meth:`specs` first."""
+        inputs and outputs the pipeline describes. As in Triton, with batching on
+        (``max_batch_size`` > 0) ``dims`` leave out the batch dimension; a dynamic dimension
+        is -1. A decoder's is a decoupled model's (a response per token), its inputs
+        optional."""
         self.check_model(model, version)
-        specs = self.pipeline.specs
-        if specs is None:
-            raise Unavailable(f"model {self.name!r} is not ready: the pipeline has not "
-                              f"described its inputs and outputs yet")
+        specs = await self.interface()
+        if self._generation is not None:
+            return {"name": self.name, "platform": "onnxruntime_onnx",
+                    "backend": "onnxruntime", "max_batch_size": 0,
+                    "version_policy": {"latest": {"num_versions": 1}},
+                    "model_transaction_policy": {"decoupled": True},
+                    "input": [{**self._config_tensor(s), "optional": True}
+                              for s in specs.inputs],
+                    "output": [self._config_tensor(s) for s in specs.outputs]}
         config: dict[str, Any] = {
             "name": self.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
             "version_policy": {"latest": {"num_versions": 1}},

@@ -186,9 +186,7 @@ class RestEndpoints:
         return await self.ready()
 
     async def model_config(self, model: str, version: str = "") -> JSONResponse:
-        self.plane.check_model(model, version)
-        await self.plane.specs()  # the pipeline describes the inputs and outputs
-        return JSONResponse(self.plane.model_config(model, version))
+        return JSONResponse(await self.plane.model_config(model, version))
 
     async def model_statistics(self, model: str, version: str = "") -> JSONResponse:
         return JSONResponse(self.plane.model_statistics(model, version))

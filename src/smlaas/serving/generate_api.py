@@ -9,9 +9,8 @@ Routes: ``POST /v2/models/{model}/generate`` (one JSON answer), ``.../generate_s
 A body is a JSON object of at most MAX_BODY_BYTES (else 400). A stream's first token comes
 before the response starts, so that a refusal (a bad parameter, a prompt past the context, no
 free sequence slot: 503) is an HTTP error; a later failure is a last event ``{"error": ...}``.
-Text pieces: all tokens so far are decoded and the new suffix sent, held back while it ends in
-an incomplete UTF-8 sequence (U+FFFD). A client that goes (a disconnect, a failed send) closes
-its token iterator, which ends its sequence in every stage.
+Text pieces as :mod:`~smlaas.serving.generation_requests` makes them. A client that goes (a
+disconnect, a failed send) closes its token iterator, which ends its sequence in every stage.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
@@ -36,14 +34,24 @@ from smlaas.errors import (
     BadRequest,
     ClientGone,
     GenerationError,
-    PipelineFailed,
     SmlaasError,
-    Status,
     status_of,
 )
 from smlaas.generation.sampling import SamplingParams
 from smlaas.serving.data_plane import MODEL_VERSION
 from smlaas.serving.generation import Finished, GenerationService
+from smlaas.serving.generation_requests import (
+    Ask,
+    Piece,
+    ask_from_parameters,
+    collect,
+    flag,
+    max_tokens_of,
+    pieces,
+    prompt_ids,
+    token_stream,
+    usage,
+)
 from smlaas.serving.http_bodies import read_body
 
 logger = logging.getLogger(__name__)
@@ -53,8 +61,6 @@ MAX_BODY_BYTES = 1024 * 1024
 """A generate request is a prompt and a few parameters; a megabyte of text is plenty."""
 INLINE_JSON_BYTES = 16 * 1024
 """Bodies (and prompts) up to this size are parsed (tokenized) on the event loop."""
-DEFAULT_MAX_TOKENS = 16
-GENERATE_PARAMETERS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "seed", "stop"})
 OPENAI_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
                       "stop": None, "presence_penalty": 0, "frequency_penalty": 0}
 """OpenAI fields this endpoint does not implement, and the value each may take (or be null)."""
@@ -80,27 +86,6 @@ def add_generate_routes(app: FastAPI, plane: GenerationPlane) -> None:
     GenerateEndpoints(plane).register(app)
 
 
-@dataclass(frozen=True)
-class _Ask:
-    """A generation request, whichever API it came from."""
-
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop_at_eos: bool
-    client: str = ""
-    """The client's address: it may hold only its share of the sequence slots."""
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A token and the text it completed, or (``finished`` set) the end and the last text."""
-
-    text: str
-    token: int | None = None
-    finished: Finished | None = None
-
-
 class GenerateEndpoints:
     """The routes; errors become status codes here only."""
 
@@ -121,7 +106,7 @@ class GenerateEndpoints:
             return _error(err)
         return JSONResponse({**self._names(), "text_output": service.decode(ids),
                              "output_ids": ids, "finish_reason": finished.reason,
-                             "usage": _usage(finished)})
+                             "usage": usage(finished)})
 
     async def generate_stream(self, model: str, request: Request) -> Response:
         try:
@@ -140,7 +125,7 @@ class GenerateEndpoints:
                         "output_ids": [] if piece.token is None else [piece.token]}
                     if piece.finished is not None:
                         event |= {"finish_reason": piece.finished.reason,
-                                  "usage": _usage(piece.finished)}
+                                  "usage": usage(piece.finished)}
                     yield _sse(event)
             except Exception as err:  # noqa: BLE001 - the status line is sent already
                 yield _sse({"error": _mid_stream(err)})
@@ -157,7 +142,7 @@ class GenerateEndpoints:
             service = await self.plane.generation()
             ask = replace(await _openai_ask(body, service, self.plane),
                           client=_client_of(request))
-            stream = _flag(body, "stream", default=False)
+            stream = flag(body, "stream", default=False)
             options = body.get("stream_options") or {}
             usage_chunk = isinstance(options, Mapping) and options.get("include_usage") is True
             head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
@@ -171,7 +156,7 @@ class GenerateEndpoints:
         if not stream:
             return JSONResponse({**head, "choices": [
                 {"index": 0, "text": service.decode(ids), "finish_reason": finished.reason,
-                 "logprobs": None}], "usage": _usage(finished, total=True)})
+                 "logprobs": None}], "usage": usage(finished, total=True)})
 
         async def events() -> AsyncGenerator[bytes, None]:
             try:
@@ -182,7 +167,7 @@ class GenerateEndpoints:
                                                      "logprobs": None}]})
                     if piece.finished is not None and usage_chunk:
                         yield _sse({**head, "choices": [],
-                                    "usage": _usage(piece.finished, total=True)})
+                                    "usage": usage(piece.finished, total=True)})
             except Exception as err:  # noqa: BLE001 - the status line is sent already
                 yield _sse({"error": {"message": _mid_stream(err), "type": "server_error",
                                       "param": None, "code": None}})
@@ -191,7 +176,7 @@ class GenerateEndpoints:
 
         return _EventStream(events(), pieces, tokens)
 
-    async def _kserve_ask(self, request: Request) -> tuple[GenerationService, _Ask]:
+    async def _kserve_ask(self, request: Request) -> tuple[GenerationService, Ask]:
         body = await _read_json(request, self.plane)
         service = await self.plane.generation()
         unknown = set(body) - {"text_input", "input_ids", "parameters", "id"}
@@ -201,19 +186,14 @@ class GenerateEndpoints:
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, Mapping):
             raise GenerationError(f"'parameters' must be an object, got {parameters!r}")
-        unknown = set(parameters) - GENERATE_PARAMETERS
-        if unknown:
-            raise GenerationError(f"unknown parameters {sorted(unknown)}; supported: "
-                                  f"{sorted(GENERATE_PARAMETERS)}")
         if ("text_input" in body) == ("input_ids" in body):
             raise GenerationError("give exactly one of text_input (text) and input_ids "
                                   "(token ids)")
         prompt = body["text_input"] if "text_input" in body else body["input_ids"]
         if ("input_ids" in body) != isinstance(prompt, list):
             raise GenerationError("text_input is a string and input_ids a list of token ids")
-        return service, _Ask(await _prompt_ids(prompt, service, self.plane),
-                             _max_tokens(parameters), SamplingParams.from_parameters(parameters),
-                             _flag(parameters, "stop", default=True), _client_of(request))
+        ids = await prompt_ids(prompt, service, self.plane.off_loop)
+        return service, ask_from_parameters(ids, parameters, client=_client_of(request))
 
     def _names(self) -> dict[str, str]:
         return {"model_name": self.plane.name, "model_version": MODEL_VERSION}
@@ -248,63 +228,20 @@ class _EventStream(StreamingResponse):
             raise failed
 
 
-def _tokens(service: GenerationService, ask: _Ask) -> AsyncGenerator[int | Finished, None]:
-    return service.generator.generate(  # type: ignore[return-value]
-        ask.prompt, max_tokens=ask.max_tokens, sampling=ask.sampling,
-        stop_at_eos=ask.stop_at_eos, client=ask.client)
-
-
-async def _generate_all(request: Request, service: GenerationService, ask: _Ask
+async def _generate_all(request: Request, service: GenerationService, ask: Ask
                         ) -> tuple[list[int], Finished]:
-    tokens = _tokens(service, ask)
-    return await _unless_client_goes(request, _collect(tokens), tokens)
+    tokens = token_stream(service, ask)
+    return await _unless_client_goes(request, collect(tokens), tokens)
 
 
-async def _collect(tokens: AsyncIterator[int | Finished]) -> tuple[list[int], Finished]:
-    ids: list[int] = []
-    finished = None
-    async for item in tokens:  # to its end: the generator then knows its sequence ended
-        if isinstance(item, Finished):
-            finished = item
-        else:
-            ids.append(item)
-    if finished is None:
-        raise PipelineFailed("the generation ended without saying why", status=Status.INTERNAL)
-    return ids, finished
-
-
-async def _first_piece(request: Request, service: GenerationService, ask: _Ask
-                       ) -> tuple[AsyncGenerator[_Piece, None],
+async def _first_piece(request: Request, service: GenerationService, ask: Ask
+                       ) -> tuple[AsyncGenerator[Piece, None],
                                   AsyncGenerator[int | Finished, None]]:
     """The stream's pieces, its first token already received (errors before it raise),
     and the tokens they come from (to close however the stream ends)."""
-    tokens = _tokens(service, ask)
+    tokens = token_stream(service, ask)
     first = await _unless_client_goes(request, anext(tokens), tokens)
-    return _pieces(service, first, tokens), tokens
-
-
-async def _pieces(service: GenerationService, first: int | Finished,
-                  tokens: AsyncGenerator[int | Finished, None]) -> AsyncGenerator[_Piece, None]:
-    ids: list[int] = []
-    sent = ""
-
-    def advance(text: str) -> str:
-        nonlocal sent
-        piece = text[len(os.path.commonprefix([text, sent])):]
-        sent = text
-        return piece
-
-    item = first
-    while True:
-        if isinstance(item, Finished):
-            async for _ in tokens:  # ends at once: the generator then knows it finished
-                pass
-            yield _Piece(advance(service.decode(ids)), finished=item)
-            return
-        ids.append(item)
-        text = service.decode(ids)
-        yield _Piece("" if text.endswith("\ufffd") else advance(text), token=item)
-        item = await anext(tokens)
+    return pieces(service, first, tokens), tokens
 
 
 async def _unless_client_goes(request: Request, work: Awaitable[T],
@@ -351,22 +288,8 @@ async def _read_json(request: Request, plane: GenerationPlane) -> dict[str, Any]
     return value
 
 
-async def _prompt_ids(prompt: Any, service: GenerationService,
-                      plane: GenerationPlane) -> list[int]:
-    if isinstance(prompt, str):
-        encode = functools.partial(service.encode, prompt)
-        return encode() if len(prompt) <= INLINE_JSON_BYTES else await plane.off_loop(encode)
-    vocabulary = service.vocabulary_size or 2**63
-    if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                        and 0 <= i < vocabulary for i in prompt):
-        return list(prompt)
-    raise GenerationError("the prompt must be text or a list of token ids (integers >= 0"
-                          + (f" and below the vocabulary's {vocabulary})"
-                             if service.vocabulary_size else ")"))
-
-
 async def _openai_ask(body: Mapping[str, Any], service: GenerationService,
-                      plane: GenerationPlane) -> _Ask:
+                      plane: GenerationPlane) -> Ask:
     for name, allowed in OPENAI_UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != allowed:
@@ -384,34 +307,8 @@ async def _openai_ask(body: Mapping[str, Any], service: GenerationService,
     if parameters["temperature"] is None:
         parameters["temperature"] = 1.0  # OpenAI's default, not greedy
     sampling = SamplingParams.from_parameters(parameters)
-    return _Ask(await _prompt_ids(prompt, service, plane), _max_tokens(body), sampling,
+    return Ask(await prompt_ids(prompt, service, plane.off_loop), max_tokens_of(body), sampling,
                 stop_at_eos=True)
-
-
-def _max_tokens(fields: Mapping[str, Any]) -> int:
-    value = fields.get("max_tokens")
-    if value is None:
-        return DEFAULT_MAX_TOKENS
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GenerationError(f"max_tokens must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _flag(fields: Mapping[str, Any], name: str, *, default: bool) -> bool:
-    value = fields.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise GenerationError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _usage(finished: Finished, *, total: bool = False) -> dict[str, int]:
-    usage = {"prompt_tokens": finished.prompt_tokens,
-             "completion_tokens": finished.completion_tokens}
-    if total:
-        usage["total_tokens"] = finished.prompt_tokens + finished.completion_tokens
-    return usage
 
 
 def _sse(event: Mapping[str, Any]) -> bytes:

@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from smlaas.errors import (
+    GenerationError,
     ModelNotFound,
     SmlaasError,
     Status,
@@ -60,6 +61,7 @@ from smlaas.serving.grpc_codec import (
     request_parameters,
     stream_error,
 )
+from smlaas.serving.grpc_generate import GrpcGeneration, generation_request, responses
 from smlaas.serving.grpc_limits import BOOTSTRAP_LIMITS, GrpcLimits, InferenceSlots
 from smlaas.serving.grpc_server import GrpcServer
 
@@ -86,6 +88,8 @@ class _Outcome:
     model_version: str = ""
     final: bool = False
     """The client asked responses to carry ``triton_final_response``."""
+    generation: GrpcGeneration | None = None
+    """The request asks a decoder to generate: its responses are still to come."""
 
 
 UNARY_REQUESTS = {"ServerLive": service_pb2.ServerLiveRequest,
@@ -170,14 +174,10 @@ class GrpcEndpoints:
         return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
-        config = await _guard(context, self._model_config(request.name, request.version))
+        config = await _guard(context, self.plane.model_config(request.name, request.version))
         return service_pb2.ModelConfigResponse(config=json_format.ParseDict(
             config, model_config_pb2.ModelConfig()))
 
-    async def _model_config(self, model: str, version: str) -> dict[str, Any]:
-        self.plane.check_model(model, version)
-        await self.plane.specs()  # the pipeline describes the inputs and outputs
-        return self.plane.model_config(model, version)
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
         stats = await _guard(context, _now(self.plane.model_statistics, request.name,
@@ -192,7 +192,16 @@ class GrpcEndpoints:
 
     # -- inference -------------------------------------------------------------------------
     async def ModelInfer(self, data: bytes, context: Any) -> bytes:  # noqa: N802
-        outcome = await self._infer(data, stream=False)
+        outcome = await self._infer(data, stream=False, client=_client_of(context))
+        if outcome.generation is not None:
+            try:
+                if outcome.generation.stream:
+                    raise GenerationError("stream: true needs ModelStreamInfer (a response "
+                                          "per token); ModelInfer answers once")
+                outcome.response = b"".join(
+                    [r async for r in self._generated(outcome.generation)])
+            except SmlaasError as err:
+                outcome.error = err
         if outcome.error is not None:
             await context.abort(_grpc_code(outcome.error), str(outcome.error))
         return outcome.response
@@ -202,10 +211,20 @@ class GrpcEndpoints:
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         window = asyncio.Semaphore(max(1, self.limits.max_inferences // 2))
         running: set[asyncio.Task[None]] = set()
+        client = _client_of(context)
 
         async def answer(data: bytes) -> None:
             try:
-                answers.put_nowait(await self._stream_answer(data))
+                outcome = await self._infer(data, stream=True, client=client)
+                if outcome.generation is None or outcome.error is not None:
+                    answers.put_nowait(self._stream_answer(outcome))
+                    return
+                try:
+                    async for response in self._generated(outcome.generation):
+                        answers.put_nowait(as_stream_response(response))
+                except SmlaasError as err:
+                    outcome.error = err
+                    answers.put_nowait(self._stream_answer(outcome))
             finally:
                 window.release()
 
@@ -232,8 +251,7 @@ class GrpcEndpoints:
             for task in list(running):
                 task.cancel()
 
-    async def _stream_answer(self, data: bytes) -> bytes:
-        outcome = await self._infer(data, stream=True)
+    def _stream_answer(self, outcome: _Outcome) -> bytes:
         if outcome.error is None:
             return outcome.response
         named = f"[request id: {outcome.request_id}] " if outcome.request_id else ""
@@ -243,8 +261,16 @@ class GrpcEndpoints:
                             model_version=outcome.model_version or MODEL_VERSION,
                             final=outcome.final)
 
-    async def _infer(self, data: bytes, *, stream: bool) -> _Outcome:
-        """One ModelInferRequest through the data plane, counted in the metrics."""
+    async def _generated(self, request: GrpcGeneration) -> AsyncIterator[bytes]:
+        """The responses of a generation request (SmlaasError: it failed)."""
+        service = await self.plane.generation()
+        async for response in responses(request, service, model=self.plane.name,
+                                        version=MODEL_VERSION):
+            yield response
+
+    async def _infer(self, data: bytes, *, stream: bool, client: str = "") -> _Outcome:
+        """One ModelInferRequest through the data plane, counted in the metrics; a request
+        to a decoder comes back parsed (``generation``), to be answered by the caller."""
         plane, started, outcome = self.plane, time.perf_counter(), _Outcome()
         try:
             self.slots.claim()
@@ -253,18 +279,20 @@ class GrpcEndpoints:
         self._received_bytes += len(data)
         try:
             decode_s, encode_s = await self._run(data, outcome, received=started,
-                                                 stream=stream)
+                                                 stream=stream, client=client)
         except SmlaasError as err:
             return self._failed(outcome, err, started)
         finally:
             self.slots.release()
             self._trim_when_idle()
+        if outcome.generation is not None:  # its tokens are counted as generation's
+            return outcome
         plane.record(code="200", ok=True, started=started, decode_s=decode_s,
                      encode_s=encode_s, protocol=FrontEnd.GRPC)
         return outcome
 
-    async def _run(self, data: bytes, outcome: _Outcome, *, received: float, stream: bool
-                   ) -> tuple[float, float]:
+    async def _run(self, data: bytes, outcome: _Outcome, *, received: float, stream: bool,
+                   client: str) -> tuple[float, float]:
         """Fills ``outcome.response``; returns the seconds spent decoding and encoding.
         ``received`` (``time.perf_counter()``) is when the message arrived."""
         plane = self.plane
@@ -276,6 +304,10 @@ class GrpcEndpoints:
         outcome.model_name, outcome.model_version = message.model_name, message.model_version
         outcome.final = stream and request_parameters(message).get(FINAL_REQUESTED) is True
         plane.check_model(message.model_name, message.model_version)
+        if await plane.generates():
+            outcome.generation = await generation_request(
+                message, await plane.generation(), client=client, off_loop=plane.off_loop)
+            return 0.0, 0.0
         decoder = await self._request_decoder()
         decoded_at = time.perf_counter()
         request = await plane.off_loop(functools.partial(decoder.decode, message))
@@ -360,6 +392,16 @@ def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_ch
     return GrpcServer((endpoints.handler(), endpoints.receipts_handler()),
                       address=f"{host}:{port}", credentials=credentials,
                       model_limits=endpoints.model_limits, on_limits=endpoints.use)
+
+
+def _client_of(context: Any) -> str:
+    """The peer's address without its port (``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``): a
+    client's share of a decoder's sequences is counted by it, as REST counts it."""
+    peer = str(context.peer() or "")
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
+    return rest.rpartition(":")[0] if kind == "ipv4" else peer
 
 
 def _grpc_code(err: SmlaasError) -> grpc.StatusCode:
