@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -205,7 +206,6 @@ def test_a_grpc_client_holds_only_its_share_and_hanging_up_frees_it(served) -> N
             break
         except InferenceServerException as err:  # the stages are still ending them
             assert "one client" in str(err) or "no free" in str(err), err
-            import time
             time.sleep(0.5)
     assert len(served_again) == share and all(len(ids) == 2 for ids in served_again)
     hog.close()
@@ -248,16 +248,31 @@ def test_hostile_grpc_generation_messages_are_refused_and_the_gateway_stays_up(s
         built(("other", "INT64", [1], {"int64_contents": [1]})),
         built(("input_ids", "INT64", [200_000], {"int64_contents": [1] * 200_000})),
         built(("input_ids", "INT64", [1], {"int64_contents": [1]}), max_tokens="many"),
+        built(("input_ids", "INT64", [1], {"int64_contents": [1]}), max_tokens="9" * 5000),
         built(),
+        # counts checked before anything is converted, whatever the message claims
+        built(("input_ids", "INT64", [2**63 - 1] * 20_000, None)),
+        built(("input_ids", "INT64", [1], {"int64_contents": [7] * 300_000})),
+        built(("text_input", "BYTES", [1], None), raw=[b"\x00" * 800_000]),
+        built(("text_input", "BYTES", [1], {"bytes_contents": [b""] * 200_000})),
+        built(("text_input", "BYTES", [1], {"bytes_contents": [b"a" * 1_100_000]})),
+        built(("input_ids", "INT64", [1], {"int64_contents": [1]}),
+              ("sampling_parameters", "BYTES", [1],
+               {"bytes_contents": [b"[" * 20_000 + b"]" * 20_000]})),
+        # larger than a prompt and its parameters can be: gRPC refuses it unread
+        built(("input_ids", "INT64", [1], {"int64_contents": [7] * 3_000_000})),
     ]
     channel = grpc.secure_channel(served.grpc_address, grpc.ssl_channel_credentials(
         served.ca_path.read_bytes()))
     infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
     refused = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
     for data in hostile:
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             infer(data, timeout=30)
         assert caught.value.code() in refused, (data[:80], caught.value)
+        assert len(caught.value.details() or "") < 2000  # no client value echoed at length
+        assert time.monotonic() - started < 2.0, data[:80]
     channel.close()
     assert client.is_server_ready()
     result = client.infer(model, _ids(grpcclient, [1, 2]), parameters={"max_tokens": 3})

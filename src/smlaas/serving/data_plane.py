@@ -17,6 +17,7 @@ batched or sent. Outputs asked for as JSON are bounded before anything runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -228,30 +229,50 @@ class DataPlane:
         self._prober: asyncio.Task[None] | None = None
         self.metrics.abandoned.labels(self.name)  # shown from 0, not from the first one
         self._generation: GenerationService | None = None
-        self._generation_lock = asyncio.Lock()
-        self._not_generating: GenerationError | None = None
+        self._opening: asyncio.Future[GenerationService] | None = None
+        self._not_generating: str | None = None
 
     async def generation(self) -> GenerationService:
         """The decoder's generation service, set up from stage 0's report on first use.
         GenerationError: the model does not generate (remembered: a deployment's model does
-        not change); Unavailable: the pipeline could not say (asked again next time)."""
-        async with self._generation_lock:
-            if self._not_generating is not None:
-                raise self._not_generating
-            if self._generation is None:
-                try:
-                    self._generation = await open_generation(
-                        self._link, self.name, max_inflight=self.settings.max_inflight,
-                        timeout_s=self.settings.request_timeout_s,
-                        max_per_client=self.settings.max_sequences_per_client,
-                        metrics=self.metrics.generation)
-                except GenerationError as err:
-                    self._not_generating = err
-                    raise
+        not change); Unavailable: the pipeline could not say (asked again next time).
+        Callers at the same moment share one describe (at most DESCRIBE_TIMEOUT_S)."""
+        if self._not_generating is not None:
+            raise GenerationError(self._not_generating)  # a new one: no traceback to grow
+        if self._generation is not None:
             return self._generation
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._open_generation())
+        return await asyncio.shield(self._opening)
+
+    async def _open_generation(self) -> GenerationService:
+        try:
+            self._generation = await open_generation(
+                self._link, self.name, max_inflight=self.settings.max_inflight,
+                timeout_s=self.settings.request_timeout_s,
+                max_per_client=self.settings.max_sequences_per_client,
+                metrics=self.metrics.generation)
+        except GenerationError as err:
+            self._not_generating = str(err)
+            raise
+        return self._generation
+
+    @property
+    def generation_service(self) -> GenerationService | None:
+        """The generation service once known (None: not a decoder, or not known yet)."""
+        return self._generation
+
+    def generation_known(self) -> bool | None:
+        """Whether the model generates, if the pipeline has said (else None)."""
+        if self._generation is not None:
+            return True
+        return False if self._not_generating is not None else None
 
     async def generates(self) -> bool:
         """Whether the model is a decoder that generates (Unavailable: not known yet)."""
+        known = self.generation_known()
+        if known is not None:
+            return known
         try:
             await self.generation()
         except GenerationError:
@@ -282,11 +303,18 @@ class DataPlane:
         while True:
             try:
                 await asyncio.wait_for(self.ready(), PROBE_TIMEOUT_S * 2)
+                if self.pipeline.specs is not None and self.generation_known() is None:
+                    await self._learn_whether_it_generates()
             except TimeoutError:
                 self.metrics.pipeline_up.labels(self.name).set(0)
             except Exception:  # a probe must never stop probing
                 logger.exception("readiness probe failed")
             await asyncio.sleep(PROBE_INTERVAL_S)
+
+    async def _learn_whether_it_generates(self) -> None:
+        """Asks once the pipeline is up (gRPC's limits wait for the answer)."""
+        with contextlib.suppress(GenerationError, Unavailable):
+            await self.generation()
 
     def check_model(self, model: str, version: str = "") -> None:
         if model != self.name:
@@ -309,8 +337,11 @@ class DataPlane:
                 "shape": public_shape(spec, self.batching)}
 
     async def interface(self) -> ModelSpecs:
-        """The model's inputs and outputs as V2 inference requests give them: a decoder's
-        are generation's (text or token ids in, text and token ids out)."""
+        """The model's inputs and outputs as V2 tensor inference takes them: a decoder's are
+        generation's (text or token ids in, text and token ids out), which gRPC's inference
+        calls serve, as a decoupled model in Triton (REST generates on its generate routes;
+        its ``/infer`` refuses a decoder, as Triton's HTTP ``infer`` refuses a decoupled
+        model)."""
         specs = await self.specs()
         if await self.generates():
             return ModelSpecs(list(GENERATION_INPUTS), list(GENERATION_OUTPUTS))
@@ -427,6 +458,11 @@ class DataPlane:
         (``time.perf_counter()`` at its arrival) is where its timeout counts from.
         ``protocol`` labels the metrics. Raises BadRequest, Unavailable, DeadlineExceeded,
         PipelineFailed, ClientGone."""
+        if self._generation is not None:
+            raise GenerationError(
+                f"model {self.name!r} generates: ask it with POST /v2/models/{self.name}/"
+                f"generate or generate_stream, /v1/completions, or gRPC ModelInfer / "
+                f"ModelStreamInfer with text_input or input_ids")
         self.check_json_size(request)
         if gone is not None and gone():
             raise ClientGone("the client disconnected before its request was queued")

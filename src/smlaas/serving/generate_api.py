@@ -44,6 +44,7 @@ from smlaas.serving.generation_requests import (
     Ask,
     Piece,
     ask_from_parameters,
+    client_address,
     collect,
     flag,
     max_tokens_of,
@@ -265,7 +266,7 @@ async def _unless_client_goes(request: Request, work: Awaitable[T],
 
 
 def _client_of(request: Request) -> str:
-    return request.client.host if request.client is not None else ""
+    return client_address(request.client.host) if request.client is not None else ""
 
 
 async def _disconnected(request: Request) -> None:

@@ -9,6 +9,7 @@ character split across tokens arrives whole.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ GENERATION_OUTPUTS = (TensorSpec("text_output", BYTES, [1]), TensorSpec("output_
 INLINE_PROMPT_CHARACTERS = 16 * 1024
 """Prompts up to this size are tokenized on the event loop, longer ones in a thread."""
 
-__all__ = ["Ask", "Piece", "ask_from_parameters", "collect", "pieces", "prompt_ids",
-           "token_stream", "usage"]
+__all__ = ["Ask", "Piece", "ask_from_parameters", "client_address", "collect", "pieces",
+           "prompt_ids", "token_stream", "usage"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,19 @@ def ask_from_parameters(prompt: list[int], parameters: Mapping[str, Any], *,
                               f"{sorted(GENERATE_PARAMETERS)}")
     return Ask(prompt, max_tokens_of(parameters), SamplingParams.from_parameters(parameters),
                flag(parameters, "stop", default=True), client)
+
+
+def client_address(host: str) -> str:
+    """A client's address as its share of the sequences is counted: normalised, an IPv4
+    address mapped into IPv6 (a dual-stack listener's view) as IPv4, a zone dropped; a host
+    that is no address is kept as it is."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def token_stream(service: GenerationService, ask: Ask) -> AsyncGenerator[int | Finished, None]:

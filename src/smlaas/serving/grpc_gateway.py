@@ -18,6 +18,12 @@ each as it completes: a ``ModelStreamInferResponse`` with ``infer_response``, or
 ``error_message`` (``"[request id: ID] CODE: reason"``, as Triton names the request) and the
 request's id in ``infer_response``.
 
+A decoder generates on both calls (:mod:`~smlaas.serving.grpc_generate`): its messages are
+bounded by generation's limits (a prompt and a few parameters in; at most the context's
+tokens out, :func:`~smlaas.serving.grpc_limits.generation_limits`), which gRPC takes once
+the pipeline has said that the model generates; every count in a message is checked before
+its values are converted, and a stream answers a request with a response per token.
+
 Errors map at this boundary: bad input ``INVALID_ARGUMENT``, unknown model ``NOT_FOUND``
 (``ModelReady`` answers false), too large or too many ``RESOURCE_EXHAUSTED``, a stage down or
 a full queue ``UNAVAILABLE``, a missed deadline ``DEADLINE_EXCEEDED``.
@@ -32,6 +38,7 @@ import functools
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,6 +51,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from smlaas.errors import (
     GenerationError,
     ModelNotFound,
+    PipelineFailed,
     SmlaasError,
     Status,
     TooLarge,
@@ -51,6 +59,7 @@ from smlaas.errors import (
     status_of,
 )
 from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd
+from smlaas.serving.generation_requests import client_address
 from smlaas.serving.grpc_codec import (
     FINAL_REQUESTED,
     GrpcRequestDecoder,
@@ -61,8 +70,19 @@ from smlaas.serving.grpc_codec import (
     request_parameters,
     stream_error,
 )
-from smlaas.serving.grpc_generate import GrpcGeneration, generation_request, responses
-from smlaas.serving.grpc_limits import BOOTSTRAP_LIMITS, GrpcLimits, InferenceSlots
+from smlaas.serving.grpc_generate import (
+    MAX_PROMPT_BYTES,
+    MAX_TOKEN_TEXT_BYTES,
+    GrpcGeneration,
+    generation_request,
+    responses,
+)
+from smlaas.serving.grpc_limits import (
+    BOOTSTRAP_LIMITS,
+    GrpcLimits,
+    InferenceSlots,
+    generation_limits,
+)
 from smlaas.serving.grpc_server import GrpcServer
 
 __all__ = ["GrpcEndpoints", "create_grpc_server"]
@@ -115,10 +135,18 @@ class GrpcEndpoints:
         self._trimming: set[asyncio.Future[None]] = set()
 
     def model_limits(self) -> GrpcLimits | None:
-        """The model's limits once the pipeline has described it, else None."""
-        specs = self.plane.pipeline.specs
-        if specs is None:
+        """The model's limits once the pipeline has described it (and said whether it
+        generates), else None."""
+        specs, generates = self.plane.pipeline.specs, self.plane.generation_known()
+        if specs is None or generates is None:
             return None
+        service = self.plane.generation_service
+        if generates and service is not None:
+            limits = service.generator.limits
+            return generation_limits(max_context=limits.max_context,
+                                     max_sequences=limits.max_sequences,
+                                     max_prompt_bytes=MAX_PROMPT_BYTES,
+                                     max_token_text_bytes=MAX_TOKEN_TEXT_BYTES)
         return GrpcLimits.for_model(specs.inputs, specs.outputs,
                                     max_batch_size=self.plane.settings.max_batch_size,
                                     labels=self.plane.labels)
@@ -224,6 +252,11 @@ class GrpcEndpoints:
                         answers.put_nowait(as_stream_response(response))
                 except SmlaasError as err:
                     outcome.error = err
+                    answers.put_nowait(self._stream_answer(outcome))
+                except Exception as err:  # noqa: BLE001 - the request is still answered
+                    logger.error("a gRPC generation failed", exc_info=err)
+                    outcome.error = PipelineFailed("the generation failed inside the "
+                                                   "gateway", status=Status.INTERNAL)
                     answers.put_nowait(self._stream_answer(outcome))
             finally:
                 window.release()
@@ -395,13 +428,25 @@ def create_grpc_server(plane: DataPlane, *, host: str, port: int, certificate_ch
 
 
 def _client_of(context: Any) -> str:
-    """The peer's address without its port (``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``): a
-    client's share of a decoder's sequences is counted by it, as REST counts it."""
-    peer = str(context.peer() or "")
+    """The peer's address as REST names a client (its share of a decoder's sequences is
+    counted by it): :func:`peer_address`."""
+    return peer_address(str(context.peer() or ""))
+
+
+def peer_address(peer: str) -> str:
+    """A gRPC peer string's address without its port or zone, normalised, an IPv4 address
+    mapped into IPv6 as IPv4: ``ipv4:127.0.0.1:5000`` and ``ipv6:%5B::ffff:127.0.0.1%5D:5000``
+    are both ``127.0.0.1``; ``ipv6:%5B::1%5D:5000`` is ``::1``. Other kinds (``unix:``) are
+    kept whole."""
     kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        return rest.rpartition("]")[0].lstrip("[") or rest
-    return rest.rpartition(":")[0] if kind == "ipv4" else peer
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest[1:rest.find("]")] if rest.startswith("[") and "]" in rest else rest
+    else:
+        return peer
+    return client_address(host) if host else peer
 
 
 def _grpc_code(err: SmlaasError) -> grpc.StatusCode:

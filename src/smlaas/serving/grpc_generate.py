@@ -44,7 +44,7 @@ from smlaas.serving.generation_requests import (
     usage,
 )
 from smlaas.serving.grpc_codec import FINAL_REQUESTED, FINAL_RESPONSE, request_parameters
-from smlaas.transport.tensors import deserialize_bytes, serialize_bytes
+from smlaas.transport.tensors import serialize_bytes
 from smlaas.transport.v2 import datatype
 
 __all__ = ["GrpcGeneration", "generation_request", "responses"]
@@ -55,6 +55,14 @@ _DATATYPES = {spec.name: (datatype(spec.dtype),) + (("INT32",) if spec.dtype == 
 _RAW_DTYPES = {"INT64": "<i8", "INT32": "<i4", "BOOL": "?"}
 _TYPED_FIELDS = {"BYTES": "bytes_contents", "INT64": "int64_contents", "INT32": "int_contents",
                  "BOOL": "bool_contents"}
+MAX_PROMPT_BYTES = 1024 * 1024
+"""A text prompt's bytes at most (REST's whole generate body may take as much)."""
+MAX_SAMPLING_BYTES = 16 * 1024
+"""``sampling_parameters``' JSON at most: six numbers need far less."""
+MAX_TOKEN_TEXT_BYTES = 128
+"""What one token's text may take in a response, for gRPC's send limit."""
+MAX_DIMS = 2
+"""``input_ids`` as [n] or [1, n]; every other input one element."""
 _INTEGER_PARAMETERS = frozenset({"max_tokens", "top_k", "seed"})
 _REAL_PARAMETERS = frozenset({"temperature", "top_p"})
 
@@ -86,7 +94,7 @@ async def generation_request(message: Any, service: GenerationService, *, client
     if ("text_input" in inputs) == ("input_ids" in inputs):
         raise GenerationError("give exactly one of text_input (BYTES) and input_ids (INT64)")
     if "text_input" in inputs:
-        text = _text(inputs["text_input"], "text_input")
+        text = _text(inputs["text_input"], "text_input", max_bytes=MAX_PROMPT_BYTES)
         prompt: Any = text
     else:
         prompt = [int(i) for i in inputs["input_ids"].reshape(-1)]
@@ -96,8 +104,13 @@ async def generation_request(message: Any, service: GenerationService, *, client
     final_flags = parameters.pop(FINAL_REQUESTED, None) is True
     sampling: dict[str, Any] = {}
     if "sampling_parameters" in inputs:
-        sampling = _json_object(_text(inputs["sampling_parameters"], "sampling_parameters"))
-    merged = {name: _number(name, value) for name, value in {**sampling, **parameters}.items()}
+        sampling = _json_object(_text(inputs["sampling_parameters"], "sampling_parameters",
+                                      max_bytes=MAX_SAMPLING_BYTES))
+    given = {**sampling, **parameters}
+    if len(given) > len(GENERATE_PARAMETERS) or any(len(name) > 64 for name in given):
+        raise GenerationError(f"{len(given)} parameters given; the supported ones are "
+                              f"{sorted(GENERATE_PARAMETERS)}")
+    merged = {name: _number(name, value) for name, value in given.items()}
     exclude = _bool(inputs.get("exclude_input_in_output"), default=True)
     if not exclude and not text:
         text = service.decode(ids)
@@ -167,6 +180,9 @@ def _inputs(message: Any, *, max_ids: int) -> dict[str, np.ndarray]:
             raise GenerationError(f"input {name!r} must be {' or '.join(allowed)}, got "
                                   f"{tensor.datatype!r}")
         shape = list(tensor.shape)
+        if len(shape) > MAX_DIMS:
+            raise GenerationError(f"input {name!r} has {len(shape)} dimensions; at most "
+                                  f"{MAX_DIMS}")
         if any(d < 0 for d in shape):
             raise GenerationError(f"input {name!r} has a negative dimension: {shape}")
         count = math.prod(shape)
@@ -180,30 +196,38 @@ def _inputs(message: Any, *, max_ids: int) -> dict[str, np.ndarray]:
 
 
 def _values(tensor: Any, raw: bytes | None, count: int) -> np.ndarray:
+    """The tensor's ``count`` values, their number checked before any is converted."""
     name, kind = tensor.name, tensor.datatype
-    try:
-        if kind == "BYTES":
-            items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.
-                                                                        bytes_contents)
-            values = np.array(items, dtype=object)
-        elif raw is not None:
-            dtype = np.dtype(_RAW_DTYPES[kind])
-            if len(raw) != count * dtype.itemsize:
-                raise ValueError(f"{len(raw)} bytes are not {count} {kind} values")
-            values = np.frombuffer(raw, dtype=dtype)
-        else:
-            values = np.array(getattr(tensor.contents, _TYPED_FIELDS[kind]))
-    except ValueError as err:
-        raise GenerationError(f"input {name!r}: {err}") from None
-    if values.size != count:
+    if kind == "BYTES":  # one element (count is 1): a raw one is one length prefix and it
+        if raw is not None:
+            if len(raw) < 4 or int.from_bytes(raw[:4], "little") != len(raw) - 4:
+                raise GenerationError(f"input {name!r}: its raw contents are not one BYTES "
+                                      f"element (a 4-byte length, then that many bytes)")
+            return np.array([raw[4:]], dtype=object)
+        items = tensor.contents.bytes_contents
+        if len(items) != count:
+            raise GenerationError(f"input {name!r} has shape {list(tensor.shape)} but "
+                                  f"{len(items)} values")
+        return np.array([items[0]], dtype=object)
+    if raw is not None:
+        dtype = np.dtype(_RAW_DTYPES[kind])
+        if len(raw) != count * dtype.itemsize:
+            raise GenerationError(f"input {name!r}: {len(raw)} raw bytes are not {count} "
+                                  f"{kind} values")
+        return np.frombuffer(raw, dtype=dtype)
+    typed = getattr(tensor.contents, _TYPED_FIELDS[kind])
+    if len(typed) != count:
         raise GenerationError(f"input {name!r} has shape {list(tensor.shape)} but "
-                              f"{values.size} values")
-    return values
+                              f"{len(typed)} values")
+    return np.array(typed)
 
 
-def _text(values: np.ndarray, name: str) -> str:
+def _text(values: np.ndarray, name: str, *, max_bytes: int) -> str:
+    data = bytes(values.reshape(-1)[0])
+    if len(data) > max_bytes:
+        raise GenerationError(f"input {name!r} has {len(data)} bytes; at most {max_bytes}")
     try:
-        return bytes(values.reshape(-1)[0]).decode()
+        return data.decode()
     except UnicodeDecodeError as err:
         raise GenerationError(f"input {name!r} is not UTF-8 text: {err}") from None
 
@@ -220,7 +244,11 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _number(name: str, value: Any) -> Any:
-    """``value``, a number written as a string made a number (vLLM's clients send them so)."""
+    """``value``, a number written as a string made a number (vLLM's clients send them so);
+    GenerationError for a value no parameter takes (quoted short)."""
+    if isinstance(value, (list, dict)) or isinstance(value, str) and len(value) > 64:
+        raise GenerationError(f"{name[:64]!r} must be a number or true/false, got "
+                              f"{_short(value)}")
     if not isinstance(value, str):
         return value
     try:
@@ -229,10 +257,15 @@ def _number(name: str, value: Any) -> Any:
         if name in _REAL_PARAMETERS:
             return float(value)
     except ValueError:
-        raise GenerationError(f"{name} must be a number, got {value!r}") from None
+        raise GenerationError(f"{name} must be a number, got {_short(value)}") from None
     if name == "stop" and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _bool(values: np.ndarray | None, *, default: bool) -> bool:

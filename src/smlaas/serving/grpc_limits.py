@@ -31,7 +31,7 @@ from smlaas.transport.v2_limits import (
 )
 
 __all__ = ["BOOTSTRAP_LIMITS", "GrpcLimits", "InferenceSlots", "TooManyCalls",
-           "TooLarge"]
+           "TooLarge", "generation_limits"]
 
 # The widest a typed element can be on the wire: proto3 packs repeated scalars, a varint
 # takes 7 bits a byte and a negative int32 is sign-extended to 10 bytes (protobuf encoding
@@ -91,6 +91,17 @@ class GrpcLimits:
     def describe(self) -> str:
         return (f"messages up to {self.max_receive_bytes} bytes in, {self.max_send_bytes} "
                 f"out; {self.max_inferences} inferences and {self.max_rpcs} calls at once")
+
+
+def generation_limits(*, max_context: int, max_sequences: int, max_prompt_bytes: int,
+                      max_token_text_bytes: int) -> GrpcLimits:
+    """A decoder's: a request is a prompt (text, or up to ``max_context`` token ids) and a few
+    parameters; a response at most the context's tokens and their text. A unary generation
+    holds its call until its last token, so the calls admitted count every sequence."""
+    receive = HEADER_ALLOWANCE_BYTES + max_prompt_bytes + max_context * _TYPED_WIRE_BYTES["int64"]
+    send = HEADER_ALLOWANCE_BYTES + max_prompt_bytes + max_context * (8 + max_token_text_bytes)
+    return GrpcLimits(receive, send, MAX_INFERENCES,
+                      MAX_INFERENCES + max_sequences + RPC_HEADROOM)
 
 
 BOOTSTRAP_LIMITS = GrpcLimits(4 << 20, 4 << 20, MIN_INFERENCES, MIN_INFERENCES + RPC_HEADROOM)
