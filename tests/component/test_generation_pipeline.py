@@ -1,14 +1,16 @@
 """Generation through three real stage workers in one process (in-memory hops carrying the
 network's typed messages): each stage keeps its layers' KV cache, the last one samples, and
 the gateway's generator batches the sequences' decode steps. The tokens equal plain ONNX
-Runtime decoding of the whole model with its cache, for the zoo's decoder layout and for a
-decoder laid out as Hugging Face exports it; no message between stages carries a cache."""
+Runtime decoding of the whole model with its cache, for the zoo's decoder layout, a decoder
+laid out as Hugging Face exports it, and a GPT-2 that Hugging Face optimum exported; no
+message between stages carries a cache."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,6 +34,7 @@ from smlaas.zoo.gpt2_kv import build_gpt2_kv
 from tests.hf_decoder import build_hf_decoder
 
 CONTEXT, SEQUENCES = 128, 8
+OPTIMUM_DECODER = Path(__file__).parents[1] / "data" / "hf_decoder" / "gpt2_tiny_optimum.onnx"
 
 
 def zoo_decoder() -> onnx.ModelProto:
@@ -127,7 +130,13 @@ def prompt_of(length: int, seed: int, vocab: int = 257) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab - 1, length).tolist()
 
 
-@pytest.mark.parametrize("build", [zoo_decoder, build_hf_decoder], ids=["zoo", "hf-layout"])
+def optimum_decoder() -> onnx.ModelProto:
+    """A GPT-2 exported by Hugging Face optimum itself (tests/data/hf_decoder/README.md)."""
+    return onnx.load(str(OPTIMUM_DECODER))
+
+
+@pytest.mark.parametrize("build", [zoo_decoder, build_hf_decoder, optimum_decoder],
+                         ids=["zoo", "hf-layout", "optimum-export"])
 @pytest.mark.parametrize("params", [SamplingParams(),
                                     SamplingParams(temperature=0.9, top_k=40, top_p=0.95,
                                                    seed=11)], ids=["greedy", "sampled"])

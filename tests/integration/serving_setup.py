@@ -113,27 +113,34 @@ DECODER_CONTEXT, DECODER_SEQUENCES = 512, 4
 
 
 @contextlib.contextmanager
-def decoder_deployment(root: Path, **overrides: Any) -> Iterator[Deployment]:
-    """A small GPT-2-style decoder (the zoo's layout, 3 layers) partitioned into 3 stages for
-    DECODER_SEQUENCES sequences of DECODER_CONTEXT tokens, sealed with its tokenizer and
-    deployed; the deployment's ``model_path`` is the whole model's file."""
+def decoder_deployment(root: Path, *, source: Path | None = None, context: int | None = None,
+                       **overrides: Any) -> Iterator[Deployment]:
+    """A small GPT-2-style decoder (the zoo's layout, 3 layers; or the model file ``source``)
+    partitioned into 3 stages for DECODER_SEQUENCES sequences of DECODER_CONTEXT (or
+    ``context``) tokens, sealed with the byte-level tokenizer and deployed; the deployment's
+    ``model_path`` is the whole model's file."""
     from smlaas.plan.generation import GenerationSizes
     from smlaas.zoo.gpt2 import GPT2Config
     from smlaas.zoo.gpt2_kv import build_gpt2_kv
     from smlaas.zoo.tokenizer import tokenizer_json
 
-    model_path = root / "tiny_kv.onnx"
-    onnx.save(build_gpt2_kv("tiny_kv", GPT2Config(layers=3, d_model=64, heads=4,
-                                                  vocab_size=257,
-                                                  max_positions=DECODER_CONTEXT)),
-              str(model_path))
+    if source is None:
+        model_path = root / "tiny_kv.onnx"
+        onnx.save(build_gpt2_kv("tiny_kv", GPT2Config(layers=3, d_model=64, heads=4,
+                                                      vocab_size=257,
+                                                      max_positions=DECODER_CONTEXT)),
+                  str(model_path))
+    else:
+        model_path = root / source.name
+        model_path.write_bytes(source.read_bytes())
     (root / "tokenizer.json").write_text(tokenizer_json())
     build, keys = root / "build", root / "owner-keys.json"
     result = partition(str(model_path), build, cost_model=preset("sgx1"),
                        options=PlanOptions(Planner.DP_THROUGHPUT, 3, True),
                        settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
                        verify=True, measure_memory=False,
-                       generation=GenerationSizes(DECODER_CONTEXT, DECODER_SEQUENCES))
+                       generation=GenerationSizes(context or DECODER_CONTEXT,
+                                                  DECODER_SEQUENCES))
     assert result.plan.generation is not None and len(result.plan.stages) == 3
     seal_build(build, keys, tokenizer=root / "tokenizer.json")
     OwnerKey.load_or_create(owner_key_path(root))

@@ -289,3 +289,34 @@ def test_grpc_generation_refuses_what_it_cannot_do(served) -> None:
             client.infer(model, _grpc_inputs(grpcclient, **inputs), **options)
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
     client.close()
+
+
+def test_a_decoder_exported_by_hugging_face_optimum_generates_its_own_tokens(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A GPT-2 exported by Hugging Face optimum itself (tests/data/hf_decoder), partitioned
+    into 3 stages, sealed and deployed: its tokens, greedy and seeded, over REST and gRPC,
+    equal plain ONNX Runtime decoding of the exported file with its cache."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    source = Path(__file__).parents[1] / "data" / "hf_decoder" / "gpt2_tiny_optimum.onnx"
+    root = tmp_path_factory.mktemp("optimum-decoder")
+    with cache_env(root / "cache"), decoder_deployment(
+            root, source=source, context=128, grpc_port=free_port()) as running:
+        prompt = byte_level_tokenizer().encode("Exported by optimum").ids
+        session = ort.InferenceSession(str(running.model_path),
+                                       providers=["CPUExecutionProvider"])
+        sampled = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+        greedy_want = decode_whole_model(session, prompt, 48, SamplingParams(),
+                                         eos_id=EOS_TOKEN_ID)
+        sampled_want = decode_whole_model(session, prompt, 48, sampled, eos_id=EOS_TOKEN_ID)
+        assert len(set(greedy_want)) > 5  # its tokens vary: the equality means something
+        with running.client() as client:
+            assert client.generate(prompt, max_tokens=48, temperature=0.0).output_ids == \
+                greedy_want
+            assert client.generate(prompt, max_tokens=48, temperature=0.9, top_k=40,
+                                   top_p=0.95, seed=11).output_ids == sampled_want
+        grpc = grpcclient.InferenceServerClient(running.grpc_address, ssl=True,
+                                                root_certificates=str(running.ca_path))
+        result = grpc.infer(running.model_name, _grpc_inputs(grpcclient, input_ids=prompt),
+                            parameters={"max_tokens": 48})
+        assert list(result.as_numpy("output_ids")) == greedy_want
+        grpc.close()

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
-from smlaas.errors import GraphError
+from smlaas.errors import GraphError, ModelError, UnknownShapesError
 from smlaas.graph.analysis import ModelGraph
 from smlaas.graph.dynamic_axes import prepare_symbolic, symbolic_axes
 from smlaas.graph.memory import SegmentMemory, larger_of, segment_memory
@@ -22,6 +22,7 @@ from smlaas.plan.generation import (
 )
 from smlaas.profile import ProfileSettings, random_inputs, run_times_ms
 from smlaas.profile.session import create_session
+from smlaas.profile.shapes import observe_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,14 @@ def with_prefill(memory: SegmentMemory, graph: ModelGraph, model: onnx.ModelProt
     shapes = decoder_input_sizes(model, GenerationSizes(tokens, 1), tokens=tokens)
     try:
         symbolic, concrete = prepare_symbolic(model, shapes, symbolic_axes(model, axes))
-        prefill = ModelGraph(symbolic, concrete=concrete)
+        try:
+            prefill = ModelGraph(symbolic, concrete=concrete)
+        except UnknownShapesError as err:  # measured, as the decode step's are
+            observed = observe_tensors(symbolic, shapes, err.names, threads=1,
+                                       feeds=random_inputs(symbolic, shapes))
+            prefill = ModelGraph(symbolic, observed, concrete=concrete)
         return larger_of(memory, graph, segment_memory(prefill), prefill)
-    except (GraphError, ValueError) as err:
+    except (GraphError, ModelError, ValueError) as err:
         logger.warning("the prefill's memory is not counted: %s", err)
         return memory
 

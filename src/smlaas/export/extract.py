@@ -24,6 +24,7 @@ class StageExtractor:
         self._graph = graph
         self._initializers = {t.name: t for t in model.graph.initializer}
         self._value_info = {v.name: v for v in model.graph.value_info}
+        self._declared = {v.name: v for v in [*model.graph.input, *model.graph.output]}
 
     def extract(self, start: int, end: int, *, name: str) -> onnx.ModelProto:
         """The sub-model of nodes ``[start, end)`` with inputs ``cut_tensors(start)`` and
@@ -60,6 +61,14 @@ class StageExtractor:
         graph = self._graph
         info: TensorInfo = graph.tensors[name]
         shape: list[int | str | None]
+        if name in graph.stage_local and name in graph.data_dependent and \
+                name in self._declared:
+            # A KV past or present whose shape inference left open (real exporters'
+            # reshapes from computed shapes): the model's own declaration names its axes,
+            # which the stage's cache needs to tell its sequence axis.
+            declared = onnx.ValueInfoProto()
+            declared.CopyFrom(self._declared[name])
+            return declared
         if name in graph.data_dependent:
             shape = [None] * len(info.shape)
         else:
