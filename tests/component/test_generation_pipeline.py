@@ -2,8 +2,8 @@
 network's typed messages): each stage keeps its layers' KV cache, the last one samples, and
 the gateway's generator batches the sequences' decode steps. The tokens equal plain ONNX
 Runtime decoding of the whole model with its cache, for the zoo's decoder layout, a decoder
-laid out as Hugging Face exports it, and a GPT-2 that Hugging Face optimum exported; no
-message between stages carries a cache."""
+laid out as Hugging Face exports it, and a GPT-2 that Hugging Face optimum exported (also in
+float16); no message between stages carries a cache."""
 
 from __future__ import annotations
 
@@ -135,8 +135,19 @@ def optimum_decoder() -> onnx.ModelProto:
     return onnx.load(str(OPTIMUM_DECODER))
 
 
-@pytest.mark.parametrize("build", [zoo_decoder, build_hf_decoder, optimum_decoder],
-                         ids=["zoo", "hf-layout", "optimum-export"])
+def optimum_decoder_fp16() -> onnx.ModelProto:
+    """The same in float16 throughout (weights, caches, logits), converted by ONNX Runtime's
+    transformer tools as decoders are served in half precision."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = OnnxModel(optimum_decoder())
+    converted.convert_float_to_float16(keep_io_types=False)
+    return converted.model
+
+
+@pytest.mark.parametrize("build", [zoo_decoder, build_hf_decoder, optimum_decoder,
+                                   optimum_decoder_fp16],
+                         ids=["zoo", "hf-layout", "optimum-export", "optimum-export-fp16"])
 @pytest.mark.parametrize("params", [SamplingParams(),
                                     SamplingParams(temperature=0.9, top_k=40, top_p=0.95,
                                                    seed=11)], ids=["greedy", "sampled"])

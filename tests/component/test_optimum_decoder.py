@@ -1,13 +1,14 @@
 """A GPT-2 that Hugging Face optimum exported with its KV cache (tests/data/hf_decoder), through
 the partition job for generation: planned for its decode step with full caches, the prefill's
 memory counted although ONNX's shape inference cannot follow the export's reshapes (the shapes
-are measured), and the chain verified against the whole model."""
+are measured), and the chain verified against the whole model, in float32 and float16."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import onnx
 import pytest
 
 from smlaas.partition import PlanOptions, partition
@@ -18,10 +19,21 @@ from smlaas.profile import ProfileSettings
 OPTIMUM_DECODER = Path(__file__).parents[1] / "data" / "hf_decoder" / "gpt2_tiny_optimum.onnx"
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
 def test_an_optimum_export_partitions_for_generation_with_its_prefill_counted(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, half: bool) -> None:
+    """In float32, and in float16 throughout (verified within the tolerance derived from the
+    whole model's own spread)."""
     caplog.set_level(logging.WARNING)
-    result = partition(str(OPTIMUM_DECODER), tmp_path / "build", cost_model=preset("sgx1"),
+    model_path = OPTIMUM_DECODER
+    if half:
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        converted = OnnxModel(onnx.load(str(OPTIMUM_DECODER)))
+        converted.convert_float_to_float16(keep_io_types=False)
+        model_path = tmp_path / "gpt2_tiny_fp16.onnx"
+        onnx.save(converted.model, str(model_path))
+    result = partition(str(model_path), tmp_path / "build", cost_model=preset("sgx1"),
                        options=PlanOptions(Planner.DP_THROUGHPUT, 3, True),
                        settings=ProfileSettings(threads=1, warmup_runs=1, measured_runs=2),
                        verify=True, measure_memory=False,
