@@ -6,7 +6,8 @@ Runtime decoding of the whole model with its KV cache, side by side in one run.
 - smlaas: the decoder partitioned into ``stages`` stages (dp-throughput on native time), sealed,
   deployed on the sim backend with each stage pinned to its own core (``--pin``), the gateway
   and clients on whatever cores are left (on a 2-core machine: shared), asked over HTTPS with
-  the generate_stream endpoint (server-sent events).
+  the generate_stream endpoint (server-sent events), then over gRPC streaming
+  (``ModelStreamInfer``, a response per token) by as many calls.
 
 Reported: time to first token (a ``prompt``-token prompt), tokens/s with 1 and with
 ``streams`` concurrent streams, tokens/s per core used (plain: 1; smlaas: its stage cores),
@@ -29,14 +30,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import onnxruntime as ort
+from tritonclient.grpc import service_pb2
 
 from smlaas.bench.pinned import process_cpu_seconds
 from smlaas.bench.serving import deploy_settings
+from smlaas.coordinator.server import free_port
 from smlaas.deploy.deployment import Deployment
 from smlaas.deploy.launchers import LocalLauncher
+from smlaas.errors import DeployError
 from smlaas.export.build_dir import read_plan
 from smlaas.export.sealed_build import seal_build
 from smlaas.generation.reference import decode_batch
@@ -47,6 +52,8 @@ from smlaas.plan.generation import GenerationSizes
 from smlaas.profile import ProfileCache, ProfileSettings, machine_id
 from smlaas.serving.data_plane import PROBE_INTERVAL_S
 from smlaas.zoo import build_model
+
+GRPC_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def _prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
@@ -124,6 +131,57 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], tokens
     return first, count, time.perf_counter() - start
 
 
+async def _grpc_stream(channel: grpc.aio.Channel, model: str, prompt: list[int], tokens: int
+                       ) -> tuple[float, int, float]:
+    """(time to first token, tokens, total seconds) of one gRPC ModelStreamInfer generation
+    (``stream`` true: a response per token), as Triton's LLM clients ask."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input_ids", datatype="INT64", shape=[len(prompt)])
+    request.inputs.add(name="stream", datatype="BOOL", shape=[1])
+    request.raw_input_contents.extend([np.array(prompt, dtype="<i8").tobytes(), b"\x01"])
+    request.parameters["max_tokens"].int64_param = tokens
+    request.parameters["temperature"].double_param = 0.0
+    request.parameters["stop"].bool_param = False
+    call = channel.stream_stream(GRPC_STREAM)(iter([request.SerializeToString()]))
+    start = time.perf_counter()
+    first, count = 0.0, 0
+    async for raw in call:
+        answer = service_pb2.ModelStreamInferResponse.FromString(raw)
+        if answer.error_message:
+            raise RuntimeError(f"generation failed: {answer.error_message}")
+        got = answer.infer_response.outputs[1].shape[0]
+        if got and not count:
+            first = time.perf_counter() - start
+        count += got
+        if "finish_reason" in answer.infer_response.parameters:
+            break
+    call.cancel()
+    return first, count, time.perf_counter() - start
+
+
+def grpc_figures(dep: Deployment, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    """Tokens/s at 1 and at ``len(prompts)`` streams over gRPC streaming, one call each."""
+    address = dep.grpc_address
+    if address is None:
+        raise DeployError("the deployment has no gRPC port")
+
+    async def run() -> dict[str, float]:
+        credentials = grpc.ssl_channel_credentials(Path(dep.ca_path).read_bytes())
+        async with grpc.aio.secure_channel(address, credentials) as channel:
+            model = dep.model_name
+            await _grpc_stream(channel, model, prompts[0], 4)  # warm up
+            ttfts = [(await _grpc_stream(channel, model, prompts[0], 1))[0] for _ in range(5)]
+            _, count, seconds = await _grpc_stream(channel, model, prompts[0], tokens)
+            start = time.perf_counter()
+            results = await asyncio.gather(*(_grpc_stream(channel, model, p, tokens)
+                                             for p in prompts))
+            elapsed = time.perf_counter() - start
+        return {"ttft_ms": statistics.median(ttfts) * 1e3, "tokens_per_s_1": count / seconds,
+                "tokens_per_s_many": sum(r[1] for r in results) / elapsed}
+
+    return asyncio.run(run())
+
+
 def smlaas_figures(dep: Deployment, prompts: list[list[int]], tokens: int
                    ) -> dict[str, float]:
     url = f"{dep.url}/v2/models/{dep.model_name}/generate_stream"
@@ -192,11 +250,14 @@ def run_generation_benchmark(*, model: str = "gpt2_small4_kv", stages: int = 2,
         keys = root / "keys.json"
         seal_build(build, keys)
         settings = deploy_settings(build, keys, root, threads=1, batching=False, pin=True,
-                                   max_inflight=max_inflight,
+                                   max_inflight=max_inflight, grpc_port=free_port(),
                                    gateway_options={"max_sequences_per_client": streams})
         with Deployment(settings, LocalLauncher(settings.state_dir / "logs"),
                         progress=say) as dep:
             figures = smlaas_figures(dep, prompts, tokens)
+            say(f"smlaas over REST (server-sent events): {_line(figures)}; now over gRPC "
+                f"streaming ...")
+            results["smlaas_grpc"] = grpc_figures(dep, prompts, tokens)
         figures["stages"] = len(read_plan(build).stages)
         figures["max_inflight"] = max_inflight or figures["stages"]
         figures["cores"] = figures["stages"]
@@ -245,6 +306,7 @@ def _line(figures: dict[str, float]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     plain, same, ours = results["plain"], results["plain_same_cores"], results["smlaas"]
+    rpc = results["smlaas_grpc"]
     return "\n".join([
         f"| setup | cores | time to first token ms | tokens/s, 1 stream | tokens/s, "
         f"{results['streams']} streams | per core |",
@@ -261,6 +323,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{ours['ttft_ms']:.1f} | {ours['tokens_per_s_1']:.1f} | "
         f"{ours['tokens_per_s_many']:.1f} | "
         f"{ours['tokens_per_s_many'] / ours['cores']:.1f} |",
+        f"| smlaas, the same deployment asked over gRPC streaming (ModelStreamInfer, a "
+        f"response per token) | {ours['cores']} | {rpc['ttft_ms']:.1f} | "
+        f"{rpc['tokens_per_s_1']:.1f} | {rpc['tokens_per_s_many']:.1f} | "
+        f"{rpc['tokens_per_s_many'] / ours['cores']:.1f} |",
         f"| smlaas's ceiling: the same tokens over the busiest stage's own run time (hops, "
         f"gateway and clients free) | {ours['cores']} | | | "
         f"{ours['ceiling_tokens_per_s_many']:.1f} | "

@@ -248,7 +248,8 @@ def generation(model: str, stages: int, streams: int, prompt_tokens: int, tokens
                max_inflight: int | None, pin: bool, out: str | None) -> int:
     """Generation through pinned stages against plain ONNX Runtime decoding of the whole
     model with its KV cache, side by side in one run: time to first token, tokens/s at 1 and
-    at --streams streams, per core, and what the hops cost per token."""
+    at --streams streams (over REST server-sent events, then gRPC streaming), per core, and
+    what the hops cost per token."""
     from smlaas.bench.generation import markdown, run_generation_benchmark
 
     if not pin:
