@@ -17,7 +17,7 @@ batched or sent. Outputs asked for as JSON are bounded before anything runs
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -51,10 +51,11 @@ from smlaas.serving.gateway_receipts import (
     GatewayReceipts,
     PendingReceipt,
 )
-from smlaas.serving.generation import GenerationService, open_generation
+from smlaas.serving.generation import Decoder, GenerationService, open_generation
 from smlaas.serving.generation_requests import GENERATION_INPUTS, GENERATION_OUTPUTS
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GatewayMetrics
+from smlaas.serving.model_config import model_config, model_metadata
 from smlaas.serving.protocol import (
     Describe,
     Failure,
@@ -65,8 +66,7 @@ from smlaas.serving.protocol import (
     deadline_in,
 )
 from smlaas.serving.statistics import ModelStatistics
-from smlaas.transport.tensors import BYTES
-from smlaas.transport.v2 import InferRequest, datatype, json_output_bounds, public_shape
+from smlaas.transport.v2 import InferRequest, json_output_bounds
 from smlaas.transport.v2_limits import MAX_JSON_RESPONSE_BYTES, RequestLimits, check_json_outputs
 
 logger = logging.getLogger(__name__)
@@ -228,56 +228,16 @@ class DataPlane:
         self._limits: RequestLimits | None = None
         self._prober: asyncio.Task[None] | None = None
         self.metrics.abandoned.labels(self.name)  # shown from 0, not from the first one
-        self._generation: GenerationService | None = None
-        self._opening: asyncio.Future[GenerationService] | None = None
-        self._not_generating: str | None = None
+        self.decoder = Decoder(functools.partial(
+            open_generation, link, self.name, max_inflight=settings.max_inflight,
+            timeout_s=settings.request_timeout_s,
+            max_per_client=settings.max_sequences_per_client,
+            metrics=self.metrics.generation))
+        """Whether the model generates, and its generation service once known."""
 
     async def generation(self) -> GenerationService:
-        """The decoder's generation service, set up from stage 0's report on first use.
-        GenerationError: the model does not generate (remembered: a deployment's model does
-        not change); Unavailable: the pipeline could not say (asked again next time).
-        Callers at the same moment share one describe (at most DESCRIBE_TIMEOUT_S)."""
-        if self._not_generating is not None:
-            raise GenerationError(self._not_generating)  # a new one: no traceback to grow
-        if self._generation is not None:
-            return self._generation
-        if self._opening is None or self._opening.done():
-            self._opening = asyncio.ensure_future(self._open_generation())
-        return await asyncio.shield(self._opening)
-
-    async def _open_generation(self) -> GenerationService:
-        try:
-            self._generation = await open_generation(
-                self._link, self.name, max_inflight=self.settings.max_inflight,
-                timeout_s=self.settings.request_timeout_s,
-                max_per_client=self.settings.max_sequences_per_client,
-                metrics=self.metrics.generation)
-        except GenerationError as err:
-            self._not_generating = str(err)
-            raise
-        return self._generation
-
-    @property
-    def generation_service(self) -> GenerationService | None:
-        """The generation service once known (None: not a decoder, or not known yet)."""
-        return self._generation
-
-    def generation_known(self) -> bool | None:
-        """Whether the model generates, if the pipeline has said (else None)."""
-        if self._generation is not None:
-            return True
-        return False if self._not_generating is not None else None
-
-    async def generates(self) -> bool:
-        """Whether the model is a decoder that generates (Unavailable: not known yet)."""
-        known = self.generation_known()
-        if known is not None:
-            return known
-        try:
-            await self.generation()
-        except GenerationError:
-            return False
-        return True
+        """The decoder's generation service (:meth:`Decoder.service`)."""
+        return await self.decoder.service()
 
     async def start(self) -> None:
         self.batcher.start()
@@ -303,18 +263,13 @@ class DataPlane:
         while True:
             try:
                 await asyncio.wait_for(self.ready(), PROBE_TIMEOUT_S * 2)
-                if self.pipeline.specs is not None and self.generation_known() is None:
-                    await self._learn_whether_it_generates()
+                if self.pipeline.specs is not None and self.decoder.known() is None:
+                    await self.decoder.learn()  # gRPC's limits wait for the answer
             except TimeoutError:
                 self.metrics.pipeline_up.labels(self.name).set(0)
             except Exception:  # a probe must never stop probing
                 logger.exception("readiness probe failed")
             await asyncio.sleep(PROBE_INTERVAL_S)
-
-    async def _learn_whether_it_generates(self) -> None:
-        """Asks once the pipeline is up (gRPC's limits wait for the answer)."""
-        with contextlib.suppress(GenerationError, Unavailable):
-            await self.generation()
 
     def check_model(self, model: str, version: str = "") -> None:
         if model != self.name:
@@ -332,10 +287,6 @@ class DataPlane:
         except Unavailable as err:
             raise Unavailable(f"model {self.name!r} is not ready: {err}") from err
 
-    def tensor_metadata(self, spec: TensorSpec) -> dict[str, Any]:
-        return {"name": spec.name, "datatype": datatype(spec.dtype),
-                "shape": public_shape(spec, self.batching)}
-
     async def interface(self) -> ModelSpecs:
         """The model's inputs and outputs as V2 tensor inference takes them: a decoder's are
         generation's (text or token ids in, text and token ids out), which gRPC's inference
@@ -343,50 +294,26 @@ class DataPlane:
         its ``/infer`` refuses a decoder, as Triton's HTTP ``infer`` refuses a decoupled
         model)."""
         specs = await self.specs()
-        if await self.generates():
+        if await self.decoder.generates():
             return ModelSpecs(list(GENERATION_INPUTS), list(GENERATION_OUTPUTS))
         return specs
 
     async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
         self.check_model(model, version)
         specs = await self.interface()
-        return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
-                "inputs": [self.tensor_metadata(s) for s in specs.inputs],
-                "outputs": [self.tensor_metadata(s) for s in specs.outputs]}
+        return model_metadata(self.name, MODEL_VERSION, specs.inputs, specs.outputs,
+                              batching=self.batching)
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
-        """Triton's model configuration (the JSON form of its ``ModelConfig``), from the
-        inputs and outputs the pipeline describes. As in Triton, with batching on
-        (``max_batch_size`` > 0) ``dims`` leave out the batch dimension; a dynamic dimension
-        is -1. A decoder's is a decoupled model's (a response per token), its inputs
-        optional."""
+        """Triton's model configuration (:func:`~smlaas.serving.model_config.model_config`);
+        a decoder's is a decoupled model's."""
         self.check_model(model, version)
         specs = await self.interface()
-        if self._generation is not None:
-            return {"name": self.name, "platform": "onnxruntime_onnx",
-                    "backend": "onnxruntime", "max_batch_size": 0,
-                    "version_policy": {"latest": {"num_versions": 1}},
-                    "model_transaction_policy": {"decoupled": True},
-                    "input": [{**self._config_tensor(s), "optional": True}
-                              for s in specs.inputs],
-                    "output": [self._config_tensor(s) for s in specs.outputs]}
-        config: dict[str, Any] = {
-            "name": self.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
-            "version_policy": {"latest": {"num_versions": 1}},
-            "max_batch_size": self.settings.max_batch_size,
-            "input": [{**self._config_tensor(s), "format": "FORMAT_NONE"}
-                      for s in specs.inputs],
-            "output": [self._config_tensor(s) for s in specs.outputs]}
-        if self.batching:
-            config["dynamic_batching"] = {
-                "max_queue_delay_microseconds": self.settings.max_queue_delay_us}
-        return config
-
-    def _config_tensor(self, spec: TensorSpec) -> dict[str, Any]:
-        """A tensor as Triton's ModelInput/ModelOutput (``TYPE_STRING`` for BYTES)."""
-        dims = public_shape(spec, self.batching)[1 if self.batching else 0:]
-        kind = "STRING" if spec.dtype == BYTES else datatype(spec.dtype)
-        return {"name": spec.name, "data_type": f"TYPE_{kind}", "dims": dims}
+        decoupled = self.decoder.current is not None
+        return model_config(self.name, specs.inputs, specs.outputs,
+                            max_batch_size=0 if decoupled else self.settings.max_batch_size,
+                            max_queue_delay_us=self.settings.max_queue_delay_us,
+                            decoupled=decoupled)
 
     def model_statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         """Triton's statistics JSON, for one model or (``model`` empty) all of them."""
@@ -458,7 +385,7 @@ class DataPlane:
         (``time.perf_counter()`` at its arrival) is where its timeout counts from.
         ``protocol`` labels the metrics. Raises BadRequest, Unavailable, DeadlineExceeded,
         PipelineFailed, ClientGone."""
-        if self._generation is not None:
+        if self.decoder.current is not None:
             raise GenerationError(
                 f"model {self.name!r} generates: ask it with POST /v2/models/{self.name}/"
                 f"generate or generate_stream, /v1/completions, or gRPC ModelInfer / "

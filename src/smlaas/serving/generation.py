@@ -13,11 +13,12 @@ positions here, hidden states between stages, and one token id per row back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,3 +340,59 @@ async def open_generation(link: Hop, model: str, *, max_inflight: int, timeout_s
         raise Unavailable(f"stage 0 sent a malformed generation report: {err}") from err
     return GenerationService(Generator(link, limits, max_inflight=max_inflight,
                                        timeout_s=timeout_s, metrics=metrics), tokenizer)
+
+
+class Decoder:
+    """Whether a deployment's model generates, learned from stage 0 once (its model does not
+    change), and its generation service. Callers at the same moment share one describe."""
+
+    def __init__(self, open_service: Callable[[], Awaitable[GenerationService]]) -> None:
+        self._open_service = open_service
+        self.current: GenerationService | None = None
+        """The service once known (None: not a decoder, or not known yet)."""
+        self._not_generating: str | None = None
+        self._opening: asyncio.Future[GenerationService] | None = None
+
+    async def service(self) -> GenerationService:
+        """The generation service. GenerationError: the model does not generate (raised
+        anew each time: one remembered error's traceback would grow with every raise);
+        Unavailable: the pipeline could not say (asked again next time)."""
+        if self._not_generating is not None:
+            raise GenerationError(self._not_generating)
+        if self.current is not None:
+            return self.current
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._open())
+            # its error is read here too, should every caller have been cancelled meanwhile
+            self._opening.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(self._opening)
+
+    def known(self) -> bool | None:
+        """Whether the model generates, if the pipeline has said (else None)."""
+        if self.current is not None:
+            return True
+        return False if self._not_generating is not None else None
+
+    async def generates(self) -> bool:
+        """Whether the model generates (Unavailable: the pipeline cannot say yet)."""
+        known = self.known()
+        if known is not None:
+            return known
+        try:
+            await self.service()
+        except GenerationError:
+            return False
+        return True
+
+    async def learn(self) -> None:
+        """Asks, if not known yet; a pipeline that cannot say is asked again later."""
+        with contextlib.suppress(GenerationError, Unavailable):
+            await self.service()
+
+    async def _open(self) -> GenerationService:
+        try:
+            self.current = await self._open_service()
+        except GenerationError as err:
+            self._not_generating = str(err)
+            raise
+        return self.current

@@ -137,10 +137,10 @@ class GrpcEndpoints:
     def model_limits(self) -> GrpcLimits | None:
         """The model's limits once the pipeline has described it (and said whether it
         generates), else None."""
-        specs, generates = self.plane.pipeline.specs, self.plane.generation_known()
+        specs, generates = self.plane.pipeline.specs, self.plane.decoder.known()
         if specs is None or generates is None:
             return None
-        service = self.plane.generation_service
+        service = self.plane.decoder.current
         if generates and service is not None:
             limits = service.generator.limits
             return generation_limits(max_context=limits.max_context,
@@ -337,7 +337,7 @@ class GrpcEndpoints:
         outcome.model_name, outcome.model_version = message.model_name, message.model_version
         outcome.final = stream and request_parameters(message).get(FINAL_REQUESTED) is True
         plane.check_model(message.model_name, message.model_version)
-        if await plane.generates():
+        if await plane.decoder.generates():
             outcome.generation = await generation_request(
                 message, await plane.generation(), client=client, off_loop=plane.off_loop)
             return 0.0, 0.0
