@@ -246,6 +246,7 @@ def test_hostile_grpc_generation_messages_are_refused_and_the_gateway_stays_up(s
         built(("input_ids", "INT64", [1], {"int64_contents": [1]}),
                 ("input_ids", "INT64", [1], {"int64_contents": [1]})),
         built(("other", "INT64", [1], {"int64_contents": [1]})),
+        built(("x" * 100_000, "INT64", [1], {"int64_contents": [1]})),
         built(("input_ids", "INT64", [200_000], {"int64_contents": [1] * 200_000})),
         built(("input_ids", "INT64", [1], {"int64_contents": [1]}), max_tokens="many"),
         built(("input_ids", "INT64", [1], {"int64_contents": [1]}), max_tokens="9" * 5000),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +82,9 @@ class GrpcGeneration:
     """The client asked every response to say whether it is the last one."""
 
 
-async def generation_request(message: Any, service: GenerationService, *, client: str,
-                             off_loop: Any) -> GrpcGeneration:
+async def generation_request(
+        message: Any, service: GenerationService, *, client: str,
+        off_loop: Callable[[Callable[[], list[int]]], Awaitable[list[int]]]) -> GrpcGeneration:
     """The generation ``message`` asks for; GenerationError (INVALID_ARGUMENT) says what is
     wrong with it. ``off_loop`` runs a long prompt's tokenization in a thread."""
     inputs = _inputs(message, max_ids=service.generator.limits.max_context)
@@ -170,6 +171,9 @@ def _inputs(message: Any, *, max_ids: int) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
         name = tensor.name
+        if len(name) > 64:
+            raise GenerationError(f"an input is named with {len(name)} characters; this "
+                                  f"model's inputs are {sorted(_DATATYPES)}")
         if name in found:
             raise GenerationError(f"input {name!r} is given twice")
         allowed = _DATATYPES.get(name)
