@@ -90,8 +90,8 @@ async def generation_request(
     inputs = _inputs(message, max_ids=service.generator.limits.max_context)
     unknown = set(inputs) - set(_DATATYPES)
     if unknown:
-        raise GenerationError(f"unknown inputs {sorted(unknown)}: this model generates; its "
-                              f"inputs are {sorted(_DATATYPES)}")
+        raise GenerationError(f"{len(unknown)} unknown input(s) ({sorted(unknown)[:3]}...): "
+                              f"this model generates; its inputs are {sorted(_DATATYPES)}")
     if ("text_input" in inputs) == ("input_ids" in inputs):
         raise GenerationError("give exactly one of text_input (BYTES) and input_ids (INT64)")
     if "text_input" in inputs:
