@@ -378,7 +378,8 @@ def partition(spec: str, build_dir: Path, *, input_size_specs: Sequence[str] = (
         if decoder:  # a stage must hold a prompt's prefill too, not only the decode step
             analysis = replace(analysis, memory=with_prefill(
                 analysis.memory, analysis.graph, source.model, generation or GenerationSizes(),
-                {name: tuple(axes) for name, axes in analysis.dynamic_axes.items()}))
+                {name: tuple(axes) for name, axes in analysis.dynamic_axes.items()},
+                threads=settings.threads))
         # Memory alone decides --fit-epc feasibility: say so before minutes of profiling.
         check_feasible(segment_costs(analysis.memory, np.zeros(analysis.graph.node_count),
                                      cost_model,

@@ -145,12 +145,18 @@ def optimum_decoder_fp16() -> onnx.ModelProto:
     return converted.model
 
 
-@pytest.mark.parametrize("build", [zoo_decoder, build_hf_decoder, optimum_decoder,
-                                   optimum_decoder_fp16],
-                         ids=["zoo", "hf-layout", "optimum-export", "optimum-export-fp16"])
-@pytest.mark.parametrize("params", [SamplingParams(),
-                                    SamplingParams(temperature=0.9, top_k=40, top_p=0.95,
-                                                   seed=11)], ids=["greedy", "sampled"])
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+
+
+@pytest.mark.parametrize(("build", "params"), [
+    (zoo_decoder, SamplingParams()), (zoo_decoder, SAMPLED),
+    (build_hf_decoder, SamplingParams()), (build_hf_decoder, SAMPLED),
+    (optimum_decoder, SamplingParams()), (optimum_decoder, SAMPLED),
+    # float16 greedy only: a stage boundary rounds to float16 where the whole model's
+    # fused kernels may not, which can move a sampled token on another CPU or ORT version
+    (optimum_decoder_fp16, SamplingParams()),
+], ids=["zoo-greedy", "zoo-sampled", "hf-layout-greedy", "hf-layout-sampled",
+        "optimum-export-greedy", "optimum-export-sampled", "optimum-export-fp16-greedy"])
 def test_three_stages_generate_the_whole_models_tokens(build, params) -> None:
     model = build()
     vocab = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)

@@ -8,10 +8,11 @@ import logging
 import statistics
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from smlaas.errors import GraphError, ModelError, UnknownShapesError
-from smlaas.graph.analysis import ModelGraph
+from smlaas.graph.analysis import ModelGraph, TensorInfo
 from smlaas.graph.dynamic_axes import prepare_symbolic, symbolic_axes
 from smlaas.graph.memory import SegmentMemory, larger_of, segment_memory
 from smlaas.plan.generation import (
@@ -27,11 +28,20 @@ from smlaas.profile.shapes import observe_tensors
 logger = logging.getLogger(__name__)
 
 
+OBSERVED_PER_RUN = 8
+"""Tensors measured per prefill run: each one measured is an output of the run and stays
+allocated to its end, so a long prompt's [heads, T, T] attention scores are held a few at a
+time, as the model itself holds them, not all at once."""
+
+
 def with_prefill(memory: SegmentMemory, graph: ModelGraph, model: onnx.ModelProto,
-                 sizes: GenerationSizes, axes: Mapping[str, Sequence[int]]) -> SegmentMemory:
+                 sizes: GenerationSizes, axes: Mapping[str, Sequence[int]], *,
+                 threads: int = 1) -> SegmentMemory:
     """``memory`` (the decode step's) with each segment's activations the larger of the
     decode step's and those of the longest prompt's prefill (max_context - 1 tokens of one
-    sequence); as it was, with a warning, if the prefill cannot be analysed alike."""
+    sequence); as it was, with a warning, if the prefill cannot be analysed alike. Shapes
+    that shape inference cannot follow (real exporters' reshapes) are measured by running
+    the prefill (``threads`` intra-op threads), a few tensors at a time."""
     tokens = sizes.max_context - 1
     shapes = decoder_input_sizes(model, GenerationSizes(tokens, 1), tokens=tokens)
     try:
@@ -39,13 +49,30 @@ def with_prefill(memory: SegmentMemory, graph: ModelGraph, model: onnx.ModelProt
         try:
             prefill = ModelGraph(symbolic, concrete=concrete)
         except UnknownShapesError as err:  # measured, as the decode step's are
-            observed = observe_tensors(symbolic, shapes, err.names, threads=1,
-                                       feeds=random_inputs(symbolic, shapes))
-            prefill = ModelGraph(symbolic, observed, concrete=concrete)
+            prefill = ModelGraph(symbolic, _measured(symbolic, shapes, err.names,
+                                                     threads=threads), concrete=concrete)
         return larger_of(memory, graph, segment_memory(prefill), prefill)
     except (GraphError, ModelError, ValueError) as err:
         logger.warning("the prefill's memory is not counted: %s", err)
         return memory
+
+
+def _measured(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
+              names: Sequence[str], *, threads: int) -> dict[str, TensorInfo]:
+    """The shapes of ``names`` in a prefill of one sequence: the attention mask all ones and
+    the positions 0, 1, 2, ... (a prompt, not random values), OBSERVED_PER_RUN at a time."""
+    feeds = random_inputs(model, shapes)
+    for name, value in feeds.items():
+        if name == "attention_mask":
+            feeds[name] = np.ones_like(value)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(value.shape[-1]),
+                                          value.shape).astype(value.dtype)
+    observed: dict[str, TensorInfo] = {}
+    for start in range(0, len(names), OBSERVED_PER_RUN):
+        observed |= observe_tensors(model, shapes, names[start:start + OBSERVED_PER_RUN],
+                                    threads=threads, feeds=feeds)
+    return observed
 
 
 def decoder_generation_plan(model: onnx.ModelProto, graph: ModelGraph,

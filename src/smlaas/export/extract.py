@@ -61,16 +61,27 @@ class StageExtractor:
         graph = self._graph
         info: TensorInfo = graph.tensors[name]
         shape: list[int | str | None]
+        declared = self._declared.get(name)
         if name in graph.stage_local and name in graph.data_dependent and \
-                name in self._declared:
+                declared is not None and _agrees(declared, info):
             # A KV past or present whose shape inference left open (real exporters'
-            # reshapes from computed shapes): the model's own declaration names its axes,
-            # which the stage's cache needs to tell its sequence axis.
-            declared = onnx.ValueInfoProto()
-            declared.CopyFrom(self._declared[name])
-            return declared
+            # reshapes from computed shapes): the prepared model's declaration (the graph
+            # input or output it is) names its axes, which the stage's cache needs to tell
+            # its sequence axis; the same declaration found the pair in the whole model.
+            kept = onnx.ValueInfoProto()
+            kept.CopyFrom(declared)
+            return kept
         if name in graph.data_dependent:
             shape = [None] * len(info.shape)
         else:
             shape = list(graph.symbolic_dims.get(name, info.shape))
         return helper.make_tensor_value_info(info.name, info.elem_type, shape)
+
+
+def _agrees(declared: onnx.ValueInfoProto, info: TensorInfo) -> bool:
+    """Whether a declaration has the measured tensor's element type and rank, and its fixed
+    dimensions where it fixes them."""
+    tensor = declared.type.tensor_type
+    dims = tensor.shape.dim
+    return tensor.elem_type == info.elem_type and len(dims) == len(info.shape) and all(
+        not d.HasField("dim_value") or d.dim_value == size for d, size in zip(dims, info.shape))

@@ -273,10 +273,11 @@ class DataPlane:
 
     def check_model(self, model: str, version: str = "") -> None:
         if model != self.name:
-            raise ModelNotFound(f"unknown model {model!r}; this gateway serves {self.name!r}")
+            raise ModelNotFound(f"unknown model {model[:100]!r}; this gateway serves "
+                                f"{self.name!r}")
         if version not in ("", MODEL_VERSION):
-            raise ModelNotFound(f"model {self.name!r} has no version {version!r} (versions: "
-                                f"{MODEL_VERSION})")
+            raise ModelNotFound(f"model {self.name!r} has no version {version[:100]!r} "
+                                f"(versions: {MODEL_VERSION})")
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "smlaas", "version": smlaas.__version__, "extensions": EXTENSIONS}
@@ -302,7 +303,7 @@ class DataPlane:
         self.check_model(model, version)
         specs = await self.interface()
         return model_metadata(self.name, MODEL_VERSION, specs.inputs, specs.outputs,
-                              batching=self.batching)
+                              batching=self.batching and self.decoder.current is None)
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
         """Triton's model configuration (:func:`~smlaas.serving.model_config.model_config`);

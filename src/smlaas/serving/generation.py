@@ -326,7 +326,8 @@ async def open_generation(link: Hop, model: str, *, max_inflight: int, timeout_s
     reply = await link.describe(Describe(deadline_in(DESCRIBE_TIMEOUT_S), generation=True))
     if isinstance(reply, Failure):
         raise Unavailable(f"the pipeline is not ready: {reply.message}")
-    report = (reply.stage_stats[0] if reply.stage_stats else {}).get("generation")
+    first = reply.stage_stats[0] if reply.stage_stats else {}
+    report = first.get("generation") if isinstance(first, dict) else None
     if not isinstance(report, dict):
         raise GenerationError(f"model {model!r} is not a decoder with a KV cache: it does not "
                               f"generate")

@@ -231,7 +231,7 @@ class GrpcEndpoints:
             except SmlaasError as err:
                 outcome.error = err
         if outcome.error is not None:
-            await context.abort(_grpc_code(outcome.error), str(outcome.error))
+            await context.abort(_grpc_code(outcome.error), _details(outcome.error))
         return outcome.response
 
     async def ModelStreamInfer(self, requests: AsyncIterator[bytes],  # noqa: N802
@@ -288,7 +288,8 @@ class GrpcEndpoints:
         if outcome.error is None:
             return outcome.response
         named = f"[request id: {outcome.request_id}] " if outcome.request_id else ""
-        return stream_error(f"{named}{status_of(outcome.error).grpc}: {outcome.error}",
+        return stream_error(f"{named[:200]}{status_of(outcome.error).grpc}: "
+                            f"{_details(outcome.error)}",
                             request_id=outcome.request_id,
                             model_name=outcome.model_name or self.plane.name,
                             model_version=outcome.model_version or MODEL_VERSION,
@@ -449,6 +450,19 @@ def peer_address(peer: str) -> str:
     return client_address(host) if host else peer
 
 
+MAX_DETAILS_CHARACTERS = 1000
+"""An error's text in a gRPC status at most: it travels in a trailer, which gRPC refuses
+past 16 KiB (the client would see RESOURCE_EXHAUSTED instead of the error), and a message
+should not repeat a client's input at length."""
+
+
+def _details(err: SmlaasError) -> str:
+    text = str(err)
+    if len(text) <= MAX_DETAILS_CHARACTERS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARACTERS]}... ({len(text)} characters)"
+
+
 def _grpc_code(err: SmlaasError) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(err).grpc]
 
@@ -481,5 +495,5 @@ async def _guard(context: Any, work: Awaitable[T]) -> T:
     try:
         return await work
     except SmlaasError as err:
-        await context.abort(_grpc_code(err), str(err))
+        await context.abort(_grpc_code(err), _details(err))
         raise AssertionError("unreachable: abort raises") from err

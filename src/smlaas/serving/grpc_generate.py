@@ -182,7 +182,7 @@ def _inputs(message: Any, *, max_ids: int) -> dict[str, np.ndarray]:
             continue
         if tensor.datatype not in allowed:
             raise GenerationError(f"input {name!r} must be {' or '.join(allowed)}, got "
-                                  f"{tensor.datatype!r}")
+                                  f"{_short(tensor.datatype)}")
         shape = list(tensor.shape)
         if len(shape) > MAX_DIMS:
             raise GenerationError(f"input {name!r} has {len(shape)} dimensions; at most "
