@@ -375,3 +375,66 @@ def test_fuzzed_grpc_generation_is_never_internal(served, request: dict) -> None
         reason = answer.error_message.split("] ", 1)[-1]
         event(f"stream {reason.split(':')[0] or 'OK'}")
         assert not reason.startswith(("INTERNAL", "UNKNOWN")), answer.error_message
+
+
+# -- REST generation routes fuzzed over the real socket ----------------------------------------
+SMALL_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 300) | st.integers()
+    | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=3), max_leaves=8)
+REST_FIELDS = ["text_input", "input_ids", "parameters", "id", "model", "prompt", "max_tokens",
+               "stream", "temperature", "top_k", "top_p", "seed", "n", "stop", "logprobs",
+               "stream_options"]
+SMALL_PARAMETERS = st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(-1, 3) | SMALL_JSON, "temperature": SMALL_JSON,
+    "top_k": SMALL_JSON, "top_p": SMALL_JSON, "seed": SMALL_JSON, "stop": SMALL_JSON})
+REST_BODIES = st.fixed_dictionaries({}, optional={
+    "text_input": st.text(max_size=12) | SMALL_JSON,
+    "input_ids": st.lists(st.integers(-2, 300), max_size=6) | SMALL_JSON,
+    "parameters": SMALL_PARAMETERS | SMALL_JSON,
+    "model": st.sampled_from(["decoder", "decoder", "other"]) | SMALL_JSON,
+    "prompt": st.text(max_size=12) | st.lists(st.integers(-1, 300), max_size=4) | SMALL_JSON,
+    "max_tokens": st.integers(-1, 3) | SMALL_JSON,
+    **{name: SMALL_JSON for name in REST_FIELDS[7:]}})
+
+
+NEAR_VALID_PARAMETERS = st.fixed_dictionaries(
+    {"max_tokens": st.integers(1, 3)},
+    optional={"temperature": st.floats(0, 2), "top_k": st.integers(0, 50),
+              "top_p": st.floats(0.01, 1), "seed": st.integers(0, 2**64 - 1),
+              "stop": st.booleans()})
+NEAR_VALID_GENERATE = st.one_of(
+    st.fixed_dictionaries({"input_ids": st.lists(st.integers(0, 256), min_size=1, max_size=6),
+                           "parameters": NEAR_VALID_PARAMETERS}),
+    st.fixed_dictionaries({"text_input": st.text(min_size=1, max_size=12),
+                           "parameters": NEAR_VALID_PARAMETERS}))
+NEAR_VALID_COMPLETIONS = st.fixed_dictionaries(
+    {"model": st.just("decoder"), "prompt": st.text(min_size=1, max_size=12)
+     | st.lists(st.integers(0, 256), min_size=1, max_size=6), "max_tokens": st.integers(1, 3)},
+    optional={"stream": st.booleans(), "temperature": st.floats(0, 2),
+              "top_p": st.floats(0.01, 1), "seed": st.integers(0, 2**32)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(route=st.sampled_from(["generate", "generate_stream", "completions"]),
+       data=st.data())
+def test_fuzzed_rest_generation_never_gets_a_5xx(served, route: str, data) -> None:
+    """Random bodies to generate, generate_stream and /v1/completions, half of them close to
+    right for the route (max_tokens kept small): never a 5xx, and a stream that starts
+    ends."""
+    near = NEAR_VALID_COMPLETIONS if route == "completions" else NEAR_VALID_GENERATE
+    body = data.draw(st.one_of(near.map(json.dumps), near.map(json.dumps),
+                               REST_BODIES.map(json.dumps), SMALL_JSON.map(json.dumps),
+                               st.text(max_size=40)))
+    body = body.replace('"decoder"', json.dumps(served.model_name))
+    url = (f"{served.url}/v1/completions" if route == "completions" else
+           f"{served.url}/v2/models/{served.model_name}/{route}")
+    with _client(served) as http, http.stream(
+            "POST", url, content=body.encode(),
+            headers={"content-type": "application/json"}) as answer:
+        event(f"{route} {answer.status_code}")
+        assert answer.status_code < 500, (route, body[:200], answer.read()[:200])
+        for _ in answer.iter_bytes():  # to its end (a bounded generation)
+            pass
