@@ -14,8 +14,13 @@ written as a string, as vLLM's clients send them.
 Each response has ``text_output`` (BYTES, one element: the text the new tokens add) and
 ``output_ids`` (INT64: the new tokens); the last one also has the parameters
 ``finish_reason``, ``prompt_tokens`` and ``completion_tokens``, and ``triton_final_response``
-when the client asked for final flags (tritonclient's ``enable_empty_final_response``). A failure
-after the first response is a stream error with the request's id.
+when the client asked for final flags (tritonclient's ``enable_empty_final_response``). On a
+stream, a failure is a stream error with the request's id; on ``ModelInfer``, the call's status.
+
+Bounded before any value is converted: at most two dimensions, every count checked against
+the shape and the prompt's token ids against the context, a text prompt of at most
+MAX_PROMPT_BYTES and ``sampling_parameters`` of at most MAX_SAMPLING_BYTES; values quoted in
+errors are cut short.
 """
 
 from __future__ import annotations
