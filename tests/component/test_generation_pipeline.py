@@ -2,8 +2,8 @@
 network's typed messages): each stage keeps its layers' KV cache, the last one samples, and
 the gateway's generator batches the sequences' decode steps. The tokens equal plain ONNX
 Runtime decoding of the whole model with its cache, for the zoo's decoder layout, a decoder
-laid out as Hugging Face exports it, and a GPT-2 that Hugging Face optimum exported (also in
-float16); no message between stages carries a cache."""
+laid out as Hugging Face exports it, and decoders of six architectures that Hugging Face optimum
+exported (GPT-2 also in float16); no message between stages carries a cache."""
 
 from __future__ import annotations
 
@@ -135,6 +135,11 @@ def optimum_decoder() -> onnx.ModelProto:
     return onnx.load(str(OPTIMUM_DECODER))
 
 
+def exported(architecture: str) -> onnx.ModelProto:
+    """A decoder of ``architecture`` exported by Hugging Face optimum (same README)."""
+    return onnx.load(str(OPTIMUM_DECODER.with_name(f"{architecture}_tiny_optimum.onnx")))
+
+
 def optimum_decoder_fp16() -> onnx.ModelProto:
     """The same in float16 throughout (weights, caches, logits), converted by ONNX Runtime's
     transformer tools as decoders are served in half precision."""
@@ -168,6 +173,24 @@ def test_three_stages_generate_the_whole_models_tokens(build, params) -> None:
             return await collect(generator, prompt, 64, params)
 
     assert asyncio.run(run()) == expected
+
+
+@pytest.mark.parametrize("architecture", ["llama", "phi3", "gemma", "gpt_neox", "opt"])
+def test_other_architectures_exported_by_optimum_generate_their_own_tokens(
+        architecture: str) -> None:
+    """Rotary positions, grouped- and multi-query attention, fused projections, parallel
+    blocks, learned positions with an offset: each as optimum exports it, cut in three, gives
+    the whole model's tokens, greedy and seeded."""
+    model = exported(architecture)
+    prompt = prompt_of(16, 1)
+
+    async def run() -> list[list[int]]:
+        async with pipeline(model) as generator:
+            return [await collect(generator, prompt, 24, params)
+                    for params in (SamplingParams(), SAMPLED)]
+
+    assert asyncio.run(run()) == [whole(model, prompt, 24, params)
+                                  for params in (SamplingParams(), SAMPLED)]
 
 
 def test_eight_concurrent_streams_equal_their_single_stream_results() -> None:

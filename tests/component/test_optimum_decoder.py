@@ -1,7 +1,7 @@
-"""A GPT-2 that Hugging Face optimum exported with its KV cache (tests/data/hf_decoder), through
-the partition job for generation: planned for its decode step with full caches, the prefill's
-memory counted although ONNX's shape inference cannot follow the export's reshapes (the shapes
-are measured), and the chain verified against the whole model, in float32 and float16."""
+"""Decoders that Hugging Face optimum exported with their KV cache (tests/data/hf_decoder),
+through the partition job for generation: planned for the decode step with full caches, the
+prefill's memory counted although ONNX's shape inference cannot follow the exports' reshapes
+(the shapes are measured), and the chain verified against the whole model."""
 
 from __future__ import annotations
 
@@ -19,17 +19,21 @@ from smlaas.profile import ProfileSettings
 OPTIMUM_DECODER = Path(__file__).parents[1] / "data" / "hf_decoder" / "gpt2_tiny_optimum.onnx"
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize(("architecture", "half"), [
+    ("gpt2", False), ("gpt2", True), ("llama", False), ("phi3", False), ("gemma", False),
+    ("gpt_neox", False), ("opt", False)],
+    ids=["gpt2", "gpt2-float16", "llama", "phi3", "gemma", "gpt_neox", "opt"])
 def test_an_optimum_export_partitions_for_generation_with_its_prefill_counted(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, half: bool) -> None:
-    """In float32, and in float16 throughout (verified within the tolerance derived from the
-    whole model's own spread)."""
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, architecture: str,
+        half: bool) -> None:
+    """Each architecture, and GPT-2 in float16 throughout too (verified within the tolerance
+    derived from the whole model's own spread)."""
     caplog.set_level(logging.WARNING)
-    model_path = OPTIMUM_DECODER
+    model_path = OPTIMUM_DECODER.with_name(f"{architecture}_tiny_optimum.onnx")
     if half:
         from onnxruntime.transformers.onnx_model import OnnxModel
 
-        converted = OnnxModel(onnx.load(str(OPTIMUM_DECODER)))
+        converted = OnnxModel(onnx.load(str(model_path)))
         converted.convert_float_to_float16(keep_io_types=False)
         model_path = tmp_path / "gpt2_tiny_fp16.onnx"
         onnx.save(converted.model, str(model_path))
