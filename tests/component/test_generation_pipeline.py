@@ -135,9 +135,11 @@ def optimum_decoder() -> onnx.ModelProto:
     return onnx.load(str(OPTIMUM_DECODER))
 
 
-def exported(architecture: str) -> onnx.ModelProto:
-    """A decoder of ``architecture`` exported by Hugging Face optimum (same README)."""
-    return onnx.load(str(OPTIMUM_DECODER.with_name(f"{architecture}_tiny_optimum.onnx")))
+def exported(name: str) -> onnx.ModelProto:
+    """A decoder exported by Hugging Face optimum, or (``llama_genai``) built by ONNX Runtime
+    GenAI's model builder (same README)."""
+    file = "llama_tiny_genai.onnx" if name == "llama_genai" else f"{name}_tiny_optimum.onnx"
+    return onnx.load(str(OPTIMUM_DECODER.with_name(file)))
 
 
 def optimum_decoder_fp16() -> onnx.ModelProto:
@@ -175,12 +177,14 @@ def test_three_stages_generate_the_whole_models_tokens(build, params) -> None:
     assert asyncio.run(run()) == expected
 
 
-@pytest.mark.parametrize("architecture", ["llama", "phi3", "gemma", "gpt_neox", "opt"])
+@pytest.mark.parametrize("architecture", ["llama", "phi3", "gemma", "gpt_neox", "opt",
+                                          "llama_genai"])
 def test_other_architectures_exported_by_optimum_generate_their_own_tokens(
         architecture: str) -> None:
     """Rotary positions, grouped- and multi-query attention, fused projections, parallel
     blocks, learned positions with an offset: each as optimum exports it, cut in three, gives
-    the whole model's tokens, greedy and seeded."""
+    the whole model's tokens, greedy and seeded; and a Llama as ONNX Runtime GenAI builds it
+    (GroupQueryAttention, no position_ids)."""
     model = exported(architecture)
     prompt = prompt_of(16, 1)
 

@@ -21,15 +21,17 @@ OPTIMUM_DECODER = Path(__file__).parents[1] / "data" / "hf_decoder" / "gpt2_tiny
 
 @pytest.mark.parametrize(("architecture", "half"), [
     ("gpt2", False), ("gpt2", True), ("llama", False), ("phi3", False), ("gemma", False),
-    ("gpt_neox", False), ("opt", False)],
-    ids=["gpt2", "gpt2-float16", "llama", "phi3", "gemma", "gpt_neox", "opt"])
+    ("gpt_neox", False), ("opt", False), ("llama_genai", False)],
+    ids=["gpt2", "gpt2-float16", "llama", "phi3", "gemma", "gpt_neox", "opt", "llama_genai"])
 def test_an_optimum_export_partitions_for_generation_with_its_prefill_counted(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, architecture: str,
         half: bool) -> None:
     """Each architecture, and GPT-2 in float16 throughout too (verified within the tolerance
     derived from the whole model's own spread)."""
     caplog.set_level(logging.WARNING)
-    model_path = OPTIMUM_DECODER.with_name(f"{architecture}_tiny_optimum.onnx")
+    model_path = OPTIMUM_DECODER.with_name(
+        "llama_tiny_genai.onnx" if architecture == "llama_genai"
+        else f"{architecture}_tiny_optimum.onnx")
     if half:
         from onnxruntime.transformers.onnx_model import OnnxModel
 

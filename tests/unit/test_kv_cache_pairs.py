@@ -108,7 +108,7 @@ def test_a_model_without_a_cache_has_no_pairs() -> None:
      "found present.0.key, present_key.0"),
     ({"past_key_values.0.key": ["b", 2, "p", 8]}, {"present.0.key": ["b", 2, "p", 8]},
      "cannot tell the sequence axis of KV cache input past_key_values.0.key"),
-    ({"past_key_values.0.key": ["b", 2, "p", 8]}, {"present.0.key": ["c", 2, "t", 8]},
+    ({"past_key_values.0.key": ["b", 2, "p", 8]}, {"present.0.key": ["b", 3, "t", 8]},
      "cannot tell the sequence axis"),
     ({"past_key_values.0.key": ["b", 2, "p", 8]}, {"present.0.key": ["b", "t", 8]},
      "has rank 4 but its present present.0.key has rank 3"),
@@ -135,3 +135,25 @@ def test_cache_names_pair_a_stage_by_name() -> None:
     assert cache_names(["x"], ["present.0.key"]) == {}
     with pytest.raises(UnsupportedModelError, match="past_4"):
         cache_names(["past_4"], ["present.4.key"])
+
+
+@pytest.mark.parametrize("with_input_ids", [True, False], ids=["model", "stage"])
+def test_the_batch_named_two_ways_is_one_axis(with_input_ids: bool) -> None:
+    """A prepared model names its inputs' batch axis, while an output whose shape inference
+    cannot reach (behind ONNX Runtime GenAI's GroupQueryAttention) keeps the exporter's name:
+    the pair differs in its sequence axis alone. A stage has no input_ids: its batch is
+    axis 0."""
+    inputs: dict[str, Shape] = {"past_key_values.0.key": ["batch", 2, "past", 16]}
+    if with_input_ids:
+        inputs = {"input_ids": ["batch", "sequence"], **inputs}
+    model = _signature_model(inputs, {"present.0.key": ["batch_size", 2, "total", 16]})
+    (pair,) = find_kv_pairs(model)
+    assert (pair.batch_axis, pair.sequence_axis) == (0, 2)
+
+
+def test_a_second_difference_beyond_the_batch_is_still_refused() -> None:
+    model = _signature_model({"input_ids": ["batch", "sequence"],
+                              "past_key_values.0.key": ["batch", 2, "past", 16]},
+                             {"present.0.key": ["batch_size", 4, "total", 16]})
+    with pytest.raises(UnsupportedModelError, match="past_key_values.0.key"):
+        find_kv_pairs(model)

@@ -171,6 +171,15 @@ def _pair(past: TensorSignature, present: TensorSignature, key: tuple[int, str],
     # Two unnamed dimensions ("?") count as equal: one definite difference is enough.
     differing = [axis for axis, (a, b) in enumerate(zip(past.shape, present.shape, strict=True))
                  if a != b]
+    if batch_name is None and past.shape and isinstance(past.shape[0], str):
+        batch_name = past.shape[0]  # a stage without input_ids: the batch is axis 0
+    if len(differing) == 2 and batch_name is not None:
+        # The batch named two ways (a prepared model names its inputs' batch axis; an
+        # output whose shape inference cannot reach, behind a contrib op such as
+        # GroupQueryAttention, keeps the exporter's name) is one axis, not a difference.
+        differing = [axis for axis in differing
+                     if not (past.shape[axis] == batch_name
+                             and isinstance(present.shape[axis], str))]
     if len(differing) != 1:
         raise UnsupportedModelError(
             f"cannot tell the sequence axis of KV cache input {past.name}: its shape "

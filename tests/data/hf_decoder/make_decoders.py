@@ -12,6 +12,18 @@ optimum-onnx, which smlaas does not depend on:
             --opset 17 /tmp/${arch}_onnx
         cp /tmp/${arch}_onnx/model.onnx tests/data/hf_decoder/${arch}_tiny_optimum.onnx
     done
+
+``llama_tiny_genai.onnx`` is the ``llama_genai`` configuration (head size 16, which ONNX
+Runtime's GroupQueryAttention needs) built by ONNX Runtime GenAI's model builder instead:
+
+    pip install onnxruntime-genai==0.10.0 onnx_ir
+    python tests/data/hf_decoder/make_decoders.py llama_genai /tmp/llama_genai
+    python -m onnxruntime_genai.models.builder -m /tmp/llama_genai -i /tmp/llama_genai \
+        -o /tmp/llama_genai_onnx -p fp32 -e cpu -c /tmp/genai_cache
+    python -c "import onnx; onnx.save(onnx.load('/tmp/llama_genai_onnx/model.onnx'),
+                                      'tests/data/hf_decoder/llama_tiny_genai.onnx')"
+
+(the builder writes the model, then stops on the missing tokenizer: the model is complete).
 """
 
 import sys
@@ -31,6 +43,9 @@ ARCHITECTURES = {
               {**LAYERS, "num_key_value_heads": 2, "tie_word_embeddings": False}),
     # one fused QKV projection and one fused gate/up projection
     "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM, {**LAYERS, "pad_token_id": 0}),
+    "llama_genai": (hf.LlamaConfig, hf.LlamaForCausalLM,
+                    {**LAYERS, "hidden_size": 64, "intermediate_size": 128,
+                     "num_key_value_heads": 2, "tie_word_embeddings": False}),
     # multi-query attention (one key/value head), an explicit head_dim
     "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM,
               {**LAYERS, "num_key_value_heads": 1, "head_dim": 8}),
