@@ -61,7 +61,8 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 1024 * 1024
 """A generate request is a prompt and a few parameters; a megabyte of text is plenty."""
 INLINE_JSON_BYTES = 16 * 1024
-"""Bodies (and prompts) up to this size are parsed (tokenized) on the event loop."""
+"""Bodies up to this size are parsed on the event loop (prompts: see
+:data:`~smlaas.serving.generation_requests.INLINE_PROMPT_CHARACTERS`)."""
 OPENAI_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
                       "stop": None, "presence_penalty": 0, "frequency_penalty": 0}
 """OpenAI fields this endpoint does not implement, and the value each may take (or be null)."""

@@ -81,8 +81,6 @@ class GrpcGeneration:
     prompt_text: str
     """Put before the generated text (``exclude_input_in_output`` false), else empty."""
     request_id: str
-    model_name: str
-    model_version: str
     final_flags: bool
     """The client asked every response to say whether it is the last one."""
 
@@ -123,7 +121,7 @@ async def generation_request(
     return GrpcGeneration(
         ask_from_parameters(ids, merged, client=client),
         _bool(inputs.get("stream"), default=False), "" if exclude else text,
-        message.id, message.model_name, message.model_version, final_flags)
+        message.id, final_flags)
 
 
 async def responses(request: GrpcGeneration, service: GenerationService, *, model: str,
