@@ -253,11 +253,6 @@ class GrpcEndpoints:
                 except SmlaasError as err:
                     outcome.error = err
                     answers.put_nowait(self._stream_answer(outcome))
-                except Exception as err:  # noqa: BLE001 - the request is still answered
-                    logger.error("a gRPC generation failed", exc_info=err)
-                    outcome.error = PipelineFailed("the generation failed inside the "
-                                                   "gateway", status=Status.INTERNAL)
-                    answers.put_nowait(self._stream_answer(outcome))
             finally:
                 window.release()
 
@@ -296,11 +291,20 @@ class GrpcEndpoints:
                             final=outcome.final)
 
     async def _generated(self, request: GrpcGeneration) -> AsyncIterator[bytes]:
-        """The responses of a generation request (SmlaasError: it failed)."""
+        """The responses of a generation request (SmlaasError: it failed; anything else
+        unexpected is logged and becomes an INTERNAL one, so the request is still
+        answered)."""
         service = await self.plane.generation()
-        async for response in responses(request, service, model=self.plane.name,
-                                        version=MODEL_VERSION):
-            yield response
+        try:
+            async for response in responses(request, service, model=self.plane.name,
+                                            version=MODEL_VERSION):
+                yield response
+        except SmlaasError:
+            raise
+        except Exception as err:
+            logger.error("a gRPC generation failed", exc_info=err)
+            raise PipelineFailed("the generation failed inside the gateway",
+                                 status=Status.INTERNAL) from err
 
     async def _infer(self, data: bytes, *, stream: bool, client: str = "") -> _Outcome:
         """One ModelInferRequest through the data plane, counted in the metrics; a request
