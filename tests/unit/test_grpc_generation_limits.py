@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from smlaas.serving.generation_requests import client_address
-from smlaas.serving.grpc_gateway import peer_address
-from smlaas.serving.grpc_generate import MAX_PROMPT_BYTES, MAX_TOKEN_TEXT_BYTES
+from smlaas.serving.grpc_generate import MAX_PROMPT_BYTES, MAX_TOKEN_TEXT_BYTES, peer_address
 from smlaas.serving.grpc_limits import MAX_INFERENCES, generation_limits
 
 

@@ -38,7 +38,6 @@ import functools
 import logging
 import sys
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,7 +58,6 @@ from smlaas.errors import (
     status_of,
 )
 from smlaas.serving.data_plane import MODEL_VERSION, DataPlane, FrontEnd
-from smlaas.serving.generation_requests import client_address
 from smlaas.serving.grpc_codec import (
     FINAL_REQUESTED,
     GrpcRequestDecoder,
@@ -75,6 +73,7 @@ from smlaas.serving.grpc_generate import (
     MAX_TOKEN_TEXT_BYTES,
     GrpcGeneration,
     generation_request,
+    peer_address,
     responses,
 )
 from smlaas.serving.grpc_limits import (
@@ -436,22 +435,6 @@ def _client_of(context: Any) -> str:
     """The peer's address as REST names a client (its share of a decoder's sequences is
     counted by it): :func:`peer_address`."""
     return peer_address(str(context.peer() or ""))
-
-
-def peer_address(peer: str) -> str:
-    """A gRPC peer string's address without its port or zone, normalised, an IPv4 address
-    mapped into IPv6 as IPv4: ``ipv4:127.0.0.1:5000`` and ``ipv6:%5B::ffff:127.0.0.1%5D:5000``
-    are both ``127.0.0.1``; ``ipv6:%5B::1%5D:5000`` is ``::1``. Other kinds (``unix:``) are
-    kept whole."""
-    kind, _, rest = peer.partition(":")
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    elif kind == "ipv6":
-        host = rest[1:rest.find("]")] if rest.startswith("[") and "]" in rest else rest
-    else:
-        return peer
-    return client_address(host) if host else peer
 
 
 MAX_DETAILS_CHARACTERS = 1000

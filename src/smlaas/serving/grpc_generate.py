@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from smlaas.serving.generation_requests import (
     Ask,
     Piece,
     ask_from_parameters,
+    client_address,
     collect,
     pieces,
     prompt_ids,
@@ -52,7 +54,7 @@ from smlaas.serving.grpc_codec import FINAL_REQUESTED, FINAL_RESPONSE, request_p
 from smlaas.transport.tensors import serialize_bytes
 from smlaas.transport.v2 import datatype
 
-__all__ = ["GrpcGeneration", "generation_request", "responses"]
+__all__ = ["GrpcGeneration", "generation_request", "peer_address", "responses"]
 
 _DATATYPES = {spec.name: (datatype(spec.dtype),) + (("INT32",) if spec.dtype == "int64" else ())
               for spec in GENERATION_INPUTS}
@@ -278,3 +280,18 @@ def _short(value: Any) -> str:
 def _bool(values: np.ndarray | None, *, default: bool) -> bool:
     return default if values is None else bool(values.reshape(-1)[0])
 
+
+def peer_address(peer: str) -> str:
+    """A gRPC peer string's address without its port or zone, normalised, an IPv4 address
+    mapped into IPv6 as IPv4: ``ipv4:127.0.0.1:5000`` and ``ipv6:%5B::ffff:127.0.0.1%5D:5000``
+    are both ``127.0.0.1``; ``ipv6:%5B::1%5D:5000`` is ``::1``. Other kinds (``unix:``) are
+    kept whole."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest[1:rest.find("]")] if rest.startswith("[") and "]" in rest else rest
+    else:
+        return peer
+    return client_address(host) if host else peer
