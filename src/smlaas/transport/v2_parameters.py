@@ -26,11 +26,12 @@ def encodable(text: str) -> bool:
 
 
 def timeout_us_of(parameters: Mapping[str, Any]) -> int:
-    """The `timeout` request parameter in microseconds (0: none); BadRequest if malformed."""
+    """The `timeout` request parameter in microseconds (0: none; Triton's is a uint64);
+    BadRequest if malformed."""
     value = parameters.get("timeout", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of "
-                         f"microseconds (0: the gateway's deadline), got {shown(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise BadRequest(f"parameter 'timeout' must be a non-negative 64-bit integer number "
+                         f"of microseconds (0: the gateway's deadline), got {shown(value)}")
     return value
 
 
