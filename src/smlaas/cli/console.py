@@ -6,13 +6,14 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from smlaas.profile import ProgressCallback
+if TYPE_CHECKING:  # smlaas.profile loads onnx and ONNX Runtime: not for every command
+    from smlaas.profile import ProgressCallback
 
 # Off a terminal (pipes, CI logs) rich would wrap at 80 columns; tables need more.
 console = Console(highlight=False, soft_wrap=True,

@@ -67,7 +67,8 @@ class GrpcServer:
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limits.max_receive_bytes),
             ("grpc.max_send_message_length", limits.max_send_bytes),
-            ("grpc.so_reuseport", 1)], maximum_concurrent_rpcs=limits.max_rpcs)
+            ("grpc.so_reuseport", 1), ("grpc.http2.bdp_probe", 0)],
+            maximum_concurrent_rpcs=limits.max_rpcs)
         server.add_generic_rpc_handlers(
             self._handler if isinstance(self._handler, tuple) else (self._handler,))
         server.add_secure_port(self.address, self._credentials)
