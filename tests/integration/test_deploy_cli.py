@@ -63,8 +63,9 @@ def test_deploy_infer_and_ctrl_c(tmp_path: Path) -> None:
 
 
 def test_deploy_refuses_keys_of_another_build(tmp_path: Path) -> None:
-    smlaas("partition", "--model", "resnet18", "--build-dir", "B", "--runs", "1",
-           "--no-verify", cwd=tmp_path, check=True)
+    from tests.builds import chain_build
+
+    chain_build(tmp_path / "chain").rename(tmp_path / "B")  # any plaintext build
     smlaas("seal", "B", "--keys", "keys.json", cwd=tmp_path, check=True)
     smlaas("owner", "init", "--key", "owner.key", cwd=tmp_path, check=True)
     plan = tmp_path / "B" / "sealed" / "plan.json"

@@ -52,9 +52,20 @@ def test_zoo_model_partitions_to_the_epc_and_verifies(tmp_path: Path, name: str)
     assert smlaas("verify", "B", "--seeds", "1", cwd=tmp_path).returncode == 0
 
 
+# By default the two smallest through the CLI (3 s each); the seven others take 5 to 19 s each
+# on two cores (inception_v1 also runs in process in test_real_exporters.py): `pytest -m slow`.
+DEFAULT_LIGHT_MODELS = {"light_shufflenet", "light_squeezenet"}
+
+
+def _light_models() -> list[object]:
+    if not LIGHT_MODELS.is_dir():
+        return []
+    return [pytest.param(path, id=path.stem, marks=() if path.stem in DEFAULT_LIGHT_MODELS
+                         else pytest.mark.slow) for path in sorted(LIGHT_MODELS.glob("*.onnx"))]
+
+
 @pytest.mark.skipif(not LIGHT_MODELS.is_dir(), reason="onnx package without backend test data")
-@pytest.mark.parametrize("path", sorted(LIGHT_MODELS.glob("*.onnx")) if LIGHT_MODELS.is_dir()
-                         else [], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", _light_models())
 def test_foreign_exported_model_partitions_and_verifies(tmp_path: Path, path: Path) -> None:
     """Caffe2-exported architectures (IR 3, opset 9, initializers listed as inputs)."""
     result = smlaas("partition", "--model", str(path), "--build-dir", "B", "--planner",

@@ -36,7 +36,10 @@ from tests.integration.test_deploy_cli import read_until
 from tests.models import chain_model
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+# A two-node cluster started with the `ray` CLI takes about a minute on two cores: opt-in
+# (`pytest -m slow`); the Ray launcher is tested by default in process-started clusters
+# (test_ray_launcher.py, test_ray_placement.py, tests/security/test_ray_*.py).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 WIDTH = 32
 START_TIMEOUT_S = 45.0

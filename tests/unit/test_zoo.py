@@ -36,7 +36,12 @@ def test_zoo_lists_every_reference_model() -> None:
     assert [m.name for m in zoo.list_models()] == list(REFERENCE_PARAMETERS)
 
 
-@pytest.mark.parametrize("name", list(REFERENCE_PARAMETERS))
+# Building these three takes 4 to 6 s each (110M to 144M seeded weights): `pytest -m slow`.
+LARGEST = {"vgg16", "vgg19", "bert_base"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in LARGEST
+                                  else name for name in REFERENCE_PARAMETERS])
 def test_parameter_count_matches_reference(name: str) -> None:
     model = zoo.build_model(name)
     onnx.checker.check_model(model)
