@@ -76,3 +76,18 @@ def test_every_smlaas_error_lives_in_errors_py_and_in_its_tree() -> None:
     for name, value in vars(smlaas.errors).items():
         if isinstance(value, type) and issubclass(value, smlaas.errors.SmlaasError):
             assert f" {name} " in tree, f"{name} is not drawn in errors.py's docstring"
+
+
+def test_the_gateway_and_coordinator_processes_load_no_model_runtime() -> None:
+    """The gateway and the coordinator never run a model: starting either loads neither onnx
+    nor ONNX Runtime (a second or so of start-up and tens of MiB of enclave memory each)."""
+    import subprocess
+    import sys
+
+    for module in ("smlaas.serving.gateway_process", "smlaas.coordinator.server"):
+        loaded = subprocess.run(
+            [sys.executable, "-c", f"import sys, smlaas.cli.main, smlaas.cli.serve_cmds, "
+             f"smlaas.cli.coordinator_cmd, {module}; print(sorted(m for m in sys.modules "
+             f"if m.split('.')[0] in ('onnx', 'onnxruntime')))"],
+            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        assert loaded == "[]", (module, loaded)

@@ -30,6 +30,7 @@ from smlaas.generation.sampling import SamplingParams
 from smlaas.serving.hop import Hop
 from smlaas.serving.metrics import GenerationMetrics
 from smlaas.serving.protocol import (
+    TOKEN_OUTPUT,
     Describe,
     Failure,
     Infer,
@@ -38,7 +39,6 @@ from smlaas.serving.protocol import (
     StepRow,
     deadline_in,
 )
-from smlaas.serving.sequences import TOKEN_OUTPUT
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,10 @@ class ReceiptAsk:
     salts: tuple[bytes, ...]
 
 
+TOKEN_OUTPUT = "token_ids"
+"""The last stage's answer to a step: each row's next token (int64, [rows])."""
+
+
 @dataclass(frozen=True)
 class StepRow:
     """One sequence's row of a generation step (see :class:`Step`)."""

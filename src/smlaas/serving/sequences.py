@@ -28,14 +28,12 @@ from smlaas.graph.kv_cache import KvPair, find_kv_pairs
 from smlaas.plan.generation import TOKENIZER_NOTE
 from smlaas.plan.plan import Plan
 from smlaas.runtime.stage_runner import StageRunner
-from smlaas.serving.protocol import Step
+from smlaas.serving.protocol import TOKEN_OUTPUT, Step
 
 logger = logging.getLogger(__name__)
 
 IDLE_S = 120.0
 """A sequence no step has touched for this long is freed (its client went away)."""
-TOKEN_OUTPUT = "token_ids"
-"""The last stage's answer to a step: each row's next token (int64, [rows])."""
 LOGITS = "logits"
 
 
