@@ -1,10 +1,12 @@
 """Fitting the cost model's working-set constants to stages measured on this machine.
 
-The cost model predicts a stage's working set as ``M = k_w*W + A + R``, with ``weight_factor``
-(k_w) and ``runtime_overhead_mib`` (R) assumed in :mod:`smlaas.plan.cost_model`. Here a few
-models are partitioned into stages, every stage's working set is measured natively
-(:mod:`smlaas.runtime.working_set`), and the two constants are fitted by least squares
-(:func:`smlaas.profile.calibrate.fit_memory_constants`) for ``smlaas calibrate`` to write.
+The cost model predicts a stage's working set as ``M = k_w*W + A + R + L``, with
+``weight_factor`` (k_w) and ``runtime_overhead_mib`` (R) the part a native measurement sees and
+``libos_overhead_mib`` (L) the LibOS's pages, which it does not (:mod:`smlaas.plan.cost_model`).
+Here a few models are partitioned into stages, every stage's working set is measured natively
+(:mod:`smlaas.runtime.working_set`), and k_w and R are fitted by least squares
+(:func:`smlaas.profile.calibrate.fit_memory_constants`) for ``smlaas calibrate`` to write; L
+is kept.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class MemoryCalibration:
     @property
     def median_error_assumed(self) -> float:
         return statistics.median(_relative_errors(self.samples, lambda s: float(
-            self.assumed.working_set_bytes(s.touched_weight_bytes, s.peak_activation_bytes))))
+            self.assumed.native_working_set_bytes(s.touched_weight_bytes,
+                                                  s.peak_activation_bytes))))
 
     @property
     def median_error_calibrated(self) -> float:

@@ -25,12 +25,12 @@ MIB = 2**20
 
 @pytest.fixture
 def tiny_epc(tmp_path: Path) -> Path:
-    """A 0.5 MiB enclave without runtime pages: a node may hold 0.475 MiB. No process fits
+    """A 0.5 MiB enclave without runtime or LibOS pages: a node may hold 0.475 MiB. No process fits
     it (the runtime alone touches a few MiB), so these builds skip the measured working sets,
     which --fit-epc would otherwise hold against it (tests/component/test_working_set.py)."""
     path = tmp_path / "tiny-epc.toml"
     path.write_text('[cost_model]\npreset = "sgx1"\nusable_epc_mib = 0.5\n'
-                    'runtime_overhead_mib = 0.0\n')
+                    'runtime_overhead_mib = 0.0\nlibos_overhead_mib = 0.0\n')
     return path
 
 

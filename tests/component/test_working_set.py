@@ -136,7 +136,8 @@ def test_fit_epc_refuses_a_stage_measured_above_the_usable_epc(
     figures, leaving no build behind."""
     model_file = tmp_path / "cost_model.toml"
     model_file.write_text("[cost_model]\npreset = 'sgx1'\nusable_epc_mib = 1.0\n"
-                          "weight_factor = 0.001\nruntime_overhead_mib = 0.0\n")
+                          "weight_factor = 0.001\nruntime_overhead_mib = 0.0\n"
+                          "libos_overhead_mib = 0.0\n")
     assert _partition(tmp_path, "--cost-model", str(model_file), "--fit-epc") == 2
     error = " ".join(capsys.readouterr().err.split())
     assert "--fit-epc: stage 0's measured working set" in error

@@ -167,13 +167,16 @@ def test_calibrate_fits_the_working_set_constants_to_measured_stages(workdir: Pa
     # Sane, not exact: a least-squares line through a few stages of two models trades slope
     # for intercept with the page counts' noise (0.70 was seen once, in a full run).
     assert 0.5 < fitted["weight_factor"] < 1.5 and 0 <= fitted["runtime_overhead_mib"] < 16
-    assert fitted["median_error_calibrated"] <= fitted["median_error_assumed"]
+    # The preset's R is itself fitted to 93 stages (BENCHMARKS.md), so a fit to a handful may
+    # not beat it at the median; it stays close.
+    assert fitted["median_error_calibrated"] <= max(fitted["median_error_assumed"], 0.15)
     text = (workdir / "cm.toml").read_text()
     assert "# weight_factor: " in text and "[CALIBRATED] least squares over" in text
-    assert "the preset's 8 was [ASSUMED]" in text
+    assert "# libos_overhead_mib: 4 [ASSUMED]" in text  # kept: no native measurement sees it
     partitioned = smlaas("partition", "--model", "chain.onnx", "--input-size", "1,8",
                          "--build-dir", "B", "--cost-model", "cm.toml", "--json", "--runs", "2",
                          cwd=workdir, check=True)
     cost_model = json.loads(partitioned.stdout)["plan"]["cost_model"]
     assert cost_model["weight_factor"] == round(fitted["weight_factor"], 4)
     assert cost_model["runtime_overhead_mib"] == round(fitted["runtime_overhead_mib"], 3)
+    assert cost_model["libos_overhead_mib"] == 4.0

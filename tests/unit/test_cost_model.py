@@ -18,6 +18,21 @@ def test_presets_have_their_documented_values() -> None:
     assert not native.enclave and native.enclave_time_ms(10.0, 10**12) == 10.0
 
 
+def test_the_enclave_working_set_is_the_native_one_plus_the_libos_pages() -> None:
+    """R (the runtime, measured natively) and L (the LibOS, only on hardware) together are the
+    8 MiB assumed before R was measured; a calibrated R leaves L in place."""
+    sgx1 = preset("sgx1")
+    weights, activations = 40 * MIB, 6 * MIB
+    native = sgx1.native_working_set_bytes(weights, activations)
+    assert native == pytest.approx(46 * MIB + sgx1.runtime_overhead_mib * MIB)
+    assert sgx1.working_set_bytes(weights, activations) == pytest.approx(54 * MIB)
+    calibrated = sgx1.with_overrides({"runtime_overhead_mib": 3.85})
+    assert calibrated.working_set_bytes(0, 0) == pytest.approx((3.85 + 4.0) * MIB)
+    assert preset("native").working_set_bytes(weights, activations) == pytest.approx(46 * MIB)
+    older_toml = {k: v for k, v in sgx1.to_dict().items() if k != "libos_overhead_mib"}
+    assert CostModel.from_dict(older_toml).libos_overhead_mib == 4.0  # the preset's L
+
+
 def test_paging_is_a_step_at_the_epc() -> None:
     sgx1 = preset("sgx1")
     epc = sgx1.usable_epc_bytes

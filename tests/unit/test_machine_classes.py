@@ -3,6 +3,7 @@ search over cut sets, classes and replicas (hypothesis)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,6 +280,9 @@ def test_a_plan_on_classes_records_and_prices_them(chain) -> None:
     assert plan.latency_ms == pytest.approx(layout_latency(costs, pool, plan.cuts, assignment))
     assert plan.machine_count == sum(layout.replicas) <= 6
     assert Plan.from_json(plan.to_json()) == plan
+    older = json.loads(plan.to_json())  # written before R and L were split: R held both
+    del older["cost_model"]["libos_overhead_mib"]
+    assert Plan.from_dict(older).cost_model.libos_overhead_mib == 0.0
     table = plan.to_table()
     assert "machines 2 x sgx1-large, 4 x small" in table and "class" in table.splitlines()[1]
     assert all(s.machine_class in table.splitlines()[2 + s.index] for s in plan.stages)

@@ -115,7 +115,7 @@ def test_dp_planners_never_lose_to_baselines(costs: SegmentCosts, fit_epc: bool)
 
 
 def test_greedy_fills_each_stage_up_to_the_epc() -> None:
-    # 10 nodes of 30 MiB weights each: with 8 MiB runtime, 2 nodes (68 MiB) fit, 3 do not.
+    # 10 nodes of 30 MiB weights each: with 8 MiB of runtime and LibOS, 2 nodes (68 MiB) fit.
     costs = make_costs([1.0] * 10, [30.0] * 10, [0.0] * 10, [0.1] * 11)
     assert choose_cuts(Planner.GREEDY_EPC, costs) == [0, 2, 4, 6, 8, 10]
 

@@ -44,8 +44,8 @@ def calibrate(output: str, base: str, network: str, threads: int,
 
     weight_factor and runtime_overhead_mib are fitted (least squares) to the working sets of
     the stages of a few models (--memory-model), each measured natively. Enclave-only
-    parameters (EPC size, paging and transition costs) cannot be measured without SGX
-    hardware and keep the preset's cited values.
+    parameters (EPC size, paging and transition costs, the LibOS's pages) cannot be measured
+    without SGX hardware and keep the preset's cited values.
     """
     result = measure(threads=threads)
     model = preset(base)
@@ -112,9 +112,10 @@ def _memory_comments(memory: MemoryCalibration) -> dict[str, str]:
         "weight_factor": f"{memory.fit.weight_factor:.4f} {source}; the preset's "
                          f"{memory.assumed.weight_factor:g} was [ASSUMED]",
         "runtime_overhead_mib": f"{memory.fit.runtime_overhead_mib:.3f} {source}; the "
-                                f"preset's {memory.assumed.runtime_overhead_mib:g} was "
-                                f"[ASSUMED]; an enclave's LibOS (Gramine) adds its own pages, "
-                                f"which no native measurement sees",
+                                f"preset's was {memory.assumed.runtime_overhead_mib:g}",
+        "libos_overhead_mib": f"{memory.assumed.libos_overhead_mib:g} [ASSUMED], the "
+                              f"preset's: the LibOS's (Gramine's) own pages inside an "
+                              f"enclave, which no native measurement sees",
         "working set error": f"median |predicted - measured| / measured "
                              f"{100 * memory.median_error_assumed:.1f}% with the preset's "
                              f"constants, {100 * memory.median_error_calibrated:.1f}% with "
@@ -130,7 +131,9 @@ def _memory_rows(memory: MemoryCalibration | None) -> list[list[str]]:
                                        f"{memory.assumed.weight_factor:g} [ASSUMED])"],
         ["runtime_overhead_mib [CALIBRATED]",
          f"{memory.fit.runtime_overhead_mib:.3f} (was "
-         f"{memory.assumed.runtime_overhead_mib:g} [ASSUMED])"],
+         f"{memory.assumed.runtime_overhead_mib:g})"],
+        ["libos_overhead_mib [ASSUMED]",
+         f"{memory.assumed.libos_overhead_mib:g} (kept: only SGX hardware can measure it)"],
         [f"working-set error over {len(memory.samples)} stages",
          f"{100 * memory.median_error_assumed:.1f}% assumed -> "
          f"{100 * memory.median_error_calibrated:.1f}% calibrated (median)"],

@@ -133,9 +133,11 @@ def _working_set_lines(plan: Plan) -> list[str]:
     """Measured against predicted working set per stage, or why there is no measurement."""
     cm = plan.cost_model
     lines = ["## Working set: predicted and measured", "",
-             f"Predicted: `M = k_w*W + A + R` with k_w = {cm.weight_factor:g} on the weights "
-             f"a stage touches (W), its peak live activations (A) and R = "
-             f"{cm.runtime_overhead_mib:g} MiB. "]
+             f"Predicted: `M = k_w*W + A + R + L` with k_w = {cm.weight_factor:g} on the "
+             f"weights a stage touches (W), its peak live activations (A), the runtime's R = "
+             f"{cm.runtime_overhead_mib:g} MiB and the LibOS's L = "
+             f"{cm.libos_overhead_mib:g} MiB (inside an enclave only: a native measurement "
+             f"does not see it). "]
     measured = [m for s in plan.stages if (m := s.measured) is not None]
     if not measured:
         return lines[:-1] + [lines[-1] + f"Measured: {unmeasured_reason(plan)}; the "

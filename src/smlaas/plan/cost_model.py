@@ -47,6 +47,10 @@ class CostModel:
     compute_overhead: float
     weight_factor: float
     runtime_overhead_mib: float
+    """R: pages of the process's runtime (interpreter, ONNX Runtime, numpy) touched per
+    inference, as a native measurement sees them."""
+    libos_overhead_mib: float
+    """L: pages the library OS adds inside an enclave, which no native measurement sees."""
     page_swap_cycles: float
     transition_cycles: float
     transitions_per_inference: float
@@ -61,8 +65,15 @@ class CostModel:
         return self.usable_epc_mib * MIB
 
     def working_set_bytes(self, touched_weight_bytes: Any, peak_activation_bytes: Any) -> Any:
-        """M = k_w * W + A + R (works on scalars and numpy arrays); a decoder's stage adds
-        its KV cache and a step's pasts and presents (:func:`smlaas.plan.costs.segment_costs`)."""
+        """M = k_w * W + A + R + L, the enclave's (works on scalars and numpy arrays); a
+        decoder's stage adds its KV cache and a step's pasts and presents
+        (:func:`smlaas.plan.costs.segment_costs`)."""
+        return (self.native_working_set_bytes(touched_weight_bytes, peak_activation_bytes)
+                + self.libos_overhead_mib * MIB)
+
+    def native_working_set_bytes(self, touched_weight_bytes: Any,
+                                 peak_activation_bytes: Any) -> Any:
+        """k_w * W + A + R: the part of M a native measurement sees (no LibOS pages)."""
         return (self.weight_factor * np.asarray(touched_weight_bytes, dtype=float)
                 + np.asarray(peak_activation_bytes, dtype=float)
                 + self.runtime_overhead_mib * MIB)
@@ -182,14 +193,17 @@ _SGX1 = CostModel(
     enclave=True,
     usable_epc_mib=93.5,  # [SGX-EPC]
     compute_overhead=1.2,  # [SEED]
-    # Both [ASSUMED] for an enclave; measured natively (smlaas bench working-set,
-    # BENCHMARKS.md) a stage touches k_w ~1.03-1.09 of its weights as the analysis counts
-    # them (W includes constant-folded outputs and fp16 weights widened to fp32, as ORT's CPU
-    # provider holds them: NOTE_SESSION_CONSTANTS in graph/session_constants.py) and 3.3-6.9
-    # MiB of runtime; a LibOS adds its own pages.
-    # `smlaas calibrate` fits both to this machine's measurements.
+    # k_w and R are what a native measurement sees; `smlaas calibrate` fits both to this
+    # machine's. [WS-BENCH] `smlaas bench working-set` (BENCHMARKS.md), 93 stages of 39
+    # models measured natively (W counts constant-folded outputs and fp16 weights widened to
+    # fp32, as ORT's CPU provider holds them: NOTE_SESSION_CONSTANTS in
+    # graph/session_constants.py): least squares gave k_w 0.99 and R 3.85 MiB; a stage holding
+    # almost nothing touches 3.3 to 6.9 MiB. L is what a LibOS (Gramine) adds inside the
+    # enclave, which only SGX hardware can measure: R + L is the 8 MiB assumed before R was
+    # measured.
     weight_factor=1.0,  # [ASSUMED] ONNX Runtime keeps one copy of each initializer
-    runtime_overhead_mib=8.0,  # [ASSUMED] runtime pages touched per inference
+    runtime_overhead_mib=4.0,  # [WS-BENCH] runtime pages touched per inference, natively
+    libos_overhead_mib=4.0,  # [ASSUMED] the LibOS's own pages; measure on SGX hardware
     page_swap_cycles=40_000.0,  # [ELEOS]
     transition_cycles=8_600.0,  # [HOTCALLS]
     transitions_per_inference=8.0,  # [ASSUMED] recv + send syscalls on two TLS streams
@@ -216,6 +230,7 @@ _NATIVE = replace(
     usable_epc_mib=float(2**20),  # no EPC: effectively unlimited
     compute_overhead=1.0,
     runtime_overhead_mib=0.0,
+    libos_overhead_mib=0.0,
     transitions_per_inference=0.0,
     aead_mib_per_s=0.0,  # no encryption
 )

@@ -348,7 +348,8 @@ class Plan:
             data.pop("predicted", None)
             return cls(
                 model=ModelRef(**data.pop("model")),
-                cost_model=CostModel(**data.pop("cost_model")),
+                # a plan written before R and L were split: its R held both
+                cost_model=CostModel(**{"libos_overhead_mib": 0.0, **data.pop("cost_model")}),
                 stages=tuple(StagePlan.from_dict(s) for s in data.pop("stages")),
                 machine_classes=tuple(MachineClass(**c)
                                       for c in data.pop("machine_classes", None) or ()),
