@@ -289,6 +289,27 @@ def _with_parameters(parameters: dict) -> InferRequest:
                               {"parameters": parameters}))
 
 
+def test_json_that_orjson_refuses_but_python_reads_is_still_read() -> None:
+    """Requests are read by orjson, with Python's json for what orjson refuses: NaN and
+    infinities (Python's json writes them), UTF-16; an integer past 64 bits is refused by its
+    input's type. What neither reads is a 400 naming JSON."""
+    x = [float("nan"), float("inf"), -1.0] + [0.5] * 9
+
+    def body(ids: list[int], encoding: str = "utf-8") -> bytes:
+        return json.dumps({"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 3, 4], "data": x},
+            {"name": "ids", "datatype": "INT64", "shape": [1, 2], "data": ids}]}
+        ).encode(encoding)
+
+    read = parse(body([3, 4]), None).inputs["x"].reshape(-1)
+    assert np.isnan(read[0]) and read[1] == np.inf and read[2] == -1.0
+    assert parse(body([3, 4], "utf-16"), None).inputs["ids"].tolist() == [[3, 4]]
+    with pytest.raises(BadRequest, match="input 'ids': data is not INT64"):
+        parse(body([3, 2**70]), None)
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse(b'{"inputs": [', None)
+
+
 def test_the_timeout_parameter_is_carried_in_microseconds() -> None:
     assert _with_parameters({}).timeout_us == 0
     assert _with_parameters({"timeout": 0}).timeout_us == 0
