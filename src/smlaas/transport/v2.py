@@ -181,16 +181,25 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
 
 def _json_object(text: bytes | bytearray) -> Any:
     """The request's JSON, read by orjson (several times faster than ``json``, which matters
-    for tensors sent as JSON); what orjson refuses but Python's ``json`` reads (NaN and
-    infinities, integers past 64 bits, UTF-16) is read by ``json`` as before."""
+    for tensors sent as JSON). What orjson refuses but Python's ``json`` reads (NaN and
+    infinities, UTF-16 or UTF-32) is read by ``json`` as before, and only then: a malformed
+    body is not parsed twice. (orjson reads an integer past 64 bits as a float; the input's
+    type then refuses it.)"""
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as err:
+        if not _json_only_python_reads(text):
+            raise BadRequest(f"request body is not valid JSON: {err}") from err
     try:
         return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from err
+
+
+def _json_only_python_reads(text: bytes | bytearray) -> bool:
+    """Whether ``text`` may hold what Python's ``json`` reads and orjson does not: the NaN and
+    Infinity literals, or a UTF-16/32 encoding (a NUL byte among the first four)."""
+    return b"NaN" in text or b"Infinity" in text or b"\x00" in text[:4]
 
 
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
