@@ -291,8 +291,9 @@ def _with_parameters(parameters: dict) -> InferRequest:
 
 def test_json_that_orjson_refuses_but_python_reads_is_still_read() -> None:
     """Requests are read by orjson, with Python's json for what orjson refuses: NaN and
-    infinities (Python's json writes them), UTF-16; an integer past 64 bits is refused by its
-    input's type. What neither reads is a 400 naming JSON."""
+    infinities (Python's json writes them), 1e400, UTF-16, a UTF-8 BOM. An integer input's
+    value past 64 bits, or not whole, is refused by its type. What neither reads is a 400
+    naming JSON."""
     x = [float("nan"), float("inf"), -1.0] + [0.5] * 9
 
     def body(ids: list[int], encoding: str = "utf-8") -> bytes:
@@ -304,8 +305,15 @@ def test_json_that_orjson_refuses_but_python_reads_is_still_read() -> None:
     read = parse(body([3, 4]), None).inputs["x"].reshape(-1)
     assert np.isnan(read[0]) and read[1] == np.inf and read[2] == -1.0
     assert parse(body([3, 4], "utf-16"), None).inputs["ids"].tolist() == [[3, 4]]
-    with pytest.raises(BadRequest, match="input 'ids': data is not INT64"):
-        parse(body([3, 2**70]), None)
+    assert parse(body([3, 4], "utf-8-sig"), None).inputs["ids"].tolist() == [[3, 4]]
+    assert parse(body([3, 4]).replace(b"-1.0", b"1e400"), None).inputs["x"][0, 0, 2] == np.inf
+    assert parse(body([3, -2**63]), None).inputs["ids"].tolist() == [[3, -2**63]]
+    assert parse(body([3, 4]).replace(b"[3, 4]", b"[3.0, 4]"), None
+                 ).inputs["ids"].tolist() == [[3, 4]]
+    # past 64 bits (orjson reads these as floats, -2**63 - 1 rounding to -2**63), or not whole
+    for ids in ([3, 2**70], [3, -2**63 - 1], [3, -2**63 - 1000], [3, 2**64], [3, 1.5]):
+        with pytest.raises(BadRequest, match="input 'ids': data is not INT64"):
+            parse(body(ids), None)
     with pytest.raises(BadRequest, match="not valid JSON"):
         parse(b'{"inputs": [', None)
 

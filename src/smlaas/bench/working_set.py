@@ -28,7 +28,7 @@ from typing import Any
 
 from smlaas import zoo
 from smlaas.errors import SmlaasError
-from smlaas.export.stage_memory import unmeasured_reason
+from smlaas.export.stage_memory import native_prediction_bytes, unmeasured_reason
 from smlaas.memory_calibration import memory_samples
 from smlaas.partition import measured_plan
 from smlaas.plan import CostModel, Plan, preset
@@ -83,8 +83,7 @@ def _stage_rows(plan: Plan, model: Model) -> list[dict[str, Any]]:
             continue
         epc = plan.usable_epc_bytes(s)
         measured = s.measured.working_set_bytes
-        # measured natively: compared with the prediction less the LibOS's pages
-        native = s.working_set_bytes - plan.cost_model.libos_overhead_mib * MIB
+        native = native_prediction_bytes(plan, s)  # what the native measurement can see
         rows.append({
             "model": model.name, "family": model.family, "stage": s.index,
             "nodes": s.node_count,

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from smlaas.export.stage_memory import median_working_set_error, unmeasured_reason
+from smlaas.export.stage_memory import (
+    median_working_set_error,
+    native_prediction_bytes,
+    unmeasured_reason,
+)
 from smlaas.export.tolerance import NOISE_FACTOR
 from smlaas.export.verify import VerificationReport
 from smlaas.graph.splitting import SPLIT_NOTE, SplitAxis, SplitOperator
@@ -149,20 +153,22 @@ def _working_set_lines(plan: Plan) -> list[str]:
                   f"of {first.rounds} such counts); RSS "
                   f"also counts what the process loaded and no longer touches.")
     lines += ["", "| stage | touched weights MiB (W) | peak activations MiB (A) | predicted MiB | "
-              "measured MiB | error | RSS MiB | peak RSS MiB | measured fits EPC |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+              "of it natively (no L) | measured MiB | error (natively) | RSS MiB | "
+              "peak RSS MiB | measured fits EPC |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for s in plan.stages:
-        m = s.measured
+        m, native = s.measured, native_prediction_bytes(plan, s)
         if m is None:
             lines.append(f"| {s.index} | {s.touched_weight_bytes / MIB:.1f} | "
-                         f"{s.peak_activation_bytes / MIB:.1f} | {s.working_set_mib:.1f} | - | "
-                         f"- | - | - | - |")
+                         f"{s.peak_activation_bytes / MIB:.1f} | {s.working_set_mib:.1f} | "
+                         f"{native / MIB:.1f} | - | - | - | - | - |")
             continue
-        error = (s.working_set_bytes - m.working_set_bytes) / m.working_set_bytes \
+        error = (native - m.working_set_bytes) / m.working_set_bytes \
             if m.working_set_bytes else float("nan")
         lines.append(f"| {s.index} | {s.touched_weight_bytes / MIB:.1f} | "
                      f"{s.peak_activation_bytes / MIB:.1f} | {s.working_set_mib:.1f} | "
-                     f"{m.working_set_mib:.1f} | {100 * error:+.1f}% | {m.rss_bytes / MIB:.1f} | "
+                     f"{native / MIB:.1f} | {m.working_set_mib:.1f} | {100 * error:+.1f}% | "
+                     f"{m.rss_bytes / MIB:.1f} | "
                      f"{m.peak_rss_bytes / MIB:.1f} | "
                      f"{'yes' if plan.measured_fits_epc(s) else '**no**'} |")
     median = median_working_set_error(plan)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smlaas.plan.plan import MeasuredMemory, Plan
+from smlaas.plan.plan import MeasuredMemory, Plan, StagePlan
 from smlaas.profile import ProgressCallback
 from smlaas.runtime.working_set import (
     MEASURED_INFERENCES,
@@ -81,9 +81,16 @@ def apply_stage_memory(plan: Plan, memory: StageMemory) -> Plan:
         "measured": False, "reason": memory.unavailable_reason}})
 
 
+def native_prediction_bytes(plan: Plan, stage: StagePlan) -> float:
+    """The stage's predicted working set less the LibOS's pages (the cost model's L): what a
+    native measurement is compared with."""
+    return stage.working_set_bytes - plan.cost_model.libos_overhead_mib * 2**20
+
+
 def working_set_errors(plan: Plan) -> list[float]:
-    """|predicted - measured| / measured working set, for stages that were measured."""
-    return [abs(s.working_set_bytes - s.measured.working_set_bytes)
+    """|predicted natively - measured| / measured working set, for stages that were
+    measured."""
+    return [abs(native_prediction_bytes(plan, s) - s.measured.working_set_bytes)
             / s.measured.working_set_bytes
             for s in plan.stages if s.measured is not None and s.measured.working_set_bytes]
 

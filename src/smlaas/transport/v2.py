@@ -181,25 +181,18 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
 
 def _json_object(text: bytes | bytearray) -> Any:
     """The request's JSON, read by orjson (several times faster than ``json``, which matters
-    for tensors sent as JSON). What orjson refuses but Python's ``json`` reads (NaN and
-    infinities, UTF-16 or UTF-32) is read by ``json`` as before, and only then: a malformed
-    body is not parsed twice. (orjson reads an integer past 64 bits as a float; the input's
-    type then refuses it.)"""
+    for tensors sent as JSON). What orjson refuses is read by Python's ``json`` as before
+    (NaN and infinities, ``1e400``, UTF-16/32 or a UTF-8 BOM, lone surrogates): a malformed
+    body is so parsed twice, at most what a valid body of its size costs once more. orjson
+    reads an integer literal past 64 bits as a float (see :func:`_json_array`)."""
     try:
         return orjson.loads(text)
-    except orjson.JSONDecodeError as err:
-        if not _json_only_python_reads(text):
-            raise BadRequest(f"request body is not valid JSON: {err}") from err
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON: {err}") from err
-
-
-def _json_only_python_reads(text: bytes | bytearray) -> bool:
-    """Whether ``text`` may hold what Python's ``json`` reads and orjson does not: the NaN and
-    Infinity literals, or a UTF-16/32 encoding (a NUL byte among the first four)."""
-    return b"NaN" in text or b"Infinity" in text or b"\x00" in text[:4]
 
 
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -279,7 +272,7 @@ def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool
 def json_data_text(value: np.ndarray) -> str:
     """A tensor's elements, flattened, as a JSON array, encoded JSON_CHUNK_VALUES at a time.
     Numbers are written by orjson: floats as the shortest text that reads back as the same
-    value of their own type (BF16 through float32). BYTES, and floats holding NaN or
+    value (float32's for float16 and BF16, float64's for float64). BYTES, and floats holding NaN or
     infinities (which orjson would write as null), are written as :func:`json_values` gives
     them."""
     flat = np.ascontiguousarray(value.reshape(-1))
@@ -349,10 +342,23 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, n
     return outputs
 
 
+INTEGRAL_FLOAT_LIMIT = 2.0**53
+"""The largest magnitude at which every integer is a float: an integer input given as a float
+(``3.0``) is read only below it."""
+
+
 def _json_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
-    """JSON numbers as ``dtype`` (BF16 through float32, exact for BF16 values)."""
+    """JSON numbers as ``dtype`` (BF16 through float32, exact for BF16 values). An integer
+    type's data given as floats must hold whole numbers below 2**53: orjson reads an integer
+    literal past 64 bits as a float, which would otherwise round into range."""
     if dtype.name == "bfloat16":
         return np.asarray(data, dtype=np.float32).astype(dtype)
+    if dtype.kind in "iu":
+        values = np.asarray(data)
+        if values.dtype.kind == "f" and not (
+                np.isfinite(values).all() and (values == np.trunc(values)).all()
+                and (np.abs(values) < INTEGRAL_FLOAT_LIMIT).all()):
+            raise ValueError(f"{dtype.name} data must be integers within the type's range")
     return np.asarray(data, dtype=dtype)
 
 
