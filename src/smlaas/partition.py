@@ -173,9 +173,8 @@ def split_budget(cost_model: CostModel, pool: MachinePool | None = None) -> Spli
     epc_bytes = max(c.usable_epc_bytes for c in pool.classes) if pool is not None \
         else cost_model.usable_epc_bytes
     return SplitBudget.for_enclave(usable_epc_bytes=epc_bytes,
-                                   runtime_overhead_bytes=(cost_model.runtime_overhead_mib
-                                                           + cost_model.libos_overhead_mib)
-                                   * 2**20, weight_factor=cost_model.weight_factor)
+                                   runtime_overhead_bytes=cost_model.overhead_bytes,
+                                   weight_factor=cost_model.weight_factor)
 
 
 def measure_nodes(analysis: Analysis, settings: ProfileSettings, *,

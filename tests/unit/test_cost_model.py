@@ -26,6 +26,7 @@ def test_the_enclave_working_set_is_the_native_one_plus_the_libos_pages() -> Non
     native = sgx1.native_working_set_bytes(weights, activations)
     assert native == pytest.approx(46 * MIB + sgx1.runtime_overhead_mib * MIB)
     assert sgx1.working_set_bytes(weights, activations) == pytest.approx(54 * MIB)
+    assert sgx1.overhead_bytes == 8 * MIB  # what split_budget leaves beside a node
     calibrated = sgx1.with_overrides({"runtime_overhead_mib": 3.85})
     assert calibrated.working_set_bytes(0, 0) == pytest.approx((3.85 + 4.0) * MIB)
     assert preset("native").working_set_bytes(weights, activations) == pytest.approx(46 * MIB)

@@ -395,7 +395,7 @@ def test_json_data_encoded_in_slices_reads_back_exactly(rows: int, width: int, d
                                                         special: float | None) -> None:
     """Every value, read back as JSON and converted to its own type, is the value encoded
     (floats written short, NaN and infinities as Python's json writes them)."""
-    from smlaas.transport.v2 import json_data_text
+    from smlaas.transport.v2_json import json_data_text
 
     rng = np.random.default_rng(rows * 7 + width)
     value = (rng.standard_normal((rows, width)) * 100).astype(dtype)
@@ -409,7 +409,7 @@ def test_json_data_encoded_in_slices_reads_back_exactly(rows: int, width: int, d
 
 
 def test_json_data_of_a_non_contiguous_or_big_endian_tensor() -> None:
-    from smlaas.transport.v2 import json_data_text
+    from smlaas.transport.v2_json import json_data_text
 
     value = np.arange(24, dtype=">f4").reshape(4, 6)[:, ::2]
     assert json.loads(json_data_text(value)) == value.astype(np.float32).reshape(-1).tolist()

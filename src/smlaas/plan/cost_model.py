@@ -64,6 +64,11 @@ class CostModel:
     def usable_epc_bytes(self) -> float:
         return self.usable_epc_mib * MIB
 
+    @property
+    def overhead_bytes(self) -> float:
+        """R + L: what an enclave holds besides a stage's weights and activations."""
+        return (self.runtime_overhead_mib + self.libos_overhead_mib) * MIB
+
     def working_set_bytes(self, touched_weight_bytes: Any, peak_activation_bytes: Any) -> Any:
         """M = k_w * W + A + R + L, the enclave's (works on scalars and numpy arrays); a
         decoder's stage adds its KV cache and a step's pasts and presents

@@ -11,7 +11,7 @@ deadline) is carried in :attr:`InferRequest.timeout_us`; ``sequence_id``, ``sequ
 and ``sequence_end`` are refused (no model here has sequence batching). Outputs asked for as
 JSON are bounded: a response whose JSON could pass :data:`MAX_JSON_RESPONSE_BYTES` is refused
 with a message that says to ask for binary outputs (:func:`check_json_outputs`), and JSON
-data is encoded in slices (:data:`JSON_CHUNK_VALUES`).
+data is read and written by :mod:`smlaas.transport.v2_json`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
 from smlaas.errors import BadRequest
 from smlaas.transport.classification import MAX_CLASSES, classify
@@ -35,6 +34,7 @@ from smlaas.transport.tensors import (
     serialize_bytes,
     wire_dtype,
 )
+from smlaas.transport.v2_json import json_array, json_data_text, json_text, read_json
 from smlaas.transport.v2_limits import (
     MAX_JSON_DEPTH,
     MAX_JSON_RESPONSE_BYTES,
@@ -57,14 +57,6 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "ui
              "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
              "BF16": "bfloat16", "BYTES": BYTES}
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPES.items()}
-
-
-JSON_CHUNK_VALUES = 4096
-"""Values encoded as JSON per call. An encoder holds the GIL for a whole call, and the event
-loop's thread takes the GIL back after every TLS read it makes (each releases it), so a large
-response encoded in a worker thread delays each of those reads by up to one slice: orjson
-encodes a slice of this size in about 0.25 ms here (``json.dumps`` of ``tolist()`` took 4.7 ms,
-and 4 MiB of JSON outputs delayed the loop by up to 140 ms)."""
 
 
 @dataclass
@@ -98,17 +90,6 @@ def tensor_bytes(value: np.ndarray) -> bytes:
     return serialize_bytes(value) if value.dtype == object else value.tobytes()
 
 
-def json_values(value: np.ndarray) -> list[Any]:
-    """A tensor's elements, flattened, as JSON holds them: BYTES as strings, BF16 as
-    numbers."""
-    flat = value.reshape(-1)
-    if value.dtype == object:
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
-    if value.dtype.name == "bfloat16":
-        return flat.astype(np.float32).tolist()
-    return flat.tolist()
-
-
 def public_shape(spec: TensorSpec, batching: bool) -> list[int]:
     """A tensor's shape as clients see it: -1 for dynamic dimensions (the batch one too)."""
     return [-1 if (batching and axis == 0) or d is None else d
@@ -138,7 +119,7 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
            limits: RequestLimits) -> InferRequest:
     json_part, binary = _split_body(body, header_length)
     check_json_bounds(json_part, limits)
-    request = _json_object(json_part)
+    request = read_json(json_part)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest("request must be a JSON object with an 'inputs' list")
     parameters = _parameters(request, "the request")
@@ -177,22 +158,6 @@ def _parse(body: bytes | bytearray, header_length: str | None, inputs: list[Tens
                         binary_default=_flag(parameters, "binary_data_output", "the request"),
                         timeout_us=timeout_us_of(parameters),
                         receipt=_flag(parameters, "receipt", "the request"))
-
-
-def _json_object(text: bytes | bytearray) -> Any:
-    """The request's JSON, read by orjson (several times faster than ``json``, which matters
-    for tensors sent as JSON). What orjson refuses is read by Python's ``json`` as before
-    (NaN and infinities, ``1e400``, UTF-16/32 or a UTF-8 BOM, lone surrogates): a malformed
-    body is so parsed twice, at most what a valid body of its size costs once more. orjson
-    reads an integer literal past 64 bits as a float (see :func:`_json_array`)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadRequest(f"request body is not valid JSON: {err}") from err
 
 
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -263,42 +228,17 @@ def _tensor_entries(tensors: Mapping[str, np.ndarray], binary: Mapping[str, bool
             data = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
-            entries.append(_json_text(entry))
+            entries.append(json_text(entry))
         else:
-            entries.append(_json_text(entry)[:-1] + ',"data":' + json_data_text(array) + "}")
+            entries.append(json_text(entry)[:-1] + ',"data":' + json_data_text(array) + "}")
     return entries, chunks
-
-
-def json_data_text(value: np.ndarray) -> str:
-    """A tensor's elements, flattened, as a JSON array, encoded JSON_CHUNK_VALUES at a time.
-    Numbers are written by orjson: floats as the shortest text that reads back as the same
-    value (float32's for float16 and BF16, float64's for float64). BYTES, and floats holding NaN or
-    infinities (which orjson would write as null), are written as :func:`json_values` gives
-    them."""
-    flat = np.ascontiguousarray(value.reshape(-1))
-    if flat.dtype.name == "bfloat16":
-        flat = flat.astype(np.float32)
-    if flat.dtype == object or (flat.dtype.kind == "f" and not np.isfinite(flat).all()):
-        parts = [_json_text(json_values(flat[start:start + JSON_CHUNK_VALUES]))[1:-1]
-                 for start in range(0, flat.size, JSON_CHUNK_VALUES)]
-        return "[" + ",".join(parts) + "]"
-    if not flat.dtype.isnative:
-        flat = flat.astype(flat.dtype.newbyteorder("="))
-    chunks = [orjson.dumps(flat[start:start + JSON_CHUNK_VALUES],
-                           option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
-              for start in range(0, flat.size, JSON_CHUNK_VALUES)]
-    return "[" + b",".join(chunks).decode("ascii") + "]"
-
-
-def _json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 def _body(head: dict[str, Any], key: str, entries: list[str], chunks: list[bytes]
           ) -> tuple[bytes, dict[str, str]]:
     """``head`` with ``key`` holding the (already encoded) ``entries``, alone or followed by
     binary tensors with the header length the extension uses."""
-    text = (_json_text(head)[:-1] + ("," if head else "") + f'"{key}":[' + ",".join(entries)
+    text = (json_text(head)[:-1] + ("," if head else "") + f'"{key}":[' + ",".join(entries)
             + "]}").encode()
     if not chunks:
         return text, {"Content-Type": "application/json"}
@@ -338,28 +278,8 @@ def decode_infer_response(body: bytes, header_length: str | None) -> dict[str, n
                                                   offset=offset).reshape(item["shape"])
             offset += size
         else:
-            outputs[item["name"]] = _json_array(item["data"], dtype).reshape(item["shape"])
+            outputs[item["name"]] = json_array(item["data"], dtype).reshape(item["shape"])
     return outputs
-
-
-INTEGRAL_FLOAT_LIMIT = 2.0**53
-"""The largest magnitude at which every integer is a float: an integer input given as a float
-(``3.0``) is read only below it."""
-
-
-def _json_array(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
-    """JSON numbers as ``dtype`` (BF16 through float32, exact for BF16 values). An integer
-    type's data given as floats must hold whole numbers below 2**53: orjson reads an integer
-    literal past 64 bits as a float, which would otherwise round into range."""
-    if dtype.name == "bfloat16":
-        return np.asarray(data, dtype=np.float32).astype(dtype)
-    if dtype.kind in "iu":
-        values = np.asarray(data)
-        if values.dtype.kind == "f" and not (
-                np.isfinite(values).all() and (values == np.trunc(values)).all()
-                and (np.abs(values) < INTEGRAL_FLOAT_LIMIT).all()):
-            raise ValueError(f"{dtype.name} data must be integers within the type's range")
-    return np.asarray(data, dtype=dtype)
 
 
 def _split_body(body: bytes | bytearray, header_length: str | None
@@ -417,7 +337,7 @@ def _decode_input(item: dict[str, Any], spec: TensorSpec, binary: memoryview,
         array = _json_bytes_input(name, item["data"], shape)
     else:
         try:
-            array = _json_array(item["data"], np.dtype(spec.dtype))
+            array = json_array(item["data"], np.dtype(spec.dtype))
         except (ValueError, TypeError, OverflowError) as err:
             raise BadRequest(f"input {name!r}: data is not {declared}: "
                              f"{str(err)[:200]}") from err
